@@ -1,0 +1,150 @@
+"""`LoraConfig`: what to adapt, at which rank and scale, and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+Spec = str | Callable[[str, Any], bool]
+AXIS_ROLES = ("stack", "in", "out")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Configuration of a LoRA transform.
+
+    Attributes:
+        rank: rank ``r`` of every adapter (``rank_pattern`` overrides it per leaf).
+        alpha: scaling numerator; the adapter is scaled by ``alpha / r`` (or
+            ``alpha / sqrt(r)`` with ``use_rslora``).
+        dropout: dropout rate on the adapter's input, in training only, in ``[0, 1)``.
+        targets: which weights to adapt: regexes matched against whole components of
+            the ``/``-joined leaf path (``"query"`` matches ``.../query/kernel``), a
+            callable ``(path, leaf) -> bool``, or ``"all-linear"`` (every float kernel
+            used as a matmul weight, embeddings excluded).
+        exclude: regexes of leaves never adapted, even when a target matches them.
+        rank_pattern: ``{regex: rank}``; the longest matching regex wins.
+        alpha_pattern: ``{regex: alpha}``; the longest matching regex wins.
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
+        init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"``
+            (std ``1/r``) for ``A``; ``B`` always starts at zero.
+        dtype: dtype of the ``A`` and ``B`` factors, whatever the base dtype.
+        train: regexes of leaves trained in full (a new head, layer norms).
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of
+            adapted modules train).
+        axes: ``{regex: roles}`` naming each axis of a matching weight ``"stack"``,
+            ``"in"`` or ``"out"``, for weights of more than two dimensions when
+            ``init`` is not given the function that uses them.
+
+    Example:
+        >>> config = LoraConfig(rank=8, alpha=16, targets=("query", "value"))
+        >>> config.scale_for(8, 16)
+        2.0
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Spec | tuple[Spec, ...] = "all-linear"
+    exclude: tuple[str, ...] = ()
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    dtype: str = "float32"
+    train: tuple[str, ...] = ()
+    bias: Literal["none", "all", "lora_only"] = "none"
+    axes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("targets", "exclude", "train"):
+            value = getattr(self, name)
+            if isinstance(value, str) or callable(value):
+                object.__setattr__(self, name, (value,))
+            else:
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+        object.__setattr__(self, "axes", {k: tuple(v) for k, v in dict(self.axes).items()})
+        problems = _validate(self)
+        if problems:
+            raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
+
+    def rank_for(self, path: str) -> int:
+        """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
+        return most_specific(self.rank_pattern, path, self.rank)
+
+    def alpha_for(self, path: str) -> float:
+        """The alpha of the adapter at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
+        return most_specific(self.alpha_pattern, path, self.alpha)
+
+    def scale_for(self, rank: int, alpha: float) -> float:
+        """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict; raises ``TypeError`` if a target is a callable."""
+        if any(callable(t) for t in self.targets):
+            raise TypeError("A LoraConfig with callable targets cannot be serialized.")
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Inverse of `to_dict`."""
+        return cls(**dict(data))
+
+
+def most_specific(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    """The value of the longest regex in ``patterns`` found in ``path``, else ``default``."""
+    hits = [p for p in patterns if re.search(p, path)]
+    return patterns[max(hits, key=len)] if hits else default
+
+
+def _validate(config: LoraConfig) -> list[str]:
+    problems = []
+
+    def check_rank(name, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be an int >= 1, got {value!r}")
+
+    def check_alpha(name, value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            problems.append(f"{name} must be a number > 0, got {value!r}")
+
+    check_rank("rank", config.rank)
+    check_alpha("alpha", config.alpha)
+    for pattern, value in config.rank_pattern.items():
+        check_rank(f"rank_pattern[{pattern!r}]", value)
+    for pattern, value in config.alpha_pattern.items():
+        check_alpha(f"alpha_pattern[{pattern!r}]", value)
+    if not isinstance(config.dropout, int | float) or not 0 <= config.dropout < 1:
+        problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if config.init not in ("kaiming", "gaussian"):
+        problems.append(f"init must be 'kaiming' or 'gaussian', got {config.init!r}")
+    if config.bias not in ("none", "all", "lora_only"):
+        problems.append(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}")
+    if not config.targets:
+        problems.append("targets is empty: name at least one weight to adapt")
+    both = sorted(set(filter(lambda t: isinstance(t, str), config.targets)) & set(config.exclude))
+    if both:
+        problems.append(f"patterns both targeted and excluded: {both}")
+    for pattern, roles in config.axes.items():
+        bad = [r for r in roles if r not in AXIS_ROLES]
+        if bad or "in" not in roles or "out" not in roles:
+            problems.append(
+                f"axes[{pattern!r}] must name each axis one of {AXIS_ROLES}, with at least "
+                f"one 'in' and one 'out'; got {roles}"
+            )
+    regexes = [t for t in config.targets if isinstance(t, str) and t != "all-linear"]
+    regexes += [*config.exclude, *config.train, *config.rank_pattern, *config.alpha_pattern]
+    regexes += list(config.axes)
+    for pattern in regexes:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            problems.append(f"pattern {pattern!r} is not a valid regex: {err}")
+    return problems

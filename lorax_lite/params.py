@@ -1,0 +1,271 @@
+"""The parameter transform: init, partition/combine, merge/unmerge, and counts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import LoraConfig
+from .targets import (
+    closest_paths,
+    is_adaptable,
+    is_bias,
+    module_of,
+    named_leaves,
+    pattern_matches,
+    to_predicate,
+)
+from .usage import Usage, infer_usage
+from .weight import Layout, LoraWeight, Trainable, init_factors, is_lora_node
+
+
+def init(
+    params: Any,
+    config: LoraConfig,
+    *,
+    key: jax.Array,
+    fn: Callable | None = None,
+    args: Sequence[Any] = (),
+) -> Any:
+    """Wraps the targeted leaves of ``params`` in `LoraWeight` and marks trained leaves.
+
+    Args:
+        params: any parameter pytree (Flax variables, an NNX state, a dict of arrays).
+        config: what to adapt and how.
+        key: PRNG key, split into one fresh key per adapted leaf.
+        fn: optional model function ``fn(params, *args)``; traced abstractly (no FLOPs)
+            to learn the fan-in, fan-out and stacked axes of weights with more than two
+            dimensions, and which kernels are linear for ``"all-linear"``.
+        args: example arguments for ``fn`` after ``params``.
+
+    Returns:
+        The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
+        and fully trained leaves (``config.train``, biases) wrapped in `Trainable`.
+
+    Raises:
+        ValueError: listing every problem at once: patterns matching nothing (with the
+            closest paths), ranks larger than a weight allows, leaves both adapted and
+            trained in full, weights whose layout is ambiguous.
+
+    Example:
+        >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
+        >>> lp = init(params, LoraConfig(rank=2, targets="dense"), key=jax.random.key(0))
+        >>> lp["dense"]["kernel"].a.shape
+        (4, 2)
+    """
+    named = named_leaves(params)
+    usage = infer_usage(fn, params, args) if fn is not None else None
+    targeted, problems = select_targets(named, config, usage)
+    trained = _select_trained(named, config, targeted)
+    problems += [
+        f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
+    ]
+    layouts = {}
+    for path, leaf in named:
+        if path in targeted:
+            layout, problem = _layout_for(path, leaf, config, usage)
+            layouts[path] = layout
+            problems += [problem] if problem else []
+    if problems:
+        raise ValueError("lorax_lite.init found problems:\n  " + "\n  ".join(problems))
+
+    paths = iter(named)
+    keys = iter(jax.random.split(key, max(len(targeted), 1)))
+
+    def wrap(leaf):
+        path, _ = next(paths)
+        if path in targeted:
+            rank, alpha = config.rank_for(path), config.alpha_for(path)
+            a, b = init_factors(
+                next(keys), leaf.shape, layouts[path], rank, init=config.init, dtype=config.dtype
+            )
+            return LoraWeight(
+                leaf, a, b, config.scale_for(rank, alpha), layouts[path], config.dropout
+            )
+        return Trainable(leaf) if path in trained else leaf
+
+    return jax.tree_util.tree_map(wrap, params)
+
+
+def select_targets(
+    named: list[tuple[str, Any]], config: LoraConfig, usage: dict[str, Usage] | None
+) -> tuple[list[str], list[str]]:
+    """The paths to adapt, and a problem message for each target that selects nothing."""
+    linear = None if usage is None else [p for p, u in usage.items() if u.kind == "dot"]
+    adaptable = [(p, x) for p, x in named if is_adaptable(p, x)]
+    chosen, problems = [], []
+    for spec in config.targets:
+        predicate = to_predicate(spec, linear_paths=linear)
+        hits = [p for p, x in named if predicate(p, x)]
+        kept = [p for p, x in adaptable if p in hits and not _excluded(p, config)]
+        if kept:
+            chosen += [p for p in kept if p not in chosen]
+            continue
+        if hits and not any(is_adaptable(p, x) for p, x in named if p in hits):
+            problems.append(
+                f"target {spec!r} names only integer or 1-D leaves ({', '.join(hits[:3])}); "
+                "adapters go on float weights of rank >= 2"
+            )
+        elif hits:
+            problems.append(f"target {spec!r} matches only excluded leaves ({', '.join(hits[:3])})")
+        else:
+            near = closest_paths(spec if isinstance(spec, str) else "", [p for p, _ in adaptable])
+            problems.append(f"target {spec!r} matches no adaptable leaf; closest: {near}")
+    return chosen, problems
+
+
+def _excluded(path: str, config: LoraConfig) -> bool:
+    return any(pattern_matches(p, path) for p in config.exclude)
+
+
+def _select_trained(named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]) -> set:
+    trained = {p for p, _ in named if any(pattern_matches(t, p) for t in config.train)}
+    adapted_modules = {module_of(p) for p in targeted}
+    for path, leaf in named:
+        if is_bias(path, leaf) and (
+            config.bias == "all"
+            or (config.bias == "lora_only" and module_of(path) in adapted_modules)
+        ):
+            trained.add(path)
+    return trained
+
+
+def _layout_for(
+    path: str, leaf: Any, config: LoraConfig, usage: dict[str, Usage] | None
+) -> tuple[Layout | None, str | None]:
+    """The layout of one targeted leaf, or a problem message."""
+    roles = next((r for pat, r in config.axes.items() if pattern_matches(pat, path)), None)
+    if roles is not None:
+        if len(roles) != leaf.ndim:
+            return (
+                None,
+                f"{path}: axes override {roles} has {len(roles)} roles for shape {leaf.shape}",
+            )
+        layout = Layout.from_roles(roles)
+    elif usage is not None and path in usage:
+        layout = usage[path].layout
+    elif leaf.ndim == 2:
+        layout = Layout.dense()
+    else:
+        return None, (
+            f"{path}: shape {leaf.shape} has {leaf.ndim} axes and its fan-in/fan-out/stacked "
+            "axes are ambiguous; pass fn= and args= to init, or set "
+            "LoraConfig(axes={pattern: ('stack'|'in'|'out', ...)})"
+        )
+    rank = config.rank_for(path)
+    d_in = int(np.prod([leaf.shape[i] for i in layout.fan_in]))
+    d_out = int(np.prod([leaf.shape[i] for i in layout.fan_out]))
+    if rank > min(d_in, d_out):
+        return None, f"{path}: rank {rank} > min(d_in={d_in}, d_out={d_out}) of shape {leaf.shape}"
+    return layout, None
+
+
+def trainable_mask(tree: Any) -> Any:
+    """A tree of bools shaped like ``tree``: True at ``a``, ``b`` and `Trainable` values."""
+
+    def mark(node):
+        if isinstance(node, LoraWeight):
+            return LoraWeight(
+                _mark_present(node.w, False),
+                _mark_present(node.a, True),
+                _mark_present(node.b, True),
+                node.scale,
+                node.layout,
+                node.dropout,
+            )
+        if isinstance(node, Trainable):
+            return Trainable(_mark_present(node.value, True))
+        return False
+
+    return jax.tree_util.tree_map(mark, tree, is_leaf=is_lora_node)
+
+
+def _mark_present(x: Any, flag: bool) -> bool | None:
+    return None if x is None else flag
+
+
+def partition(tree: Any) -> tuple[Any, Any]:
+    """Splits ``tree`` into ``(trainable, frozen)`` with ``None`` holes.
+
+    ``trainable`` holds every ``a``, ``b`` and `Trainable` value; ``frozen`` holds
+    every base weight and untouched leaf. `combine` is the exact inverse.
+
+    Example:
+        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
+        >>> trainable, frozen = partition(lp)
+        >>> trainable["k"].w is None and frozen["k"].a is None
+        True
+    """
+    mask = trainable_mask(tree)
+    trainable = jax.tree_util.tree_map(lambda m, x: x if m else None, mask, tree)
+    frozen = jax.tree_util.tree_map(lambda m, x: None if m else x, mask, tree)
+    return trainable, frozen
+
+
+def combine(*trees: Any) -> Any:
+    """Fills the ``None`` holes of the first tree from the others (inverse of `partition`)."""
+
+    def first(*xs):
+        return next((x for x in xs if x is not None), None)
+
+    return jax.tree_util.tree_map(first, *trees, is_leaf=lambda x: x is None)
+
+
+def merge(tree: Any) -> Any:
+    """The plain parameter tree ``w + scale * A @ B``, with the original structure and dtypes.
+
+    Each merged weight is accumulated in float32 and cast to its base dtype;
+    `Trainable` leaves are unwrapped.
+
+    Example:
+        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 0.5)}
+        >>> merge(lp)["k"].tolist()
+        [[1.5, 1.5], [1.5, 1.5]]
+    """
+
+    def unwrap(node):
+        if isinstance(node, LoraWeight):
+            return node.materialize()
+        return node.value if isinstance(node, Trainable) else node
+
+    return jax.tree_util.tree_map(unwrap, tree, is_leaf=is_lora_node)
+
+
+def unmerge(merged: Any, tree: Any) -> Any:
+    """Rebuilds the LoRA tree from merged parameters and the adapters in ``tree``.
+
+    Where ``tree`` still holds the base weight it is returned as is (exact); where
+    it holds only the factors (a trainable partition), the base is recovered as
+    ``merged - scale * A @ B`` in float32 (exact up to rounding of the base dtype).
+    Fully trained leaves take their merged values.
+    """
+
+    def restore(node, value):
+        if isinstance(node, LoraWeight):
+            if node.w is not None:
+                return node
+            base = value.astype(jnp.float32) - node.delta(jnp.float32)
+            return LoraWeight(
+                base.astype(value.dtype), node.a, node.b, node.scale, node.layout, node.dropout
+            )
+        return Trainable(value) if isinstance(node, Trainable) else value
+
+    return jax.tree_util.tree_map(restore, tree, merged, is_leaf=is_lora_node)
+
+
+def count(tree: Any) -> dict[str, int]:
+    """Parameter and byte counts: ``trainable``, ``total``, ``trainable_bytes``, ``total_bytes``."""
+    mask = jax.tree_util.tree_leaves(trainable_mask(tree))
+    leaves = jax.tree_util.tree_leaves(tree)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    nbytes = [s * np.dtype(x.dtype).itemsize for s, x in zip(sizes, leaves)]
+    return {
+        "trainable": sum(s for s, m in zip(sizes, mask) if m),
+        "total": sum(sizes),
+        "trainable_bytes": sum(b for b, m in zip(nbytes, mask) if m),
+        "total_bytes": sum(nbytes),
+    }

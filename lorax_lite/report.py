@@ -1,0 +1,67 @@
+"""`summary`: trainable and total parameters, like PEFT's print_trainable_parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .params import count
+from .targets import named_leaves
+from .weight import LoraWeight, Trainable, is_lora_node
+
+
+def summary(tree: Any, *, per_leaf: bool = False) -> str:
+    """A printable summary of a LoRA tree.
+
+    Args:
+        tree: a tree from `lorax_lite.init`.
+        per_leaf: add a table of every adapted or trained leaf: path, shape, layout
+            roles, rank, trainable parameters.
+
+    Returns:
+        The text; its first line reads
+        ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7331``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> lp = {"k": LoraWeight(jnp.ones((4, 4)), jnp.ones((4, 1)), jnp.zeros((1, 4)))}
+        >>> print(summary(lp))
+        trainable params: 8 || all params: 24 || trainable%: 33.3333 (trainable 32 B of 96 B)
+    """
+    c = count(tree)
+    percent = 100.0 * c["trainable"] / max(c["total"], 1)
+    lines = [
+        f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+        f"trainable%: {percent:.4f} (trainable {_bytes(c['trainable_bytes'])} "
+        f"of {_bytes(c['total_bytes'])})"
+    ]
+    if per_leaf:
+        rows = [("path", "shape", "axes (A: stack,in,r; B: stack,r,out)", "rank", "trainable")]
+        for path, node in named_leaves(tree, is_leaf=is_lora_node):
+            if isinstance(node, LoraWeight):
+                params = node.a.size + node.b.size
+                rows.append(
+                    (
+                        path,
+                        str(node.w.shape),
+                        ",".join(node.layout.roles()),
+                        str(node.rank),
+                        f"{params:,}",
+                    )
+                )
+            elif isinstance(node, Trainable):
+                rows.append(
+                    (path, str(np.shape(node.value)), "full", "-", f"{np.size(node.value):,}")
+                )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n, power = n / 1024, power + 1
+    return f"{n:.0f} {units[power]}" if power == 0 else f"{n:.1f} {units[power]}"

@@ -1,0 +1,107 @@
+"""Leaf paths, pattern matching and the choice of which leaves to adapt.
+
+Every leaf is named by one string, its ``/``-joined key path
+(``params/encoder/layer_0/attention/query/kernel``); every pattern, message and
+report in the library uses that name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+Predicate = Callable[[str, Any], bool]
+
+
+def path_str(path: tuple) -> str:
+    """The ``/``-joined name of a JAX key path.
+
+    Example:
+        >>> path_str((jax.tree_util.DictKey("dense"), jax.tree_util.DictKey("kernel")))
+        'dense/kernel'
+    """
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def named_leaves(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every leaf of ``tree``, in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [(path_str(path), leaf) for path, leaf in flat]
+
+
+def pattern_matches(pattern: str, path: str) -> bool:
+    """Whether regex ``pattern`` matches one or more whole components of ``path``.
+
+    ``"query"`` matches ``attn/query/kernel`` but not ``attn/query_proj/kernel``;
+    ``"layer_[0-3]/.*"`` and ``"attn/query"`` match across components.
+    """
+    return re.search(rf"(?:^|/)(?:{pattern})(?:/|$)", path) is not None
+
+
+NOT_WEIGHTS = frozenset({"bias", "scale"})
+
+
+def is_adaptable(path: str, leaf: Any) -> bool:
+    """A float array of rank >= 2 that is no bias or norm scale (a kernel, an embedding)."""
+    return (
+        path.split("/")[-1] not in NOT_WEIGHTS
+        and hasattr(leaf, "shape")
+        and len(leaf.shape) >= 2
+        and np.issubdtype(np.dtype(leaf.dtype), np.floating)
+    )
+
+
+def is_bias(path: str, leaf: Any) -> bool:
+    """A 1-D leaf whose name is ``bias``."""
+    return path.split("/")[-1] == "bias" and getattr(leaf, "ndim", 0) == 1
+
+
+def module_of(path: str) -> str:
+    """The path of the module holding a leaf (the path without its last component)."""
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def to_predicate(spec: str | Predicate, *, linear_paths: Iterable[str] | None = None) -> Predicate:
+    """Turns a target spec into one predicate ``(path, leaf) -> bool``.
+
+    Args:
+        spec: a regex (see `pattern_matches`), a callable ``(path, leaf) -> bool``, or
+            ``"all-linear"``.
+        linear_paths: paths of leaves known to be used as matmul weights (from a
+            trace of the model). Without them ``"all-linear"`` means every adaptable
+            leaf named ``kernel``.
+
+    Returns:
+        The predicate.
+    """
+    if callable(spec):
+        return spec
+    if spec == "all-linear":
+        if linear_paths is not None:
+            linear = frozenset(linear_paths)
+            return lambda path, leaf: path in linear
+        return lambda path, leaf: path.split("/")[-1] == "kernel"
+    return lambda path, leaf: pattern_matches(spec, path)
+
+
+def closest_paths(pattern: str, paths: Iterable[str], n: int = 3) -> list[str]:
+    """The ``n`` paths with a component most similar to ``pattern``, for error messages."""
+
+    def score(path: str) -> float:
+        parts = path.split("/")
+        return max(difflib.SequenceMatcher(None, pattern, part).ratio() for part in parts)
+
+    return sorted(paths, key=score, reverse=True)[:n]

@@ -1,0 +1,310 @@
+"""`lora(fn)`: evaluate ``fn`` with `LoraWeight` leaves, never forming ``w + s A B``.
+
+``fn`` is traced once per input structure, shapes and dtypes (plain arrays stand in
+for each `LoraWeight`), and its jaxpr is evaluated with the LoRA leaves carried as
+lazy `rules.LoraValue`\\ s. Products, convolutions and lookups use the factors
+directly (see `rules`); calls, ``remat``, ``cond``, ``while`` and ``scan`` are
+entered; any other use of a LoRA weight materializes that one weight and warns
+once, naming the primitive and the leaf path (``strict=True`` raises instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.extend.core as jex
+import jax.extend.core.primitives as prim
+import numpy as np
+from jax import lax
+
+from . import rules
+from .rules import LoraValue
+from .targets import path_str
+from .usage import CALLS, inner_jaxpr
+from .weight import Layout, LoraWeight, Trainable, is_lora_node
+
+_WARNED: set[tuple[str, str]] = set()
+_STRUCTURAL = {
+    prim.convert_element_type_p: rules.convert,
+    prim.transpose_p: rules.transpose,
+    prim.reshape_p: rules.reshape,
+    prim.squeeze_p: rules.squeeze,
+}
+_SLICES = (prim.slice_p, prim.dynamic_slice_p)
+_ON_W_ONLY = (prim.copy_p, prim.sharding_constraint_p)
+
+
+class MaterializationError(TypeError):
+    """Raised in strict mode when a LoRA weight would have to be materialized."""
+
+
+class _Context:
+    """Per-evaluation state: the dropout key, a counter of sites, strictness."""
+
+    def __init__(self, key: jax.Array | None, strict: bool):
+        self.key, self.strict, self.sites = key, strict, 0
+
+    def next_key(self) -> jax.Array | None:
+        """A fresh key for the next adapter site or nested block (None without dropout)."""
+        if self.key is None:
+            return None
+        self.sites += 1
+        return jax.random.fold_in(self.key, self.sites)
+
+    def child(self, key: jax.Array | None) -> _Context:
+        return _Context(key, self.strict)
+
+
+def lora(fn: Callable, *, strict: bool = False) -> Callable:
+    """Makes ``fn`` accept trees holding `LoraWeight` and `Trainable` leaves.
+
+    Args:
+        fn: any function of pytrees of arrays, e.g. a Flax ``model.apply``.
+        strict: raise `MaterializationError` instead of warning when a LoRA weight
+            meets an operation with no low-rank rule.
+
+    Returns:
+        A function with ``fn``'s signature plus a keyword ``dropout_key``: with a key,
+        each adapter site draws its own dropout mask on the adapter input (rates from
+        the `LoraWeight`\\ s); without one (evaluation), there is no dropout. The
+        function composes with ``jax.jit``, ``grad``, ``vmap``, ``pmap`` and
+        ``shard_map``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> w = LoraWeight(jnp.ones((3, 2)), jnp.ones((3, 1)), jnp.ones((1, 2)), 0.5)
+        >>> lora(jnp.dot)(jnp.ones((1, 3)), w).tolist()
+        [[4.5, 4.5]]
+    """
+    cache: dict[Any, tuple[Any, Any]] = {}
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
+        nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora_node)
+        values = [_lazy(path_str(path), node) for path, node in nodes]
+        standins = [v.w if isinstance(v, LoraValue) else v for v in values]
+        dynamic = [isinstance(x, jax.Array | np.ndarray) for x in standins]
+        static = tuple(None if d else x for x, d in zip(standins, dynamic))
+        avals = tuple(
+            jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x, d in zip(standins, dynamic) if d
+        )
+
+        def flat_fn(*arrays):
+            it = iter(arrays)
+            leaves = [next(it) if d else x for x, d in zip(standins, dynamic)]
+            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+            return fn(*call_args, **call_kwargs)
+
+        cache_key = (treedef, static, avals)
+        try:
+            closed, out_shape = cache[cache_key]
+        except (KeyError, TypeError):  # TypeError: an unhashable static argument
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
+            try:
+                cache[cache_key] = closed, out_shape
+            except TypeError:
+                pass
+        ctx = _Context(dropout_key, strict)
+        inputs = [v for v, d in zip(values, dynamic) if d]
+        outs = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
+        outs = [_dense(x, "output", ctx) for x in outs]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    wrapped.trace_cache = cache
+    return wrapped
+
+
+def _lazy(path: str, node: Any) -> Any:
+    if isinstance(node, Trainable):
+        return node.value
+    if not isinstance(node, LoraWeight):
+        return node
+    if node.w is None or node.a is None or node.b is None:
+        raise ValueError(
+            f"{path}: LoraWeight is missing w, a or b (a partition?); "
+            "use ll.combine(trainable, frozen) before calling the model"
+        )
+    return LoraValue(node.w, node.a, node.b, node.scale, node.layout, node.dropout, path)
+
+
+def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context) -> list[Any]:
+    """Evaluates ``jaxpr`` where some inputs are `LoraValue`\\ s."""
+    env: dict[Any, Any] = {}
+    read = lambda v: v.val if isinstance(v, jex.Literal) else env[v]
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(isinstance(x, LoraValue) for x in invals):
+            outs = _apply(eqn, invals, ctx)
+        else:
+            outs = _bind(eqn, invals)
+        env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
+    # JAX >= 0.10 returns the params alone; older versions return (subfuns, params).
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    return eqn.primitive.bind(*subfuns, *invals, **params)
+
+
+def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
+    """Runs one equation with a LoRA operand through its rule, else materializes."""
+    p, params = eqn.primitive, eqn.params
+    lora_in = [isinstance(x, LoraValue) for x in invals]
+    out = None
+    if p in _STRUCTURAL:
+        out = _STRUCTURAL[p](params, invals[0])
+    elif p in _ON_W_ONLY:
+        out = invals[0]._replace(w=_bind(eqn, [invals[0].w]))
+    elif p in _SLICES and lora_in[0] and not any(lora_in[1:]):
+        out = rules.slice_stack(p, params, *invals)
+    elif p is prim.dot_general_p and sum(lora_in) == 1:
+        lora = invals[lora_in.index(True)]
+        out = rules.dot_general(params, *invals, ctx.next_key() if lora.dropout else None)
+    elif p is prim.conv_general_dilated_p and lora_in == [False, True]:
+        out = rules.conv(params, *invals, ctx.next_key() if invals[1].dropout else None)
+    elif p is prim.gather_p and lora_in == [True, False]:
+        out = rules.gather(params, *invals)
+    elif p in CALLS:
+        inner = inner_jaxpr(params)
+        out = evaluate(getattr(inner, "jaxpr", inner), getattr(inner, "consts", []), invals, ctx)
+    elif p is prim.remat_p:
+        out = _remat(params, invals, ctx)
+    elif p is prim.scan_p:
+        out = _scan(params, invals, ctx)
+    elif p is prim.cond_p:
+        out = _cond(params, invals, ctx)
+    elif p is prim.while_p:
+        out = _while(params, invals, ctx)
+    if out is None:
+        out = _bind(eqn, [_dense(x, p.name, ctx) for x in invals])
+    return out
+
+
+def _dense(x: Any, primitive: str, ctx: _Context) -> Any:
+    """Materializes ``x`` if it is a LoRA weight, warning once per (primitive, path)."""
+    if not isinstance(x, LoraValue):
+        return x
+    message = (
+        f"lorax_lite: '{primitive}' has no low-rank rule; materializing LoRA weight "
+        f"{x.path} {tuple(x.w.shape)} (w + s*A@B) for this use."
+    )
+    if ctx.strict:
+        raise MaterializationError(message + " (strict=True)")
+    if (primitive, x.path) not in _WARNED:
+        _WARNED.add((primitive, x.path))
+        warnings.warn(message, stacklevel=4)
+    return x.materialize()
+
+
+def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
+    """LoRA values as ``(w, a, b)`` tuples (to pass through control flow), and back."""
+    meta = [
+        v._replace(w=None, a=None, b=None) if isinstance(v, LoraValue) else None for v in values
+    ]
+    flat = [(v.w, v.a, v.b) if m else v for v, m in zip(values, meta)]
+
+    def rebuild(arrays: Sequence[Any]) -> list[Any]:
+        return [m._replace(w=x[0], a=x[1], b=x[2]) if m else x for x, m in zip(arrays, meta)]
+
+    return flat, rebuild
+
+
+def _remat(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
+    """Keeps ``jax.checkpoint`` around the block, with the factors as its inputs."""
+    flat, rebuild = _flatten(invals)
+
+    def block(flat, key):
+        outs = evaluate(params["jaxpr"], [], rebuild(flat), ctx.child(key))
+        return [_dense(x, "remat output", ctx) for x in outs]
+
+    remat = jax.checkpoint(block, prevent_cse=params["prevent_cse"], policy=params["policy"])
+    return remat(flat, ctx.next_key())
+
+
+def _unstacked(v: Any, ctx: _Context) -> tuple[Any, Any]:
+    """A scanned-over input: LoRA weights stacked on axis 0 stay lazy, sliced per step."""
+    if not isinstance(v, LoraValue):
+        return v, None
+    stack, fan_in, fan_out = v.layout
+    if not stack or stack[0] != 0:
+        return _dense(v, "scan over a non-stacked axis", ctx), None
+    down = lambda axes: tuple(i - 1 for i in axes)
+    return (v.w, v.a, v.b), v._replace(layout=Layout(down(stack[1:]), down(fan_in), down(fan_out)))
+
+
+def _scan(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    consts = invals[:n_consts]
+    init = [_dense(x, "scan carry", ctx) for x in invals[n_consts : n_consts + n_carry]]
+    unstacked = [_unstacked(v, ctx) for v in invals[n_consts + n_carry :]]
+    xs, metas = [x for x, _ in unstacked], [m for _, m in unstacked]
+    key = ctx.next_key()
+    keys = None if key is None else jax.random.split(key, params["length"])
+    body_jaxpr = params["jaxpr"]
+
+    def body(carry, sliced):
+        x_slices, step_key = sliced
+        x_vals = [m._replace(w=x[0], a=x[1], b=x[2]) if m else x for x, m in zip(x_slices, metas)]
+        outs = evaluate(
+            body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *carry, *x_vals], ctx.child(step_key)
+        )
+        outs = [_dense(x, "scan output", ctx) for x in outs]
+        return outs[:n_carry], outs[n_carry:]
+
+    carry, ys = lax.scan(
+        body,
+        init,
+        (xs, keys),
+        length=params["length"],
+        reverse=params["reverse"],
+        unroll=params["unroll"],
+    )
+    return [*carry, *ys]
+
+
+def _cond(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
+    flat, rebuild = _flatten(invals[1:])
+
+    def branch_fn(branch):
+        def run(flat, key):
+            outs = evaluate(branch.jaxpr, branch.consts, rebuild(flat), ctx.child(key))
+            return [_dense(x, "cond output", ctx) for x in outs]
+
+        return run
+
+    branches = [branch_fn(b) for b in params["branches"]]
+    return lax.switch(invals[0], branches, flat, ctx.next_key())
+
+
+def _while(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
+    init = [_dense(x, "while carry", ctx) for x in invals[n_cond + n_body :]]
+    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+
+    def cond_fun(state):
+        carry, _ = state
+        return evaluate(
+            cond_jaxpr.jaxpr, cond_jaxpr.consts, [*cond_consts, *carry], ctx.child(None)
+        )[0]
+
+    def body_fun(state):
+        carry, key = state
+        step_key = None
+        if key is not None:
+            key, step_key = jax.random.split(key)
+        outs = evaluate(
+            body_jaxpr.jaxpr, body_jaxpr.consts, [*body_consts, *carry], ctx.child(step_key)
+        )
+        return [_dense(x, "while output", ctx) for x in outs], key
+
+    carry, _ = lax.while_loop(cond_fun, body_fun, (init, ctx.next_key()))
+    return carry

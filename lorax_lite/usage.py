@@ -1,0 +1,182 @@
+"""How a function uses its weights: traced once, abstractly, to learn each layout.
+
+`init` calls `infer_usage` to find, for every weight, whether it is a matmul
+kernel, a conv kernel or an embedding table, and which of its axes are fan-in,
+fan-out and stacked (a scan-over-layers axis), without running any FLOPs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.extend.core.primitives as prim
+import numpy as np
+
+from .targets import named_leaves
+from .weight import Layout
+
+# Primitives that pass a weight through unchanged (up to dtype or placement).
+PASS_THROUGH = frozenset(
+    p
+    for p in (
+        prim.convert_element_type_p,
+        prim.copy_p,
+        getattr(prim, "copy_p", None),
+        prim.sharding_constraint_p,
+        prim.reduce_precision_p,
+        getattr(prim, "device_put_p", None),
+    )
+    if p is not None
+)
+CALLS = frozenset(
+    p
+    for p in (
+        getattr(prim, "jit_p", None),
+        getattr(prim, "pjit_p", None),
+        prim.closed_call_p,
+        prim.remat_p,
+        prim.custom_jvp_call_p,
+        prim.custom_vjp_call_p,
+    )
+    if p is not None
+)
+
+
+class Usage(NamedTuple):
+    """How a weight is first used: ``kind`` is ``"dot"``, ``"conv"`` or ``"gather"``."""
+
+    kind: str
+    layout: Layout
+
+
+class _Tracked(NamedTuple):
+    path: str
+    axes: tuple[int, ...]  # the original axis held at each axis of this value
+    stack: tuple[int, ...]  # original axes sliced away by an enclosing scan
+
+
+def inner_jaxpr(params: dict[str, Any]) -> Any:
+    """The jaxpr a call-like primitive runs (``jaxpr``, ``call_jaxpr`` or ``fun_jaxpr``)."""
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if name in params:
+            return params[name]
+    raise KeyError(f"no inner jaxpr among {sorted(params)}")
+
+
+def open_jaxpr(jaxpr: Any) -> Any:
+    """The open ``Jaxpr`` of a ``Jaxpr`` or ``ClosedJaxpr``."""
+    return getattr(jaxpr, "jaxpr", jaxpr)
+
+
+def split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any], tuple]:
+    """Splits ``tree`` into its array leaves and a function rebuilding it from them.
+
+    Non-array leaves (Python bools, strings, None-like flags) stay static; they are
+    returned as a hashable key so that traces can be cached on them.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    is_array = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in leaves]
+    static = tuple(None if arr else x for x, arr in zip(leaves, is_array))
+    dynamic = [x for x, arr in zip(leaves, is_array) if arr]
+
+    def rebuild(values: Sequence[Any]) -> Any:
+        values = iter(values)
+        merged = [next(values) if arr else x for x, arr in zip(leaves, is_array)]
+        return jax.tree_util.tree_unflatten(treedef, merged)
+
+    return dynamic, rebuild, (treedef, static)
+
+
+def infer_usage(fn: Callable, params: Any, args: Sequence[Any] = ()) -> dict[str, Usage]:
+    """Traces ``fn(params, *args)`` abstractly and reports how each weight is used.
+
+    Args:
+        fn: the model function, e.g. ``model.apply``.
+        params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+        args: example arguments after ``params`` (arrays, shape structs or static values).
+
+    Returns:
+        ``{path: Usage}`` for every leaf reaching a ``dot_general``, a conv or a gather.
+    """
+    named = named_leaves(params)
+    dynamic, rebuild, _ = split_static(tuple(args))
+    closed = jax.make_jaxpr(lambda p, d: fn(p, *rebuild(d)))(params, dynamic)
+    env = {
+        var: _Tracked(path, tuple(range(len(leaf.shape))), ())
+        for var, (path, leaf) in zip(closed.jaxpr.invars, named)
+    }
+    found: dict[str, Usage] = {}
+    _walk(closed.jaxpr, env, found)
+    return found
+
+
+def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
+    for eqn in jaxpr.eqns:
+        tracked = [env.get(v) if not hasattr(v, "val") else None for v in eqn.invars]
+        if not any(tracked):
+            continue
+        p = eqn.primitive
+        if p in PASS_THROUGH:
+            env[eqn.outvars[0]] = tracked[0]
+        elif p is prim.transpose_p and tracked[0]:
+            t = tracked[0]
+            env[eqn.outvars[0]] = t._replace(
+                axes=tuple(t.axes[i] for i in eqn.params["permutation"])
+            )
+        elif p is prim.dot_general_p:
+            (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
+            for t, contract, batch in (
+                (tracked[0], contract_l, batch_l),
+                (tracked[1], contract_r, batch_r),
+            ):
+                if t:
+                    roles = {
+                        ax: "in" if ax in contract else "stack" if ax in batch else "out"
+                        for ax in range(len(t.axes))
+                    }
+                    _record(found, t, "dot", roles)
+        elif p is prim.conv_general_dilated_p and tracked[1]:
+            out_dim, in_dim, *_ = eqn.params["dimension_numbers"].rhs_spec
+            roles = {ax: "out" if ax == out_dim else "in" for ax in range(len(tracked[1].axes))}
+            _record(found, tracked[1], "conv", roles)
+        elif p is prim.gather_p and tracked[0]:
+            indexed = eqn.params["dimension_numbers"].start_index_map
+            roles = {ax: "in" if ax in indexed else "out" for ax in range(len(tracked[0].axes))}
+            _record(found, tracked[0], "gather", roles)
+        elif p in CALLS:
+            inner = open_jaxpr(inner_jaxpr(eqn.params))
+            _walk(inner, _bind(inner.invars, tracked), found)
+        elif p is prim.scan_p:
+            _walk_scan(eqn, tracked, found)
+        elif p is prim.cond_p:
+            for branch in eqn.params["branches"]:
+                _walk(branch.jaxpr, _bind(branch.jaxpr.invars, tracked[1:]), found)
+        elif p is prim.while_p:
+            n_cond = eqn.params["cond_nconsts"]
+            body = eqn.params["body_jaxpr"].jaxpr
+            _walk(body, _bind(body.invars, tracked[n_cond:]), found)
+
+
+def _walk_scan(eqn: Any, tracked: list, found: dict[str, Usage]) -> None:
+    body = eqn.params["jaxpr"].jaxpr
+    n_fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
+    inner = list(tracked[:n_fixed])
+    for t in tracked[n_fixed:]:  # scanned inputs lose their leading axis to the loop
+        inner.append(t and _Tracked(t.path, t.axes[1:], t.stack + t.axes[:1]))
+    _walk(body, _bind(body.invars, inner), found)
+
+
+def _bind(invars: Sequence[Any], tracked: Sequence[Any]) -> dict:
+    return {var: t for var, t in zip(invars, tracked) if t}
+
+
+def _record(found: dict[str, Usage], t: _Tracked, kind: str, roles: dict[int, str]) -> None:
+    if t.path in found:
+        return
+    by_axis = {t.axes[ax]: role for ax, role in roles.items()}
+    by_axis.update({ax: "stack" for ax in t.stack})
+    layout = Layout.from_roles(tuple(by_axis[ax] for ax in range(len(by_axis))))
+    if layout.fan_in and layout.fan_out:
+        found[t.path] = Usage(kind, layout)
