@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
+from .targets import pattern_matches
+
 Spec = str | Callable[[str, Any], bool]
 AXIS_ROLES = ("stack", "in", "out")
 
@@ -26,7 +28,8 @@ class LoraConfig:
             callable ``(path, leaf) -> bool``, or ``"all-linear"`` (every float kernel
             used as a matmul weight, embeddings excluded).
         exclude: regexes of leaves never adapted, even when a target matches them.
-        rank_pattern: ``{regex: rank}``; the longest matching regex wins.
+        rank_pattern: ``{regex: rank}``; the longest matching regex wins (regexes
+            match whole path components, as in ``targets``).
         alpha_pattern: ``{regex: alpha}``; the longest matching regex wins.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
         init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"``
@@ -99,8 +102,11 @@ class LoraConfig:
 
 
 def most_specific(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
-    """The value of the longest regex in ``patterns`` found in ``path``, else ``default``."""
-    hits = [p for p in patterns if re.search(p, path)]
+    """The value of the longest regex in ``patterns`` matching ``path``, else ``default``.
+
+    Regexes match whole path components, as targets do (see `pattern_matches`).
+    """
+    hits = [p for p in patterns if pattern_matches(p, path)]
     return patterns[max(hits, key=len)] if hits else default
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 Predicate = Callable[[str, Any], bool]
 
@@ -54,24 +54,35 @@ def pattern_matches(pattern: str, path: str) -> bool:
 NOT_WEIGHTS = frozenset({"bias", "scale"})
 
 
+def leaf_name(path: str) -> str:
+    """The name of a leaf: its last path component, or the one before an NNX ``value``.
+
+    ``nnx.split`` states name a kernel ``linear/kernel/value``; its name is ``kernel``.
+    """
+    parts = path.split("/")
+    return parts[-2] if len(parts) > 1 and parts[-1] == "value" else parts[-1]
+
+
 def is_adaptable(path: str, leaf: Any) -> bool:
     """A float array of rank >= 2 that is no bias or norm scale (a kernel, an embedding)."""
     return (
-        path.split("/")[-1] not in NOT_WEIGHTS
+        leaf_name(path) not in NOT_WEIGHTS
         and hasattr(leaf, "shape")
         and len(leaf.shape) >= 2
-        and np.issubdtype(np.dtype(leaf.dtype), np.floating)
+        and jnp.issubdtype(leaf.dtype, jnp.floating)  # np.issubdtype rejects bfloat16
     )
 
 
 def is_bias(path: str, leaf: Any) -> bool:
-    """A 1-D leaf whose name is ``bias``."""
-    return path.split("/")[-1] == "bias" and getattr(leaf, "ndim", 0) == 1
+    """An array named ``bias`` (1-D, or more for DenseGeneral and stacked layers)."""
+    return leaf_name(path) == "bias" and hasattr(leaf, "shape")
 
 
 def module_of(path: str) -> str:
-    """The path of the module holding a leaf (the path without its last component)."""
-    return path.rsplit("/", 1)[0] if "/" in path else ""
+    """The path of the module holding a leaf (the path without the leaf's name)."""
+    parts = path.split("/")
+    n_name = 2 if len(parts) > 1 and parts[-1] == "value" else 1
+    return "/".join(parts[:-n_name])
 
 
 def to_predicate(spec: str | Predicate, *, linear_paths: Iterable[str] | None = None) -> Predicate:
@@ -93,7 +104,7 @@ def to_predicate(spec: str | Predicate, *, linear_paths: Iterable[str] | None = 
         if linear_paths is not None:
             linear = frozenset(linear_paths)
             return lambda path, leaf: path in linear
-        return lambda path, leaf: path.split("/")[-1] == "kernel"
+        return lambda path, leaf: leaf_name(path) == "kernel"
     return lambda path, leaf: pattern_matches(spec, path)
 
 

@@ -1,0 +1,101 @@
+"""LoraConfig: validation messages, per-leaf rank/alpha, scale, serialization."""
+
+import math
+
+import pytest
+
+import lorax_lite as ll
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rank=0), "rank must be an int >= 1, got 0"),
+        (dict(rank=-3), "rank must be an int >= 1, got -3"),
+        (dict(rank=2.0), "rank must be an int >= 1, got 2.0"),
+        (dict(rank=True), "rank must be an int >= 1, got True"),
+        (dict(rank_pattern={"q": 0}), "rank_pattern['q'] must be an int >= 1, got 0"),
+        (dict(alpha=0), "alpha must be a number > 0, got 0"),
+        (dict(alpha=-1.5), "alpha must be a number > 0, got -1.5"),
+        (dict(alpha_pattern={"v": 0.0}), "alpha_pattern['v'] must be a number > 0, got 0.0"),
+        (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+        (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
+        (dict(init="xavier"), "init must be 'kaiming' or 'gaussian', got 'xavier'"),
+        (dict(bias="some"), "bias must be 'none', 'all' or 'lora_only', got 'some'"),
+        (dict(targets=()), "targets is empty"),
+        (dict(targets=("q", "v"), exclude=("v",)), "patterns both targeted and excluded: ['v']"),
+        (dict(targets="q(", exclude=()), "pattern 'q(' is not a valid regex"),
+        (dict(train=("[head",)), "pattern '[head' is not a valid regex"),
+        (dict(axes={"k": ("in", "sideways")}), "axes['k'] must name each axis one of"),
+        (dict(axes={"k": ("stack", "in", "in")}), "with at least one 'in' and one 'out'"),
+    ],
+)
+def test_each_invalid_field_is_reported(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        ll.LoraConfig(**kwargs)
+    assert message in str(info.value)
+
+
+def test_all_problems_are_listed_at_once():
+    with pytest.raises(ValueError) as info:
+        ll.LoraConfig(rank=0, alpha=-1, dropout=2.0, targets=("a", "b("), exclude=("a",))
+    text = str(info.value)
+    for part in ("rank must", "alpha must", "dropout must", "both targeted and excluded", "'b('"):
+        assert part in text
+    assert len(text.splitlines()) == 6  # header + five problems
+
+
+def test_dropout_zero_and_just_below_one_are_valid():
+    assert ll.LoraConfig(dropout=0.0).dropout == 0.0
+    assert ll.LoraConfig(dropout=0.999).dropout == 0.999
+
+
+def test_single_strings_and_lists_become_tuples():
+    config = ll.LoraConfig(targets="query", exclude=["x"], train="head")
+    assert config.targets == ("query",)
+    assert config.exclude == ("x",)
+    assert config.train == ("head",)
+
+
+def test_rank_and_alpha_pattern_longest_regex_wins():
+    config = ll.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        rank_pattern={"layer_.*": 2, "layer_1/query": 6},
+        alpha_pattern={"query": 3.0, "layer_1/query": 5.0},
+    )
+    assert config.rank_for("layer_1/query/kernel") == 6
+    assert config.rank_for("layer_0/query/kernel") == 2
+    assert config.rank_for("head/kernel") == 4
+    assert config.alpha_for("layer_1/query/kernel") == 5.0
+    assert config.alpha_for("layer_0/query/kernel") == 3.0
+    assert config.alpha_for("head/kernel") == 8.0
+
+
+@pytest.mark.parametrize("rank, alpha", [(1, 1.0), (4, 16.0), (16, 8.0)])
+def test_scale_is_alpha_over_rank_or_sqrt_rank(rank, alpha):
+    assert ll.LoraConfig().scale_for(rank, alpha) == pytest.approx(alpha / rank)
+    rs = ll.LoraConfig(use_rslora=True).scale_for(rank, alpha)
+    assert rs == pytest.approx(alpha / math.sqrt(rank))
+
+
+def test_to_dict_round_trip_and_callable_targets_refuse():
+    config = ll.LoraConfig(
+        rank=3, targets=("q", "v"), rank_pattern={"q": 2}, axes={"w": ("in", "out", "out")}
+    )
+    assert ll.LoraConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(TypeError, match="callable targets"):
+        ll.LoraConfig(targets=lambda path, leaf: True).to_dict()
+
+
+def test_config_is_frozen():
+    config = ll.LoraConfig()
+    with pytest.raises(AttributeError):
+        config.rank = 3
+
+
+def test_rank_pattern_matches_whole_components_like_targets():
+    config = ll.LoraConfig(rank=4, rank_pattern={"query": 2}, alpha_pattern={"query": 1.0})
+    assert config.rank_for("attn/query/kernel") == 2
+    assert config.rank_for("attn/query_proj/kernel") == 4
+    assert config.alpha_for("attn/query_proj/kernel") == 16.0
