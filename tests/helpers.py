@@ -48,3 +48,14 @@ def randomize_b(tree: Any, key: jax.Array, std: float = 0.5) -> Any:
             node = ll.LoraWeight(node.w, node.a, b, node.scale, node.layout, node.dropout)
         out.append(node)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dense_reference(node: ll.LoraWeight) -> np.ndarray:
+    """``w + scale * A @ B`` in float64 numpy, by einsum over the layout's axis roles."""
+    w = np.asarray(node.w, np.float64)
+    a, b = np.asarray(node.a, np.float64), np.asarray(node.b, np.float64)
+    letters = "abcdefghijklmnopqrstuvwxy"[: w.ndim]
+    pick = lambda axes: "".join(letters[i] for i in axes)
+    stack, fan_in, fan_out = (pick(axes) for axes in node.layout)
+    delta = np.einsum(f"{stack}{fan_in}z,{stack}z{fan_out}->{letters}", a, b)
+    return w + node.scale * delta
