@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,7 +112,8 @@ def select_targets(
                 "adapters go on float weights of rank >= 2"
             )
         elif hits:
-            problems.append(f"target {spec!r} matches only excluded leaves ({', '.join(hits[:3])})")
+            excluded = [p for p, _ in adaptable if p in hits]
+            problems.append(f"target {spec!r} matches only excluded leaves ({', '.join(excluded)})")
         else:
             near = closest_paths(spec if isinstance(spec, str) else "", [p for p, _ in adaptable])
             problems.append(f"target {spec!r} matches no adaptable leaf; closest: {near}")
@@ -215,11 +217,28 @@ def combine(*trees: Any) -> Any:
     return jax.tree_util.tree_map(first, *trees, is_leaf=lambda x: x is None)
 
 
-def merge(tree: Any) -> Any:
+def merge(
+    tree: Any, *, check: bool = False, probe: tuple[Callable, Sequence[Any]] | None = None
+) -> Any:
     """The plain parameter tree ``w + scale * A @ B``, with the original structure and dtypes.
 
     Each merged weight is accumulated in float32 and cast to its base dtype;
-    `Trainable` leaves are unwrapped.
+    `Trainable` leaves are unwrapped. The checks need concrete arrays (call them
+    outside ``jax.jit``).
+
+    Args:
+        tree: a LoRA tree from `init` (or `combine`).
+        check: raise if a merged float leaf holds NaN or inf.
+        probe: ``(fn, args)``: compare ``fn(merged, *args)`` with the unmerged
+            ``lora(fn)(tree, *args)``; the largest absolute deviation is logged at INFO
+            level on the ``"lorax_lite"`` logger.
+
+    Returns:
+        The merged parameter tree.
+
+    Raises:
+        ValueError: with ``check``, naming every merged leaf that is not finite; with
+            ``probe``, if the deviation between the two outputs is not finite.
 
     Example:
         >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 0.5)}
@@ -232,7 +251,38 @@ def merge(tree: Any) -> Any:
             return node.materialize()
         return node.value if isinstance(node, Trainable) else node
 
-    return jax.tree_util.tree_map(unwrap, tree, is_leaf=is_lora_node)
+    merged = jax.tree_util.tree_map(unwrap, tree, is_leaf=is_lora_node)
+    if check:
+        bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _all_finite(x)]
+        if bad:
+            raise ValueError(f"merge: non-finite values (NaN or inf) in merged leaves: {bad}")
+    if probe is not None:
+        _probe_deviation(tree, merged, *probe)
+    return merged
+
+
+def _is_float(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _all_finite(x: Any) -> bool:
+    return bool(np.isfinite(np.asarray(x, np.float32)).all())
+
+
+def _probe_deviation(tree: Any, merged: Any, fn: Callable, args: Sequence[Any]) -> None:
+    """Logs the largest ``|fn(merged) - lora(fn)(tree)|`` over the outputs."""
+    from .transform import lora  # imported here: transform may come to import params
+
+    expected = jax.tree_util.tree_leaves(lora(fn)(tree, *args))
+    pairs = zip(jax.tree_util.tree_leaves(fn(merged, *args)), expected)
+    diffs = [np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64)) for a, e in pairs]
+    # np.max propagates NaN, unlike the builtin max.
+    deviation = float(np.max([d.max(initial=0.0) for d in diffs], initial=0.0))
+    logging.getLogger("lorax_lite").info("merge probe: max |merged - unmerged| = %.3g", deviation)
+    if not np.isfinite(deviation):
+        raise ValueError(
+            f"merge: the merged model's output deviates by {deviation} from the unmerged one"
+        )
 
 
 def unmerge(merged: Any, tree: Any) -> Any:
@@ -241,7 +291,14 @@ def unmerge(merged: Any, tree: Any) -> Any:
     Where ``tree`` still holds the base weight it is returned as is (exact); where
     it holds only the factors (a trainable partition), the base is recovered as
     ``merged - scale * A @ B`` in float32 (exact up to rounding of the base dtype).
-    Fully trained leaves take their merged values.
+    Fully trained leaves and the holes of a partition take their merged values.
+
+    Args:
+        merged: the output of `merge`.
+        tree: the LoRA tree, or its trainable partition.
+
+    Returns:
+        A full LoRA tree shaped like the output of `init`.
     """
 
     def restore(node, value):
@@ -254,7 +311,8 @@ def unmerge(merged: Any, tree: Any) -> Any:
             )
         return Trainable(value) if isinstance(node, Trainable) else value
 
-    return jax.tree_util.tree_map(restore, tree, merged, is_leaf=is_lora_node)
+    hole_or_node = lambda x: x is None or is_lora_node(x)
+    return jax.tree_util.tree_map(restore, tree, merged, is_leaf=hole_or_node)
 
 
 def count(tree: Any) -> dict[str, int]:

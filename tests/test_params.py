@@ -1,0 +1,514 @@
+"""init, partition/combine, merge/unmerge: checked against the dense formula in float64."""
+
+import logging
+import math
+
+import flax.linen as nn
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_allclose, assert_trees_equal, dense_reference, randomize_b
+from hypothesis import given, settings
+
+import lorax_lite as ll
+from lorax_lite.targets import named_leaves
+from lorax_lite.weight import is_lora_node
+
+KEY = jax.random.key(0)
+JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def maybe_jit(fn, jit):
+    return jax.jit(fn) if jit else fn
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(16, name="fc1")(x))
+        x = nn.relu(nn.Dense(16, name="fc2")(x))
+        return nn.Dense(2, name="head")(x)
+
+
+class Mixed(nn.Module):
+    """Embed, DenseGeneral both ways, a 1-D conv and a Dense head."""
+
+    @nn.compact
+    def __call__(self, ids):
+        h = nn.Embed(20, 8, name="emb")(ids)
+        q = nn.DenseGeneral((2, 4), name="qkv")(h)  # kernel (in, heads, head_dim)
+        h = nn.DenseGeneral(8, axis=(-2, -1), name="out")(q)  # kernel (heads, head_dim, out)
+        h = nn.relu(nn.Conv(8, (3,), name="conv")(h))  # kernel (width, in, out)
+        return nn.Dense(3, name="head")(h)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return jnp.tanh(nn.Dense(8, name="fc")(x)), None
+
+
+class Stacked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return scan(name="layers")(x, None)[0]
+
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
+IDS = jnp.asarray(np.random.default_rng(1).integers(0, 20, size=(2, 5)), jnp.int32)
+MIXED_TARGETS = ("emb", "qkv", "out", "conv", "head")
+
+
+def numpy_init(model, *args, seed=0):
+    """Random parameters of ``model``'s shapes, drawn by numpy (no XLA compiles)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda *xs: model.init(KEY, *xs), *args)
+    draw = lambda s: jnp.asarray(0.3 * rng.normal(size=s.shape), s.dtype)
+    return jax.tree_util.tree_map(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return MLP(), numpy_init(MLP(), X)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return Mixed(), numpy_init(Mixed(), IDS)
+
+
+@pytest.fixture(scope="module")
+def stacked():
+    return Stacked(), numpy_init(Stacked(), X)
+
+
+def to_dtype(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+
+
+def lora_nodes(tree):
+    return {
+        p: x for p, x in named_leaves(tree, is_leaf=is_lora_node) if isinstance(x, ll.LoraWeight)
+    }
+
+
+def assert_merged_matches_reference(merged, lp):
+    merged_leaves = dict(named_leaves(merged))
+    nodes = lora_nodes(lp)
+    assert nodes
+    for path, node in nodes.items():
+        actual = np.asarray(merged_leaves[path], np.float64)
+        assert merged_leaves[path].dtype == node.w.dtype, path
+        expected = dense_reference(node)
+        if node.w.dtype == jnp.bfloat16:  # one rounding of a float32 sum: one bf16 ulp
+            expected = expected.astype(jnp.bfloat16).astype(np.float64)
+            tol = 2.0 ** (np.floor(np.log2(np.abs(expected) + 1e-30)) - 7)
+        else:
+            tol = 1e-5 * (1 + np.abs(expected))
+        assert np.all(np.abs(actual - expected) <= tol), path
+    for path, leaf in named_leaves(untouched_leaves(lp)):
+        np.testing.assert_array_equal(merged_leaves[path], leaf)
+
+
+def untouched_leaves(lp):
+    """The leaves of ``lp`` that are neither adapted nor trained."""
+    return jax.tree_util.tree_map(
+        lambda x: None if is_lora_node(x) else x, lp, is_leaf=is_lora_node
+    )
+
+
+# ---------------------------------------------------------------- zero change at init
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_zero_change_at_init_linen(mlp, mixed, dtype):
+    for (model, params), x, targets in (
+        (mlp, X, ("fc1", "fc2", "head")),
+        (mixed, IDS, MIXED_TARGETS),
+    ):
+        params = to_dtype(params, dtype)
+        config = ll.LoraConfig(rank=2, targets=targets)
+        lp = ll.init(params, config, key=KEY, fn=model.apply, args=(x,))
+        assert len(lora_nodes(lp)) == len(targets)
+        merged = ll.merge(lp)
+        assert_trees_equal(merged, params)
+        apply = jax.jit(model.apply)
+        np.testing.assert_array_equal(apply(merged, x), apply(params, x))
+
+
+# ---------------------------------------------------------------- merge vs float64
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@JIT
+def test_merge_equals_dense_formula_2d_densegeneral_conv_embed(mixed, dtype, jit):
+    model, params = mixed
+    params = to_dtype(params, dtype)
+    config = ll.LoraConfig(rank=2, alpha=3.0, targets=MIXED_TARGETS)
+    lp = randomize_b(ll.init(params, config, key=KEY, fn=model.apply, args=(IDS,)), KEY)
+    layouts = {p: n.layout for p, n in lora_nodes(lp).items()}
+    assert layouts["params/qkv/kernel"] == ll.Layout((), (0,), (1, 2))
+    assert layouts["params/out/kernel"] == ll.Layout((), (0, 1), (2,))
+    assert layouts["params/conv/kernel"] == ll.Layout((), (0, 1), (2,))
+    assert layouts["params/head/kernel"] == ll.Layout.dense()
+    merged = maybe_jit(ll.merge, jit)(lp)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
+    assert_merged_matches_reference(merged, lp)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_merge_stacked_scan_kernels(stacked, dtype):
+    model, params = stacked
+    params = to_dtype(params, dtype)
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets="fc"), key=KEY, fn=model.apply, args=(X,))
+    node = lp["params"]["layers"]["fc"]["kernel"]
+    assert node.layout == ll.Layout((0,), (1,), (2,))
+    assert node.a.shape == (3, 8, 2) and node.b.shape == (3, 2, 8)
+    lp = randomize_b(lp, KEY)
+    assert_merged_matches_reference(ll.merge(lp), lp)
+
+
+def test_merge_with_axes_override_and_no_fn():
+    rng = np.random.default_rng(2)
+    params = {
+        "experts": {"w": jnp.asarray(rng.normal(size=(6, 3, 4)), jnp.float32)},
+        "proj": {"kernel": jnp.asarray(rng.normal(size=(2, 3, 5)), jnp.float32)},
+    }
+    config = ll.LoraConfig(
+        rank=2,
+        targets=("experts", "proj"),
+        axes={"experts/w": ("in", "stack", "out"), "proj": ("in", "in", "out")},
+    )
+    lp = randomize_b(ll.init(params, config, key=KEY), KEY)
+    assert lp["experts"]["w"].layout == ll.Layout((1,), (0,), (2,))
+    assert lp["experts"]["w"].a.shape == (3, 6, 2)
+    assert lp["proj"]["kernel"].layout == ll.Layout((), (0, 1), (2,))
+    assert_merged_matches_reference(ll.merge(lp), lp)
+
+
+def test_merge_unwraps_trainable_and_keeps_dtypes(mlp):
+    _, params = mlp
+    params = to_dtype(params, jnp.bfloat16)
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets="fc1", train=("head",)), key=KEY)
+    merged = ll.merge(lp)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(merged))
+    assert lp["params"]["fc1"]["kernel"].a.dtype == jnp.float32
+
+
+# ---------------------------------------------------------------- merge checks
+
+
+def test_merge_check_names_every_non_finite_leaf(mlp):
+    _, params = mlp
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets=("fc1", "fc2")), key=KEY)
+    fc1, fc2 = lp["params"]["fc1"]["kernel"], lp["params"]["fc2"]["kernel"]
+    lp["params"]["fc1"]["kernel"] = ll.LoraWeight(fc1.w, fc1.a, fc1.b.at[0, 0].set(jnp.nan))
+    lp["params"]["fc2"]["kernel"] = ll.LoraWeight(fc2.w, fc2.a, fc2.b.at[1, 2].set(jnp.inf))
+    ll.merge(lp)  # no check, no error
+    with pytest.raises(ValueError) as info:
+        ll.merge(lp, check=True)
+    assert "params/fc1/kernel" in str(info.value) and "params/fc2/kernel" in str(info.value)
+    assert "params/head/kernel" not in str(info.value)
+
+
+def test_merge_probe_logs_largest_deviation(mlp, caplog):
+    model, params = mlp
+    config = ll.LoraConfig(rank=2, targets=("fc1", "fc2"))
+    lp = randomize_b(ll.init(params, config, key=KEY), KEY)
+    with caplog.at_level(logging.INFO, logger="lorax_lite"):
+        merged = ll.merge(lp, check=True, probe=(model.apply, (X,)))
+    (record,) = [r for r in caplog.records if r.name == "lorax_lite"]
+    assert "max |merged - unmerged|" in record.getMessage()
+    expected = np.abs(
+        np.asarray(model.apply(merged, X), np.float64) - np.asarray(ll.lora(model.apply)(lp, X))
+    ).max()
+    assert record.args[0] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    assert record.args[0] < 1e-4
+    # A non-finite adapter gives a non-finite deviation, which the probe refuses.
+    fc1 = lp["params"]["fc1"]["kernel"]
+    lp["params"]["fc1"]["kernel"] = ll.LoraWeight(fc1.w, fc1.a.at[0, 0].set(jnp.nan), fc1.b)
+    with pytest.raises(ValueError, match="deviates by nan"):
+        ll.merge(lp, probe=(model.apply, (X,)))
+
+
+# ---------------------------------------------------------------- unmerge
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_unmerge_with_base_kept_is_exact(mixed, dtype):
+    model, params = mixed
+    params = to_dtype(params, dtype)
+    config = ll.LoraConfig(rank=2, targets=MIXED_TARGETS[1:], train=("emb",), bias="all")
+    lp = randomize_b(ll.init(params, config, key=KEY, fn=model.apply, args=(IDS,)), KEY)
+    restored = ll.unmerge(ll.merge(lp), lp)
+    assert_trees_equal(restored, lp)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(lp)
+
+
+def test_unmerge_from_trainable_partition_recovers_base(mixed):
+    model, params = mixed
+    config = ll.LoraConfig(rank=2, targets=MIXED_TARGETS[1:], train=("emb",))
+    lp = randomize_b(ll.init(params, config, key=KEY, fn=model.apply, args=(IDS,)), KEY)
+    trainable, _ = ll.partition(lp)
+    restored = ll.unmerge(ll.merge(lp), trainable)
+    assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(lp)
+    assert_trees_allclose(restored, lp, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- init choices
+
+
+def test_rank_and_alpha_patterns_longest_wins(mlp):
+    _, params = mlp
+    config = ll.LoraConfig(
+        rank=4,
+        alpha=8.0,
+        targets=("fc1", "fc2", "head"),
+        rank_pattern={"fc.": 3, "params/fc2": 1, "head": 2},
+        alpha_pattern={"head": 2.0},
+    )
+    nodes = lora_nodes(ll.init(params, config, key=KEY))
+    ranks = {p: (n.a.shape[-1], n.b.shape[0], n.rank) for p, n in nodes.items()}
+    assert ranks == {
+        "params/fc1/kernel": (3, 3, 3),
+        "params/fc2/kernel": (1, 1, 1),
+        "params/head/kernel": (2, 2, 2),
+    }
+    assert nodes["params/fc1/kernel"].scale == pytest.approx(8.0 / 3)
+    assert nodes["params/fc2/kernel"].scale == pytest.approx(8.0 / 1)
+    assert nodes["params/head/kernel"].scale == pytest.approx(2.0 / 2)
+
+
+def test_rslora_scale_is_alpha_over_sqrt_rank(mlp):
+    _, params = mlp
+    for rslora, expected in ((False, 12.0 / 4), (True, 12.0 / math.sqrt(4))):
+        config = ll.LoraConfig(rank=4, alpha=12.0, targets="fc2", use_rslora=rslora)
+        node = ll.init(params, config, key=KEY)["params"]["fc2"]["kernel"]
+        assert node.scale == pytest.approx(expected)
+
+
+def test_init_statistics_through_init():
+    rng = np.random.default_rng(3)
+    params = {"big": {"kernel": jnp.asarray(rng.normal(size=(256, 64)), jnp.float32)}}
+    kaiming = ll.init(params, ll.LoraConfig(rank=32, targets="big"), key=KEY)["big"]["kernel"]
+    bound = 1 / math.sqrt(256)
+    assert float(jnp.abs(kaiming.a).max()) <= bound
+    assert float(kaiming.a.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert not np.any(np.asarray(kaiming.b))
+    config = ll.LoraConfig(rank=16, targets="big", init="gaussian")
+    gaussian = ll.init(params, config, key=KEY)["big"]["kernel"]
+    assert float(gaussian.a.std()) == pytest.approx(1 / 16, rel=0.05)
+
+
+def test_factor_dtype_float32_for_bf16_base_unless_asked(mlp):
+    _, params = mlp
+    params = to_dtype(params, jnp.bfloat16)
+    node = ll.init(params, ll.LoraConfig(rank=2, targets="fc1"), key=KEY)["params"]["fc1"]["kernel"]
+    assert node.w.dtype == jnp.bfloat16
+    assert node.a.dtype == node.b.dtype == jnp.float32
+    config = ll.LoraConfig(rank=2, targets="fc1", dtype="bfloat16")
+    node = ll.init(params, config, key=KEY)["params"]["fc1"]["kernel"]
+    assert node.a.dtype == node.b.dtype == jnp.bfloat16
+
+
+def test_one_fresh_key_per_leaf():
+    same = np.ones((8, 8), np.float32)
+    params = {f"l{i}": {"kernel": jnp.asarray(same)} for i in range(4)}
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets="all-linear"), key=KEY)
+    a = [np.asarray(lp[f"l{i}"]["kernel"].a) for i in range(4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not np.allclose(a[i], a[j])
+    again = ll.init(params, ll.LoraConfig(rank=2, targets="all-linear"), key=KEY)
+    np.testing.assert_array_equal(again["l0"]["kernel"].a, a[0])
+    other = ll.init(params, ll.LoraConfig(rank=2), key=jax.random.key(1))
+    assert not np.allclose(other["l0"]["kernel"].a, a[0])
+
+
+@pytest.mark.parametrize(
+    "bias, trained",
+    [
+        ("none", []),
+        ("all", ["params/fc1/bias", "params/fc2/bias", "params/head/bias"]),
+        ("lora_only", ["params/fc1/bias"]),
+    ],
+)
+def test_bias_modes(mlp, bias, trained):
+    _, params = mlp
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets="fc1", bias=bias), key=KEY)
+    found = [p for p, x in named_leaves(lp, is_leaf=is_lora_node) if isinstance(x, ll.Trainable)]
+    assert sorted(found) == trained
+
+
+def test_bias_all_covers_densegeneral_and_stacked_biases(mixed, stacked):
+    (model, params), (s_model, s_params) = mixed, stacked
+    config = ll.LoraConfig(rank=2, targets="qkv", bias="lora_only")
+    lp = ll.init(params, config, key=KEY, fn=model.apply, args=(IDS,))
+    assert isinstance(lp["params"]["qkv"]["bias"], ll.Trainable)  # shape (2, 4)
+    lp = ll.init(s_params, ll.LoraConfig(rank=2, bias="all"), key=KEY, fn=s_model.apply, args=(X,))
+    assert isinstance(lp["params"]["layers"]["fc"]["bias"], ll.Trainable)  # shape (3, 8)
+
+
+def test_all_linear_with_fn_excludes_embed_includes_dense_and_densegeneral(mixed):
+    model, params = mixed
+    lp = ll.init(params, ll.LoraConfig(rank=2), key=KEY, fn=model.apply, args=(IDS,))
+    assert sorted(lora_nodes(lp)) == [
+        "params/head/kernel",
+        "params/out/kernel",
+        "params/qkv/kernel",
+    ]
+
+
+def test_all_linear_without_fn_takes_kernels(mlp):
+    _, params = mlp
+    params = {**params["params"], "emb": {"embedding": jnp.ones((10, 16))}}
+    lp = ll.init(params, ll.LoraConfig(rank=2), key=KEY)
+    assert sorted(lora_nodes(lp)) == ["fc1/kernel", "fc2/kernel", "head/kernel"]
+
+
+def test_train_wraps_leaves_in_trainable(mlp):
+    _, params = mlp
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets="fc1", train=("head",)), key=KEY)
+    assert isinstance(lp["params"]["head"]["kernel"], ll.Trainable)
+    assert isinstance(lp["params"]["head"]["bias"], ll.Trainable)
+    np.testing.assert_array_equal(
+        lp["params"]["head"]["kernel"].value, params["params"]["head"]["kernel"]
+    )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def init_error(params, **kwargs):
+    fn = kwargs.pop("fn", None)
+    args = kwargs.pop("args", ())
+    with pytest.raises(ValueError) as info:
+        ll.init(params, ll.LoraConfig(**kwargs), key=KEY, fn=fn, args=args)
+    return str(info.value)
+
+
+def test_rank_larger_than_weight_names_the_path(mlp):
+    _, params = mlp
+    text = init_error(params, rank=3, targets=("fc1", "head"))
+    assert "params/head/kernel: rank 3 > min(d_in=16, d_out=2)" in text
+    assert "fc1" not in text
+    text = init_error(params, rank=2, rank_pattern={"fc2": 17}, targets="fc2")
+    assert "params/fc2/kernel: rank 17 > min(d_in=16, d_out=16)" in text
+
+
+def test_pattern_matching_nothing_lists_closest_paths(mlp):
+    _, params = mlp
+    text = init_error(params, targets=("fc_1", "fc2"))
+    assert "target 'fc_1' matches no adaptable leaf" in text
+    closest = text.split("closest:")[1]
+    assert closest.index("params/fc1/kernel") < closest.index("params/head/kernel")
+
+
+def test_pattern_naming_only_integer_or_1d_leaves():
+    params = {
+        "fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+        "step": jnp.zeros((2, 2), int),
+    }
+    text = init_error(params, rank=2, targets=("step", "fc/bias"))
+    assert "target 'step' names only integer or 1-D leaves (step)" in text
+    assert "target 'fc/bias' names only integer or 1-D leaves (fc/bias)" in text
+
+
+def test_target_matching_only_excluded_leaves(mlp):
+    _, params = mlp
+    text = init_error(params, rank=2, targets="fc2", exclude=("params",))
+    assert "target 'fc2' matches only excluded leaves (params/fc2/kernel)" in text
+
+
+def test_leaf_both_adapted_and_trained(mlp):
+    _, params = mlp
+    text = init_error(params, rank=2, targets=("fc1", "fc2"), train=("fc.*",))
+    assert "params/fc1/kernel: both adapted and trained in full" in text
+    assert "params/fc2/kernel: both adapted and trained in full" in text
+
+
+def test_ambiguous_leaf_without_fn_or_axes(mixed):
+    _, params = mixed
+    text = init_error(params, rank=2, targets=("qkv", "conv"))
+    for path, shape in (("params/qkv/kernel", (8, 2, 4)), ("params/conv/kernel", (3, 8, 8))):
+        assert f"{path}: shape {shape} has 3 axes" in text
+    assert "pass fn= and args= to init" in text and "axes=" in text
+
+
+def test_axes_override_with_wrong_arity(mixed):
+    _, params = mixed
+    text = init_error(params, rank=2, targets="qkv", axes={"qkv": ("in", "out")})
+    assert "params/qkv/kernel: axes override ('in', 'out') has 2 roles for shape (8, 2, 4)" in text
+
+
+def test_init_lists_every_problem_at_once(mixed):
+    model, params = mixed
+    text = init_error(params, rank=5, targets=("qkv", "nope", "head"), train=("head",))
+    lines = text.splitlines()[1:]
+    assert len(lines) == 4, text
+    assert any("'nope' matches no adaptable leaf" in line for line in lines)
+    assert any("params/head/kernel: both adapted" in line for line in lines)
+    assert any("params/qkv/kernel: shape (8, 2, 4)" in line for line in lines)
+    assert any("params/head/kernel: rank 5 > min(d_in=8, d_out=3)" in line for line in lines)
+
+
+# ---------------------------------------------------------------- partition / combine
+
+ARRAYS = st.builds(
+    lambda n, v: np.full((n,), v, np.float32), st.integers(1, 3), st.floats(-2, 2, width=32)
+)
+LORA = st.builds(
+    lambda n, v: ll.LoraWeight(
+        np.full((n, 3), v, np.float32), np.full((n, 1), v + 1, np.float32), np.zeros((1, 3))
+    ),
+    st.integers(1, 3),
+    st.floats(-2, 2, width=32),
+)
+TRAINABLE = st.builds(ll.Trainable, ARRAYS)
+KEYS = st.text(alphabet="abcxyz", min_size=1, max_size=3)
+TREES = st.recursive(
+    st.one_of(ARRAYS, LORA, TRAINABLE, st.none()),
+    lambda children: st.one_of(
+        st.dictionaries(KEYS, children, max_size=3),
+        st.lists(children, max_size=3),
+        st.lists(children, max_size=3).map(tuple),
+    ),
+    max_leaves=8,
+)
+
+
+def count_nodes(tree):
+    nodes = jax.tree_util.tree_leaves(tree, is_leaf=is_lora_node)
+    n_lora = sum(isinstance(x, ll.LoraWeight) for x in nodes)
+    n_train = sum(isinstance(x, ll.Trainable) for x in nodes)
+    return n_lora, n_train, len(nodes) - n_lora - n_train
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree=TREES)
+def test_partition_combine_round_trip(tree):
+    trainable, frozen = ll.partition(tree)
+    assert_trees_equal(ll.combine(trainable, frozen), tree)
+    assert_trees_equal(ll.combine(frozen, trainable), tree)
+    n_lora, n_train, n_plain = count_nodes(tree)
+    flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
+    names = [jax.tree_util.keystr(path).rsplit(".", 1)[-1] for path, _ in flat]
+    assert sorted(names) == sorted(["a", "b"] * n_lora + ["value"] * n_train)
+    assert len(jax.tree_util.tree_leaves(frozen)) == n_lora + n_plain
+    for node in jax.tree_util.tree_leaves(frozen, is_leaf=is_lora_node):
+        assert not isinstance(node, ll.LoraWeight) or (node.a is None and node.b is None)
+
+
+@JIT
+def test_partition_combine_under_jit(mixed, jit):
+    model, params = mixed
+    config = ll.LoraConfig(rank=2, targets=MIXED_TARGETS[1:], train=("emb",), bias="all")
+    lp = ll.init(params, config, key=KEY, fn=model.apply, args=(IDS,))
+    trainable, frozen = maybe_jit(ll.partition, jit)(lp)
+    assert_trees_equal(maybe_jit(ll.combine, jit)(trainable, frozen), lp)
+    n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    assert n_trainable == ll.count(lp)["trainable"]
