@@ -39,24 +39,25 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
     if per_leaf:
         rows = [("path", "shape", "axes (A: stack,in,r; B: stack,r,out)", "rank", "trainable")]
         for path, node in named_leaves(tree, is_leaf=is_lora_node):
-            if isinstance(node, LoraWeight):
-                params = node.a.size + node.b.size
-                rows.append(
-                    (
-                        path,
-                        str(node.w.shape),
-                        ",".join(node.layout.roles()),
-                        str(node.rank),
-                        f"{params:,}",
-                    )
-                )
-            elif isinstance(node, Trainable):
-                rows.append(
-                    (path, str(np.shape(node.value)), "full", "-", f"{np.size(node.value):,}")
-                )
+            if isinstance(node, LoraWeight | Trainable):
+                rows.append((path, *_leaf_row(node)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def _leaf_row(node: LoraWeight | Trainable) -> tuple[str, str, str, str]:
+    """Shape, axes, rank and trainable size of a node; a partition's holes show as ``-``."""
+    size = lambda x: 0 if x is None else int(np.size(x))
+    if isinstance(node, Trainable):
+        shape = "-" if node.value is None else str(np.shape(node.value))
+        return shape, "full", "-", f"{size(node.value):,}"
+    shape = "-" if node.w is None else str(tuple(node.w.shape))
+    if node.a is not None:
+        rank = str(node.a.shape[-1])
+    else:
+        rank = "-" if node.b is None else str(node.b.shape[len(node.layout.stack)])
+    return shape, ",".join(node.layout.roles()), rank, f"{size(node.a) + size(node.b):,}"
 
 
 def _bytes(n: float) -> str:

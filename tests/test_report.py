@@ -97,3 +97,15 @@ def test_summary_of_a_plain_tree_has_nothing_trainable():
         first == "trainable params: 0 || all params: 100 || trainable%: 0.0000 "
         "(trainable 0 B of 400 B)"
     )
+
+
+def test_per_leaf_table_of_each_partition(tree):
+    _, lp = tree
+    trainable, frozen = ll.partition(lp)
+    rows = {r.split()[0]: r for r in ll.summary(trainable, per_leaf=True).splitlines()[2:]}
+    assert rows["enc/kernel"].split()[-3:] == ["in,out", "4", "192"]
+    assert rows["layers/kernel"].split()[-3:] == ["stack,in,out", "2", "384"]
+    assert ll.summary(trainable).startswith("trainable params: 708 || all params: 708 ||")
+    rows = {r.split()[0]: r for r in ll.summary(frozen, per_leaf=True).splitlines()[2:]}
+    assert rows["enc/kernel"].split()[-2:] == ["-", "0"]
+    assert rows["head/kernel"].split()[1:] == ["-", "full", "-", "0"]
