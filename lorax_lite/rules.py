@@ -85,16 +85,20 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any, key: jax.Array | Non
     keep = set(second[1]) | set(out)
     t_spec = [s for s in dict.fromkeys(x_spec + first[1]) if s in keep]
 
-    dtype, precision = lora.w.dtype, params.get("precision")
+    dtype = lora.w.dtype
+    options = dict(
+        precision=params.get("precision"),
+        preferred_element_type=params.get("preferred_element_type"),
+    )
     x = dropout(x, lora.dropout, key)
-    t = _einsum(x_spec, first[1], t_spec, x, first[0].astype(dtype), precision)
+    t = _einsum(x_spec, first[1], t_spec, x, first[0].astype(dtype), **options)
     t = t * jnp.asarray(lora.scale, t.dtype)
-    delta = _einsum(t_spec, second[1], out, t, second[0].astype(dtype), precision)
+    delta = _einsum(t_spec, second[1], out, t, second[0].astype(dtype), **options)
     return base + delta.astype(base.dtype)
 
 
-def _einsum(s1, s2, s_out, x, y, precision) -> jax.Array:
-    return jnp.einsum(f"{''.join(s1)},{''.join(s2)}->{''.join(s_out)}", x, y, precision=precision)
+def _einsum(s1, s2, s_out, x, y, **options) -> jax.Array:
+    return jnp.einsum(f"{''.join(s1)},{''.join(s2)}->{''.join(s_out)}", x, y, **options)
 
 
 def conv(params: dict[str, Any], x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
@@ -118,40 +122,84 @@ def conv(params: dict[str, Any], x: jax.Array, lora: LoraValue, key: jax.Array |
 
 
 def gather(params: dict[str, Any], lora: LoraValue, indices: jax.Array) -> Any:
-    """Row lookup into a LoRA embedding table: ``w[i] + scale * A[i] @ B``."""
+    """A lookup of single entries along fan-in, fan-out or stacked axes, other axes whole.
+
+    Fan-in lookups (an embedding table) are ``w[i] + scale * A[i] @ B``, fan-out
+    lookups gather ``B`` alike. Lookups of stacked axes (an expert table indexed by
+    a router) gather both factors and return a `LoraValue` whose new stacked axes
+    are the index batch axes.
+    """
     dims = params["dimension_numbers"]
-    stack, fan_in, fan_out = lora.layout
     indexed = tuple(dims.start_index_map)
-    simple = (
-        not stack
-        and len(fan_out) == 1
-        and set(indexed) == set(fan_in)
-        and tuple(sorted(dims.collapsed_slice_dims)) == tuple(sorted(indexed))
-        and params["slice_sizes"][fan_out[0]] == lora.w.shape[fan_out[0]]
-        and len(dims.offset_dims) == 1
-        and not getattr(dims, "operand_batching_dims", ())
-    )
-    if not simple:
+    shape, sizes = lora.w.shape, params["slice_sizes"]
+    whole = all(sizes[i] == (1 if i in indexed else shape[i]) for i in range(len(shape)))
+    if getattr(dims, "operand_batching_dims", ()) or not whole:
         return None
+    stack, fan_in, fan_out = lora.layout
+    a_axes, b_axes = factor_axes(lora.layout)
     base = prim.gather_p.bind(lora.w, indices, **params)
-    a_dims = dims._replace(
-        collapsed_slice_dims=tuple(fan_in.index(i) for i in dims.collapsed_slice_dims),
-        start_index_map=tuple(fan_in.index(i) for i in indexed),
+    if set(indexed) <= set(stack):
+        a = _gather_factor(params, lora.a, a_axes, indices, base.ndim)
+        b = _gather_factor(params, lora.b, b_axes, indices, base.ndim)
+        return lora._replace(w=base, a=a, b=b, layout=_gathered_layout(lora.layout, dims, base))
+    if set(indexed) <= set(fan_in):
+        rows, rows_axes, other, other_axes = lora.a, a_axes, lora.b, b_axes
+    elif set(indexed) <= set(fan_out):
+        rows, rows_axes, other, other_axes = lora.b, b_axes, lora.a, a_axes
+    else:
+        return None
+    rows = _gather_factor(params, rows.astype(lora.w.dtype), rows_axes, indices, base.ndim)
+    # Letters: weight axis i is letters[i], the rank is "r", index batch axes follow.
+    letters = iter(string.ascii_letters.replace("r", ""))
+    w_spec = [next(letters) for _ in shape]
+    spec = lambda axes: "".join("r" if i is None else w_spec[i] for i in axes)
+    batch = [next(letters) for _ in range(base.ndim - len(dims.offset_dims))]
+    rows_spec = "".join(batch) + spec(a for a in rows_axes if a not in dims.collapsed_slice_dims)
+    kept = iter(i for i in range(len(shape)) if i not in dims.collapsed_slice_dims)
+    batch_iter = iter(batch)
+    out = "".join(
+        w_spec[next(kept)] if k in dims.offset_dims else next(batch_iter) for k in range(base.ndim)
     )
-    a_rows = prim.gather_p.bind(
-        lora.a.astype(lora.w.dtype),
-        indices,
-        **{
-            **params,
-            "dimension_numbers": a_dims,
-            "slice_sizes": (1,) * len(fan_in) + (lora.a.shape[-1],),
-        },
-    )
-    offset = dims.offset_dims[0]
-    delta = jnp.moveaxis(
-        jnp.tensordot(a_rows, lora.b.astype(a_rows.dtype), ((offset,), (0,))), -1, offset
-    )
+    delta = jnp.einsum(f"{rows_spec},{spec(other_axes)}->{out}", rows, other.astype(rows.dtype))
     return base + (lora.scale * delta).astype(base.dtype)
+
+
+def factor_axes(layout: Layout) -> tuple[tuple, tuple]:
+    """The weight axis each axis of ``A`` and ``B`` stands for (``None`` for the rank)."""
+    stack, fan_in, fan_out = layout
+    return (*stack, *fan_in, None), (*stack, None, *fan_out)
+
+
+def _gather_factor(params, factor, axes, indices, out_ndim) -> jax.Array:
+    """The same lookup on a factor: its indexed axes are the weight's, the rank whole.
+
+    The factor's kept axes go last, in the factor's order, after the index batch
+    axes; out-of-bounds entries of a filling gather read zero (no adapter delta).
+    """
+    dims = params["dimension_numbers"]
+    n_batch = out_ndim - len(dims.offset_dims)
+    collapsed = tuple(sorted(axes.index(i) for i in dims.collapsed_slice_dims))
+    factor_dims = dims._replace(
+        offset_dims=tuple(range(n_batch, n_batch + factor.ndim - len(collapsed))),
+        collapsed_slice_dims=collapsed,
+        start_index_map=tuple(axes.index(i) for i in dims.start_index_map),
+    )
+    sizes = tuple(1 if i in dims.start_index_map else n for i, n in zip(axes, factor.shape))
+    fill = None if params.get("fill_value") is None else 0
+    return prim.gather_p.bind(
+        factor,
+        indices,
+        **{**params, "dimension_numbers": factor_dims, "slice_sizes": sizes, "fill_value": fill},
+    )
+
+
+def _gathered_layout(layout: Layout, dims: Any, out: jax.Array) -> Layout:
+    """The layout after looking up stacked axes: index batch axes lead the new stack."""
+    kept = [i for i in range(sum(map(len, layout))) if i not in dims.collapsed_slice_dims]
+    position = dict(zip(kept, dims.offset_dims))
+    batch = tuple(k for k in range(out.ndim) if k not in dims.offset_dims)
+    moved = lambda axes: tuple(position[i] for i in axes if i in position)
+    return Layout(batch + moved(layout.stack), moved(layout.fan_in), moved(layout.fan_out))
 
 
 # ----- structural ops: the result is still a LoraValue ------------------------------
@@ -172,59 +220,89 @@ def transpose(params: dict[str, Any], lora: LoraValue) -> LoraValue:
     return lora._replace(w=prim.transpose_p.bind(lora.w, **params), layout=layout)
 
 
-def slice_stack(primitive: Any, params: dict[str, Any], lora: LoraValue, *starts: Any) -> Any:
-    """``slice``/``dynamic_slice`` that cut stacked axes only: slice ``A``, ``B`` alike."""
-    stack, fan_in, fan_out = lora.layout
-    shape = lora.w.shape
-    if "slice_sizes" in params:
-        sizes = params["slice_sizes"]
-    else:
-        strides = params["strides"] or (1,) * len(shape)
-        bounds = zip(params["start_indices"], params["limit_indices"], strides)
-        sizes = tuple((hi - lo + st - 1) // st for lo, hi, st in bounds)
-    if any(sizes[i] != shape[i] for i in fan_in + fan_out):
-        return None
+def slice_any(primitive: Any, params: dict[str, Any], lora: LoraValue, *starts: Any) -> LoraValue:
+    """``slice``/``dynamic_slice`` on any axes: each factor is cut along its own copies
+    of the cut axes (a layer of a stack, rows of ``A``, columns of ``B``)."""
+    a_axes, b_axes = factor_axes(lora.layout)
     w = primitive.bind(lora.w, *starts, **params)
-    a = _slice_factor(primitive, params, lora.a, stack, starts)
-    b = _slice_factor(primitive, params, lora.b, stack, starts)
-    return None if a is None else lora._replace(w=w, a=a, b=b)
+    a = _slice_factor(primitive, params, lora.a, a_axes, starts)
+    b = _slice_factor(primitive, params, lora.b, b_axes, starts)
+    return lora._replace(w=w, a=a, b=b)
 
 
-def _slice_factor(primitive, params, factor, stack, starts):
-    """Applies the stack-axis part of a slice to a factor (stack axes lead it)."""
-    n = len(stack)
+def _slice_factor(primitive, params, factor, axes, starts) -> jax.Array:
     if primitive is prim.dynamic_slice_p:
-        idx = [starts[i] for i in stack] + [0] * (factor.ndim - n)
-        sizes = [params["slice_sizes"][i] for i in stack] + list(factor.shape[n:])
+        if all(i is None or params["slice_sizes"][i] == n for i, n in zip(axes, factor.shape)):
+            return factor
+        idx = [0 if i is None else starts[i] for i in axes]
+        sizes = [n if i is None else params["slice_sizes"][i] for i, n in zip(axes, factor.shape)]
         return lax.dynamic_slice(factor, idx, sizes)
     strides = params["strides"] or (1,) * len(params["start_indices"])
-    return lax.slice(
-        factor,
-        [params["start_indices"][i] for i in stack] + [0] * (factor.ndim - n),
-        [params["limit_indices"][i] for i in stack] + list(factor.shape[n:]),
-        [strides[i] for i in stack] + [1] * (factor.ndim - n),
-    )
+    pick = lambda values, rank_value: [rank_value if i is None else values[i] for i in axes]
+    start = pick(params["start_indices"], 0)
+    limit = [n if i is None else params["limit_indices"][i] for i, n in zip(axes, factor.shape)]
+    stride = pick(strides, 1)
+    if start == [0] * factor.ndim and limit == list(factor.shape) and stride == [1] * factor.ndim:
+        return factor
+    return lax.slice(factor, start, limit, stride)
 
 
-def squeeze(params: dict[str, Any], lora: LoraValue) -> Any:
-    """Drops size-1 stacked axes (indexing one layer of a stacked weight)."""
-    gone = tuple(d % lora.w.ndim for d in params["dimensions"])
-    stack, fan_in, fan_out = lora.layout
-    if not set(gone) <= set(stack):
-        return None
-    positions = [stack.index(d) for d in gone]  # the same positions lead A and B
-    a, b = jnp.squeeze(lora.a, positions), jnp.squeeze(lora.b, positions)
+def squeeze(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+    """Drops size-1 axes of any role (one layer of a stack, one row of a table)."""
+    gone = {d % lora.w.ndim for d in params["dimensions"]}
+    a_axes, b_axes = factor_axes(lora.layout)
+    a = jnp.squeeze(lora.a, tuple(k for k, i in enumerate(a_axes) if i in gone))
+    b = jnp.squeeze(lora.b, tuple(k for k, i in enumerate(b_axes) if i in gone))
     renumber = lambda axes: tuple(i - sum(d < i for d in gone) for i in axes if i not in gone)
-    layout = Layout(renumber(stack), renumber(fan_in), renumber(fan_out))
+    layout = Layout(*(renumber(g) for g in lora.layout))
     w = prim.squeeze_p.bind(lora.w, **params)
     return lora._replace(w=w, a=a, b=b, layout=layout)
 
 
-def reshape(params: dict[str, Any], lora: LoraValue) -> Any:
+def rev(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+    """Reverses axes: each factor reverses its own copies of them."""
+    flipped = set(params["dimensions"])
+    a_axes, b_axes = factor_axes(lora.layout)
+    flip = lambda f, axes: lax.rev(f, tuple(k for k, i in enumerate(axes) if i in flipped))
+    w = prim.rev_p.bind(lora.w, **params)
+    return lora._replace(w=w, a=flip(lora.a, a_axes), b=flip(lora.b, b_axes))
+
+
+def broadcast(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+    """``broadcast_in_dim``: new axes are stacked copies; size-1 axes expand in the
+    factors that hold them."""
+    shape, kept = params["shape"], params["broadcast_dimensions"]
+    new = tuple(k for k in range(len(shape)) if k not in kept)
+    lead = tuple(shape[k] for k in new)
+
+    def expand(factor, axes):
+        sizes = tuple(n if i is None else shape[kept[i]] for i, n in zip(axes, factor.shape))
+        return jnp.broadcast_to(factor, lead + sizes)
+
+    a_axes, b_axes = factor_axes(lora.layout)
+    moved = lambda axes: tuple(kept[i] for i in axes)
+    layout = Layout(new + moved(lora.layout.stack), *(moved(g) for g in lora.layout[1:]))
+    w = prim.broadcast_in_dim_p.bind(lora.w, **params)
+    return lora._replace(w=w, a=expand(lora.a, a_axes), b=expand(lora.b, b_axes), layout=layout)
+
+
+def sorted_groups(lora: LoraValue) -> LoraValue:
+    """The same value with each layout group in the weight's axis order (factors permuted)."""
+    stack, fan_in, fan_out = lora.layout
+    order = lambda group, at: [at + k for k in sorted(range(len(group)), key=group.__getitem__)]
+    n = len(stack)
+    a_perm = order(stack, 0) + order(fan_in, n) + [n + len(fan_in)]
+    b_perm = order(stack, 0) + [n] + order(fan_out, n + 1)
+    permute = lambda f, perm: f if perm == sorted(perm) else jnp.transpose(f, perm)
+    layout = Layout(*(tuple(sorted(g)) for g in lora.layout))
+    return lora._replace(a=permute(lora.a, a_perm), b=permute(lora.b, b_perm), layout=layout)
+
+
+def reshape(params: dict[str, Any], lora: LoraValue) -> LoraValue | None:
     """A reshape that splits or merges axes within the stack, fan-in and fan-out groups.
 
-    The weight's axes must come in contiguous runs by role, each run in the order
-    the factors hold it; the new shape must cut into the same runs.
+    The weight's axes must come in contiguous runs by role; the new shape must cut
+    into the same runs. Factors are permuted first if they hold a run in another order.
     """
     if params.get("dimensions") is not None:
         return None
@@ -241,24 +319,23 @@ def reshape(params: dict[str, Any], lora: LoraValue) -> Any:
         start += len(dims)
     layout = Layout(new_axes.get("stack", ()), new_axes.get("in", ()), new_axes.get("out", ()))
     dims_of = lambda role: [new_shape[i] for i in new_axes.get(role, ())]
-    a = lora.a.reshape(dims_of("stack") + dims_of("in") + [lora.a.shape[-1]])
-    b = lora.b.reshape(dims_of("stack") + [lora.a.shape[-1]] + dims_of("out"))
+    lora = sorted_groups(lora)
+    rank = lora.a.shape[-1]
+    a = lora.a.reshape(dims_of("stack") + dims_of("in") + [rank])
+    b = lora.b.reshape(dims_of("stack") + [rank] + dims_of("out"))
     return lora._replace(w=prim.reshape_p.bind(lora.w, **params), a=a, b=b, layout=layout)
 
 
 def _role_runs(layout: Layout) -> list[tuple[str, tuple[int, ...]]] | None:
-    roles = layout.roles()
+    """The weight's axes as runs of one role each, or None if a role is split in two runs."""
     runs: list[tuple[str, list[int]]] = []
-    for axis, role in enumerate(roles):
+    for axis, role in enumerate(layout.roles()):
         if runs and runs[-1][0] == role:
             runs[-1][1].append(axis)
         else:
             runs.append((role, [axis]))
-    by_role = dict(zip(("stack", "in", "out"), layout))
     if len({r for r, _ in runs}) != len(runs):
-        return None  # a role split in two runs
-    if any(tuple(axes) != by_role[role] for role, axes in runs):
-        return None  # the factors hold this run in another order
+        return None
     return [(role, tuple(axes)) for role, axes in runs]
 
 

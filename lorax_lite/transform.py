@@ -27,15 +27,19 @@ from .targets import path_str
 from .usage import CALLS, inner_jaxpr
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
-_WARNED: set[tuple[str, str]] = set()
 _STRUCTURAL = {
     prim.convert_element_type_p: rules.convert,
     prim.transpose_p: rules.transpose,
     prim.reshape_p: rules.reshape,
     prim.squeeze_p: rules.squeeze,
+    prim.rev_p: rules.rev,
+    prim.broadcast_in_dim_p: rules.broadcast,
 }
 _SLICES = (prim.slice_p, prim.dynamic_slice_p)
-_ON_W_ONLY = (prim.copy_p, prim.sharding_constraint_p)
+# Casts of placement, type or differentiability: applied to w, A and B alike. ``pvary``
+# (marking a value as varying over shard_map axes) has no public primitive object.
+_PER_COMPONENT = frozenset({"copy", "device_put", "stop_gradient", "pvary"})
+_ON_W_ONLY = (prim.sharding_constraint_p,)
 
 
 class MaterializationError(TypeError):
@@ -43,10 +47,11 @@ class MaterializationError(TypeError):
 
 
 class _Context:
-    """Per-evaluation state: the dropout key, a counter of sites, strictness."""
+    """Per-evaluation state: the dropout key, a counter of sites, strictness, and the
+    ``(primitive, path)`` pairs already warned about by this wrapped function."""
 
-    def __init__(self, key: jax.Array | None, strict: bool):
-        self.key, self.strict, self.sites = key, strict, 0
+    def __init__(self, key: jax.Array | None, strict: bool, warned: set[tuple[str, str]]):
+        self.key, self.strict, self.warned, self.sites = key, strict, warned, 0
 
     def next_key(self) -> jax.Array | None:
         """A fresh key for the next adapter site or nested block (None without dropout)."""
@@ -56,7 +61,7 @@ class _Context:
         return jax.random.fold_in(self.key, self.sites)
 
     def child(self, key: jax.Array | None) -> _Context:
-        return _Context(key, self.strict)
+        return _Context(key, self.strict, self.warned)
 
 
 def lora(fn: Callable, *, strict: bool = False) -> Callable:
@@ -81,17 +86,17 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
         [[4.5, 4.5]]
     """
     cache: dict[Any, tuple[Any, Any]] = {}
+    warned: set[tuple[str, str]] = set()
 
     @functools.wraps(fn)
     def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
         nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora_node)
-        values = [_lazy(path_str(path), node) for path, node in nodes]
+        values = [_lazy(_arg_path(path), node) for path, node in nodes]
         standins = [v.w if isinstance(v, LoraValue) else v for v in values]
         dynamic = [isinstance(x, jax.Array | np.ndarray) for x in standins]
         static = tuple(None if d else x for x, d in zip(standins, dynamic))
-        avals = tuple(
-            jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x, d in zip(standins, dynamic) if d
-        )
+        # Abstract values keep weak types, shardings and shard_map's varying axes.
+        avals = tuple(jax.typeof(x) for x, d in zip(standins, dynamic) if d)
 
         def flat_fn(*arrays):
             it = iter(arrays)
@@ -104,11 +109,13 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
             closed, out_shape = cache[cache_key]
         except (KeyError, TypeError):  # TypeError: an unhashable static argument
             closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
-            try:
-                cache[cache_key] = closed, out_shape
-            except TypeError:
-                pass
-        ctx = _Context(dropout_key, strict)
+            # A trace that closed over an outer transformation's tracers is not reusable.
+            if not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+                try:
+                    cache[cache_key] = closed, out_shape
+                except TypeError:
+                    pass
+        ctx = _Context(dropout_key, strict, warned)
         inputs = [v for v, d in zip(values, dynamic) if d]
         outs = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
         outs = [_dense(x, "output", ctx) for x in outs]
@@ -116,6 +123,16 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
 
     wrapped.trace_cache = cache
     return wrapped
+
+
+def _arg_path(path: tuple) -> str:
+    """A leaf's name as `ll.summary` shows it: its path inside the first positional
+    argument, or prefixed by ``args[i]`` or the keyword for other arguments."""
+    (group, arg), inner = path[:2], path[2:]
+    if group.idx == 0 and arg.idx == 0 and inner:
+        return path_str(inner)
+    head = f"args[{arg.idx}]" if group.idx == 0 else str(arg.key)
+    return "/".join((head, path_str(inner))) if inner else head
 
 
 def _lazy(path: str, node: Any) -> Any:
@@ -128,7 +145,20 @@ def _lazy(path: str, node: Any) -> Any:
             f"{path}: LoraWeight is missing w, a or b (a partition?); "
             "use ll.combine(trainable, frozen) before calling the model"
         )
-    return LoraValue(node.w, node.a, node.b, node.scale, node.layout, node.dropout, path)
+    w, a, b = _same_varying_axes(node.w, node.a, node.b)
+    return LoraValue(w, a, b, node.scale, node.layout, node.dropout, path)
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", ()))
+
+
+def _same_varying_axes(*arrays: jax.Array) -> list[jax.Array]:
+    """Inside ``shard_map``, marks w, A and B varying over the same mesh axes (their
+    union), so that each rule sees the types the traced jaxpr expects of the weight."""
+    union = frozenset().union(*(_varying_axes(x) for x in arrays))
+    return [lax.pcast(x, tuple(union - _varying_axes(x)), to="varying") for x in arrays]
 
 
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context) -> list[Any]:
@@ -161,10 +191,15 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
     out = None
     if p in _STRUCTURAL:
         out = _STRUCTURAL[p](params, invals[0])
+    elif p.name in _PER_COMPONENT and lora_in == [True]:
+        one = (lambda x: _bind(eqn, [x])[0]) if p.multiple_results else lambda x: _bind(eqn, [x])
+        lora = invals[0]
+        out = lora._replace(w=one(lora.w), a=one(lora.a), b=one(lora.b))
+        out = [out] if p.multiple_results else out
     elif p in _ON_W_ONLY:
         out = invals[0]._replace(w=_bind(eqn, [invals[0].w]))
     elif p in _SLICES and lora_in[0] and not any(lora_in[1:]):
-        out = rules.slice_stack(p, params, *invals)
+        out = rules.slice_any(p, params, *invals)
     elif p is prim.dot_general_p and sum(lora_in) == 1:
         lora = invals[lora_in.index(True)]
         out = rules.dot_general(params, *invals, ctx.next_key() if lora.dropout else None)
@@ -189,18 +224,23 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
 
 
 def _dense(x: Any, primitive: str, ctx: _Context) -> Any:
-    """Materializes ``x`` if it is a LoRA weight, warning once per (primitive, path)."""
+    """Materializes ``x`` if it is a LoRA weight, warning once per (primitive, path).
+
+    A single row or column (no fan-in or no fan-out axes left, e.g. ``table[3]``)
+    costs no more than a lookup and materializes silently.
+    """
     if not isinstance(x, LoraValue):
         return x
-    message = (
-        f"lorax_lite: '{primitive}' has no low-rank rule; materializing LoRA weight "
-        f"{x.path} {tuple(x.w.shape)} (w + s*A@B) for this use."
-    )
-    if ctx.strict:
-        raise MaterializationError(message + " (strict=True)")
-    if (primitive, x.path) not in _WARNED:
-        _WARNED.add((primitive, x.path))
-        warnings.warn(message, stacklevel=4)
+    if x.layout.fan_in and x.layout.fan_out:
+        message = (
+            f"lorax_lite: '{primitive}' has no low-rank rule; materializing LoRA weight "
+            f"{x.path} {tuple(x.w.shape)} (w + s*A@B) for this use."
+        )
+        if ctx.strict:
+            raise MaterializationError(message + " (strict=True)")
+        if (primitive, x.path) not in ctx.warned:
+            ctx.warned.add((primitive, x.path))
+            warnings.warn(message, stacklevel=4)
     return x.materialize()
 
 

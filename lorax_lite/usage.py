@@ -120,6 +120,16 @@ def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
         p = eqn.primitive
         if p in PASS_THROUGH:
             env[eqn.outvars[0]] = tracked[0]
+        elif p in (prim.slice_p, prim.dynamic_slice_p) and tracked[0]:
+            env[eqn.outvars[0]] = tracked[0]
+        elif p is prim.squeeze_p and tracked[0]:
+            # Indexing one entry of an axis (``w[i]``) makes that axis a stack of weights.
+            t, ndim = tracked[0], len(tracked[0].axes)
+            gone = {d % ndim for d in eqn.params["dimensions"]}
+            kept = tuple(ax for i, ax in enumerate(t.axes) if i not in gone)
+            env[eqn.outvars[0]] = t._replace(
+                axes=kept, stack=t.stack + tuple(t.axes[i] for i in sorted(gone))
+            )
         elif p is prim.transpose_p and tracked[0]:
             t = tracked[0]
             env[eqn.outvars[0]] = t._replace(
