@@ -199,6 +199,15 @@ def test_merge_unwraps_trainable_and_keeps_dtypes(mlp):
     assert lp["params"]["fc1"]["kernel"].a.dtype == jnp.float32
 
 
+@JIT
+def test_merge_accumulates_in_float32(jit):
+    # delta = 2**-8 + 2**-20: cast to bf16 before the sum it would round 1 + delta to 1.0.
+    delta = 2.0**-8 + 2.0**-20
+    w = ll.LoraWeight(jnp.ones((1, 1), jnp.bfloat16), jnp.ones((1, 1)), jnp.full((1, 1), delta))
+    merged = maybe_jit(ll.merge, jit)({"w": w})["w"]
+    assert merged.dtype == jnp.bfloat16 and float(merged[0, 0]) == 1.0 + 2.0**-7
+
+
 # ---------------------------------------------------------------- merge checks
 
 
