@@ -1,5 +1,9 @@
 """lorax_lite: small, functional LoRA fine-tuning for JAX."""
 
+from .checkpoint import TrainCheckpointer as TrainCheckpointer
+from .checkpoint import adapter_metadata as adapter_metadata
+from .checkpoint import load_adapter as load_adapter
+from .checkpoint import save_adapter as save_adapter
 from .config import LoraConfig as LoraConfig
 from .optim import optimizer as optimizer
 from .params import combine as combine
@@ -22,14 +26,18 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "MaterializationError",
+    "TrainCheckpointer",
     "Trainable",
+    "adapter_metadata",
     "combine",
     "count",
     "init",
+    "load_adapter",
     "lora",
     "merge",
     "optimizer",
     "partition",
+    "save_adapter",
     "summary",
     "unmerge",
 ]

@@ -1,0 +1,122 @@
+"""A tiny LoRA training problem, and the subprocesses of the checkpoint tests.
+
+``python tests/checkpoint_worker.py resume DIR STEPS OUT`` restores the latest
+training checkpoint in DIR onto a fresh state, trains STEPS more steps from the
+restored data position and writes the final state's leaves to OUT (``.npz``).
+``python tests/checkpoint_worker.py save-forever DIR`` saves a large state as
+steps 0, 1, 2, ... until killed, printing ``saved N`` after each commit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NamedTuple
+
+if __name__ == "__main__":  # same devices as the test process (conftest.py), before JAX starts
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lorax_lite as ll
+from lorax_lite.checkpoint import TrainCheckpointer
+
+CONFIG = ll.LoraConfig(rank=2, alpha=4, dropout=0.1, targets=("hidden", "out"), train=("head",))
+TX = ll.optimizer(optax.adam(3e-2))
+
+
+class State(NamedTuple):
+    """The state of the hand-written training loop (a ``frozen`` field, as TrainState)."""
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    key: jax.Array
+
+
+def model(params: Any, x: jax.Array) -> jax.Array:
+    h = jnp.tanh(x @ params["hidden"]["kernel"])
+    return jnp.tanh(h @ params["out"]["kernel"]) @ params["head"]["kernel"]
+
+
+def init_state() -> State:
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "hidden": {"kernel": jax.random.normal(keys[0], (6, 16)) / 3},
+        "out": {"kernel": jax.random.normal(keys[1], (16, 8)) / 4},
+        "head": {"kernel": jax.random.normal(keys[2], (8, 1)) / 3},
+    }
+    tree = ll.init(params, CONFIG, key=keys[3])
+    trainable, frozen = ll.partition(tree)
+    return State(jnp.int32(0), trainable, frozen, TX.init(trainable), jax.random.key(1))
+
+
+def batch(position: int) -> tuple[jax.Array, jax.Array]:
+    """The batch at a data position: the same in every process."""
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(2), position), (8, 6))
+    return x, jnp.sin(x.sum(axis=1, keepdims=True))
+
+
+@jax.jit
+def train_step(state: State, x: jax.Array, y: jax.Array) -> State:
+    key, dropout_key = jax.random.split(state.key)
+
+    def loss(trainable):
+        pred = ll.lora(model)(ll.combine(trainable, state.frozen), x, dropout_key=dropout_key)
+        return jnp.mean((pred - y) ** 2)
+
+    grads = jax.grad(loss)(state.trainable)
+    updates, opt_state = TX.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    return State(state.step + 1, trainable, state.frozen, opt_state, key)
+
+
+def train(state: State, position: int, steps: int) -> tuple[State, int]:
+    """``steps`` steps from data position ``position``; returns the state and next position."""
+    for _ in range(steps):
+        state = train_step(state, *batch(position))
+        position += 1
+    return state, position
+
+
+def flat_arrays(tree: Any) -> dict[str, np.ndarray]:
+    """Every leaf as a numpy array (PRNG keys as their key data), keyed by leaf index."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    as_data = lambda x: (
+        jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+    )
+    return {str(i): np.asarray(as_data(x)) for i, x in enumerate(leaves)}
+
+
+def resume(directory: str, steps: int, out: str) -> None:
+    with TrainCheckpointer(directory) as ckpt:
+        state, _, data = ckpt.restore(init_state())
+    state, _ = train(state, data["position"], steps)
+    np.savez(out, **flat_arrays(state))
+
+
+def save_forever(directory: str) -> None:
+    """Saves a ~32 MB state again and again; every leaf of step k holds the value k."""
+    big = {f"w{i}": jnp.zeros((1024, 1024), jnp.float32) for i in range(8)}
+    with TrainCheckpointer(directory, max_to_keep=2) as ckpt:
+        for step in range(10**6):
+            ckpt.save(step, jax.tree_util.tree_map(lambda x, s=step: x + s, big), data={"k": step})
+            ckpt.wait()
+            print(f"saved {step}", flush=True)
+
+
+if __name__ == "__main__":
+    command, *rest = sys.argv[1:]
+    if command == "resume":
+        resume(rest[0], int(rest[1]), rest[2])
+    elif command == "save-forever":
+        save_forever(rest[0])
+    else:
+        raise SystemExit(f"unknown command {command!r}")

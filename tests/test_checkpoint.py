@@ -1,0 +1,282 @@
+"""Adapter checkpoints and training checkpoints: round trips, validation, crash safety."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import checkpoint_worker as worker
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_trees_equal, randomize_b
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import lorax_lite as ll
+from lorax_lite.checkpoint import TrainCheckpointer, adapter_metadata, content_hash
+
+KEY = jax.random.key(0)
+CONFIG = ll.LoraConfig(
+    rank=2,
+    alpha=6,
+    dropout=0.1,
+    targets=("dense", "qkv"),
+    rank_pattern={"qkv": 3},
+    train=("head",),
+    axes={"qkv": ("in", "out", "out")},
+)
+WORKER = pathlib.Path(__file__).with_name("checkpoint_worker.py")
+
+
+def base_params(seed=0, dense_shape=(8, 6)):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return {
+        "params": {
+            "dense": {"kernel": normal(*dense_shape), "bias": normal(dense_shape[1])},
+            "qkv": {"kernel": normal(6, 2, 4).astype(jnp.bfloat16)},
+            "head": {"kernel": normal(8, 3), "bias": normal(3)},
+            "norm": {"scale": normal(6)},
+        }
+    }
+
+
+def lora_tree(params=None):
+    tree = ll.init(base_params() if params is None else params, CONFIG, key=KEY)
+    return randomize_b(tree, jax.random.key(1))
+
+
+def test_round_trip_equals_the_original_tree(tmp_path):
+    tree = lora_tree()
+    ll.save_adapter(tmp_path / "adapter", tree, CONFIG, metadata={"task": "demo"})
+    loaded = ll.load_adapter(tmp_path / "adapter", base_params())
+    assert_trees_equal(loaded, tree)  # structure includes scale, layout and dropout
+    qkv = loaded["params"]["qkv"]["kernel"]
+    assert qkv.rank == 3 and qkv.scale == pytest.approx(2.0) and qkv.w.dtype == jnp.bfloat16
+    info = adapter_metadata(tmp_path / "adapter")
+    assert info["user"] == {"task": "demo"}
+    assert ll.LoraConfig.from_dict(info["config"]) == CONFIG
+    assert [e["path"] for e in info["trained"]] == ["params/head/bias", "params/head/kernel"]
+
+
+def test_loading_a_lora_tree_uses_its_base(tmp_path):
+    tree = lora_tree()
+    ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
+    other = ll.init(base_params(), CONFIG, key=jax.random.key(9))  # other factors, same base
+    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", other), tree)
+
+
+def test_size_on_disk_follows_the_adapter_not_the_base(tmp_path):
+    big = {"dense": {"kernel": jnp.ones((2048, 1024), jnp.float32)}}  # 8 MiB
+    config = ll.LoraConfig(rank=1, targets="dense")
+    ll.save_adapter(tmp_path / "adapter", ll.init(big, config, key=KEY), config)
+    size = sum(f.stat().st_size for f in (tmp_path / "adapter").rglob("*") if f.is_file())
+    assert size < 100_000, size  # the factors are 12 KiB; the base would be 8 MiB
+
+
+def test_another_shape_or_missing_path_raises_naming_every_path(tmp_path):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    base = base_params(dense_shape=(8, 5))
+    del base["params"]["head"]
+    with pytest.raises(ValueError) as err:
+        ll.load_adapter(tmp_path / "adapter", base, check_base=False)
+    message = str(err.value)
+    assert "params/dense/kernel: the base has shape (8, 5)" in message
+    assert "params/head/kernel: missing from the base" in message
+
+
+def test_another_base_fingerprint_raises_and_check_base_false_transfers(tmp_path):
+    tree = lora_tree()
+    ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
+    other = base_params(seed=1)  # same shapes, other values
+    with pytest.raises(ValueError) as err:
+        ll.load_adapter(tmp_path / "adapter", other)
+    message = str(err.value)
+    for path in ("params/dense/kernel", "params/qkv/kernel"):
+        assert f"{path}: the base weights differ" in message
+    assert "check_base=False" in message
+    moved = ll.load_adapter(tmp_path / "adapter", other, check_base=False)
+    dense = moved["params"]["dense"]["kernel"]
+    np.testing.assert_array_equal(dense.w, other["params"]["dense"]["kernel"])
+    np.testing.assert_array_equal(dense.b, tree["params"]["dense"]["kernel"].b)
+
+
+def test_fingerprint_lists_extra_and_retyped_leaves(tmp_path):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    base = base_params()
+    base["params"]["extra"] = jnp.zeros(2)
+    base["params"]["norm"]["scale"] = base["params"]["norm"]["scale"].astype(jnp.float16)
+    with pytest.raises(ValueError) as err:
+        ll.load_adapter(tmp_path / "adapter", base)
+    assert "params/extra: in this base, not in the saved base" in str(err.value)
+    assert "params/norm/scale: saved base ((6,), 'float32'), this base ((6,), 'float16')" in str(
+        err.value
+    )
+
+
+def test_content_hash_sees_a_changed_element_on_the_sample_grid():
+    x = jnp.arange(64.0 * 64).reshape(64, 64)
+    assert content_hash(x) == content_hash(np.asarray(x))
+    assert content_hash(x) != content_hash(x.at[0, 0].add(1))
+    assert content_hash(x) != content_hash(x.reshape(32, 128))
+
+
+def test_unknown_format_version_raises(tmp_path):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    meta_file = tmp_path / "adapter" / "metadata" / "metadata"
+    info = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**info, "format_version": 99}))
+    with pytest.raises(ValueError, match="unknown adapter format version 99"):
+        ll.load_adapter(tmp_path / "adapter", base_params())
+
+
+def _data_files(directory):
+    return [f for f in (directory / "adapter").rglob("*") if f.is_file() and f.stat().st_size]
+
+
+def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    for f in _data_files(tmp_path / "adapter"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated, corrupted") as err:
+        ll.load_adapter(tmp_path / "adapter", base_params())
+    assert str(tmp_path / "adapter") in str(err.value)
+
+
+def test_corrupted_arrays_raise_a_clear_error(tmp_path):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    for f in _data_files(tmp_path / "adapter"):
+        if "/d/" in str(f):  # chunk data, not the manifests
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        ll.load_adapter(tmp_path / "adapter", base_params())
+
+
+def test_missing_checkpoint_and_missing_metadata(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ll.load_adapter(tmp_path / "nothing", base_params())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a lorax_lite adapter checkpoint"):
+        ll.load_adapter(tmp_path / "empty", base_params())
+
+
+def test_save_needs_the_base_and_refuses_to_overwrite(tmp_path):
+    tree = lora_tree()
+    trainable, _ = ll.partition(tree)
+    with pytest.raises(ValueError, match="params/dense/kernel"):
+        ll.save_adapter(tmp_path / "a", trainable, CONFIG)
+    ll.save_adapter(tmp_path / "a", tree, CONFIG)
+    with pytest.raises(ValueError, match="exists"):
+        ll.save_adapter(tmp_path / "a", tree, CONFIG)
+    ll.save_adapter(tmp_path / "a", tree, CONFIG, overwrite=True)
+
+
+def test_sharded_base_restores_sharded(tmp_path):
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    params = {"dense": {"kernel": jnp.ones((8, 6)), "bias": jnp.zeros(6)}}
+    config = ll.LoraConfig(rank=2, targets="dense")
+    ll.save_adapter(tmp_path / "a", ll.init(params, config, key=KEY), config)
+    spec = PartitionSpec("data", "model")
+    sharded = jax.tree_util.tree_map(
+        lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec[-x.ndim :]))), params
+    )
+    node = ll.load_adapter(tmp_path / "a", sharded)["dense"]["kernel"]
+    assert node.a.sharding.spec == PartitionSpec("data", None)  # fan-in axis, rank unsharded
+    assert node.b.sharding.spec == PartitionSpec(None, "model")  # rank unsharded, fan-out axis
+    assert node.w.sharding.spec == spec
+
+
+def test_load_without_a_base_gives_the_adapters_alone(tmp_path):
+    tree = lora_tree()
+    ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
+    alone = ll.load_adapter(tmp_path / "adapter")
+    dense = alone["params"]["dense"]["kernel"]
+    assert dense.w is None
+    np.testing.assert_array_equal(dense.a, tree["params"]["dense"]["kernel"].a)
+    head = alone["params"]["head"]["kernel"]
+    np.testing.assert_array_equal(head.value, tree["params"]["head"]["kernel"].value)
+
+
+# Training checkpoints.
+
+
+def test_train_checkpointer_keeps_the_last_n_and_restores_state_and_data(tmp_path):
+    state = worker.init_state()
+    states = {}
+    with TrainCheckpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        for step in range(4):
+            state, _ = worker.train(state, step, 1)
+            states[step] = state
+            ckpt.save(step, state, data={"position": step + 1})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 3]
+        restored = ckpt.restore(worker.init_state(), step=2)
+    assert restored.step == 2 and restored.data == {"position": 3}
+    for name, value in worker.flat_arrays(states[2]).items():
+        np.testing.assert_array_equal(worker.flat_arrays(restored.state)[name], value)
+    assert jax.tree_util.tree_structure(restored.state) == jax.tree_util.tree_structure(states[2])
+    # The base (the state's `frozen` field) is never written: the directory stays small.
+    frozen_bytes = ll.count(states[2].frozen)["total_bytes"]
+    assert frozen_bytes > 0 and restored.state.frozen is not None
+
+
+def test_restore_without_checkpoints_raises(tmp_path):
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(FileNotFoundError, match="No training checkpoint"):
+            ckpt.restore(worker.init_state())
+
+
+def test_resume_in_a_fresh_process_equals_uninterrupted_training(tmp_path):
+    steps = 3
+    state, position = worker.train(worker.init_state(), 0, steps)
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(steps, state, data={"position": position})
+    expected, _ = worker.train(state, position, steps)
+    out = tmp_path / "resumed.npz"
+    subprocess.run(
+        [sys.executable, str(WORKER), "resume", str(tmp_path / "ckpt"), str(steps), str(out)],
+        check=True,
+        timeout=120,
+    )
+    with np.load(out, allow_pickle=False) as resumed:
+        expected_arrays = worker.flat_arrays(expected)
+        assert sorted(resumed.files) == sorted(expected_arrays)
+        for name, value in expected_arrays.items():
+            assert resumed[name].dtype == value.dtype
+            np.testing.assert_array_equal(resumed[name], value)  # bitwise
+    assert int(expected.step) == 2 * steps
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    directory = tmp_path / "ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "save-forever", str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 50
+        assert proc.stdout.readline().strip() == "saved 0"  # one complete checkpoint
+        # Wait until a later save is half-written (its temporary directory exists), then kill.
+        while not any(".orbax-checkpoint-tmp" in p.name for p in directory.iterdir()):
+            assert time.monotonic() < deadline and proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert any(".orbax-checkpoint-tmp" in p.name for p in directory.iterdir())
+    like = {f"w{i}": jnp.zeros((1024, 1024), jnp.float32) for i in range(8)}
+    with TrainCheckpointer(directory, max_to_keep=2) as ckpt:
+        step = ckpt.latest_step()
+        restored = ckpt.restore(like)
+    assert restored.data == {"k": step}
+    for value in restored.state.values():
+        np.testing.assert_array_equal(value, np.full((1024, 1024), step, np.float32))
