@@ -1,0 +1,694 @@
+"""Compiled training steps that update only the adapters: one device, `jax.pmap`, or a mesh.
+
+All three builders share one update: gradients of the loss with respect to the trainable
+partition only (the frozen base is closed over and never differentiated), averaged over
+micro-batches and devices, then one optimizer step. They give the same numbers for the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from .distributed import is_main_process
+from .optim import optimizer
+from .params import combine, partition
+from .targets import named_leaves
+from .weight import LoraWeight, Trainable, is_lora_node
+
+logger = logging.getLogger("lorax_lite")
+
+LossFn = Callable[[Any, Any, jax.Array], Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training step reads and writes, as a pytree.
+
+    Attributes:
+        step: the number of steps taken (int32 scalar).
+        trainable: the trainable partition (adapters ``a``/``b`` and `Trainable` values).
+        frozen: the frozen partition (base weights); never updated, never donated.
+        opt_state: the optimizer state, for the trainable partition only.
+        key: the PRNG key; step ``t`` draws dropout with ``fold_in(key, t)``.
+    """
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    key: jax.Array
+
+    @property
+    def tree(self) -> Any:
+        """The full LoRA tree, ``combine(trainable, frozen)``."""
+        return combine(self.trainable, self.frozen)
+
+
+class TrainStep(NamedTuple):
+    """A pair of functions: ``init(tree, key) -> state`` and ``step(state, batch)``.
+
+    ``step(state, batch) -> (state, metrics)`` runs one compiled update; ``metrics``
+    holds ``"loss"`` and ``"grad_norm"`` (and the loss function's aux, if any) as
+    device arrays, so reading them is the only host synchronisation.
+    ``step.lower(state, batch)`` lowers the compiled update without running it.
+    """
+
+    init: Callable[[Any, jax.Array], TrainState]
+    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]
+
+
+def train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    donate: bool = True,
+    accum_steps: int = 1,
+    remat: bool = False,
+) -> TrainStep:
+    """A jitted training step on one device.
+
+    Args:
+        loss_fn: ``loss_fn(tree, batch, key) -> loss`` or ``(loss, aux)``: ``tree`` is the
+            full LoRA tree (call ``ll.lora(model.apply)(tree, ..., dropout_key=key)``),
+            ``key`` a fresh PRNG key per step (and micro-batch). ``loss`` is a scalar mean
+            over the batch; ``aux`` a dict of arrays merged into the metrics.
+        tx: a plain optax optimizer, e.g. ``optax.adamw(1e-3)``; it is wrapped with
+            `lorax_lite.optimizer` (one already wrapped works too: on the trainable
+            partition every leaf is trained).
+        donate: donate the step counter, trainable partition, optimizer state and key
+            to the update, so they are updated in place (the frozen base is never
+            donated, and `init` copies what it donates).
+        accum_steps: split the batch's leading axis into this many micro-batches
+            (``lax.scan``) and average their gradients: the same update as the whole
+            batch at once, with the activation memory of one micro-batch. Micro-batch
+            ``i`` takes rows ``i, i + accum_steps, ...``.
+        remat: wrap ``loss_fn`` in ``jax.checkpoint`` (recompute activations in the
+            backward pass instead of storing them).
+
+    Returns:
+        `TrainStep` ``(init, step)``; ``step`` compiles once per batch shape.
+
+    Raises:
+        ValueError: if ``accum_steps < 1``; at the first step, if a batch leaf's leading
+            axis is not divisible by ``accum_steps`` (naming every such leaf).
+
+    Example:
+        >>> def loss_fn(tree, batch, key):  # doctest: +SKIP
+        ...     x, y = batch
+        ...     pred = ll.lora(model.apply)(tree, x, dropout_key=key)
+        ...     return jnp.mean((pred - y) ** 2)
+        >>> init, step = ll.train_step(loss_fn, optax.adam(1e-2))  # doctest: +SKIP
+        >>> state = init(lora_params, jax.random.key(0))  # doctest: +SKIP
+        >>> state, metrics = step(state, (x, y))  # doctest: +SKIP
+    """
+    tx = _wrapped_optimizer(tx, accum_steps)
+    update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat)
+    jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
+    init = functools.partial(_init_state, tx=tx)
+    return TrainStep(init, _stepper(jitted))
+
+
+def pmap_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    axis_name: str = "batch",
+    devices: list[jax.Device] | None = None,
+    donate: bool = True,
+    accum_steps: int = 1,
+    remat: bool = False,
+) -> TrainStep:
+    """The training step under ``jax.pmap``: each device takes a slice of the batch.
+
+    Gradients, loss and float aux values are averaged over the devices with
+    ``lax.pmean``, so every replica takes the same optimizer step, the one `train_step`
+    takes on the whole batch. Each device draws its own dropout mask
+    (``fold_in(key, axis_index)``).
+
+    Args:
+        loss_fn: as for `train_step`, on one device's slice of the batch.
+        tx: as for `train_step`.
+        axis_name: the name of the mapped device axis.
+        devices: the devices to map over (default: all local devices).
+        donate: as for `train_step`.
+        accum_steps: as for `train_step`, per device.
+        remat: as for `train_step`.
+
+    Returns:
+        `TrainStep` ``(init, step)``: ``init`` returns a state replicated over the
+        devices (leading device axis, see `replicate`); ``step`` takes a batch with a
+        leading device axis (see `shard_batch`) and returns unreplicated metrics.
+
+    Raises:
+        ValueError: if ``accum_steps < 1``.
+
+    Example:
+        >>> init, step = ll.pmap_train_step(loss_fn, optax.adam(1e-2))  # doctest: +SKIP
+        >>> state = init(lora_params, jax.random.key(0))  # doctest: +SKIP
+        >>> state, metrics = step(state, ll.shard_batch(batch, jax.local_device_count()))
+    """
+    tx = _wrapped_optimizer(tx, accum_steps)
+    update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat, axis_name=axis_name)
+    mapped = jax.pmap(
+        update, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ()
+    )
+
+    def init(tree: Any, key: jax.Array) -> TrainState:
+        return replicate(_init_state(tree, key, tx=tx), devices, axis_name=axis_name)
+
+    return TrainStep(init, _stepper(mapped, finish_metrics=unreplicate))
+
+
+def sharded_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    mesh: Mesh,
+    data_axis: str = "data",
+    base_sharding: str = "replicated",
+    donate: bool = True,
+    accum_steps: int = 1,
+    remat: bool = False,
+) -> TrainStep:
+    """The training step as one program over a device mesh (``jax.jit`` with shardings).
+
+    The batch is split over ``data_axis``; adapters, optimizer state, step and key
+    are replicated; the frozen base is replicated or FSDP-sharded (see `place`). XLA
+    inserts the collectives; the result equals `train_step` on the whole batch. The
+    mesh may span several processes (after `lorax_lite.distributed.initialize`):
+    each process then passes its own rows of the global batch.
+
+    Args:
+        loss_fn: as for `train_step`, on the global batch.
+        tx: as for `train_step`.
+        mesh: the device mesh, e.g. ``jax.make_mesh((2, 4), ("data", "model"))``.
+        data_axis: the mesh axis the batch is split over.
+        base_sharding: ``"replicated"`` (each device holds the whole base) or
+            ``"fsdp"`` (each leaf split along its largest axis divisible by the
+            number of devices, over all mesh axes: 1/N of the base per device).
+        donate: as for `train_step`.
+        accum_steps: as for `train_step`.
+        remat: as for `train_step`.
+
+    Returns:
+        `TrainStep` ``(init, step)``: ``init`` puts the state on the mesh; ``step``
+        places the batch (host arrays are split over ``data_axis``; with several
+        processes, each passes its local rows) and returns replicated metrics.
+
+    Raises:
+        ValueError: if ``data_axis`` is not a mesh axis, ``base_sharding`` is unknown or
+            ``accum_steps < 1``.
+
+    Example:
+        >>> mesh = jax.make_mesh((8,), ("data",))  # doctest: +SKIP
+        >>> init, step = ll.sharded_train_step(loss_fn, optax.adam(1e-2), mesh=mesh)
+        ...                                                          # doctest: +SKIP
+        >>> state, metrics = step(init(lora_params, jax.random.key(0)), batch)  # doctest: +SKIP
+    """
+    _check_layout(mesh, data_axis, base_sharding)
+    tx = _wrapped_optimizer(tx, accum_steps)
+    update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat)
+    replicated = NamedSharding(_auto_axes(mesh), PartitionSpec())
+    jitted = jax.jit(update, out_shardings=replicated, donate_argnums=(0,) if donate else ())
+    on_mesh = functools.partial(place, mesh=mesh, data_axis=data_axis, base_sharding=base_sharding)
+
+    def init(tree: Any, key: jax.Array) -> TrainState:
+        return on_mesh(_init_state(tree, key, tx=tx))[0]
+
+    return TrainStep(init, _stepper(jitted, prepare=on_mesh))
+
+
+def _auto_axes(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis in Auto mode: XLA chooses the collectives, so a model
+    written without sharding annotations runs unchanged (`jax.make_mesh` defaults to
+    Explicit axes, where a matmul with an FSDP-sharded weight is a type error)."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def _check_layout(mesh: Mesh, data_axis: str, base_sharding: str) -> None:
+    problems = []
+    if data_axis not in mesh.axis_names:
+        problems.append(f"data_axis {data_axis!r} is not a mesh axis {mesh.axis_names}")
+    if base_sharding not in ("replicated", "fsdp"):
+        problems.append(f"base_sharding must be 'replicated' or 'fsdp', got {base_sharding!r}")
+    if problems:
+        raise ValueError("sharded_train_step: " + "; ".join(problems))
+
+
+def _wrapped_optimizer(tx: optax.GradientTransformation, accum_steps: int) -> Any:
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
+    return optimizer(tx)
+
+
+def _init_state(tree: Any, key: jax.Array, *, tx: optax.GradientTransformation) -> TrainState:
+    """A fresh state; the trainable leaves and the key are copies, so donating them
+    leaves the caller's tree and key intact."""
+    trainable, frozen = partition(tree)
+    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+    key = jnp.copy(key)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable), key)
+
+
+def _stepper(
+    compiled: Callable,
+    *,
+    prepare: Callable | None = None,
+    finish_metrics: Callable | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
+    """The public ``step``: passes the frozen base beside the donated state, so the base
+    is never donated or copied, and puts it back into the new state."""
+
+    def arguments(state: TrainState, batch: Any) -> tuple[TrainState, Any, Any]:
+        if prepare is not None:
+            state, batch = prepare(state, batch)
+        return dataclasses.replace(state, frozen=None), state.frozen, batch
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        updated, metrics = compiled(*arguments(state, batch))
+        if finish_metrics is not None:
+            metrics = finish_metrics(metrics)
+        return dataclasses.replace(updated, frozen=state.frozen), metrics
+
+    step.lower = lambda state, batch: compiled.lower(*arguments(state, batch))
+    return step
+
+
+def _make_update(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    accum_steps: int,
+    remat: bool,
+    axis_name: str | None = None,
+) -> Callable:
+    """``update(state_without_frozen, frozen, batch) -> (state_without_frozen, metrics)``."""
+    loss_fn = jax.checkpoint(loss_fn) if remat else loss_fn
+
+    def update(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        key = jax.random.fold_in(state.key, state.step)
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        (loss, aux), grads = _gradients(loss_fn, state.trainable, frozen, batch, key, accum_steps)
+        if axis_name is not None:
+            loss, aux, grads = _float_mean(
+                (loss, aux, grads), lambda x: jax.lax.pmean(x, axis_name)
+            )
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return TrainState(state.step + 1, trainable, None, opt_state, state.key), metrics
+
+    return update
+
+
+def _gradients(
+    loss_fn: LossFn, trainable: Any, frozen: Any, batch: Any, key: jax.Array, accum_steps: int
+) -> tuple[tuple[jax.Array, dict[str, Any]], Any]:
+    """``((loss, aux), grads)`` of the mean loss, w.r.t. ``trainable`` only."""
+
+    def objective(trainable: Any, batch: Any, key: jax.Array) -> tuple[jax.Array, dict]:
+        out = loss_fn(combine(trainable, frozen), batch, key)
+        loss, aux = out if isinstance(out, tuple) else (out, {})
+        if not isinstance(aux, Mapping):
+            raise TypeError(f"loss_fn's aux must be a dict of arrays, got {type(aux).__name__}")
+        clashes = sorted({"loss", "grad_norm"} & set(aux))
+        if clashes:
+            raise ValueError(f"loss_fn's aux may not use the metric names {clashes}")
+        return loss, dict(aux)
+
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+    if accum_steps == 1:
+        return value_and_grad(trainable, batch, key)
+
+    def accumulate(total: Any, inputs: tuple[jax.Array, Any]) -> tuple[Any, Any]:
+        index, micro_batch = inputs
+        out, grads = value_and_grad(trainable, micro_batch, jax.random.fold_in(key, index))
+        return jax.tree_util.tree_map(jnp.add, total, grads), out
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+    micro_batches = (jnp.arange(accum_steps), _micro_batches(batch, accum_steps))
+    total, outs = jax.lax.scan(accumulate, zeros, micro_batches)
+    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, total)
+    return _float_mean(outs, lambda x: x.mean(axis=0), last=True), grads
+
+
+def _float_mean(tree: Any, mean: Callable, *, last: bool = False) -> Any:
+    """``mean`` of every inexact leaf; other leaves kept (``last``: their last entry)."""
+
+    def reduce(x):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            return mean(x)
+        return x[-1] if last else x
+
+    return jax.tree_util.tree_map(reduce, tree)
+
+
+def _micro_batches(batch: Any, accum_steps: int) -> Any:
+    """Each leaf ``(n, ...)`` as ``(accum_steps, n // accum_steps, ...)``, micro-batch ``i``
+    holding rows ``i, i + accum_steps, ...``: a row's micro-batch and its device shard stay
+    independent, so under a data-sharded batch each device keeps its own rows."""
+    bad = [
+        f"{path or '<batch>'}: shape {np.shape(x)}"
+        for path, x in named_leaves(batch)
+        if np.ndim(x) == 0 or np.shape(x)[0] % accum_steps
+    ]
+    if bad:
+        raise ValueError(
+            f"accum_steps={accum_steps} must divide the leading (batch) axis of every batch "
+            "leaf; these do not:\n  " + "\n  ".join(bad)
+        )
+
+    def split(x):
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def replicate(
+    tree: Any, devices: list[jax.Device] | None = None, *, axis_name: str = "batch"
+) -> Any:
+    """Each leaf copied to every device, stacked on a new leading device axis.
+
+    Built on the sharding APIs (``jax.make_array_from_single_device_arrays``); the
+    result is what ``jax.pmap`` takes for an argument held by every device.
+
+    Args:
+        tree: a pytree of arrays (or numbers).
+        devices: the devices (default: all local devices).
+        axis_name: the name of the device axis (``pmap``'s ``axis_name``: inputs
+            already laid out as ``pmap`` lays them out are not copied again).
+
+    Returns:
+        The same tree, each leaf of shape ``(len(devices), *leaf.shape)``.
+
+    Example:
+        >>> replicate({"w": jnp.ones(3)})["w"].shape == (jax.local_device_count(), 3)
+        True
+    """
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.array(devices), (axis_name,)), PartitionSpec(axis_name))
+
+    def put(x: Any) -> jax.Array:
+        x = jnp.asarray(x)[None]
+        shards = [jax.device_put(x, device) for device in devices]
+        return jax.make_array_from_single_device_arrays(
+            (len(devices), *x.shape[1:]), sharding, shards
+        )
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of each leaf of a `replicate`\\ d (or ``pmap``-output) tree.
+
+    Args:
+        tree: a pytree whose leaves have a leading device axis.
+
+    Returns:
+        The same tree without the device axis; no host transfer.
+
+    Example:
+        >>> unreplicate(replicate({"w": jnp.ones(3)}))["w"].shape
+        (3,)
+    """
+
+    def first(x: Any) -> Any:
+        if isinstance(x, jax.Array):
+            return x.addressable_shards[0].data[0]
+        return x[0]
+
+    return jax.tree_util.tree_map(first, tree)
+
+
+def shard_batch(batch: Any, n: int) -> Any:
+    """Reshapes each leaf's leading axis ``(m, ...)`` to ``(n, m // n, ...)`` for ``pmap``.
+
+    Args:
+        batch: a pytree of arrays sharing a leading batch axis.
+        n: the number of devices.
+
+    Returns:
+        The reshaped tree; device ``i`` gets rows ``i * m // n`` to ``(i + 1) * m // n``.
+
+    Raises:
+        ValueError: naming every leaf whose leading axis is not divisible by ``n``.
+
+    Example:
+        >>> shard_batch(np.zeros((8, 3)), 4).shape
+        (4, 2, 3)
+    """
+    bad = [
+        f"{path or '<batch>'}: shape {np.shape(x)}"
+        for path, x in named_leaves(batch)
+        if np.ndim(x) == 0 or np.shape(x)[0] % n
+    ]
+    if bad:
+        raise ValueError(f"shard_batch: leading axis not divisible by {n}:\n  " + "\n  ".join(bad))
+    return jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
+
+
+def place(
+    state: TrainState,
+    batch: Any = None,
+    *,
+    mesh: Mesh,
+    data_axis: str = "data",
+    base_sharding: str = "replicated",
+) -> tuple[TrainState, Any]:
+    """Puts a state (and a batch) on ``mesh`` the way `sharded_train_step` expects them.
+
+    Leaves already placed are left as they are, so calling this every step is cheap.
+    Every process must pass the same state (e.g. built from the same base and key).
+
+    Args:
+        state: a `TrainState` (on the host, one device, or already on the mesh).
+        batch: optional pytree of arrays with a leading batch axis, split over
+            ``data_axis``; with several processes, each passes its own rows (see
+            ``jax.make_array_from_process_local_data``).
+        mesh: the device mesh.
+        data_axis: the mesh axis the batch is split over.
+        base_sharding: ``"replicated"`` or ``"fsdp"``: each frozen leaf split along its
+            largest axis divisible by the number of mesh devices, over all mesh axes
+            (leaves with no such axis stay replicated).
+
+    Returns:
+        ``(state, batch)`` on the mesh: adapters, optimizer state, step and key replicated.
+
+    Raises:
+        ValueError: for an unknown mesh axis or ``base_sharding``; in one process, naming
+            every batch leaf whose leading axis the data axis does not divide.
+
+    Example:
+        >>> mesh = jax.make_mesh((8,), ("data",))  # doctest: +SKIP
+        >>> state, batch = place(state, batch, mesh=mesh, base_sharding="fsdp")  # doctest: +SKIP
+    """
+    _check_layout(mesh, data_axis, base_sharding)
+    mesh = _auto_axes(mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    base = (
+        (lambda x: _fsdp_sharding(x, mesh)) if base_sharding == "fsdp" else (lambda x: replicated)
+    )
+    shardings = dataclasses.replace(
+        jax.tree_util.tree_map(lambda x: replicated, state),
+        frozen=jax.tree_util.tree_map(base, state.frozen),
+    )
+    state = jax.device_put(state, shardings)
+    if batch is not None:
+        batch = _place_batch(batch, NamedSharding(mesh, PartitionSpec(data_axis)))
+    return state, batch
+
+
+def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding:
+    """Split along the largest axis divisible by the mesh size, over all mesh axes."""
+    shape = np.shape(x)
+    divisible = [i for i in range(len(shape)) if shape[i] % mesh.size == 0]
+    if not divisible:
+        return NamedSharding(mesh, PartitionSpec())
+    axis = max(divisible, key=lambda i: shape[i])
+    spec = [None] * len(shape)
+    spec[axis] = tuple(mesh.axis_names)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _place_batch(batch: Any, sharding: NamedSharding) -> Any:
+    if jax.process_count() == 1:
+        n = sharding.mesh.shape[sharding.spec[0]]
+        bad = [
+            f"{path or '<batch>'}: shape {np.shape(x)}"
+            for path, x in named_leaves(batch)
+            if np.ndim(x) == 0 or np.shape(x)[0] % n
+        ]
+        if bad:
+            raise ValueError(
+                f"the data axis ({n} devices) must divide the leading axis of every batch "
+                "leaf; these it does not:\n  " + "\n  ".join(bad)
+            )
+
+    def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree_util.tree_map(put, batch)
+
+
+def cast_base(tree: Any, dtype: Any) -> Any:
+    """The frozen base weights cast to ``dtype`` (e.g. ``jnp.bfloat16``); adapters untouched.
+
+    Casts ``LoraWeight.w`` and plain float leaves; ``a``, ``b``, `Trainable` values and
+    integer leaves keep their dtype. Given a `TrainState`, casts its ``frozen`` part
+    only, so the optimizer state stays as it is. The model computes in whatever dtype
+    its operations promote to (a bf16 base against float32 activations gives float32).
+
+    Args:
+        tree: a LoRA tree, its frozen partition, or a `TrainState`.
+        dtype: the dtype for the base.
+
+    Returns:
+        The same structure with the base in ``dtype``.
+
+    Example:
+        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
+        >>> cast_base(lp, jnp.bfloat16)["k"].w.dtype, cast_base(lp, jnp.bfloat16)["k"].a.dtype
+        (dtype(bfloat16), dtype('float32'))
+    """
+    if isinstance(tree, TrainState):
+        return dataclasses.replace(tree, frozen=cast_base(tree.frozen, dtype))
+
+    def cast_float(x: Any) -> Any:
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    def cast(node: Any) -> Any:
+        if isinstance(node, LoraWeight):
+            return dataclasses.replace(node, w=None if node.w is None else cast_float(node.w))
+        return node if isinstance(node, Trainable) else cast_float(node)
+
+    return jax.tree_util.tree_map(cast, tree, is_leaf=is_lora_node)
+
+
+def fit(
+    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]],
+    state: TrainState,
+    batches: Iterable[Any],
+    *,
+    steps: int,
+    eval_fn: Callable[[TrainState], Mapping[str, Any]] | None = None,
+    eval_every: int = 0,
+    tokens_per_batch: int | None = None,
+    log_every: int = 10,
+    desc: str = "train",
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Runs ``steps`` training steps with a progress bar; returns the state and a history.
+
+    The host reads the metrics only every ``log_every`` steps (and at the first, last
+    and eval steps), so the device runs ahead in between. The bar (loss, tokens/s)
+    shows on process 0 only; every process must call `fit` with its own batches.
+
+    Args:
+        step: a step function, e.g. ``ll.train_step(...).step``.
+        state: the state to start from.
+        batches: an iterable of batches; training stops early (with a warning) if it
+            runs out.
+        steps: the number of steps to take.
+        eval_fn: ``eval_fn(state) -> dict`` of scalars, called every ``eval_every``
+            steps; its results enter that step's history entry prefixed ``"eval_"``.
+        eval_every: steps between evaluations (0: never).
+        tokens_per_batch: tokens (or examples) per batch, for the throughput figure.
+        log_every: steps between host reads of the metrics.
+        desc: the progress bar's label.
+
+    Returns:
+        ``(state, history)``: one dict per step with ``step`` (the state's step count
+        after it), ``loss``, ``grad_norm``, other scalar metrics, ``tokens_per_s``
+        (measured over the steps since the previous host read, so the first entry
+        includes compilation; None without ``tokens_per_batch``) and eval results.
+
+    Example:
+        >>> state, history = ll.fit(step, state, batches, steps=100, tokens_per_batch=4096)
+        ...                                                          # doctest: +SKIP
+        >>> history[-1]["loss"]  # doctest: +SKIP
+    """
+    history: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+    first_step = int(_host_value(state.step))
+    iterator = iter(batches)
+    bar = tqdm(total=steps, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
+    started = time.perf_counter()
+    for done in range(1, steps + 1):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            logger.warning("fit: the batches ran out after %d of %d steps", done - 1, steps)
+            break
+        state, metrics = step(state, batch)
+        pending.append(metrics)
+        evaluate = bool(eval_fn and eval_every and done % eval_every == 0)
+        if done == 1 or done == steps or done % log_every == 0 or evaluate:
+            rate = _tokens_per_s(tokens_per_batch, len(pending), started, pending[-1])
+            for metrics in pending:
+                history.append({"step": first_step + len(history) + 1, **_scalars(metrics)})
+                history[-1]["tokens_per_s"] = rate
+            bar.update(len(pending))
+            bar.set_postfix(_postfix(history[-1]), refresh=False)
+            pending = []
+            if evaluate:
+                results = eval_fn(state)
+                history[-1].update({f"eval_{k}": _host_value(v) for k, v in results.items()})
+            started = time.perf_counter()
+    if pending:  # the batches ran out between host reads
+        rate = _tokens_per_s(tokens_per_batch, len(pending), started, pending[-1])
+        history += [
+            {"step": first_step + len(history) + i + 1, **_scalars(m), "tokens_per_s": rate}
+            for i, m in enumerate(pending)
+        ]
+        bar.update(len(pending))
+    bar.close()
+    return state, history
+
+
+def _tokens_per_s(
+    tokens_per_batch: int | None, n_steps: int, started: float, last_metrics: dict
+) -> float | None:
+    """Throughput since ``started``, after waiting for the last step's results."""
+    jax.block_until_ready(last_metrics)
+    if tokens_per_batch is None:
+        return None
+    return tokens_per_batch * n_steps / max(time.perf_counter() - started, 1e-9)
+
+
+def _host_value(x: Any) -> Any:
+    """A scalar on the host, from a (possibly multi-process or replicated) array."""
+    if isinstance(x, jax.Array):
+        x = x.addressable_shards[0].data
+    x = np.asarray(x)
+    return x.reshape(-1)[0].item() if x.size else x
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: _host_value(v) for k, v in metrics.items() if np.size(v) == 1}
+
+
+def _postfix(entry: dict[str, Any]) -> dict[str, str]:
+    shown = {"loss": f"{entry['loss']:.4g}"}
+    if entry.get("tokens_per_s") is not None:
+        shown["tok/s"] = f"{entry['tokens_per_s']:.4g}"
+    return shown
