@@ -13,6 +13,17 @@ from .params import merge as merge
 from .params import partition as partition
 from .params import unmerge as unmerge
 from .report import summary as summary
+from .train import TrainState as TrainState
+from .train import TrainStep as TrainStep
+from .train import cast_base as cast_base
+from .train import fit as fit
+from .train import place as place
+from .train import pmap_train_step as pmap_train_step
+from .train import replicate as replicate
+from .train import shard_batch as shard_batch
+from .train import sharded_train_step as sharded_train_step
+from .train import train_step as train_step
+from .train import unreplicate as unreplicate
 from .transform import MaterializationError as MaterializationError
 from .transform import lora as lora
 from .weight import Layout as Layout
@@ -27,17 +38,28 @@ __all__ = [
     "LoraWeight",
     "MaterializationError",
     "TrainCheckpointer",
+    "TrainState",
+    "TrainStep",
     "Trainable",
     "adapter_metadata",
+    "cast_base",
     "combine",
     "count",
+    "fit",
     "init",
     "load_adapter",
     "lora",
     "merge",
     "optimizer",
     "partition",
+    "place",
+    "pmap_train_step",
+    "replicate",
     "save_adapter",
+    "shard_batch",
+    "sharded_train_step",
     "summary",
+    "train_step",
     "unmerge",
+    "unreplicate",
 ]
