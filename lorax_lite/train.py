@@ -309,7 +309,7 @@ def _make_update(
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
         return TrainState(state.step + 1, trainable, None, opt_state, state.key), metrics
 
     return update
@@ -507,7 +507,10 @@ def place(
         jax.tree_util.tree_map(lambda x: replicated, state),
         frozen=jax.tree_util.tree_map(base, state.frozen),
     )
-    state = jax.device_put(state, shardings)
+    if jax.process_count() == 1:
+        state = jax.device_put(state, shardings)
+    else:
+        state = jax.tree_util.tree_map(_put_global, state, shardings)
     if batch is not None:
         batch = _place_batch(batch, NamedSharding(mesh, PartitionSpec(data_axis)))
     return state, batch
@@ -523,6 +526,19 @@ def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding:
     spec = [None] * len(shape)
     spec[axis] = tuple(mesh.axis_names)
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``x``, the same value in every process, on a sharding spanning processes: each
+    process fills its own devices' shards from its copy (``jax.device_put`` would refuse
+    committed arrays and compare every leaf across processes)."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _place_batch(batch: Any, sharding: NamedSharding) -> Any:
@@ -647,8 +663,8 @@ def fit(
             for metrics in pending:
                 history.append({"step": first_step + len(history) + 1, **_scalars(metrics)})
                 history[-1]["tokens_per_s"] = rate
-            bar.update(len(pending))
             bar.set_postfix(_postfix(history[-1]), refresh=False)
+            bar.update(len(pending))
             pending = []
             if evaluate:
                 results = eval_fn(state)

@@ -1,0 +1,70 @@
+"""Many hosts: two processes on loopback train like one; the main process alone reports."""
+
+import logging
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import train_worker as worker
+from helpers import assert_trees_allclose
+
+import lorax_lite as ll
+from lorax_lite import distributed
+
+WORKER = pathlib.Path(__file__).with_name("train_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_run() -> dict[str, np.ndarray]:
+    """The same steps as the workers, on one device with the whole batch."""
+    init, step = ll.train_step(worker.loss_fn, worker.TX)
+    state = init(worker.lora_tree(), jax.random.key(1))
+    losses = []
+    for i in range(worker.STEPS):
+        state, metrics = step(state, worker.batch(i))
+        losses.append(float(metrics["loss"]))
+    return {**worker.trainable_arrays(state), "losses": np.array(losses)}
+
+
+def test_two_processes_on_loopback_train_like_one(tmp_path):
+    port, outs = free_port(), [tmp_path / f"process{i}.npz" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(i), "2", str(port), str(outs[i])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op for a process that has exited
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, f"worker failed:\n{out}\n{err[-3000:]}"
+    assert "process 0 of 2: rows slice(0, 16" in results[0][0]
+    assert "process 1 of 2: rows slice(16, 32" in results[1][0]
+    expected = single_process_run()
+    for out in outs:  # each process's copy of the adapters, and the losses fit recorded
+        assert_trees_allclose(dict(np.load(out)), expected, rtol=1e-5, atol=1e-6)
+    # Only process 0 shows the progress bar.
+    assert "two-process" in results[0][1]
+    assert "two-process" not in results[1][1]
+
+
+def test_initialize_is_a_no_op_in_a_single_process(caplog):
+    with caplog.at_level(logging.INFO, logger="lorax_lite"):
+        assert distributed.initialize() is False
+    assert not jax.distributed.is_initialized()
+    assert "one process" in caplog.text
+    assert jax.process_count() == 1 and distributed.is_main_process()
