@@ -12,6 +12,8 @@ from .params import init as init
 from .params import merge as merge
 from .params import partition as partition
 from .params import unmerge as unmerge
+from .peft import from_peft as from_peft
+from .peft import to_peft as to_peft
 from .report import summary as summary
 from .train import TrainState as TrainState
 from .train import TrainStep as TrainStep
@@ -46,6 +48,7 @@ __all__ = [
     "combine",
     "count",
     "fit",
+    "from_peft",
     "init",
     "load_adapter",
     "lora",
@@ -59,6 +62,7 @@ __all__ = [
     "shard_batch",
     "sharded_train_step",
     "summary",
+    "to_peft",
     "train_step",
     "unmerge",
     "unreplicate",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 if __name__ == "__main__":  # same devices as the test process (conftest.py), before JAX starts
     os.environ["XLA_FLAGS"] = (
@@ -28,17 +28,6 @@ import lorax_lite as ll
 from lorax_lite.checkpoint import TrainCheckpointer
 
 CONFIG = ll.LoraConfig(rank=2, alpha=4, dropout=0.1, targets=("hidden", "out"), train=("head",))
-TX = ll.optimizer(optax.adam(3e-2))
-
-
-class State(NamedTuple):
-    """The state of the hand-written training loop (a ``frozen`` field, as TrainState)."""
-
-    step: jax.Array
-    trainable: Any
-    frozen: Any
-    opt_state: Any
-    key: jax.Array
 
 
 def model(params: Any, x: jax.Array) -> jax.Array:
@@ -46,16 +35,22 @@ def model(params: Any, x: jax.Array) -> jax.Array:
     return jnp.tanh(h @ params["out"]["kernel"]) @ params["head"]["kernel"]
 
 
-def init_state() -> State:
+def loss_fn(tree: Any, batch: tuple[jax.Array, jax.Array], key: jax.Array) -> jax.Array:
+    x, y = batch
+    return jnp.mean((ll.lora(model)(tree, x, dropout_key=key) - y) ** 2)
+
+
+STEP = ll.train_step(loss_fn, optax.adam(3e-2))  # donates the state: saves must copy first
+
+
+def init_state() -> ll.TrainState:
     keys = jax.random.split(jax.random.key(0), 4)
     params = {
         "hidden": {"kernel": jax.random.normal(keys[0], (6, 16)) / 3},
         "out": {"kernel": jax.random.normal(keys[1], (16, 8)) / 4},
         "head": {"kernel": jax.random.normal(keys[2], (8, 1)) / 3},
     }
-    tree = ll.init(params, CONFIG, key=keys[3])
-    trainable, frozen = ll.partition(tree)
-    return State(jnp.int32(0), trainable, frozen, TX.init(trainable), jax.random.key(1))
+    return STEP.init(ll.init(params, CONFIG, key=keys[3]), jax.random.key(1))
 
 
 def batch(position: int) -> tuple[jax.Array, jax.Array]:
@@ -64,24 +59,10 @@ def batch(position: int) -> tuple[jax.Array, jax.Array]:
     return x, jnp.sin(x.sum(axis=1, keepdims=True))
 
 
-@jax.jit
-def train_step(state: State, x: jax.Array, y: jax.Array) -> State:
-    key, dropout_key = jax.random.split(state.key)
-
-    def loss(trainable):
-        pred = ll.lora(model)(ll.combine(trainable, state.frozen), x, dropout_key=dropout_key)
-        return jnp.mean((pred - y) ** 2)
-
-    grads = jax.grad(loss)(state.trainable)
-    updates, opt_state = TX.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    return State(state.step + 1, trainable, state.frozen, opt_state, key)
-
-
-def train(state: State, position: int, steps: int) -> tuple[State, int]:
+def train(state: ll.TrainState, position: int, steps: int) -> tuple[ll.TrainState, int]:
     """``steps`` steps from data position ``position``; returns the state and next position."""
     for _ in range(steps):
-        state = train_step(state, *batch(position))
+        state, _ = STEP.step(state, batch(position))
         position += 1
     return state, position
 
