@@ -50,5 +50,14 @@ $(VENV)/.mlxtend: $(VENV)/.experiments
 rank-sweep: $(VENV)/.mlxtend $(FASHION_MNIST)
 	$(PY) -m experiments.rank_sweep
 
+# PEFT interop: installs torch, transformers and peft, then loads an exported adapter in PEFT.
+$(VENV)/.interop: $(VENV)/.dev
+	$(PIP) install -q -e ".[dev,interop]"
+	touch $@
+
+.PHONY: interop
+interop: $(VENV)/.interop
+	$(PY) -m pytest tests/test_peft.py -k peft_bert -rs
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
