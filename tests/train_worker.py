@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from helpers import randomize_b
 
 import lorax_lite as ll
 
@@ -39,15 +38,25 @@ def model(params: Any, x: jax.Array) -> jax.Array:
 
 
 def lora_tree(dropout: float = 0.0) -> Any:
-    """A base MLP with adapters on two kernels (B non-zero) and a fully trained head."""
-    keys = jax.random.split(jax.random.key(0), 5)
+    """A base MLP with adapters on two kernels (B non-zero) and a fully trained head.
+
+    Built from numpy draws (no per-op compilation), the same in every process.
+    """
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
     params = {
-        "hidden": {"kernel": jax.random.normal(keys[0], (8, 16)) / 3},
-        "out": {"kernel": jax.random.normal(keys[1], (16, 8)) / 4},
-        "head": {"kernel": jax.random.normal(keys[2], (8, 1)) / 3},
+        "hidden": {"kernel": jnp.asarray(normal(8, 16) / 3)},
+        "out": {"kernel": jnp.asarray(normal(16, 8) / 4)},
+        "head": {"kernel": jnp.asarray(normal(8, 1) / 3)},
     }
-    tree = ll.init(params, dataclasses.replace(CONFIG, dropout=dropout), key=keys[3])
-    return randomize_b(tree, keys[4], std=0.3)
+    tree = ll.init(params, dataclasses.replace(CONFIG, dropout=dropout), key=jax.random.key(0))
+
+    def nonzero_b(node: Any) -> Any:
+        if isinstance(node, ll.LoraWeight):
+            return dataclasses.replace(node, b=jnp.asarray(0.3 * normal(*node.b.shape)))
+        return node
+
+    return jax.tree_util.tree_map(nonzero_b, tree, is_leaf=lambda x: isinstance(x, ll.LoraWeight))
 
 
 def batch(index: int, size: int = BATCH) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,326 @@
+"""Training steps: one device, pmap and a mesh agree with each other and with a dense
+hand-written update; accumulation, remat, donation, bf16 bases, FSDP memory and fit."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import train_worker as worker
+from helpers import assert_trees_allclose, assert_trees_equal
+
+import lorax_lite as ll
+
+STEPS = 2
+SGD = ll.train_step(worker.loss_fn, optax.sgd(0.1))  # shared, so it compiles once
+KINDS = ["pmap", "mesh 2x4", "mesh 8x1", "mesh 2x4 fsdp", "mesh 8x1 fsdp accum 4", "accum 4"]
+
+
+@functools.cache
+def lora_tree():
+    """The problem's LoRA tree, built once (steps copy what they donate)."""
+    return worker.lora_tree()
+
+
+@jax.jit
+def eval_loss(tree, batch):
+    return worker.loss_fn(tree, batch, None)
+
+
+def counting(loss_fn):
+    """``loss_fn`` that counts how often it is traced."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return loss_fn(*args)
+
+    return counted, calls
+
+
+def build(kind: str, loss_fn, tx) -> ll.TrainStep:
+    accum = 4 if "accum 4" in kind else 1
+    if kind == "pmap":
+        return ll.pmap_train_step(loss_fn, tx, accum_steps=accum)
+    if kind.startswith("mesh"):
+        shape = (2, 4) if "2x4" in kind else (8, 1)
+        mesh = jax.make_mesh(shape, ("data", "model"))
+        sharding = "fsdp" if "fsdp" in kind else "replicated"
+        return ll.sharded_train_step(
+            loss_fn, tx, mesh=mesh, base_sharding=sharding, accum_steps=accum
+        )
+    return ll.train_step(loss_fn, tx, accum_steps=accum)
+
+
+def host(tree):
+    """Every leaf as a numpy array (sharded leaves gathered)."""
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def run(kind: str, steps: int = STEPS):
+    """``steps`` Adam steps on batches 0, 1, ...: (trainable, frozen, losses, traces)."""
+    loss_fn, calls = counting(worker.loss_fn)
+    init, step = build(kind, loss_fn, optax.adam(3e-2))
+    state, losses = init(lora_tree(), jax.random.key(1)), []
+    for i in range(steps):
+        batch = worker.batch(i)
+        state, metrics = step(state, ll.shard_batch(batch, 8) if kind == "pmap" else batch)
+        losses.append(float(metrics["loss"]))
+    unstack = ll.unreplicate if kind == "pmap" else lambda tree: tree
+    return host(unstack(state.trainable)), host(unstack(state.frozen)), losses, len(calls)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run("one device")
+
+
+def dense_sgd_step(tree, batch, lr):
+    """One SGD step on ``W + s * A @ B`` written out densely, without lorax_lite."""
+    x, y = batch
+    hidden, out = tree["hidden"]["kernel"], tree["out"]["kernel"]
+
+    def loss(p):
+        w_hidden = hidden.w + hidden.scale * p["hidden_a"] @ p["hidden_b"]
+        w_out = out.w + out.scale * p["out_a"] @ p["out_b"]
+        pred = jnp.tanh(jnp.tanh(x @ w_hidden) @ w_out) @ p["head"]
+        return jnp.mean((pred - y) ** 2)
+
+    p = {
+        "hidden_a": hidden.a,
+        "hidden_b": hidden.b,
+        "out_a": out.a,
+        "out_b": out.b,
+        "head": tree["head"]["kernel"].value,
+    }
+    grads = jax.jit(jax.grad(loss))(p)
+    return {k: p[k] - lr * grads[k] for k in p}
+
+
+def factors(trainable):
+    return {
+        "hidden_a": trainable["hidden"]["kernel"].a,
+        "hidden_b": trainable["hidden"]["kernel"].b,
+        "out_a": trainable["out"]["kernel"].a,
+        "out_b": trainable["out"]["kernel"].b,
+        "head": trainable["head"]["kernel"].value,
+    }
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_one_step_is_the_dense_gradient_step(remat):
+    init, step = ll.train_step(worker.loss_fn, optax.sgd(0.5), remat=remat)
+    state = init(lora_tree(), jax.random.key(1))
+    text = step.lower(state, worker.batch(0)).as_text()
+    state, metrics = step(state, worker.batch(0))
+    assert_trees_allclose(
+        factors(state.trainable), dense_sgd_step(lora_tree(), worker.batch(0), 0.5)
+    )
+    assert_trees_equal(state.frozen, ll.partition(lora_tree())[1])
+    assert int(state.step) == 1
+    np.testing.assert_allclose(metrics["loss"], eval_loss(lora_tree(), worker.batch(0)))
+    # remat: the backward pass recomputes the forward behind an optimization barrier.
+    assert ("optimization_barrier" in text) == remat
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_step_kind_gives_the_same_adapters(kind, reference):
+    trainable, frozen, losses, traces = run(kind)
+    ref_trainable, _, ref_losses, _ = reference
+    assert_trees_allclose(trainable, ref_trainable, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    # The base stays bit-identical, and the second step did not trace again.
+    assert_trees_equal(frozen, host(ll.partition(lora_tree())[1]))
+    assert traces == 1
+
+
+def test_adapters_moved(reference):
+    """Guards the comparisons above against a step that updates nothing."""
+    start = host(ll.partition(lora_tree())[0])
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), reference[0], start)
+    assert min(jax.tree_util.tree_leaves(moved)) > 1e-3
+
+
+def test_accumulation_checks_the_batch_size():
+    init, step = ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=4)
+    state = init(lora_tree(), jax.random.key(1))
+    with pytest.raises(ValueError, match=r"0: shape \(30, 8\)\n  1: shape \(30, 1\)"):
+        step(state, worker.batch(0, size=30))
+    with pytest.raises(ValueError, match="accum_steps"):
+        ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=0)
+
+
+def test_per_step_dropout_key_and_aux_metrics():
+    def loss_fn(tree, batch, key):
+        return worker.loss_fn(tree, batch, key), {"noise": jax.random.uniform(key)}
+
+    init, step = ll.train_step(loss_fn, optax.sgd(0.1))
+    state = init(worker.lora_tree(dropout=0.5), jax.random.key(7))
+    noise = []
+    for i in range(2):
+        state, metrics = step(state, worker.batch(i))
+        noise.append(float(metrics["noise"]))
+    expected = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(7), t))) for t in (0, 1)]
+    assert noise == expected
+
+
+def test_aux_may_not_shadow_metrics():
+    def loss_fn(tree, batch, key):
+        loss = worker.loss_fn(tree, batch, key)
+        return loss, {"loss": loss}
+
+    init, step = ll.train_step(loss_fn, optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"\['loss'\]"):
+        step(init(lora_tree(), jax.random.key(1)), worker.batch(0))
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_donation_consumes_the_state_but_not_the_callers_tree(donate):
+    key = jax.random.key(1)
+    init, step = SGD if donate else ll.train_step(worker.loss_fn, optax.sgd(0.1), donate=False)
+    state = init(lora_tree(), key)
+    new, _ = step(state, worker.batch(0))
+    assert state.trainable["hidden"]["kernel"].a.is_deleted() == donate
+    assert new.frozen is state.frozen  # the base is passed through, never copied
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(lora_tree()))
+    assert not key.is_deleted()
+
+
+def teacher_params():
+    """The base with a rank-2 change on both kernels: a target LoRA can fit exactly."""
+    rng = np.random.default_rng(3)
+    teacher = jax.tree_util.tree_map(lambda x: x, lora_tree())
+    for name in ("hidden", "out"):
+        node = teacher[name]["kernel"]
+        a, b = (0.3 * rng.normal(size=x.shape).astype(np.float32) for x in (node.a, node.b))
+        teacher[name]["kernel"] = dataclasses.replace(node, a=jnp.asarray(a), b=jnp.asarray(b))
+    return ll.merge(teacher)
+
+
+def teacher_batches(start, stop, size=32):
+    params, model = teacher_params(), jax.jit(worker.model)
+    for i in range(start, stop):
+        x = worker.batch(i, size)[0]
+        yield x, model(params, x)
+
+
+def test_loss_decreases_with_fit_and_history_is_complete():
+    init, step = ll.train_step(worker.loss_fn, optax.adam(3e-2))
+    state = init(lora_tree(), jax.random.key(1))
+    held_out = next(teacher_batches(1000, 1001, size=256))
+    evaluate = jax.jit(lambda s: worker.loss_fn(s.tree, held_out, None))
+    before = float(evaluate(state))
+    state, history = ll.fit(
+        step,
+        state,
+        teacher_batches(0, 100),
+        steps=40,
+        eval_fn=lambda s: {"loss": evaluate(s)},
+        eval_every=20,
+        tokens_per_batch=32,
+        log_every=8,
+    )
+    assert [h["step"] for h in history] == list(range(1, 41))
+    assert [h["eval_loss"] for h in history if "eval_loss" in h] == pytest.approx(
+        [history[19]["eval_loss"], float(evaluate(state))], rel=1e-5
+    )
+    assert before > 0.05
+    assert history[-1]["eval_loss"] < 0.2 * before
+    assert np.mean([h["loss"] for h in history[-5:]]) < 0.2 * np.mean(
+        [h["loss"] for h in history[:5]]
+    )
+    assert all(h["tokens_per_s"] > 0 and h["grad_norm"] > 0 for h in history)
+
+
+def test_fit_stops_when_the_batches_run_out(caplog):
+    init, step = SGD
+    state = init(lora_tree(), jax.random.key(1))
+    state, history = ll.fit(step, state, map(worker.batch, range(3)), steps=10, desc="short")
+    assert [h["step"] for h in history] == [1, 2, 3] and int(state.step) == 3
+    assert history[0]["tokens_per_s"] is None
+    assert "ran out after 3 of 10" in caplog.text
+
+
+def base_bytes_per_device(frozen):
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(frozen))
+
+
+def test_fsdp_base_holds_one_nth_per_device():
+    mesh = jax.make_mesh((2, 4), ("data", "model"))  # FSDP splits over both axes
+    compiled, per_device = {}, {}
+    for sharding in ("replicated", "fsdp"):
+        init, step = ll.sharded_train_step(
+            worker.loss_fn, optax.adam(1e-2), mesh=mesh, base_sharding=sharding
+        )
+        state = init(lora_tree(), jax.random.key(1))
+        per_device[sharding] = base_bytes_per_device(state.frozen)
+        compiled[sharding] = step.lower(state, worker.batch(0)).compile()
+        frozen_in = compiled[sharding].input_shardings[0][1]
+        for x, s in zip(
+            jax.tree_util.tree_leaves(state.frozen), jax.tree_util.tree_leaves(frozen_in)
+        ):
+            assert s.shard_shape(x.shape) == x.addressable_shards[0].data.shape
+    full = sum(x.nbytes for x in jax.tree_util.tree_leaves(ll.partition(lora_tree())[1]))
+    assert per_device["replicated"] == full and per_device["fsdp"] * 8 == full
+    # The compiled step's arguments shrink by exactly the base's 7/8 on each device.
+    args = {k: c.memory_analysis().argument_size_in_bytes for k, c in compiled.items()}
+    assert args["replicated"] - args["fsdp"] == full - full // 8
+
+
+def test_cast_base_keeps_adapters_and_optimizer_in_float32_and_trains():
+    tree = ll.cast_base(lora_tree(), jnp.bfloat16)
+    assert tree["hidden"]["kernel"].w.dtype == jnp.bfloat16
+    assert tree["hidden"]["kernel"].a.dtype == tree["hidden"]["kernel"].b.dtype == jnp.float32
+    assert tree["head"]["kernel"].value.dtype == jnp.float32
+    init, step = ll.train_step(worker.loss_fn, optax.adam(3e-2))
+    state = init(tree, jax.random.key(1))
+    losses = []
+    for x, y in teacher_batches(0, 8):
+        state, metrics = step(state, (x, y))
+        losses.append(float(metrics["loss"]))
+    float_leaves = jax.tree_util.tree_leaves((state.trainable, state.opt_state))
+    assert {x.dtype for x in float_leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
+        jnp.dtype(jnp.float32)
+    }
+    assert_trees_equal(state.frozen, ll.partition(tree)[1])
+    assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
+    # The bf16 base really is what the model used: its loss differs from the float32 one.
+    f32 = eval_loss(lora_tree(), worker.batch(0))
+    bf16 = eval_loss(tree, worker.batch(0))
+    assert 0 < abs(float(f32) - float(bf16)) < 1e-2
+
+
+def test_cast_base_on_a_state_casts_only_the_frozen_part():
+    init, _ = ll.train_step(worker.loss_fn, optax.adam(3e-2))
+    state = ll.cast_base(init(lora_tree(), jax.random.key(1)), jnp.bfloat16)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(state.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert state.trainable["hidden"]["kernel"].a.dtype == jnp.float32
+
+
+def test_replicate_unreplicate_and_shard_batch():
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "key": jax.random.key(4)}
+    replicated = ll.replicate(tree)
+    assert replicated["w"].shape == (8, 2, 3)
+    assert len({s.device for s in replicated["w"].addressable_shards}) == 8
+    assert_trees_equal(
+        jax.random.key_data(ll.unreplicate(replicated)["key"]), jax.random.key_data(tree["key"])
+    )
+    np.testing.assert_array_equal(ll.unreplicate(replicated)["w"], tree["w"])
+    x = np.arange(16).reshape(8, 2)
+    np.testing.assert_array_equal(ll.shard_batch(x, 4)[1], x[2:4])
+    with pytest.raises(ValueError, match=r"b: shape \(6,\)"):
+        ll.shard_batch({"a": np.zeros(8), "b": np.zeros(6)}, 4)
+
+
+def test_sharded_step_rejects_bad_layouts_and_batches():
+    mesh = jax.make_mesh((8, 1), ("data", "model"))
+    with pytest.raises(ValueError, match="'rows' is not a mesh axis.*'zero'"):
+        ll.sharded_train_step(
+            worker.loss_fn, optax.sgd(0.1), mesh=mesh, data_axis="rows", base_sharding="zero"
+        )
+    init, step = ll.sharded_train_step(worker.loss_fn, optax.sgd(0.1), mesh=mesh)
+    with pytest.raises(ValueError, match=r"0: shape \(12, 8\)"):
+        step(init(lora_tree(), jax.random.key(1)), worker.batch(0, size=12))
