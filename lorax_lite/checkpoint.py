@@ -242,9 +242,10 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
         return _adapters_only(info, arrays)
     base = base_of(params)
     named = dict(named_leaves(base))
-    problems = _shape_problems(info, named)
+    misfits = _shape_problems(info, named)
+    problems = list(misfits.values())
     if check_base:
-        problems += _fingerprint_problems(info, named)
+        problems += _fingerprint_problems(info, named, misfits)
     if problems:
         hint = "\n(check_base=False loads onto a different base with the same shapes)"
         raise ValueError(
@@ -265,38 +266,43 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     return jax.tree_util.tree_map_with_path(rebuild, base)
 
 
-def _shape_problems(info: dict[str, Any], named: dict[str, Any]) -> list[str]:
-    problems = []
+def _shape_problems(info: dict[str, Any], named: dict[str, Any]) -> dict[str, str]:
+    """``{path: message}`` for each saved adapter or trained leaf the base lacks or misshapes."""
+    problems = {}
     for entry in [*info["adapters"], *info["trained"]]:
         path, shape = entry["path"], tuple(entry["shape"])
         if path not in named:
-            problems.append(f"{path}: missing from the base (the adapter needs shape {shape})")
+            problems[path] = f"{path}: missing from the base (the adapter needs shape {shape})"
         elif tuple(np.shape(named[path])) != shape:
-            problems.append(
+            problems[path] = (
                 f"{path}: the base has shape {tuple(np.shape(named[path]))}, the adapter was "
                 f"saved for shape {shape}"
             )
     return problems
 
 
-def _fingerprint_problems(info: dict[str, Any], named: dict[str, Any]) -> list[str]:
-    saved = info["base"]["leaves"]
-    problems = [f"{p}: in the saved base, missing from this base" for p in saved if p not in named]
+def _fingerprint_problems(
+    info: dict[str, Any], named: dict[str, Any], reported: dict[str, str]
+) -> list[str]:
+    """Differences from the saved base fingerprint, except paths already ``reported``."""
+    saved, hashes = info["base"]["leaves"], info["base"]["hashes"]
+    problems = [
+        f"{p}: in the saved base, missing from this base"
+        for p in saved
+        if p not in named and p not in reported
+    ]
     problems += [f"{p}: in this base, not in the saved base" for p in named if p not in saved]
     for path, (shape, dtype) in saved.items():
-        if path in named and [list(np.shape(named[path])), _dtype_name(named[path])] != [
-            shape,
-            dtype,
-        ]:
-            found = (tuple(np.shape(named[path])), _dtype_name(named[path]))
+        if path in reported or path not in named:
+            continue
+        found = (tuple(np.shape(named[path])), _dtype_name(named[path]))
+        if found != (tuple(shape), dtype):
             problems.append(f"{path}: saved base {(tuple(shape), dtype)}, this base {found}")
-    for path, digest in info["base"]["hashes"].items():
-        if path in named and tuple(np.shape(named[path])) == tuple(saved[path][0]):
-            if content_hash(named[path]) != digest:
-                problems.append(
-                    f"{path}: the base weights differ from those the adapter was trained on "
-                    "(content fingerprint mismatch)"
-                )
+        elif path in hashes and content_hash(named[path]) != hashes[path]:
+            problems.append(
+                f"{path}: the base weights differ from those the adapter was trained on "
+                "(content fingerprint mismatch)"
+            )
     return problems
 
 

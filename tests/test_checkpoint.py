@@ -78,15 +78,26 @@ def test_size_on_disk_follows_the_adapter_not_the_base(tmp_path):
     assert size < 100_000, size  # the factors are 12 KiB; the base would be 8 MiB
 
 
-def test_another_shape_or_missing_path_raises_naming_every_path(tmp_path):
+@pytest.mark.parametrize("check_base", [True, False])
+def test_another_shape_or_missing_path_raises_naming_every_path(tmp_path, check_base):
     ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
     base = base_params(dense_shape=(8, 5))
     del base["params"]["head"]
     with pytest.raises(ValueError) as err:
-        ll.load_adapter(tmp_path / "adapter", base, check_base=False)
-    message = str(err.value)
-    assert "params/dense/kernel: the base has shape (8, 5)" in message
-    assert "params/head/kernel: missing from the base" in message
+        ll.load_adapter(tmp_path / "adapter", base, check_base=check_base)
+    problems = str(err.value).splitlines()[1:]
+    expected = [
+        "params/dense/kernel: the base has shape (8, 5), the adapter was saved for shape (8, 6)",
+        "params/head/bias: missing from the base (the adapter needs shape (3,))",
+        "params/head/kernel: missing from the base (the adapter needs shape (8, 3))",
+    ]
+    if check_base:  # the fingerprint adds the other leaves that changed; each path once
+        expected += [
+            "params/dense/bias: saved base ((6,), 'float32'), this base ((5,), 'float32')",
+            "params/qkv/kernel: the base weights differ from those the adapter was trained on "
+            "(content fingerprint mismatch)",  # other random draws after the (8, 5) kernel
+        ]
+    assert sorted(p.strip() for p in problems if p.startswith("  ")) == sorted(expected)
 
 
 def test_another_base_fingerprint_raises_and_check_base_false_transfers(tmp_path):
@@ -281,17 +292,20 @@ def test_kill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
         # Wait until a later save is half-written (its temporary directory exists), then kill.
         while not any(".orbax-checkpoint-tmp" in p.name for p in directory.iterdir()):
             assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert any(".orbax-checkpoint-tmp" in p.name for p in directory.iterdir())
+    half_written = [p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name]
+    assert len(half_written) == 1
     like = {f"w{i}": jnp.zeros((1024, 1024), jnp.float32) for i in range(8)}
     with TrainCheckpointer(directory, max_to_keep=2) as ckpt:
         step = ckpt.latest_step()
         restored = ckpt.restore(like)
+    assert half_written[0].startswith(f"{step + 1}.")  # killed while saving the next step
     assert restored.data == {"k": step}
     for value in restored.state.values():
         np.testing.assert_array_equal(value, np.full((1024, 1024), step, np.float32))
