@@ -114,7 +114,7 @@ def train_step(
         >>> state = init(lora_params, jax.random.key(0))  # doctest: +SKIP
         >>> state, metrics = step(state, (x, y))  # doctest: +SKIP
     """
-    tx = _wrapped_optimizer(tx, accum_steps)
+    tx = optimizer(tx)
     update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat)
     jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
     init = functools.partial(_init_state, tx=tx)
@@ -158,9 +158,10 @@ def pmap_train_step(
     Example:
         >>> init, step = ll.pmap_train_step(loss_fn, optax.adam(1e-2))  # doctest: +SKIP
         >>> state = init(lora_params, jax.random.key(0))  # doctest: +SKIP
-        >>> state, metrics = step(state, ll.shard_batch(batch, jax.local_device_count()))
+        >>> batch = ll.shard_batch(batch, jax.local_device_count())  # doctest: +SKIP
+        >>> state, metrics = step(state, batch)  # doctest: +SKIP
     """
-    tx = _wrapped_optimizer(tx, accum_steps)
+    tx = optimizer(tx)
     update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat, axis_name=axis_name)
     mapped = jax.pmap(
         update, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ()
@@ -214,12 +215,11 @@ def sharded_train_step(
 
     Example:
         >>> mesh = jax.make_mesh((8,), ("data",))  # doctest: +SKIP
-        >>> init, step = ll.sharded_train_step(loss_fn, optax.adam(1e-2), mesh=mesh)
-        ...                                                          # doctest: +SKIP
+        >>> init, step = ll.sharded_train_step(loss_fn, tx, mesh=mesh)  # doctest: +SKIP
         >>> state, metrics = step(init(lora_params, jax.random.key(0)), batch)  # doctest: +SKIP
     """
     _check_layout(mesh, data_axis, base_sharding)
-    tx = _wrapped_optimizer(tx, accum_steps)
+    tx = optimizer(tx)
     update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat)
     replicated = NamedSharding(_auto_axes(mesh), PartitionSpec())
     jitted = jax.jit(update, out_shardings=replicated, donate_argnums=(0,) if donate else ())
@@ -246,12 +246,6 @@ def _check_layout(mesh: Mesh, data_axis: str, base_sharding: str) -> None:
         problems.append(f"base_sharding must be 'replicated' or 'fsdp', got {base_sharding!r}")
     if problems:
         raise ValueError("sharded_train_step: " + "; ".join(problems))
-
-
-def _wrapped_optimizer(tx: optax.GradientTransformation, accum_steps: int) -> Any:
-    if not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
-    return optimizer(tx)
 
 
 def _init_state(tree: Any, key: jax.Array, *, tx: optax.GradientTransformation) -> TrainState:
@@ -295,7 +289,10 @@ def _make_update(
     remat: bool,
     axis_name: str | None = None,
 ) -> Callable:
-    """``update(state_without_frozen, frozen, batch) -> (state_without_frozen, metrics)``."""
+    """``update(state_without_frozen, frozen, batch) -> (state_without_frozen, metrics)``,
+    with ``tx`` already wrapped by `optimizer`."""
+    if not isinstance(accum_steps, int) or accum_steps < 1:
+        raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
     loss_fn = jax.checkpoint(loss_fn) if remat else loss_fn
 
     def update(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict[str, Any]]:
@@ -359,8 +356,9 @@ def _float_mean(tree: Any, mean: Callable, *, last: bool = False) -> Any:
 
 def _micro_batches(batch: Any, accum_steps: int) -> Any:
     """Each leaf ``(n, ...)`` as ``(accum_steps, n // accum_steps, ...)``, micro-batch ``i``
-    holding rows ``i, i + accum_steps, ...``: a row's micro-batch and its device shard stay
-    independent, so under a data-sharded batch each device keeps its own rows."""
+    holding rows ``i, i + accum_steps, ...``: with the batch split over devices in
+    contiguous blocks, every micro-batch takes rows from every device's block, so each
+    device keeps computing on its own rows."""
     bad = [
         f"{path or '<batch>'}: shape {np.shape(x)}"
         for path, x in named_leaves(batch)
@@ -639,72 +637,69 @@ def fit(
         includes compilation; None without ``tokens_per_batch``) and eval results.
 
     Example:
-        >>> state, history = ll.fit(step, state, batches, steps=100, tokens_per_batch=4096)
-        ...                                                          # doctest: +SKIP
-        >>> history[-1]["loss"]  # doctest: +SKIP
+        >>> init, step = ll.train_step(loss_fn, optax.adam(1e-3))  # doctest: +SKIP
+        >>> state, history = ll.fit(step, init(tree, key), batches, steps=100)  # doctest: +SKIP
     """
     history: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
-    first_step = int(_host_value(state.step))
+    record = functools.partial(
+        _record, history, first_step=int(_host_value(state.step)), tokens=tokens_per_batch
+    )
     iterator = iter(batches)
     bar = tqdm(total=steps, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
     started = time.perf_counter()
     for done in range(1, steps + 1):
-        try:
-            batch = next(iterator)
-        except StopIteration:
+        batch = next(iterator, _END)
+        if batch is _END:
             logger.warning("fit: the batches ran out after %d of %d steps", done - 1, steps)
             break
         state, metrics = step(state, batch)
         pending.append(metrics)
         evaluate = bool(eval_fn and eval_every and done % eval_every == 0)
-        if done == 1 or done == steps or done % log_every == 0 or evaluate:
-            rate = _tokens_per_s(tokens_per_batch, len(pending), started, pending[-1])
-            for metrics in pending:
-                history.append({"step": first_step + len(history) + 1, **_scalars(metrics)})
-                history[-1]["tokens_per_s"] = rate
-            bar.set_postfix(_postfix(history[-1]), refresh=False)
-            bar.update(len(pending))
+        if done in (1, steps) or done % log_every == 0 or evaluate:
+            record(pending, started=started, bar=bar)
             pending = []
             if evaluate:
                 results = eval_fn(state)
                 history[-1].update({f"eval_{k}": _host_value(v) for k, v in results.items()})
             started = time.perf_counter()
     if pending:  # the batches ran out between host reads
-        rate = _tokens_per_s(tokens_per_batch, len(pending), started, pending[-1])
-        history += [
-            {"step": first_step + len(history) + i + 1, **_scalars(m), "tokens_per_s": rate}
-            for i, m in enumerate(pending)
-        ]
-        bar.update(len(pending))
+        record(pending, started=started, bar=bar)
     bar.close()
     return state, history
 
 
-def _tokens_per_s(
-    tokens_per_batch: int | None, n_steps: int, started: float, last_metrics: dict
-) -> float | None:
-    """Throughput since ``started``, after waiting for the last step's results."""
-    jax.block_until_ready(last_metrics)
-    if tokens_per_batch is None:
-        return None
-    return tokens_per_batch * n_steps / max(time.perf_counter() - started, 1e-9)
+_END = object()
+
+
+def _record(
+    history: list[dict[str, Any]],
+    pending: list[dict[str, Any]],
+    *,
+    first_step: int,
+    tokens: int | None,
+    started: float,
+    bar: tqdm,
+) -> None:
+    """Reads the pending steps' metrics on the host into ``history``; updates the bar.
+
+    Throughput counts from ``started`` to the completion of the last pending step.
+    """
+    jax.block_until_ready(pending[-1])
+    rate = None if tokens is None else tokens * len(pending) / (time.perf_counter() - started)
+    for metrics in pending:
+        scalars = {k: _host_value(v) for k, v in metrics.items() if np.size(v) == 1}
+        history.append({"step": first_step + len(history) + 1, **scalars, "tokens_per_s": rate})
+    shown = {"loss": f"{history[-1]['loss']:.4g}"}
+    if rate is not None:
+        shown["tok/s"] = f"{rate:.4g}"
+    bar.set_postfix(shown, refresh=False)
+    bar.update(len(pending))
 
 
 def _host_value(x: Any) -> Any:
-    """A scalar on the host, from a (possibly multi-process or replicated) array."""
+    """A size-1 (or replicated) array's value as a Python scalar, read from this
+    process's first shard, so it works for arrays spanning processes."""
     if isinstance(x, jax.Array):
         x = x.addressable_shards[0].data
-    x = np.asarray(x)
-    return x.reshape(-1)[0].item() if x.size else x
-
-
-def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: _host_value(v) for k, v in metrics.items() if np.size(v) == 1}
-
-
-def _postfix(entry: dict[str, Any]) -> dict[str, str]:
-    shown = {"loss": f"{entry['loss']:.4g}"}
-    if entry.get("tokens_per_s") is not None:
-        shown["tok/s"] = f"{entry['tokens_per_s']:.4g}"
-    return shown
+    return np.asarray(x).reshape(-1)[0].item()

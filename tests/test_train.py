@@ -110,9 +110,11 @@ def factors(trainable):
     }
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_one_step_is_the_dense_gradient_step(remat):
-    init, step = ll.train_step(worker.loss_fn, optax.sgd(0.5), remat=remat)
+@pytest.mark.parametrize("remat, wrapped", [(False, False), (True, False), (False, True)])
+def test_one_step_is_the_dense_gradient_step(remat, wrapped):
+    """Also with remat, and with an optimizer already wrapped by ll.optimizer."""
+    tx = ll.optimizer(optax.sgd(0.5)) if wrapped else optax.sgd(0.5)
+    init, step = ll.train_step(worker.loss_fn, tx, remat=remat)
     state = init(lora_tree(), jax.random.key(1))
     text = step.lower(state, worker.batch(0)).as_text()
     state, metrics = step(state, worker.batch(0))
