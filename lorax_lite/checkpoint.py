@@ -542,19 +542,26 @@ class TrainCheckpointer:
 
 
 def _without_frozen(state: Any) -> Any:
-    """``state`` with its ``frozen`` field (the base weights) set to None, if it has one."""
+    """``state``'s fields other than ``frozen`` (the base weights) as a dict, if it has one.
+
+    A plain dict, not ``state``'s own type: orbax probes the item with ``isinstance``
+    against a protocol, which would evaluate properties such as `TrainState.tree`.
+    """
     if dataclasses.is_dataclass(state) and any(
         f.name == "frozen" for f in dataclasses.fields(state)
     ):
-        return dataclasses.replace(state, frozen=None)
-    if "frozen" in getattr(state, "_fields", ()):
-        return state._replace(frozen=None)
-    return state
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    elif "frozen" in getattr(state, "_fields", ()):
+        fields = state._asdict()
+    else:
+        return state
+    del fields["frozen"]
+    return fields
 
 
 def _with_frozen(state: Any, like: Any) -> Any:
     if _without_frozen(like) is like:
         return state
-    if dataclasses.is_dataclass(state):
-        return dataclasses.replace(state, frozen=like.frozen)
-    return state._replace(frozen=like.frozen)
+    if dataclasses.is_dataclass(like):
+        return dataclasses.replace(like, **state)
+    return like._replace(**state)
