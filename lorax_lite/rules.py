@@ -247,6 +247,21 @@ def _slice_factor(primitive, params, factor, axes, starts) -> jax.Array:
     return lax.slice(factor, start, limit, stride)
 
 
+def split(params: dict[str, Any], lora: LoraValue) -> list[LoraValue]:
+    """``split`` along any axis (a fused QKV kernel): the factors holding it split alike."""
+    axis, sizes = params["axis"], params["sizes"]
+    a_axes, b_axes = factor_axes(lora.layout)
+
+    def pieces(factor, axes):
+        if axis not in axes:
+            return [factor] * len(sizes)
+        return lax.split(factor, sizes, axis=axes.index(axis))
+
+    ws = lax.split(lora.w, sizes, axis=axis)
+    parts = zip(ws, pieces(lora.a, a_axes), pieces(lora.b, b_axes))
+    return [lora._replace(w=w, a=a, b=b) for w, a, b in parts]
+
+
 def squeeze(params: dict[str, Any], lora: LoraValue) -> LoraValue:
     """Drops size-1 axes of any role (one layer of a stack, one row of a table)."""
     gone = {d % lora.w.ndim for d in params["dimensions"]}

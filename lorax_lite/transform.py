@@ -191,6 +191,8 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
     out = None
     if p in _STRUCTURAL:
         out = _STRUCTURAL[p](params, invals[0])
+    elif p.name == "split":  # no public primitive object either
+        out = rules.split(params, invals[0])
     elif p.name in _PER_COMPONENT and lora_in == [True]:
         one = (lambda x: _bind(eqn, [x])[0]) if p.multiple_results else lambda x: _bind(eqn, [x])
         lora = invals[0]

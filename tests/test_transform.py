@@ -1,0 +1,769 @@
+"""`ll.lora(fn)`: outputs and gradients equal those of ``fn(merge(tree))``.
+
+Every case runs ``ll.lora(fn, strict=True)`` (so no use of a LoRA weight falls back
+to materializing it) eagerly and under ``jax.jit``, and compares the output and the
+gradients with respect to the trainable partition (``a``, ``b`` and `Trainable`
+leaves) with the same function of the merged weights, ``fn(ll.merge(tree))``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_trees_allclose
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lorax_lite as ll
+
+DENSE = ll.Layout.dense()
+STACKED = ll.Layout((0,), (1,), (2,))
+MODES = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+
+
+def normal(shape, seed, dtype=jnp.float32) -> jax.Array:
+    """Random data drawn with numpy, so that making test inputs compiles nothing."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
+
+
+def lora_weight(shape, layout=DENSE, *, rank=2, scale=0.7, seed=0, dtype=jnp.float32, dropout=0.0):
+    """A LoraWeight with random w, A and B (B non-zero, so the adapter shows)."""
+    a_shape, b_shape = layout.factor_shapes(shape, rank)
+    w, a, b = normal(shape, seed, dtype), normal(a_shape, seed + 1), normal(b_shape, seed + 2)
+    return ll.LoraWeight(w, a, b, scale, layout, dropout)
+
+
+def outputs_and_grads(apply, tree):
+    """Jitted: ``apply(tree)`` and the vector-Jacobian product of a fixed random
+    cotangent with respect to the trainable partition of ``tree``."""
+    trainable, frozen = ll.partition(tree)
+
+    def run(trainable):
+        out, vjp = jax.vjp(lambda t: apply(ll.combine(t, frozen)), trainable)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        cot = [normal(x.shape, 7 + i, x.dtype) for i, x in enumerate(leaves)]
+        return out, vjp(jax.tree_util.tree_unflatten(treedef, cot))[0]
+
+    return jax.jit(run)(trainable)
+
+
+_MERGED: dict[str, tuple] = {}
+
+
+def assert_matches_merged(case, fn, tree, *args, jit, rtol=1e-5):
+    """``lora(fn)`` (strict) and ``fn(merge(tree))`` agree on outputs and dtypes, and
+    under jit on the gradients w.r.t. the trainable partition too.
+
+    Eager mode runs the evaluator on concrete arrays (forward only, to keep the
+    suite fast); the merged reference is computed once per ``case``.
+    """
+    if case not in _MERGED:
+        _MERGED[case] = outputs_and_grads(lambda t: fn(ll.merge(t), *args), tree)
+    ref_out, ref_grads = _MERGED[case]
+    lora_fn = ll.lora(fn, strict=True)
+    if jit:
+        out, grads = outputs_and_grads(lambda t: lora_fn(t, *args), tree)
+        assert_trees_allclose(grads, ref_grads, rtol=rtol)
+    else:
+        out = lora_fn(tree, *args)
+    dtypes = lambda tree: [x.dtype for x in jax.tree_util.tree_leaves(tree)]
+    assert dtypes(out) == dtypes(ref_out)
+    assert_trees_allclose(out, ref_out, rtol=rtol)
+
+
+# ----- functions of one weight ----------------------------------------------------------
+
+X = lambda: normal((3, 5), 100)  # noqa: E731 - inputs are built lazily, per test
+XE = lambda: normal((3, 6, 5), 101)  # noqa: E731
+
+
+def _custom_jvp_fn():
+    @jax.custom_jvp
+    def layer(w, x):
+        return jnp.tanh(x @ w)
+
+    @layer.defjvp
+    def layer_jvp(primals, tangents):
+        (w, x), (dw, dx) = primals, tangents
+        y = layer(w, x)
+        return y, (1 - y**2) * (dx @ w + x @ dw)
+
+    return layer
+
+
+def _custom_vjp_fn():
+    @jax.custom_vjp
+    def layer(w, x):
+        return jnp.tanh(x @ w)
+
+    def fwd(w, x):
+        y = jnp.tanh(x @ w)
+        return y, (w, x, y)
+
+    def bwd(res, g):
+        w, x, y = res
+        gy = g * (1 - y**2)
+        return x.T @ gy, gy @ w.T
+
+    layer.defvjp(fwd, bwd)
+    return layer
+
+
+def _scan_layers(w, x):
+    return lax.scan(lambda h, wi: (jnp.tanh(h @ wi), jnp.sum(h)), x, w)
+
+
+def _conv_nchw(w, x):
+    dims = ("NCHW", "OIHW", "NCHW")
+    return lax.conv_general_dilated(
+        x, w, (2, 1), [(1, 1), (0, 1)], rhs_dilation=(1, 2), dimension_numbers=dims
+    )
+
+
+def _conv_1d(w, x):
+    return lax.conv_general_dilated(
+        x,
+        w,
+        (2,),
+        "SAME",
+        lhs_dilation=(1,),
+        rhs_dilation=(2,),
+        dimension_numbers=("NWC", "WIO", "NWC"),
+    )
+
+
+# name: (fn, weight factory, args factory, rtol)
+FUNCTIONS = {
+    "x@W": (lambda w, x: x @ w, lambda: lora_weight((5, 4)), lambda: (X(),), 1e-5),
+    "W-on-the-left": (
+        lambda w, x: lax.dot_general(w, x, (((0,), (1,)), ((), ()))),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "W.T@x.T": (lambda w, x: w.T @ x.T, lambda: lora_weight((5, 4)), lambda: (X(),), 1e-5),
+    "x@W.T": (lambda w, x: x @ w.T, lambda: lora_weight((4, 5)), lambda: (X(),), 1e-5),
+    "moe-einsum": (
+        lambda w, x: jnp.einsum("ebd,edf->ebf", x, w),
+        lambda: lora_weight((3, 5, 4), STACKED),
+        lambda: (XE(),),
+        1e-5,
+    ),
+    "moe-einsum-W-left": (
+        lambda w, x: jnp.einsum("edf,ebd->fbe", w, x),
+        lambda: lora_weight((3, 5, 4), STACKED),
+        lambda: (XE(),),
+        1e-5,
+    ),
+    "einsum-heads": (
+        lambda w, x: jnp.einsum("bsd,dhk->bshk", x, w),
+        lambda: lora_weight((5, 2, 3), ll.Layout((), (0,), (1, 2))),
+        lambda: (XE(),),
+        1e-5,
+    ),
+    "einsum-out-proj": (
+        lambda w, x: jnp.einsum("bshk,hkd->bsd", x, w),
+        lambda: lora_weight((2, 3, 5), ll.Layout((), (0, 1), (2,))),
+        lambda: (normal((2, 3, 2, 3), 102),),
+        1e-5,
+    ),
+    "conv-2d-nchw": (
+        _conv_nchw,
+        lambda: lora_weight((4, 3, 3, 2), ll.Layout((), (1, 2, 3), (0,))),
+        lambda: (normal((2, 3, 9, 8), 103),),
+        1e-5,
+    ),
+    "conv-1d-dilated": (
+        _conv_1d,
+        lambda: lora_weight((3, 2, 4), ll.Layout((), (0, 1), (2,))),
+        lambda: (normal((2, 9, 2), 104),),
+        1e-5,
+    ),
+    "embed-lookup": (
+        lambda w, i: w[i],
+        lambda: lora_weight((10, 4)),
+        lambda: (jnp.array([[1, 2, 9], [0, -1, 4]]),),
+        1e-5,
+    ),
+    "take-fill": (
+        lambda w, i: jnp.take(w, i, axis=0, mode="fill", fill_value=-3.0),
+        lambda: lora_weight((10, 4)),
+        lambda: (jnp.array([[1, 12, 9], [0, -1, 4]]),),
+        1e-5,
+    ),
+    "take-columns": (
+        lambda w, i: jnp.take(w, i, axis=1, mode="clip"),
+        lambda: lora_weight((10, 4)),
+        lambda: (jnp.array([[1, 7], [0, 3]]),),
+        1e-5,
+    ),
+    "row-index": (lambda w, x: x[0] * w[3], lambda: lora_weight((10, 5)), lambda: (X(),), 1e-5),
+    "expert-gather": (
+        lambda w, x: jnp.einsum("td,tkdf->tkf", x, w[jnp.array([[0, 2], [1, 1], [2, 0]])]),
+        lambda: lora_weight((3, 5, 4), STACKED),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "cast-bf16": (
+        lambda w, x: x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        2e-2,
+    ),
+    "bf16-weight": (
+        lambda w, x: x.astype(jnp.bfloat16) @ w,
+        lambda: lora_weight((5, 4), dtype=jnp.bfloat16),
+        lambda: (X(),),
+        2e-2,
+    ),
+    "transposes": (lambda w, x: x @ w.T.T, lambda: lora_weight((5, 4)), lambda: (X(),), 1e-5),
+    "reshape-split-fan-out": (
+        lambda w, x: jnp.einsum("bd,dhk->bhk", x, w.reshape(5, 2, 2)),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "reshape-after-transpose": (
+        lambda w, x: x @ w.T.reshape(6, 5).T,
+        lambda: lora_weight((5, 2, 3), ll.Layout((), (0,), (1, 2))),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "copy": (
+        lambda w, x: x @ jnp.array(w, copy=True),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "fused-qkv-split": (
+        lambda w, x: sum(x @ part for part in jnp.split(w, 3, axis=1)),
+        lambda: lora_weight((5, 6)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "reverse-stack": (
+        lambda w, x: jnp.einsum("ebd,edf->ebf", x, w[::-1]),
+        lambda: lora_weight((3, 5, 4), STACKED),
+        lambda: (XE(),),
+        1e-5,
+    ),
+    "broadcast": (
+        lambda w, x: jnp.einsum("ebd,edf->ebf", x, jnp.broadcast_to(w, (3, 5, 4))),
+        lambda: lora_weight((5, 4)),
+        lambda: (XE(),),
+        1e-5,
+    ),
+    "nested-jit": (
+        lambda w, x: jax.jit(lambda w, x: jnp.tanh(x @ w) @ w.T)(w, x),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "checkpoint": (
+        lambda w, x: jax.checkpoint(lambda w, x: jnp.tanh(x @ w))(w, x),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "custom-jvp": (
+        lambda w, x: _custom_jvp_fn()(w, x),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "custom-vjp": (
+        lambda w, x: _custom_vjp_fn()(w, x),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "cond": (
+        lambda w, x: lax.cond(x.sum() > 0, lambda: x @ w, lambda: -jnp.tanh(x @ w)),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "fori-loop": (
+        lambda w, x: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w @ w.T), x),
+        lambda: lora_weight((5, 4)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "lax.scan-stacked": (
+        _scan_layers,
+        lambda: lora_weight((3, 5, 5), STACKED),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "python-index-stacked": (
+        lambda w, x: jnp.tanh(x @ w[0]) @ w[2],
+        lambda: lora_weight((3, 5, 5), STACKED),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "fori-loop-index-stacked": (
+        lambda w, x: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w[i]), x),
+        lambda: lora_weight((3, 5, 5), STACKED),
+        lambda: (X(),),
+        1e-5,
+    ),
+}
+
+
+@MODES
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_function_matches_merged_weight(name, jit):
+    fn, make_weight, make_args, rtol = FUNCTIONS[name]
+    assert_matches_merged(name, fn, make_weight(), *make_args(), jit=jit, rtol=rtol)
+
+
+@MODES
+def test_while_loop_matches_merged_weight_forward_and_jvp(jit):
+    """``while_loop`` with a traced bound has no reverse mode: check outputs and a JVP."""
+    fn = lambda w, x, n: lax.while_loop(
+        lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w @ w.T)), (0, x)
+    )[1]
+    weight, x, n = lora_weight((5, 4)), X(), jnp.asarray(3)
+    tangent = ll.LoraWeight(jnp.zeros_like(weight.w), normal((5, 2), 9), normal((2, 4), 10), 0.7)
+    lora_fn = ll.lora(fn, strict=True)
+    run = lambda f: jax.jvp(
+        lambda a, b: f(ll.LoraWeight(weight.w, a, b, 0.7), x, n),
+        (weight.a, weight.b),
+        (tangent.a, tangent.b),
+    )
+    merged = lambda t, x, n: fn(ll.merge(t), x, n)
+    transform = jax.jit if jit else (lambda f: f)
+    out = transform(lambda: run(lora_fn))()
+    expected = transform(lambda: run(merged))()
+    assert_trees_allclose(out, expected)
+
+
+# ----- Flax layers and models --------------------------------------------------------
+
+
+class Tied(nn.Module):
+    """An embedding used as a lookup and, tied, as the output head (attend and W.T)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(11, 6)
+        h = nn.Dense(6)(embed(ids))
+        return embed.attend(h), h @ embed.embedding.T
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+class Block(nn.Module):
+    """A transformer block: Embed, LayerNorm, attention projections as DenseGeneral with
+    3-D kernels (two output axes for q/k/v, two contracting axes for the output), a
+    Dense MLP and the embedding tied as the output head."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(11, 8)
+        h = embed(ids)
+        y = nn.LayerNorm()(h)
+        q, k, v = (nn.DenseGeneral((2, 4), name=n)(y) for n in ("query", "key", "value"))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
+        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits), v)
+        h = h + nn.DenseGeneral(8, axis=(-2, -1), name="out")(att)
+        y = nn.LayerNorm()(h)
+        h = h + nn.Dense(8)(nn.gelu(nn.Dense(16)(y)))
+        return embed.attend(nn.LayerNorm()(h))
+
+
+class Layer(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return h + nn.Dense(6)(jnp.tanh(nn.Dense(12)(h))), None
+
+
+class ScanModel(nn.Module):
+    """Scan over layers with remat: kernels stacked on a leading axis."""
+
+    @nn.compact
+    def __call__(self, x):
+        layers = nn.scan(
+            nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        return nn.Dense(2)(layers()(x, None)[0])
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Conv(4, (3, 3), strides=(2, 1), padding=((1, 2), (0, 1)))(x))
+        h = nn.relu(nn.Conv(5, (2, 2), kernel_dilation=(2, 1), padding="VALID")(h))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+class BF16MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8, dtype=jnp.bfloat16)(x))
+        return nn.Dense(3, dtype=jnp.bfloat16)(h)
+
+
+IDS = lambda: jnp.array([[1, 2, 3, 4], [0, 5, 5, 10]])  # noqa: E731
+SEQ = lambda: normal((2, 4, 6), 200)  # noqa: E731
+
+# name: (module, input factory, LoraConfig kwargs, rtol)
+MODULES = {
+    "MultiHeadDotProductAttention": (
+        nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8),
+        SEQ,
+        {},
+        1e-5,
+    ),
+    "tied-embedding": (Tied(), IDS, {"targets": ("embedding", "Dense_0")}, 1e-5),
+    "Conv-1d": (
+        nn.Conv(4, (3,), strides=2, padding="SAME", kernel_dilation=2),
+        lambda: normal((2, 9, 3), 201),
+        {"targets": "kernel"},
+        1e-5,
+    ),
+    "ConvTranspose-2d": (
+        nn.ConvTranspose(3, (3, 3), strides=(2, 2)),
+        lambda: normal((2, 5, 4, 2), 202),
+        {"targets": "kernel"},
+        1e-5,
+    ),
+    "model-MLP": (MLP(), SEQ, {"train": ("Dense_1/bias",)}, 1e-5),
+    "model-transformer-block": (Block(), IDS, {"targets": ("all-linear", "embedding")}, 1e-5),
+    "model-scan-remat": (ScanModel(), SEQ, {}, 1e-5),
+    "model-conv-net": (ConvNet(), lambda: normal((2, 7, 6, 3), 203), {"targets": "kernel"}, 1e-5),
+    "model-bf16-compute": (BF16MLP(), SEQ, {}, 2e-2),
+}
+
+
+def lora_tree(apply, params, *args, **config):
+    """The tree ``ll.init`` makes (layouts learned from ``apply``), with random A and
+    non-zero B drawn in numpy: ``init`` runs abstractly, so nothing is compiled."""
+    config = ll.LoraConfig(**{"rank": 2, **config})
+    init = lambda p: ll.init(p, config, key=jax.random.key(1), fn=apply, args=args)
+    rng = np.random.default_rng(0)
+
+    def fill(node, param):
+        if isinstance(node, ll.LoraWeight):
+            fan_in = np.prod([param.shape[i] for i in node.layout.fan_in])
+            a = normal(node.a.shape, rng.integers(1 << 30)) / np.sqrt(fan_in)
+            b = 0.5 * normal(node.b.shape, rng.integers(1 << 30))
+            return ll.LoraWeight(param, a, b, node.scale, node.layout, node.dropout)
+        return ll.Trainable(param) if isinstance(node, ll.Trainable) else param
+
+    is_node = lambda x: isinstance(x, ll.LoraWeight | ll.Trainable)
+    return jax.tree_util.tree_map(fill, jax.eval_shape(init, params), params, is_leaf=is_node)
+
+
+_TREES: dict[str, tuple] = {}
+
+
+def module_case(name):
+    """The module, its input and LoRA tree for a case of MODULES (built once)."""
+    if name not in _TREES:
+        module, make_input, config, _ = MODULES[name]
+        x = make_input()
+        params = jax.jit(module.init)(jax.random.key(0), x)
+        _TREES[name] = module, x, lora_tree(module.apply, params, x, **config)
+    return _TREES[name]
+
+
+@MODES
+@pytest.mark.parametrize("name", MODULES)
+def test_flax_module_matches_merged_weight(name, jit):
+    module, x, tree = module_case(name)
+    rtol = MODULES[name][3]
+    assert any(
+        isinstance(n, ll.LoraWeight)
+        for n in jax.tree_util.tree_leaves(tree, is_leaf=ll.LoraWeight.__instancecheck__)
+    )
+    assert_matches_merged(name, module.apply, tree, x, jit=jit, rtol=rtol)
+
+
+class NNXModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(6, 8, rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.down = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.relu(self.norm(self.up(x))))
+
+
+@MODES
+def test_nnx_model_through_split_and_merge(jit):
+    graphdef, state = nnx.split(jax.jit(lambda: NNXModel(nnx.Rngs(0)))())
+    fn = lambda state, x: nnx.merge(graphdef, state)(x)
+    x = SEQ()
+    tree = lora_tree(fn, state, x, targets="kernel")
+    assert_matches_merged("nnx", fn, tree, x, jit=jit)
+
+
+@MODES
+def test_plain_jax_numpy_function(jit):
+    def fn(params, x):
+        h = jnp.tanh(x @ params["w1"] + params["b1"])
+        return jax.nn.log_softmax(h @ params["w2"])
+
+    params = {"w1": normal((6, 8), 1), "b1": jnp.zeros(8), "w2": normal((8, 3), 2)}
+    x = SEQ()
+    tree = lora_tree(fn, params, x, targets=("w1", "w2"), train=("b1",))
+    assert isinstance(tree["b1"], ll.Trainable)
+    assert_matches_merged("jax.numpy", fn, tree, x, jit=jit)
+
+
+def test_output_dtype_follows_the_model_compute_dtype():
+    """float32 factors on a bfloat16-computing model: the adapter computes in bfloat16."""
+    module, x, tree = module_case("model-bf16-compute")
+    out = ll.lora(module.apply)(tree, x)
+    assert out.dtype == module.apply(ll.merge(tree), x).dtype == jnp.bfloat16
+    jaxpr = jax.make_jaxpr(ll.lora(module.apply))(tree, x)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    # bfloat16 factors under a float32 model compute in float32.
+    config = ll.LoraConfig(rank=2, dtype="bfloat16")
+    params = jax.jit(MLP().init)(jax.random.key(0), x)
+    tree = ll.init(params, config, key=jax.random.key(1))
+    assert ll.lora(MLP().apply)(tree, x).dtype == jnp.float32
+
+
+# ----- no dense weight gradient ------------------------------------------------------
+
+
+class UniqueShapes(nn.Module):
+    """Targeted kernels of shapes found nowhere else: Dense (48, 80), Conv (3, 80, 13)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(80, name="up")(x))
+        return nn.Conv(13, (3,), name="conv")(h)
+
+
+def producers_of_shape(hlo: str, shape: tuple[int, ...], ops: tuple[str, ...]) -> list[str]:
+    """HLO instructions whose op is one of ``ops`` and whose result has ``shape``'s
+    dimensions in any order (XLA may lay a weight gradient out transposed)."""
+    shapes = "|".join(",".join(map(str, dims)) for dims in set(itertools.permutations(shape)))
+    pattern = re.compile(rf"= [a-z0-9]+\[({shapes})\](\{{[^}}]*\}})? ({'|'.join(ops)})\(")
+    return [line.strip() for line in hlo.splitlines() if pattern.search(line)]
+
+
+def train_step_hlo(loss, trainable, *args) -> str:
+    step = jax.jit(jax.value_and_grad(loss))
+    return step.lower(trainable, *args).compile().as_text()
+
+
+def test_no_dense_weight_gradient_in_the_compiled_train_step():
+    module, x = UniqueShapes(), normal((4, 5, 48), 300)
+    params = jax.jit(module.init)(jax.random.key(0), x)
+    tree = lora_tree(module.apply, params, x, targets="kernel")
+    trainable, frozen = ll.partition(tree)
+    apply = ll.lora(module.apply, strict=True)
+    lora_loss = lambda t, f, x: jnp.sum(apply(ll.combine(t, f), x) ** 2)
+    merged_loss = lambda t, f, x: jnp.sum(module.apply(ll.merge(ll.combine(t, f)), x) ** 2)
+    lora_hlo = train_step_hlo(lora_loss, trainable, frozen, x)
+    merged_hlo = train_step_hlo(merged_loss, trainable, frozen, x)
+    ops = ("dot", "convolution")
+    for shape in ((48, 80), (3, 80, 13)):
+        assert producers_of_shape(lora_hlo, shape, ops) == []
+        # The check can fail: merging first computes the full weight gradient.
+        assert producers_of_shape(merged_hlo, shape, ops), f"no dense {shape} gradient found"
+
+
+def test_scan_over_layers_never_forms_the_stacked_weight():
+    module, x, tree = module_case("model-scan-remat")
+    stacked = tree["params"]["ScanCheckpointLayer_0"]["Dense_0"]["kernel"]
+    assert stacked.w.shape == (3, 12, 6) and stacked.layout == STACKED
+    trainable, frozen = ll.partition(tree)
+    apply = ll.lora(module.apply, strict=True)
+    lora_loss = lambda t, f, x: jnp.sum(apply(ll.combine(t, f), x) ** 2)
+    merged_loss = lambda t, f, x: jnp.sum(module.apply(ll.merge(ll.combine(t, f)), x) ** 2)
+    ops = ("add", "dot")
+    lora_hlo = train_step_hlo(lora_loss, trainable, frozen, x)
+    for shape in ((3, 12, 6), (3, 6, 12), (12, 6), (6, 12)):
+        assert producers_of_shape(lora_hlo, shape, ops) == []
+    merged_hlo = train_step_hlo(merged_loss, trainable, frozen, x)
+    assert producers_of_shape(merged_hlo, (3, 12, 6), ops)
+    # The traced evaluation itself adds nothing of the stacked shape.
+    jaxpr = str(jax.make_jaxpr(lambda t: lora_loss(t, frozen, x))(trainable))
+    assert not re.search(r"f32\[3,12,6\] = (add|dot_general)", jaxpr)
+
+
+# ----- materialization fallback ------------------------------------------------------
+
+
+def test_unsupported_use_warns_once_naming_primitive_and_path():
+    tree = {"params": {"dense": {"kernel": lora_weight((5, 4))}}}
+    fn = lambda p, x: (
+        jnp.sum(p["params"]["dense"]["kernel"]) + x @ (p["params"]["dense"]["kernel"] * 2)
+    )
+    apply = ll.lora(fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = apply(tree, X())
+        apply(tree, X())
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages  # once per (primitive, path), not per call
+    assert any("'reduce_sum'" in m and "params/dense/kernel" in m for m in messages)
+    assert any("'mul'" in m and "params/dense/kernel" in m for m in messages)
+    assert_trees_allclose(out, fn(ll.merge(tree), X()))
+
+
+def test_strict_mode_raises_materialization_error():
+    tree = {"w": lora_weight((5, 4))}
+    with pytest.raises(ll.MaterializationError, match=r"'reduce_sum'.*\bw\b"):
+        ll.lora(lambda p: jnp.sum(p["w"]), strict=True)(tree)
+
+
+def test_partitioned_tree_is_refused_with_the_path():
+    trainable, _ = ll.partition({"dense": {"kernel": lora_weight((5, 4))}})
+    with pytest.raises(ValueError, match="dense/kernel"):
+        ll.lora(lambda p, x: x @ p["dense"]["kernel"])(trainable, X())
+
+
+# ----- dropout -----------------------------------------------------------------------
+
+
+def identity_adapter(d=64, rate=0.25, *, stack=()):
+    """w random, A = B = identity, scale 1: the output is ``x @ w + drop(x)``."""
+    eye = jnp.broadcast_to(jnp.eye(d), (*stack, d, d))
+    layout = ll.Layout(tuple(range(len(stack))), (len(stack),), (len(stack) + 1,))
+    return ll.LoraWeight(normal((*stack, d, d), 1), eye, eye, 1.0, layout, rate)
+
+
+def test_dropout_masks_only_the_adapter_input_at_the_expected_rate():
+    rate, d = 0.25, 64
+    weight, x = identity_adapter(d, rate), jnp.ones((64, d))
+    apply = ll.lora(lambda w, x: x @ w)
+    base = x @ weight.w
+    dropped = np.asarray(apply(weight, x, dropout_key=jax.random.key(0)) - base)
+    # The base path is untouched: what remains is x * mask / (1 - rate), entry by entry.
+    mask = np.abs(dropped) > 0.5
+    np.testing.assert_allclose(dropped[mask], 1 / (1 - rate), rtol=1e-4)
+    np.testing.assert_allclose(dropped[~mask], 0.0, atol=1e-4)
+    zeroed = 1 - mask.mean()
+    assert abs(zeroed - rate) < 5 * np.sqrt(rate * (1 - rate) / mask.size)
+
+
+@MODES
+def test_dropout_keys(jit):
+    weight, x = identity_adapter(16, 0.5), normal((8, 16), 2)
+    apply = ll.lora(lambda w, x: x @ w)
+    apply = jax.jit(apply) if jit else apply
+    key = jax.random.key(0)
+    same = apply(weight, x, dropout_key=key), apply(weight, x, dropout_key=key)
+    np.testing.assert_array_equal(same[0], same[1])
+    other = apply(weight, x, dropout_key=jax.random.key(1))
+    assert not np.allclose(same[0], other)
+    # No key (evaluation) is exactly the model without dropout.
+    no_dropout = ll.LoraWeight(weight.w, weight.a, weight.b, weight.scale, weight.layout, 0.0)
+    np.testing.assert_array_equal(apply(weight, x), apply(no_dropout, x))
+    assert_trees_allclose(apply(weight, x), x @ ll.merge(weight))
+
+
+def test_dropout_masks_differ_per_site_and_per_scanned_layer():
+    weight, x = identity_adapter(16, 0.5, stack=(3,)), jnp.ones((8, 16))
+    per_layer = lambda w, x: lax.scan(lambda c, wi: (c, x @ wi), 0.0, w)[1]
+    out = ll.lora(per_layer)(weight, x, dropout_key=jax.random.key(0))
+    masks = np.asarray(out - jnp.einsum("bd,ldf->lbf", x, weight.w)) != 0
+    assert not (masks[0] == masks[1]).all() and not (masks[1] == masks[2]).all()
+    two_sites = lambda w, x: (x @ w[0], x @ w[0])
+    first, second = ll.lora(two_sites)(weight, x, dropout_key=jax.random.key(0))
+    assert not np.allclose(first, second)
+
+
+# ----- composition with JAX transformations ------------------------------------------
+
+
+def test_grad_and_vmap_over_the_wrapped_function():
+    weight, xs = lora_weight((5, 4)), normal((8, 3, 5), 3)
+    fn = lambda w, x: jnp.tanh(x @ w)
+    lora_batched = jax.vmap(ll.lora(fn), in_axes=(None, 0))
+    merged_batched = jax.vmap(fn, in_axes=(None, 0))
+    assert_trees_allclose(lora_batched(weight, xs), merged_batched(ll.merge(weight), xs))
+    grad = lambda f: jax.grad(
+        lambda a, b: jnp.sum(f(ll.LoraWeight(weight.w, a, b, 0.7), xs) ** 2), (0, 1)
+    )
+    merged = lambda w, x: merged_batched(ll.merge(w), x)
+    assert_trees_allclose(
+        jax.jit(grad(lora_batched))(weight.a, weight.b), grad(merged)(weight.a, weight.b)
+    )
+
+
+def test_pmap_with_collectives_inside_fn():
+    n = jax.local_device_count()
+    assert n == 8, "conftest.py should give 8 fake CPU devices"
+    weight, xs = lora_weight((5, 4)), normal((n, 3, 5), 4)
+    fn = lambda w, x: lax.psum(jnp.tanh(x @ w), "devices")
+    out = jax.pmap(ll.lora(fn), in_axes=(None, 0), axis_name="devices")(weight, xs)
+    expected = jax.pmap(fn, in_axes=(None, 0), axis_name="devices")(ll.merge(weight), xs)
+    assert_trees_allclose(out, expected)
+
+
+def shard_map_fn():
+    return (
+        getattr(jax, "shard_map", None)
+        or __import__("jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+    )
+
+
+def test_shard_map_with_psum_inside_fn():
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    weight, xs = lora_weight((5, 4)), normal((16, 5), 5)
+    fn = lambda w, x: lax.psum(jnp.sum(jnp.tanh(x @ w) ** 2), "data")
+
+    def sharded(f):
+        return jax.jit(shard_map_fn()(f, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
+
+    loss = lambda f, w: sharded(f)(w, xs)
+    assert_trees_allclose(loss(ll.lora(fn), weight), loss(fn, ll.merge(weight)))
+    lora_grad = jax.grad(lambda a, b: loss(ll.lora(fn), ll.LoraWeight(weight.w, a, b, 0.7)), (0, 1))
+    merged_grad = jax.grad(
+        lambda a, b: loss(fn, ll.merge(ll.LoraWeight(weight.w, a, b, 0.7))), (0, 1)
+    )
+    assert_trees_allclose(lora_grad(weight.a, weight.b), merged_grad(weight.a, weight.b))
+
+
+def test_jit_with_named_sharding_inputs():
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    weight = lora_weight((5, 4))
+    xs = jax.device_put(normal((16, 5), 6), NamedSharding(mesh, P("data")))
+    replicated = jax.device_put(weight, NamedSharding(mesh, P()))
+    fn = lambda w, x: jnp.tanh(x @ w)
+    out = jax.jit(ll.lora(fn))(replicated, xs)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), out.ndim)
+    assert_trees_allclose(out, fn(ll.merge(weight), xs))
+
+
+def test_fn_is_traced_once_per_input_shapes_and_dtypes():
+    calls = []
+
+    def fn(w, x, *, scale=1.0):
+        calls.append(x.shape)
+        return scale * (x @ w)
+
+    apply = ll.lora(fn)
+    weight = lora_weight((5, 4))
+    for _ in range(3):
+        apply(weight, X())
+        apply(weight, X(), dropout_key=jax.random.key(0))
+    assert len(calls) == 1
+    apply(weight, normal((7, 5), 1))
+    apply(weight, X().astype(jnp.bfloat16))
+    assert len(calls) == 3
+    apply(weight, X(), scale=2.0)  # a new static argument is a new trace
+    assert len(calls) == 4
+    jax.jit(apply)(weight, X())  # jit traces the wrapper with the same shapes: cached
+    assert len(calls) == 4
