@@ -5,6 +5,11 @@ from .checkpoint import adapter_metadata as adapter_metadata
 from .checkpoint import load_adapter as load_adapter
 from .checkpoint import save_adapter as save_adapter
 from .config import LoraConfig as LoraConfig
+from .multi import AdapterSet as AdapterSet
+from .multi import Combined as Combined
+from .multi import combine_adapters as combine_adapters
+from .multi import route as route
+from .multi import vmap_train_step as vmap_train_step
 from .optim import optimizer as optimizer
 from .params import combine as combine
 from .params import count as count
@@ -35,6 +40,8 @@ from .weight import Trainable as Trainable
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterSet",
+    "Combined",
     "Layout",
     "LoraConfig",
     "LoraWeight",
@@ -46,6 +53,7 @@ __all__ = [
     "adapter_metadata",
     "cast_base",
     "combine",
+    "combine_adapters",
     "count",
     "fit",
     "from_peft",
@@ -58,6 +66,7 @@ __all__ = [
     "place",
     "pmap_train_step",
     "replicate",
+    "route",
     "save_adapter",
     "shard_batch",
     "sharded_train_step",
@@ -66,4 +75,5 @@ __all__ = [
     "train_step",
     "unmerge",
     "unreplicate",
+    "vmap_train_step",
 ]
