@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .checkpoint import content_hash
 from .params import combine
 from .targets import path_str
 from .train import TrainState, TrainStep, train_step
@@ -141,9 +142,11 @@ class AdapterSet:
         """One adapter as a full LoRA tree (padded rank, set scale), for `ll.lora(fn)`.
 
         Args:
-            which: a name, or an index (a Python int or an integer array, e.g. traced
-                under ``jax.jit``); ``-1`` selects the base model (zero adapter delta).
-                Traced indices must lie in ``[-1, len(self))``.
+            which: a name, or an integer index (a Python int or an integer array, e.g.
+                traced under ``jax.jit``); ``-1`` selects the base model (zero adapter
+                delta). A traced index cannot be checked: one outside ``[-1, len(self))``
+                gives NaN factors, so the outputs it touches are NaN, never another
+                adapter's.
 
         Returns:
             A LoRA tree with the structure of ``combine(stacked, frozen)`` minus the
@@ -152,21 +155,23 @@ class AdapterSet:
 
         Raises:
             KeyError: for an unknown name.
-            IndexError: for a Python int outside ``[-1, len(self))``.
+            IndexError: for a concrete index outside ``[-1, len(self))``.
+            TypeError: for an index that is not an integer scalar.
             ValueError: for ``-1`` when the base values of leaves trained in full
                 are unknown (pass ``base=`` to `from_trees`).
         """
-        index = self.index(which) if isinstance(which, str) else which
-        if isinstance(index, int | np.integer) and not -1 <= index < len(self):
-            raise IndexError(f"adapter index {index} outside [-1, {len(self)})")
+        index = self.index(which) if isinstance(which, str) else _as_index(which, len(self))
         return combine(self._pick(index), self.frozen)
 
     def _pick(self, index: int | jax.Array) -> Any:
         """The trainable partition of adapter ``index`` (``-1``: zero delta, base values)."""
-        concrete = isinstance(index, int | np.integer)
-        always = concrete and index >= 0
-        valid = True if always else index >= 0
-        j = index if always else jnp.maximum(index, 0)
+        always = isinstance(index, int) and index >= 0
+        if isinstance(index, int):
+            ok, fill = index >= 0, 0.0
+        else:  # traced: -1 gives the base, anything else outside the set NaN
+            ok = (index >= 0) & (index < len(self))
+            fill = jnp.where(index == -1, 0.0, jnp.nan)
+        j = index if always else jnp.clip(index, 0, len(self) - 1)
         gains = iter(self._gains())
         missing = []
 
@@ -176,7 +181,7 @@ class AdapterSet:
                 if gain is not None:
                     b = b * jnp.asarray(gain, b.dtype)[j]
                 if not always:
-                    b = jnp.where(valid, b, jnp.zeros_like(b))
+                    b = jnp.where(ok, b, jnp.asarray(fill, b.dtype))
                 return dataclasses.replace(node, a=node.a[j], b=b)
             if isinstance(node, Trainable):
                 if always:
@@ -184,7 +189,8 @@ class AdapterSet:
                 if base.value is None:
                     missing.append(path_str(path))
                     return Trainable(node.value[j])
-                return Trainable(jnp.where(valid, node.value[j], base.value))
+                value = jnp.where(index == -1, base.value, node.value[j])
+                return Trainable(jnp.where(ok | (index == -1), value, fill).astype(value.dtype))
             return None
 
         out = jax.tree_util.tree_map_with_path(pick, self.stacked, self.frozen, is_leaf=_is_node)
@@ -299,6 +305,20 @@ class AdapterSet:
         return jax.tree_util.tree_unflatten(treedef, [_base_leaf(x) for x in nodes])
 
 
+def _as_index(which: Any, n: int) -> int | jax.Array:
+    """A Python int for a concrete index (checked against ``[-1, n)``), else the tracer."""
+    if isinstance(which, jax.core.Tracer):
+        if jnp.ndim(which) != 0 or not jnp.issubdtype(jnp.result_type(which), jnp.integer):
+            raise TypeError(f"adapter index must be an integer scalar, got {which.aval}")
+        return which
+    arr = np.asarray(which)
+    if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"adapter index must be a name or an integer scalar, got {which!r}")
+    if not -1 <= int(arr) < n:
+        raise IndexError(f"adapter index {int(arr)} outside [-1, {n})")
+    return int(arr)
+
+
 def _leaves(tree: Any) -> list[Any]:
     return jax.tree_util.tree_leaves(tree)
 
@@ -346,6 +366,11 @@ def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
             problems.append(f"base: structure differs at {sorted(set(base_paths) ^ set(paths))}")
     if problems:
         raise ValueError("AdapterSet:\n  " + "\n  ".join(problems))
+    problems = _base_problems(paths, [(name, nodes) for name, _, nodes, _ in flat], base_nodes)
+    if problems:
+        raise ValueError(
+            "AdapterSet: the adapters were not made from the same base:\n  " + "\n  ".join(problems)
+        )
     names = [name for name, *_ in flat]
     frozen, stacked, ranks, scales = [], [], [], []
     for k, path in enumerate(paths):
@@ -366,6 +391,40 @@ def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
     return AdapterSet(
         unflatten(frozen), unflatten(stacked), tuple(names), by_adapter(ranks), by_adapter(scales)
     )
+
+
+def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: list) -> list[str]:
+    """Every leaf where an adapter's base weight differs from ``base``'s or the first one's.
+
+    Weights are compared by shape, dtype and `content_hash` (a strided sample), so a
+    large base is never read whole.
+    """
+    problems = []
+    for k, path in enumerate(paths):
+        # Values trained in full are the adapter's own, not the base: skip them.
+        weight = lambda x: x.w if isinstance(x, LoraWeight) else x
+        seen = [("base", base[k])] + [(name, weight(nodes[k])) for name, nodes in adapters]
+        seen = [(who, x) for who, x in seen if x is not None and not is_lora_node(x)]
+        if not seen:
+            continue
+        ref_name, ref = seen[0]
+        for who, x in seen[1:]:
+            why = _mismatch(x, ref)
+            if why:
+                problems.append(
+                    f"{path}: {who!r} has another base weight than {ref_name!r} ({why})"
+                )
+    return problems
+
+
+def _mismatch(x: Any, ref: Any) -> str | None:
+    """How array ``x`` differs from ``ref`` (shape and dtype, then a content hash), or None."""
+    if x is ref:
+        return None
+    got, want = (np.shape(x), jnp.result_type(x)), (np.shape(ref), jnp.result_type(ref))
+    if got != want:
+        return f"{got[0]} {got[1]} vs {want[0]} {want[1]}"
+    return None if content_hash(x) == content_hash(ref) else "same shape, different values"
 
 
 def _stack_node(path: str, column: list[Any], base_leaf: Any) -> tuple:
@@ -645,7 +704,14 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
         ``routed(adapters, adapter_ids, *batch, dropout_key=None, **kwargs)``: every
         ``batch`` leaf has the examples on axis 0; keyword arguments are passed to
         every example unbatched; with a ``dropout_key``, each example draws its own
-        masks. Returns ``fn``'s outputs stacked over the examples.
+        masks. Returns ``fn``'s outputs stacked over the examples. Under ``jax.jit``
+        the ids are traced and cannot be checked: an id outside ``[-1, len(adapters))``
+        makes that example's output NaN (see `AdapterSet.select`).
+
+    Raises:
+        TypeError: from ``routed``, for ids that are not integers.
+        ValueError: from ``routed``, for ids that are not one per example (a vector as
+            long as every batch leaf's leading axis), or concrete ids out of range.
 
     Example:
         >>> routed = jax.jit(route(model.apply))  # doctest: +SKIP
@@ -666,20 +732,35 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
         dropout_key: jax.Array | None = None,
         **kwargs: Any,
     ) -> Any:
-        ids = jnp.asarray(adapter_ids)
-        sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(batch)}
-        if ids.ndim != 1 or sizes - {ids.shape[0]}:
-            raise ValueError(
-                f"adapter_ids must be a vector with one id per example; got shape {ids.shape} "
-                f"for batch leaves with leading sizes {sorted(sizes, key=str)}"
-            )
+        if not isinstance(adapters, AdapterSet):
+            raise TypeError(f"routed: expected an AdapterSet, got {type(adapters).__name__}")
+        ids = _check_ids(adapter_ids, batch, len(adapters))
         keys = None if dropout_key is None else jax.random.split(dropout_key, ids.shape[0])
         # The set and the keyword arguments are closed over: unbatched, and kwargs may
         # hold Python values (flags) that the model branches on.
         mapped = jax.vmap(functools.partial(one_example, adapters, kwargs))
-        return mapped(ids.astype(jnp.int32), batch, keys)
+        return mapped(ids, batch, keys)
 
     return routed
+
+
+def _check_ids(adapter_ids: Any, batch: tuple, n: int) -> jax.Array:
+    """``adapter_ids`` as int32, checked: a vector, one per example, in ``[-1, n)`` if concrete."""
+    ids = jnp.asarray(adapter_ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"adapter_ids must be integers, got dtype {ids.dtype}")
+    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(batch)}
+    if ids.ndim != 1 or sizes - {ids.shape[0]}:
+        raise ValueError(
+            f"adapter_ids must be a vector with one id per example; got shape {ids.shape} "
+            f"for batch leaves with leading sizes {sorted(sizes, key=str)}"
+        )
+    if not isinstance(ids, jax.core.Tracer):
+        concrete = np.asarray(ids)
+        bad = np.unique(concrete[(concrete < -1) | (concrete >= n)])
+        if bad.size:
+            raise ValueError(f"adapter_ids {bad.tolist()} outside [-1, {n}) (-1: the base model)")
+    return ids.astype(jnp.int32)
 
 
 def vmap_train_step(
@@ -718,7 +799,8 @@ def vmap_train_step(
 
     Raises:
         ValueError: from ``init``, if the adapters' scales differ at a leaf (each
-            would need its own static scale), or the keys are not one per adapter.
+            would need its own static scale), if any adapter is padded (training would
+            fill the padding), or the keys are not one per adapter.
 
     Example:
         >>> init, step = vmap_train_step(loss_fn, optax.adam(1e-3))  # doctest: +SKIP
@@ -757,6 +839,13 @@ def _check_trainable_set(adapters: AdapterSet, keys: jax.Array) -> None:
     ]
     if problems:
         problems.append("(give the adapters equal alpha / rank to train them side by side)")
+    # Training would fill the zero padding: a rank-2 adapter would come back rank 4.
+    problems += [
+        f"{name}: {path} is padded from rank {r} to {full} (train adapters of equal ranks "
+        "on the same leaves)"
+        for name, leaves in adapters.padding.items()
+        for path, (r, full) in leaves.items()
+    ]
     if np.shape(keys) != (len(adapters),):
         problems.append(f"keys of shape {np.shape(keys)}, expected ({len(adapters)},)")
     if problems:

@@ -184,6 +184,41 @@ def test_structure_and_layout_problems_are_listed():
     assert_trees_equal(ok.get("a"), mlp)
 
 
+def test_adapters_of_another_base_are_refused():
+    mlp = make_adapter("mlp", 1, rank=2)
+    other_base = MODELS["mlp"].init(jax.random.key(5), X)
+    cfg = ll.LoraConfig(rank=2, alpha=4, targets="all-linear")
+    foreign = ll.init(other_base, cfg, key=jax.random.key(6), fn=MODELS["mlp"].apply, args=(X,))
+    with pytest.raises(ValueError) as err:
+        ll.AdapterSet.from_trees({"a": mlp, "b": foreign})
+    message = str(err.value)
+    for path in ("params/fc1/kernel", "params/fc2/kernel"):
+        want = f"{path}: 'b' has another base weight than 'a' (same shape, different values)"
+        assert want in message
+    assert "bias" not in message  # both bases have zero biases
+    half = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), PARAMS["mlp"])
+    wrong_dtype = r"fc1/bias: 'a' has another base.*'base' \(\(24,\) float32 vs"
+    with pytest.raises(ValueError, match=wrong_dtype):
+        ll.AdapterSet.from_trees({"a": mlp}, base=half)
+    adapters = ll.AdapterSet.from_trees({"a": mlp})
+    with pytest.raises(ValueError, match="'c' has another base weight than 'base'"):
+        adapters.add("c", foreign)
+
+
+def test_select_checks_concrete_indices():
+    adapters, _ = mixed_set("mlp")
+    with pytest.raises(IndexError, match=r"adapter index 3 outside \[-1, 3\)"):
+        adapters.select(jnp.int32(3))
+    with pytest.raises(IndexError, match=r"adapter index -2 outside"):
+        adapters.select(np.int64(-2))
+    with pytest.raises(TypeError, match="integer scalar"):
+        adapters.select(1.0)
+    with pytest.raises(TypeError, match="integer scalar"):
+        adapters.select(jnp.array([0, 1]))
+    with pytest.raises(TypeError, match="integer scalar"):
+        jax.jit(lambda i: adapters.select(i))(jnp.float32(0))
+
+
 # --- leaves trained in full -----------------------------------------------------------------
 
 
@@ -257,8 +292,9 @@ def test_cat_is_the_exact_weighted_sum_of_deltas(model):
         is_leaf=is_lora_node,
     )
     dense = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), dense)
+    stacked_forward = ll.lora(MODELS[model].apply, strict=True)  # strict: nothing merged
     assert_trees_allclose(
-        ll.lora(MODELS[model].apply)(combined.tree, X), MODELS[model].apply(dense, X), rtol=1e-5
+        stacked_forward(combined.tree, X), MODELS[model].apply(dense, X), rtol=1e-5
     )
 
 
@@ -387,6 +423,55 @@ def test_routing_draws_dropout_per_example_and_checks_ids():
         routed(adapters, jnp.zeros(3, jnp.int32), x)
 
 
+def test_routing_rejects_bad_ids_and_marks_traced_ones_nan():
+    adapters, trees = mixed_set("mlp")
+    routed = ll.route(MODELS["mlp"].apply)
+    with pytest.raises(ValueError, match=r"adapter_ids \[-2, 3\] outside \[-1, 3\)"):
+        routed(adapters, jnp.array([0, 3, -2, 3, 0, 0, 0]), X)
+    with pytest.raises(TypeError, match="must be integers"):
+        routed(adapters, jnp.zeros(7), X)
+    with pytest.raises(ValueError, match=r"one id per example; got shape \(7, 1\)"):
+        routed(adapters, jnp.zeros((7, 1), jnp.int32), X)
+    with pytest.raises(TypeError, match="expected an AdapterSet"):
+        routed(trees["a"], jnp.zeros(7, jnp.int32), X)
+    out = jax.jit(routed)(adapters, jnp.array([0, 3, -1, 1, -5, 2, 0]), X)
+    bad = np.isnan(np.asarray(out)).all(axis=1)
+    assert bad.tolist() == [False, True, False, False, True, False, False]
+    assert np.isfinite(np.asarray(out)[~bad]).all()
+
+
+def primitive_counts(jaxpr):
+    """``{primitive name: count}`` over a jaxpr and every jaxpr nested in its equations."""
+    counts = {}
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            for name, n in primitive_counts(sub).items():
+                counts[name] = counts.get(name, 0) + n
+    return counts
+
+
+def test_routing_program_does_not_grow_with_the_number_of_adapters():
+    """Gathers and batched matmuls: the same program for 2 adapters as for 6."""
+    model, x = MODELS["mlp"], jnp.tile(X, (2, 1))
+    ids = jnp.arange(14) % 3 - 1
+    counts = []
+    for n in (2, 6):
+        adapters = ll.AdapterSet.from_trees(
+            {f"t{i}": make_adapter("mlp", 20 + i, rank=3) for i in range(n)}
+        )
+        jaxpr = jax.make_jaxpr(ll.route(model.apply))(adapters, ids, x).jaxpr
+        counts.append(primitive_counts(jaxpr))
+        batched = [
+            e for e in jaxpr.eqns if e.primitive.name == "dot_general"
+            and e.params["dimension_numbers"][1][0]  # batch dimensions: one matrix per example
+        ]  # fmt: skip
+        assert len(batched) >= 4  # x@A and (x@A)@B for fc1 and fc2
+        assert counts[-1].get("gather", 0) >= 4  # each example's A and B
+        assert not {"while", "scan", "cond"} & set(counts[-1])
+    assert counts[0] == counts[1]
+
+
 # --- vmap_train_step -------------------------------------------------------------------------
 
 
@@ -434,6 +519,13 @@ def test_vmap_train_step_rejects_mixed_scales_and_bad_keys():
     init, _ = ll.vmap_train_step(mse_loss, optax.adam(1e-2))
     with pytest.raises(ValueError, match=r"params/fc1/kernel: scales \[0.5, 2.0\] differ"):
         init(adapters, jax.random.split(jax.random.key(0), 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = ll.AdapterSet.from_trees(
+            {"a": make_adapter("mlp", 1, rank=2), "d": make_adapter("mlp", 4, rank=4, alpha=8)}
+        )
+    with pytest.raises(ValueError, match=r"a: params/fc1/kernel is padded from rank 2 to 4"):
+        init(padded, jax.random.split(jax.random.key(0), 2))
     one = ll.AdapterSet.from_trees({"a": make_adapter("mlp", 1, rank=2)})
     with pytest.raises(ValueError, match=r"keys of shape \(2,\), expected \(1,\)"):
         init(one, jax.random.split(jax.random.key(0), 2))
