@@ -1,0 +1,1 @@
+"""Performance benchmarks: the train-step and inference harness (`train_step`)."""

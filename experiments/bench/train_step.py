@@ -1,0 +1,782 @@
+"""Train-step and inference benchmark: lorax_lite LoRA against its yardsticks on a GPT-2.
+
+Each variant runs in its own subprocess (clean peak memory, no shared compile
+caches): it builds the model, compiles the step (compile time), warms up, then
+answers ``run N`` requests from this process with N synchronized step times. With
+``--repeats R > 1`` all workers stay alive and the repeats are interleaved across
+variants (rotating the order), so that load from other programs hits every variant
+alike; ratios are then taken within each repeat and summarized by their median
+and range.
+
+Train variants (``--mode train``):
+  lora          lorax_lite: ``ll.init`` (all-linear, lm_head excluded), ``ll.lora(model.apply)``,
+                gradients of the trainable partition only, ``ll.optimizer(optax.adamw)``.
+  full          full fine-tuning of the same model, ``optax.adamw`` on every parameter.
+  materialized  the same LoRA computed the naive way: ``model.apply(ll.merge(tree))``.
+  inline        a hand-written inline LoRA GPT (``x@W + s*(x@A)@B`` in Flax; the yardstick).
+  peft, peft-eager, torch-full
+                torch + transformers GPT-2 (+ peft LoRA), torch.compile'd except
+                ``peft-eager``; skipped when torch, transformers or peft do not import.
+Inference variants (``--mode inference``): ``base`` (the plain model), ``merged``
+(``model.apply(ll.merge(tree))`` with the merge done once, outside the timing) and
+``unmerged`` (``ll.lora(model.apply)(tree)``).
+
+Example:
+    python -m experiments.bench.train_step --config small --batch 16 --seq 1024 --dtype bfloat16
+    python -m experiments.bench.train_step --small --variants lora,full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+TRAIN_VARIANTS = ("lora", "full", "materialized", "inline", "peft", "peft-eager", "torch-full")
+INFERENCE_VARIANTS = ("base", "merged", "unmerged")
+TORCH_VARIANTS = ("peft", "peft-eager", "torch-full")
+REFERENCE = {"train": "lora", "inference": "base"}
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # = "all-linear" without lm_head, as PEFT
+PROTOCOL = "@@"  # prefix of the worker's protocol lines on stdout
+# ``--small``: a tiny model, few steps; every flag given explicitly overrides these.
+SMALL = dict(config="custom", d_model=64, layers=2, heads=2, vocab=256, batch=2, seq=32)
+SMALL.update(steps=3, warmup=1)
+# ``--small`` workers compile with XLA's cheap pipeline (about 3x less compile time on CPU):
+# their timings test the harness, not the model.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line flags (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--mode", choices=("train", "inference"), default="train")
+    p.add_argument("--config", default="small", help="tiny|small|medium|large|xl|custom")
+    p.add_argument("--d-model", type=int, help="override the preset's width")
+    p.add_argument("--layers", type=int, help="override the preset's n_layer")
+    p.add_argument("--heads", type=int, help="override the preset's n_head")
+    p.add_argument("--vocab", type=int, help="override the vocabulary size (default 50257)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (>1: paired)")
+    p.add_argument("--dtype", default="auto", help="compute dtype; auto: bf16 on GPU, else f32")
+    p.add_argument("--base-dtype", default="float32", help="dtype of the frozen base weights")
+    p.add_argument("--remat", action="store_true", help="activation checkpointing per block")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="for MFU (H200 bf16: 790)")
+    p.add_argument("--variants", help="comma-separated; default: all of the mode's variants")
+    p.add_argument("--small", action="store_true", help="a tiny run (< 1 min on CPU) for tests")
+    p.add_argument("--out", default="experiments/results/bench", help="output path stem")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    if p.parse_known_args(argv)[0].small:  # defaults only: flags given explicitly still win
+        p.set_defaults(**SMALL)
+    return p.parse_args(argv)
+
+
+# ----- the model and its FLOPs -------------------------------------------------------------
+
+
+def model_config(args: argparse.Namespace, *, lora_rank: int = 0) -> Any:
+    """The `GPTConfig` of a run (``lora_rank > 0``: the inline LoRA variant)."""
+    import jax
+
+    from experiments.models.gpt import PRESETS, make_config
+
+    overrides = dict(d_model=args.d_model, n_layer=args.layers, n_head=args.heads)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.vocab is not None:
+        overrides["vocab_size"] = args.vocab
+    default_len = PRESETS.get(args.config, {}).get("max_len", 1024)
+    max_len = args.seq if args.config == "custom" else max(default_len, args.seq)
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    return make_config(
+        args.config,
+        **overrides,
+        max_len=max_len,
+        dtype=dtype,
+        remat=args.remat,
+        lora_rank=lora_rank,
+        lora_alpha=args.alpha if lora_rank else 0.0,
+    )
+
+
+def flops_per_token(config: Any, seq: int, rank: int, variant: str, mode: str) -> float:
+    """Model FLOPs per token, counted analytically (matmuls only, embeddings free).
+
+    Forward: ``2N`` for the ``N`` weights of the linear layers (blocks and lm_head),
+    ``4 L T d`` for attention scores and values, ``2 r (d_in + d_out)`` per adapter.
+    Training triples the forward for trained weights (``6N``) and doubles it for
+    frozen ones (``4N``: input gradients only); attention and adapters train (x3).
+    """
+    d, n_layer = config.d_model, config.n_layer
+    n_linear = n_layer * 12 * d * d + d * config.vocab_size
+    attention = 4 * n_layer * seq * d
+    adapters = 2 * rank * n_layer * 16 * d  # sum of d_in + d_out over the 4 linears is 16d
+    if mode == "inference":
+        return 2 * n_linear + attention + (adapters if variant == "unmerged" else 0)
+    if variant in ("full", "torch-full"):
+        return 6 * n_linear + 3 * attention
+    return 4 * n_linear + 3 * attention + 3 * adapters
+
+
+class Runner(NamedTuple):
+    """A compiled step: ``step(state) -> (state, loss)``, its first state, and facts."""
+
+    step: Callable[[Any], tuple[Any, Any]]
+    state: Any
+    info: dict[str, Any]
+    sync: Callable[[Any], Any]
+
+
+def _tokens(config: Any, args: argparse.Namespace) -> Any:
+    import jax
+
+    key = jax.random.key(1)
+    return jax.random.randint(key, (args.batch, args.seq), 0, config.vocab_size)
+
+
+def _cast_floats(tree: Any, dtype: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def _lora_tree(args: argparse.Namespace, model: Any, params: Any, tokens: Any) -> Any:
+    import jax
+
+    import lorax_lite as ll
+
+    config = ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets=LORA_TARGETS)
+    return ll.init(params, config, key=jax.random.key(2), fn=model.apply, args=(tokens,))
+
+
+def inline_from_lora(tree: Any) -> Any:
+    """The inline-LoRA model's parameters (``kernel``, ``lora_a``, ``lora_b``) from a LoRA tree."""
+    import lorax_lite as ll
+
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, ll.LoraWeight):
+                out.update(kernel=value.w, lora_a=value.a, lora_b=value.b)
+            else:
+                out[key] = inline_from_lora(value)
+        return out
+    return tree.value if isinstance(tree, ll.Trainable) else tree
+
+
+def _nonzero_adapters(tree: Any) -> Any:
+    """``B = 0.01`` everywhere, so that merged and unmerged weights differ from the base."""
+    import dataclasses
+
+    import jax
+
+    import lorax_lite as ll
+
+    bump = lambda n: dataclasses.replace(n, b=n.b + 0.01) if isinstance(n, ll.LoraWeight) else n
+    return jax.tree_util.tree_map(bump, tree, is_leaf=lambda n: isinstance(n, ll.LoraWeight))
+
+
+def _compile(fn: Callable, state: Any, *extras: Any, donate: bool = True) -> tuple[Callable, float]:
+    """AOT-compiles ``fn(state, *extras)``; returns ``step(state)`` and the compile seconds."""
+    import jax
+
+    start = time.perf_counter()
+    jitted = jax.jit(fn, donate_argnums=(0,) if donate else ())
+    compiled = jitted.lower(state, *extras).compile()
+    return (lambda s: compiled(s, *extras)), time.perf_counter() - start
+
+
+def _adamw_step(loss_fn: Callable, tx: Any) -> Callable:
+    """``(params, opt_state), *extras -> (new state, loss)`` for ``loss_fn(params, *extras)``."""
+    import jax
+    import optax
+
+    def step(state, *extras):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, *extras)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    return step
+
+
+def _train_parts(variant: str, args: argparse.Namespace) -> tuple[Callable, Any, Any, Any]:
+    """``(loss(trainable, frozen, tokens), trainable, frozen, tx)`` of a JAX train variant."""
+    import jax
+    import optax
+    from flax import traverse_util
+
+    import lorax_lite as ll
+    from experiments.models.gpt import GPT, causal_lm_loss
+
+    config = model_config(args)
+    model, tokens = GPT(config), _tokens(config, args)
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:1])
+    loss_of = lambda apply: lambda p, t: causal_lm_loss(apply(p, t), t)
+    if variant == "full":
+        loss = loss_of(model.apply)
+        return (lambda tr, fr, t: loss(tr, t)), params, {}, optax.adamw(args.lr)
+    if variant in ("lora", "materialized"):
+        trainable, frozen = ll.partition(_lora_tree(args, model, params, tokens))
+        if variant == "lora":
+            loss = loss_of(ll.lora(model.apply))
+        else:  # the naive way: form w + s*A@B, then run the plain model
+            loss = loss_of(lambda p, t: model.apply(ll.merge(p), t))
+        return (
+            lambda tr, fr, t: loss(ll.combine(tr, fr), t),
+            trainable,
+            _cast_floats(frozen, args.base_dtype),
+            ll.optimizer(optax.adamw(args.lr)),
+        )
+    if variant == "inline":
+        inline = GPT(model_config(args, lora_rank=args.rank))
+        flat = traverse_util.flatten_dict(inline_from_lora(_lora_tree(args, model, params, tokens)))
+        trainable = {k: v for k, v in flat.items() if k[-1] in ("lora_a", "lora_b")}
+        frozen = {k: v for k, v in flat.items() if k not in trainable}
+        loss = loss_of(inline.apply)
+        return (
+            lambda tr, fr, t: loss(traverse_util.unflatten_dict({**tr, **fr}), t),
+            trainable,
+            _cast_floats(frozen, args.base_dtype),
+            optax.adamw(args.lr),
+        )
+    raise ValueError(f"unknown JAX train variant {variant!r}")
+
+
+def build_jax_train(variant: str, args: argparse.Namespace) -> Runner:
+    """The compiled train step of ``lora``, ``full``, ``materialized`` or ``inline``."""
+    import jax
+
+    loss, trainable, frozen, tx = _train_parts(variant, args)
+    tokens = _tokens(model_config(args), args)
+    state = (trainable, tx.init(trainable))
+    run, compile_s = _compile(_adamw_step(loss, tx), state, frozen, tokens)
+    size = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+    info = dict(
+        compile_s=compile_s,
+        n_trainable=size(trainable),
+        n_total=size(trainable) + size(frozen),
+    )
+    return Runner(run, state, info, jax.block_until_ready)
+
+
+def build_jax_inference(variant: str, args: argparse.Namespace) -> Runner:
+    """The compiled forward pass of ``base``, ``merged`` or ``unmerged`` (non-zero adapters)."""
+    import jax
+
+    import lorax_lite as ll
+    from experiments.models.gpt import GPT
+
+    config = model_config(args)
+    model, tokens = GPT(config), _tokens(config, args)
+    params = jax.jit(model.init)(jax.random.key(0), tokens[:1])
+    tree = _cast_floats(_lora_tree(args, model, params, tokens), args.base_dtype)
+    tree = _nonzero_adapters(tree)
+    if variant == "base":
+        apply, weights = model.apply, _cast_floats(params, args.base_dtype)
+    elif variant == "merged":
+        apply, weights = model.apply, jax.jit(ll.merge)(tree)
+    elif variant == "unmerged":
+        apply, weights = ll.lora(model.apply), tree
+    else:
+        raise ValueError(f"unknown inference variant {variant!r}")
+    # Summing all logits keeps every position's lm_head product alive in the compiled graph.
+    forward = lambda state, w, t: (state, apply(w, t).astype("float32").sum())
+    run, compile_s = _compile(forward, jax.numpy.zeros(()), weights, tokens, donate=False)
+    n_total = sum(x.size for x in jax.tree_util.tree_leaves(weights))
+    info = dict(compile_s=compile_s, n_trainable=0, n_total=int(n_total))
+    return Runner(run, jax.numpy.zeros(()), info, jax.block_until_ready)
+
+
+def build_torch_train(variant: str, args: argparse.Namespace) -> Runner:
+    """A torch + transformers GPT-2 train step: PEFT LoRA or full fine-tuning, AdamW."""
+    import torch
+    import transformers
+
+    config = model_config(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(
+        vocab_size=config.vocab_size,
+        n_positions=config.max_len,
+        n_embd=config.d_model,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+    )
+    model = transformers.GPT2LMHeadModel(hf_config).to(device)
+    if args.remat:
+        model.gradient_checkpointing_enable()
+    if variant != "torch-full":
+        import peft
+
+        model = model.to(getattr(torch, args.base_dtype))
+        lora_config = peft.LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,
+            target_modules=list(LORA_TARGETS),
+            lora_dropout=0.0,
+            fan_in_fan_out=True,  # GPT-2's Conv1D stores (in, out) like a Flax kernel
+        )
+        model = peft.get_peft_model(model, lora_config)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, fused=device == "cuda")
+    forward = model if variant == "peft-eager" else torch.compile(model)
+    tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    half = config.dtype in ("bfloat16", "float16")
+
+    def step(state):
+        with torch.autocast(device, dtype=getattr(torch, config.dtype), enabled=half):
+            loss = forward(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return state, loss.detach()
+
+    def sync(_):
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    info = dict(
+        compile_s=None,  # torch.compile compiles in the first step
+        n_trainable=sum(p.numel() for p in trained),
+        n_total=sum(p.numel() for p in model.parameters()),
+    )
+    return Runner(step, None, info, sync)
+
+
+def build(variant: str, args: argparse.Namespace) -> Runner:
+    """The runner of ``variant`` in ``args.mode``."""
+    if args.mode == "inference":
+        return build_jax_inference(variant, args)
+    if variant in TORCH_VARIANTS:
+        return build_torch_train(variant, args)
+    return build_jax_train(variant, args)
+
+
+# ----- the worker process ---------------------------------------------------------------
+
+
+def _emit(**message: Any) -> None:
+    print(PROTOCOL + json.dumps(message), flush=True)
+
+
+def peak_memory(variant: str) -> tuple[int, str]:
+    """Peak bytes of this process: the accelerator allocator's peak, else peak RSS."""
+    if variant in TORCH_VARIANTS:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
+    elif "jax" in sys.modules:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return int(stats["peak_bytes_in_use"]), "peak_bytes_in_use"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+
+
+def _timed_steps(runner: Runner, state: Any, n: int) -> tuple[Any, Any, list[float], list[float]]:
+    """Runs ``n`` synchronized steps; their wall-clock and process CPU times."""
+    walls, cpus, loss = [], [], None
+    for _ in range(n):
+        wall, cpu = time.perf_counter(), time.process_time()
+        state, loss = runner.step(state)
+        runner.sync((state, loss))
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return state, loss, walls, cpus
+
+
+def worker(args: argparse.Namespace) -> int:
+    """Builds one variant, compiles and warms it up, then serves ``run N`` / ``stop``."""
+    variant = args.worker
+    try:
+        runner = build(variant, args)
+        state, loss, first, _ = _timed_steps(runner, runner.state, 1)
+        loss_start = float(loss)
+        state, loss, _, _ = _timed_steps(runner, state, args.warmup)
+    except ImportError as error:
+        _emit(status="skipped", reason=f"{type(error).__name__}: {error}")
+        return 0
+    except Exception:
+        _emit(status="failed", reason=traceback.format_exc(limit=4))
+        return 1
+    compile_s = runner.info["compile_s"] or 0.0
+    _emit(
+        status="ok",
+        **runner.info,
+        first_step_s=compile_s + first[0],
+        loss_start=loss_start,
+        machine=machine_facts(),
+    )
+    for line in sys.stdin:
+        command, *rest = line.split()
+        if command == "run":
+            state, loss, walls, cpus = _timed_steps(runner, state, int(rest[0]))
+            _emit(times=walls, cpu_times=cpus)
+        elif command == "stop":
+            peak, source = peak_memory(variant)
+            _emit(peak_bytes=peak, memory_source=source, loss_end=float(loss))
+            return 0
+    return 0
+
+
+# ----- the parent: workers, interleaving, summary ---------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def machine_facts() -> dict[str, Any]:
+    """Backend, device, versions and host of this process (imports JAX and starts its backend)."""
+    from importlib import metadata
+
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    import lorax_lite
+
+    device = jax.devices()[0]
+    facts = dict(
+        backend=jax.default_backend(),
+        device=device.device_kind,
+        n_devices=jax.device_count(),
+        jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
+        flax=flax.__version__,
+        optax=optax.__version__,
+        lorax_lite=lorax_lite.__version__,
+    )
+    for package in ("torch", "transformers", "peft"):
+        try:
+            facts[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            facts[package] = None
+    facts.update(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        processor=platform.processor() or platform.machine(),
+        cpu_count=os.cpu_count(),
+    )
+    return facts
+
+
+class Worker(NamedTuple):
+    """A running worker process and the file collecting its stderr."""
+
+    variant: str
+    proc: subprocess.Popen
+    stderr: Any
+
+
+def _env(coexisting: bool, small: bool = False) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    if coexisting:  # several workers share the accelerator: allocate on demand
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if small:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+    return env
+
+
+def probe() -> dict[str, Any]:
+    """`machine_facts` from a short subprocess (the parent never holds a device).
+
+    Only needed when no worker started: each worker reports the facts itself.
+    """
+    code = "import json; from experiments.bench.train_step import machine_facts as f; "
+    code += "print(json.dumps(f()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker_argv(args: argparse.Namespace, variant: str) -> list[str]:
+    flags = ["mode", "config", "d_model", "layers", "heads", "vocab", "batch", "seq", "steps"]
+    flags += ["warmup", "dtype", "base_dtype", "rank", "alpha", "lr"]
+    argv = [sys.executable, "-m", "experiments.bench.train_step", "--worker", variant]
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ["--" + flag.replace("_", "-"), str(value)]
+    return argv + (["--remat"] if args.remat else [])
+
+
+def _start(args: argparse.Namespace, variant: str, coexisting: bool) -> Worker:
+    import tempfile
+
+    stderr = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
+        _worker_argv(args, variant),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        cwd=ROOT,
+        env=_env(coexisting, args.small),
+    )
+    return Worker(variant, proc, stderr)
+
+
+def _read(worker: Worker) -> dict[str, Any]:
+    """The worker's next protocol message; a ``failed`` one if it died."""
+    for line in worker.proc.stdout:
+        if line.startswith(PROTOCOL):
+            return json.loads(line[len(PROTOCOL) :])
+    worker.proc.wait()
+    worker.stderr.seek(0)
+    tail = worker.stderr.read()[-2000:]
+    return dict(status="failed", reason=f"worker exited {worker.proc.returncode}: {tail}")
+
+
+def _request(worker: Worker, command: str) -> dict[str, Any]:
+    try:
+        worker.proc.stdin.write(command + "\n")
+        worker.proc.stdin.flush()
+    except BrokenPipeError:
+        pass
+    return _read(worker)
+
+
+def run_variants(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Runs every variant; with ``repeats > 1`` all workers live at once and take turns."""
+    from tqdm import tqdm
+
+    records = {v: dict(variant=v, times=[], cpu_times=[]) for v in variants}
+    groups = [variants] if args.repeats > 1 else [[v] for v in variants]
+    bar = tqdm(total=len(variants) * (args.repeats + 1), desc=f"bench {args.mode}", file=sys.stderr)
+    for group in groups:
+        workers = []
+        for variant in group:  # one at a time, so that compile times are not contended
+            bar.set_postfix_str(f"compiling {variant}")
+            worker = _start(args, variant, coexisting=len(group) > 1)
+            records[variant].update(_read(worker))
+            bar.update()
+            if records[variant]["status"] == "ok":
+                workers.append(worker)
+            else:
+                worker.proc.wait()
+        for repeat in range(args.repeats):
+            shift = repeat % max(len(workers), 1)
+            for worker in workers[shift:] + workers[:shift]:
+                bar.set_postfix_str(f"repeat {repeat + 1}: {worker.variant}")
+                reply = _request(worker, f"run {args.steps}")
+                if "times" in reply:
+                    records[worker.variant]["times"].append(reply["times"])
+                    records[worker.variant]["cpu_times"].append(reply["cpu_times"])
+                else:  # the worker died; its record says why
+                    records[worker.variant].update(reply)
+                bar.update()
+        for worker in workers:
+            records[worker.variant].update(_request(worker, "stop"))
+            worker.proc.wait()
+    bar.close()
+    return records
+
+
+def summarize(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Medians, tokens/s, TFLOP/s, MFU per variant, and paired ratios to the reference."""
+    config = model_config(args)
+    tokens_per_step = args.batch * args.seq
+    rows = {}
+    for variant, rec in records.items():
+        row = {k: v for k, v in rec.items() if k not in ("times", "cpu_times")}
+        repeats = [t for t in rec["times"] if t]
+        cpu_repeats = [t for t in rec["cpu_times"] if t]
+        if rec.get("status") == "ok" and repeats:
+            step_s = statistics.median(t for r in repeats for t in r)
+            fpt = flops_per_token(config, args.seq, args.rank, variant, args.mode)
+            tflops = tokens_per_step / step_s * fpt / 1e12
+            row.update(
+                step_s=step_s,
+                repeat_medians_s=[statistics.median(r) for r in repeats],
+                step_times_s=repeats,
+                cpu_step_s=statistics.median(t for r in cpu_repeats for t in r),
+                cpu_repeat_medians_s=[statistics.median(r) for r in cpu_repeats],
+                cpu_times_s=cpu_repeats,
+                tokens_per_s=tokens_per_step / step_s,
+                flops_per_token=fpt,
+                tflops=tflops,
+                mfu=tflops / args.peak_tflops,
+            )
+        rows[variant] = row
+    reference = REFERENCE[args.mode]
+    return dict(
+        variants=rows,
+        ratios=paired_ratios(rows, reference),
+        cpu_ratios=paired_ratios(rows, reference, key="cpu_repeat_medians_s"),
+    )
+
+
+def paired_ratios(
+    rows: dict[str, dict[str, Any]], reference: str, key: str = "repeat_medians_s"
+) -> dict[str, dict[str, Any]]:
+    """``step time of X / step time of reference``, per repeat; median and range.
+
+    ``key`` picks the per-repeat medians: wall clock (default) or ``cpu_repeat_medians_s``.
+    """
+    ref = rows.get(reference, {}).get(key)
+    out = {}
+    for variant, row in rows.items():
+        mine = row.get(key)
+        if variant == reference or not ref or not mine or len(mine) != len(ref):
+            continue
+        per_repeat = [m / r for m, r in zip(mine, ref)]
+        out[f"{variant}/{reference}"] = dict(
+            median=statistics.median(per_repeat), min=min(per_repeat), max=max(per_repeat),
+            per_repeat=per_repeat,
+        )  # fmt: skip
+    return out
+
+
+def _load(load: list[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _ratio_text(ratio: dict[str, Any] | None, is_reference: bool) -> str:
+    if is_reference:
+        return "1"
+    if not ratio:
+        return "-"
+    return f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})"
+
+
+def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """The results table, in Markdown; ratios are medians (range) over paired repeats."""
+    m, ref = result["machine"], REFERENCE[args.mode]
+    lines = [
+        f"## {args.mode} step, GPT {result['model']}, batch {args.batch} x seq {args.seq}",
+        "",
+        f"`{result['command']}`  ",
+        f"commit {result['commit'][:12]}, {m['device']} ({m['backend']}), jax {m['jax']}, "
+        f"compute {args.dtype}, base {args.base_dtype}, remat {args.remat}, "
+        f"rank {args.rank}, {args.repeats} repeat(s) x {args.steps} steps, "
+        f"load average {_load(result['load_average']['before'])} before, "
+        f"{_load(result['load_average']['after'])} after"
+        + (f"; uncommitted changes in {', '.join(result['dirty'])}" if result["dirty"] else ""),
+        "",
+        f"| variant | tokens/s | step ms (median) | repeat medians ms | time / {ref} "
+        f"| CPU time / {ref} | TFLOP/s | MFU | peak memory | first step s | trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, row in result["variants"].items():
+        if "step_s" not in row:
+            reason = row.get("reason", "no timings").strip().splitlines()[-1]
+            lines.append(f"| {variant} | {row.get('status', 'failed')}: {reason} |" + " |" * 9)
+            continue
+        medians, peak = row["repeat_medians_s"], row.get("peak_bytes")
+        wall = _ratio_text(result["ratios"].get(f"{variant}/{ref}"), variant == ref)
+        cpu = _ratio_text(result["cpu_ratios"].get(f"{variant}/{ref}"), variant == ref)
+        lines.append(
+            f"| {variant} | {row['tokens_per_s']:,.0f} | {row['step_s'] * 1e3:.1f} "
+            f"| {min(medians) * 1e3:.1f}-{max(medians) * 1e3:.1f} | {wall} | {cpu} "
+            f"| {row['tflops']:.3f} | {row['mfu'] * 100:.2f}% "
+            f"| {_fmt(peak and peak / 2**30, '.2f')} GiB ({row.get('memory_source', '')}) "
+            f"| {row['first_step_s']:.1f} | {row['n_trainable']:,} |"
+        )
+    lines += [
+        "",
+        f"Ratios: step time of the variant over {ref}'s, per interleaved repeat; median (range). "
+        f"MFU against {args.peak_tflops:g} TFLOP/s; FLOPs per token counted analytically.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, result: dict[str, Any]) -> None:
+    """Tokens/s per variant with the range of the repeat medians."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(v, r) for v, r in result["variants"].items() if "step_s" in r]
+    tokens = [r["tokens_per_s"] for _, r in rows]
+    per_step = [r["tokens_per_s"] * r["step_s"] for _, r in rows]
+    low = [t - n / max(r["repeat_medians_s"]) for t, n, (_, r) in zip(tokens, per_step, rows)]
+    high = [n / min(r["repeat_medians_s"]) - t for t, n, (_, r) in zip(tokens, per_step, rows)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([v for v, _ in rows], tokens, yerr=[low, high], capsize=4, color="tab:blue")
+    ax.set_ylabel("tokens / s (median; bars: repeat range)")
+    ax.set_title(f"{result['mode']} step, GPT {result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _commit() -> tuple[str, list[str]]:
+    """HEAD's hash and the tracked files that differ from it (``git status``)."""
+    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout
+    status = run("git", "status", "--porcelain", "--untracked-files=no").splitlines()
+    return run("git", "rev-parse", "HEAD").strip() or "unknown", [line[3:] for line in status]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark (or, with ``--worker``, one variant of it)."""
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    allowed = TRAIN_VARIANTS if args.mode == "train" else INFERENCE_VARIANTS
+    variants = args.variants.split(",") if args.variants else list(allowed)
+    unknown = [v for v in variants if v not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {args.mode} variants {unknown}; choose from {list(allowed)}")
+    load_before = os.getloadavg()
+    records = run_variants(args, variants)
+    load_after = os.getloadavg()
+    reported = [rec.pop("machine") for rec in records.values() if "machine" in rec]
+    machine = reported[0] if reported else probe()
+    if args.dtype == "auto":  # as the workers resolved it (the parent never starts a backend)
+        args.dtype = "bfloat16" if machine["backend"] == "gpu" else "float32"
+    commit, dirty = _commit()
+    config = model_config(args)
+    result = dict(
+        mode=args.mode,
+        model=f"d={config.d_model} L={config.n_layer} H={config.n_head} V={config.vocab_size}",
+        command=" ".join(["python -m experiments.bench.train_step", *(argv or sys.argv[1:])]),
+        commit=commit,
+        dirty=dirty,
+        machine=machine,
+        load_average=dict(before=load_before, after=load_after),
+        args={k: v for k, v in vars(args).items() if k != "worker"},
+        **summarize(args, records),
+    )
+    text = markdown(args, result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    plot(args.out + ".png", result)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The benchmark harness (experiments/bench/train_step.py) and experiments/param_arithmetic.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax_lite as ll
+from experiments import param_arithmetic
+from experiments.bench import train_step
+from experiments.models.gpt import GPT, count_params, make_config, random_params
+from tests.helpers import dense_reference
+
+
+def test_small_run_writes_a_sane_table_and_json(tmp_path):
+    out = str(tmp_path / "bench")
+    argv = ["--small", "--variants", "lora,full", "--steps", "2", "--repeats", "2", "--out", out]
+    assert train_step.main(argv) == 0
+    result = json.loads(open(out + ".json").read())
+    assert {"machine", "commit", "command", "args", "variants", "ratios"} <= set(result)
+    assert result["machine"]["jax"] == jax.__version__ and len(result["commit"]) == 40
+    lora, full = result["variants"]["lora"], result["variants"]["full"]
+    for row in (lora, full):
+        assert row["status"] == "ok", row.get("reason")
+        assert len(row["step_times_s"]) == 2 and all(len(r) == 2 for r in row["step_times_s"])
+        assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["step_s"])
+        assert row["peak_bytes"] > 2**20 and row["first_step_s"] > 0
+        assert math.isfinite(row["loss_end"])
+    d, layers, rank = 64, 2, 16  # the --small model: every block linear adapted at rank 16
+    assert lora["n_trainable"] == layers * rank * (4 * d + 2 * d + 5 * d + 5 * d)
+    config = make_config("custom", d_model=d, n_layer=layers, n_head=2, vocab_size=256, max_len=32)
+    assert full["n_trainable"] == full["n_total"] == count_params(config)
+    assert lora["n_total"] == count_params(config) + lora["n_trainable"]
+    # Same initial model (B = 0): same first loss, close to log(vocab) at random init.
+    assert lora["loss_start"] == pytest.approx(full["loss_start"], rel=1e-5)
+    assert abs(lora["loss_start"] - math.log(256)) < 0.1
+    ratio = result["ratios"]["full/lora"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"] and len(ratio["per_repeat"]) == 2
+    table = open(out + ".md").read()
+    assert "| lora |" in table and "| full |" in table and "time / lora" in table
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_paired_ratios_are_per_repeat_medians_over_the_reference():
+    rows = {
+        "lora": {"repeat_medians_s": [1.0, 2.0, 4.0]},
+        "full": {"repeat_medians_s": [1.5, 2.0, 8.0]},
+        "peft": {"status": "skipped"},
+    }
+    ratios = train_step.paired_ratios(rows, "lora")
+    assert set(ratios) == {"full/lora"}
+    assert ratios["full/lora"] == dict(median=1.5, min=1.0, max=2.0, per_repeat=[1.5, 1.0, 2.0])
+
+
+def test_flops_per_token_by_hand():
+    config = make_config("custom", d_model=8, n_layer=2, n_head=2, vocab_size=10)
+    n = 2 * 12 * 64 + 8 * 10  # block linears + lm_head
+    attention = 4 * 2 * 5 * 8  # 4 L T d at T = 5
+    adapters = 2 * 3 * 2 * (32 + 16 + 40 + 40)  # 2 r L sum(d_in + d_out) at r = 3
+    flops = lambda variant, mode: train_step.flops_per_token(config, 5, 3, variant, mode)
+    assert flops("full", "train") == 6 * n + 3 * attention
+    assert flops("lora", "train") == 4 * n + 3 * attention + 3 * adapters
+    assert flops("base", "inference") == 2 * n + attention
+    assert flops("unmerged", "inference") == 2 * n + attention + adapters
+
+
+def test_inline_yardstick_computes_what_lorax_lite_computes():
+    config = make_config("custom", d_model=32, n_layer=2, n_head=2, vocab_size=64, max_len=16)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+    model = GPT(config)
+    params = random_params(config, 1)
+    lora_config = ll.LoraConfig(rank=4, alpha=8, targets=train_step.LORA_TARGETS)
+    tree = ll.init(params, lora_config, key=jax.random.key(2), fn=model.apply, args=(tokens,))
+    rng = np.random.default_rng(3)  # non-zero B (numpy: no eager JAX op to compile)
+    is_lora = lambda n: isinstance(n, ll.LoraWeight)
+    with_b = lambda n: dataclasses.replace(
+        n, b=jnp.asarray(rng.normal(0, 0.2, n.b.shape), n.b.dtype)
+    )
+    tree = jax.tree_util.tree_map(lambda n: with_b(n) if is_lora(n) else n, tree, is_leaf=is_lora)
+    # The reference: the plain model on w + s * A @ B formed in float64 numpy.
+    merge = lambda n: jnp.asarray(dense_reference(n), jnp.float32) if is_lora(n) else n
+    merged = jax.tree_util.tree_map(merge, tree, is_leaf=is_lora)
+    apply = jax.jit(model.apply)
+    expected = np.asarray(apply(merged, tokens))
+    inline = GPT(dataclasses.replace(config, lora_rank=4, lora_alpha=8.0))
+    actual = jax.jit(inline.apply)(train_step.inline_from_lora(tree), tokens)
+    lorax = jax.jit(ll.lora(model.apply))(tree, tokens)
+    np.testing.assert_allclose(np.asarray(actual), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lorax), expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(expected - np.asarray(apply(params, tokens))).max() > 1e-2
+
+
+def test_param_arithmetic_smoke_matches_the_formulas(tmp_path):
+    out = str(tmp_path / "pa")
+    rows = param_arithmetic.main(["--smoke", "--out", out])
+    assert {(r["size"], r["targets"], r["rank"]) for r in rows} == {
+        (s, t, r)
+        for s in ("tiny", "small")
+        for t, r in [("c_attn+c_proj", 4), ("all-linear", 4), ("all-linear", 8)]
+    }
+    for r in rows:
+        config = make_config(r["size"], tie_head=True)
+        d, layers = config.d_model, config.n_layer
+        # Per layer: c_attn (d + 3d), attn c_proj (d + d), c_fc (d + 4d), mlp c_proj (4d + d).
+        per_rank = 11 * d if r["targets"] == "c_attn+c_proj" else 16 * d
+        assert r["trainable"] == layers * r["rank"] * per_rank
+        assert r["base_params"] == count_params(config)
+        assert r["adapter_bytes"] == 4 * r["trainable"] and r["model_bytes"] == 4 * count_params(
+            config
+        )
+        assert r["percent"] == pytest.approx(
+            100 * r["trainable"] / (r["trainable"] + count_params(config))
+        )
+    small = [r for r in rows if r["size"] == "small"]
+    assert small[0]["base_params"] == 124_439_808  # GPT-2 small as released
+    saved = json.loads(open(out + ".json").read())
+    assert saved["single_layer"] == dict(d=768, rank=4, adapter=6144, dense=589_824, ratio=96.0)
+    assert "6,144 adapter parameters vs 589,824 dense (96x fewer)" in open(out + ".md").read()
+    assert (tmp_path / "pa.png").stat().st_size > 0
+
+
+def test_abstract_lora_tree_allocates_no_weights():
+    tree = param_arithmetic.abstract_lora_tree("xl", "all-linear", 4)
+    leaves = jax.tree_util.tree_leaves(tree)
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    kernel = tree["params"]["h"]["attn"]["c_attn"]["kernel"]
+    assert kernel.a.shape == (48, 1600, 4) and kernel.b.shape == (48, 4, 4800)
+    assert kernel.w.dtype == jnp.float32
