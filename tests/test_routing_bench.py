@@ -1,0 +1,48 @@
+"""The routing benchmark (experiments/bench/routing.py) in its smoke mode."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.bench import routing
+
+
+def test_smoke_run_writes_json_and_markdown(tmp_path):
+    out = str(tmp_path / "routing")
+    assert routing.main(["--smoke", "--out", out]) == 0
+    result = json.loads(open(out + ".json").read())
+    assert result["machine"]["jax"] == jax.__version__ and len(result["commit"]) == 40
+    assert result["command"] == f"python -m experiments.bench.routing --smoke --out {out}"
+    assert result["args"]["adapters"] == 8 and len(result["loadavg_before"]) == 3
+    for name in routing.VARIANTS:
+        row = result["variants"][name]
+        assert len(row["round_seconds"]) == 2 and row["seconds_per_call"] > 0
+        assert row["tokens_per_s"] == pytest.approx(4 * 8 / row["seconds_per_call"])
+    single, routed = (result["variants"][n]["round_seconds"] for n in ("single", "routed"))
+    ratios = [s / r for s, r in zip(single, routed)]
+    assert result["ratio_rounds"] == pytest.approx(ratios)
+    assert result["ratio_routed_over_single"] == pytest.approx(np.median(ratios))
+    assert result["routing_max_abs_diff"] < 1e-5 < result["adapter_effect_max_abs"]
+    table = open(out + ".md").read()
+    assert "| routed |" in table and f"{result['ratio_routed_over_single']:.3f}x" in table
+
+
+def test_routing_check_notices_a_wrong_adapter():
+    args = routing.parse_args(["--smoke"])
+    setup = routing.build(args)
+    calls = routing.forwards(setup)
+    routed = calls["routed"]()
+    assert routing.check_routing(setup, calls["single"], routed, 4) < 1e-5
+    setup["ids"] = (setup["ids"] + 1) % args.adapters  # not the ids the batch was routed with
+    assert routing.check_routing(setup, calls["single"], routed, 4) > 1e-3
+
+
+def test_smoke_flag_shrinks_and_bad_sizes_are_refused():
+    args = routing.parse_args(["--smoke", "--d-model", "512"])
+    assert (args.d_model, args.batch, args.adapters) == (32, 4, 8)
+    with pytest.raises(SystemExit):
+        routing.parse_args(["--adapters", "0"])
