@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=8, help="adapters in the routed batch")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on a GPU)")
-    p.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
+    p.add_argument("--repeats", type=int, default=21, help="interleaved timing rounds")
     p.add_argument("--iters", type=int, default=3, help="calls per variant and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
     p.add_argument("--check", type=int, default=4, help="examples checked against solo runs")
@@ -224,15 +224,15 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def git_commit() -> tuple[str | None, bool | None]:
-    """The checked-out commit and whether the tracked files differ from it."""
+def git_commit() -> tuple[str | None, list[str] | None]:
+    """The checked-out commit and the tracked files that differ from it."""
     run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     try:
         commit = run("git", "rev-parse", "HEAD").strip()
-        dirty = bool(run("git", "status", "--porcelain", "--untracked-files=no").strip())
+        dirty = run("git", "status", "--porcelain", "--untracked-files=no").splitlines()
     except (OSError, subprocess.CalledProcessError):
         return None, None
-    return commit, dirty
+    return commit, [line[3:] for line in dirty]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -265,7 +265,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['adapter_effect_max_abs']:.2e}).",
         "",
         f"Command: `{result['command']}`  ",
-        f"Commit: {result['commit']}{' (dirty tree)' if result['dirty'] else ''}  ",
+        f"Commit: {result['commit']}"
+        + (f" (tracked files changed: {', '.join(result['dirty'])})" if result["dirty"] else "")
+        + "  ",
         f"Machine: {result['machine']['device']}, {result['machine']['cpu_count']} CPUs, "
         f"jax {result['machine']['jax']}; loadavg before {result['loadavg_before']}, "
         f"after {result['loadavg_after']}",
