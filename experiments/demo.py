@@ -16,7 +16,7 @@ those of the training process. Results go to ``experiments/results/demo.{json,md
 ``--smoke`` runs the same code on generated snippets and a tiny random BERT in seconds.
 
 Usage:
-    python -m experiments.demo [--steps 150] [--batch 16] [--max-length 48] [--smoke]
+    python -m experiments.demo [--steps 120] [--batch 16] [--max-length 48] [--smoke]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import functools
 import importlib.util
 import json
 import os
@@ -39,7 +40,6 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import lorax_lite as ll
 from experiments.data import rotten_tomatoes
@@ -79,17 +79,18 @@ class Task(NamedTuple):
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The command-line flags (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="training steps per variant")
+    parser.add_argument("--steps", type=int, default=120, help="training steps per variant")
     parser.add_argument("--batch", type=int, default=16, help="examples per step")
     parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, LoRA and head")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, LoRA")
+    parser.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate, head")
     parser.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate, full")
     parser.add_argument("--n-train", type=int, default=0, help="training snippets (0: all)")
     parser.add_argument("--n-validation", type=int, default=200, help="validation snippets")
     parser.add_argument("--n-test", type=int, default=1000, help="test snippets")
-    parser.add_argument("--eval-every", type=int, default=25, help="steps between validations")
+    parser.add_argument("--eval-every", type=int, default=20, help="steps between validations")
     parser.add_argument("--seed", type=int, default=0, help="split, head, adapter and batch seed")
     parser.add_argument("--out", type=pathlib.Path, default=REPO / "experiments" / "results")
     parser.add_argument("--smoke", action="store_true", help="tiny generated data and model")
@@ -99,22 +100,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         parser.set_defaults(
-            steps=12, batch=8, max_length=16, n_validation=32, n_test=48, eval_every=4, lr=1e-2
-        )
+            steps=30, batch=8, max_length=16, n_validation=32, n_test=48, eval_every=10, lr=3e-2,
+            head_lr=1e-1, full_lr=3e-3,
+        )  # fmt: skip
         args = parser.parse_args(argv)
     return args
 
 
 def write_smoke_corpus(path: pathlib.Path, *, n: int, seed: int) -> None:
     """Writes ``n`` generated snippets in the Rotten Tomatoes corpus format (``.csv.bz2``)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1])  # not the split's stream (seed)
     with bz2.open(path, "wt", encoding="utf-8", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
         for i in range(n):
             label = int(rng.integers(2))
-            words = list(rng.choice(SMOKE_WORDS[None], size=6))
-            words += list(rng.choice(SMOKE_WORDS[label], size=2))
+            words = list(rng.choice(SMOKE_WORDS[None], size=4))
+            words += list(rng.choice(SMOKE_WORDS[label], size=3))
             text = " ".join(rng.permutation(words)) + f" #{i}"
             writer.writerow([rotten_tomatoes.LABELS[label], text, f"movie_{i % 7}", "False"])
 
@@ -151,15 +153,11 @@ def load_task(args: argparse.Namespace) -> Task:
     data = rotten_tomatoes.load(
         corpus, n_validation=args.n_validation, n_test=args.n_test, seed=args.seed
     )
-    train = (
-        data.train
-        if args.n_train == 0
-        else data.train._replace(
-            texts=data.train.texts[: args.n_train], labels=data.train.labels[: args.n_train]
-        )
-    )
+    n_train = args.n_train or None
+    train = rotten_tomatoes.Split(data.train.texts[:n_train], data.train.labels[:n_train])
     encoded = [Encoded(*encode(s.texts), s.labels) for s in (train, data.validation, data.test)]
-    params = bert.classifier_params(encoder, config, num_classes=2, seed=args.seed)
+    # On the device once: host (numpy) leaves would be copied in at every step.
+    params = jax.device_put(bert.classifier_params(encoder, config, num_classes=2, seed=args.seed))
     return Task(bert.BertClassifier(config), params, *encoded)
 
 
@@ -173,7 +171,8 @@ def lora_config(args: argparse.Namespace) -> ll.LoraConfig:
 def variant_tree(variant: str, params: dict[str, Any], args: argparse.Namespace) -> Any:
     """The LoRA tree of one variant: adapters + head, the head alone, or everything."""
     if variant == "lora":
-        return ll.init(params, lora_config(args), key=jax.random.fold_in(jax.random.key(0), 2))
+        key = jax.random.fold_in(jax.random.key(args.seed), 2)
+        return ll.init(params, lora_config(args), key=key)
     if variant == "head":
         inner = dict(params["params"])
         inner["classifier"] = jax.tree_util.tree_map(ll.Trainable, inner["classifier"])
@@ -181,12 +180,16 @@ def variant_tree(variant: str, params: dict[str, Any], args: argparse.Namespace)
     return jax.tree_util.tree_map(ll.Trainable, params)
 
 
+@functools.cache
 def logits_fn(model: bert.BertClassifier) -> Any:
-    """``jit(lora(model.apply))``: logits of a LoRA tree, never forming ``W + s A B``."""
+    """``jit(lora(model.apply))``: logits of a LoRA tree, never forming ``W + s A B``.
+
+    Cached per model, so that validation and test share one compiled function.
+    """
     return jax.jit(ll.lora(model.apply))
 
 
-def predict(apply: Any, tree: Any, data: Encoded, *, batch: int = 128) -> np.ndarray:
+def predict(apply: Any, tree: Any, data: Encoded, *, batch: int = 100) -> np.ndarray:
     """Logits for every example, in fixed-size batches (the last one padded)."""
     n = len(data.labels)
     pad = -n % batch
@@ -211,63 +214,153 @@ def train_batches(data: Encoded, *, batch: int, seed: int):
             yield data.ids[idx], data.mask[idx], data.labels[idx]
 
 
-def make_step(apply: Any, tx: optax.GradientTransformation) -> Any:
-    """A jitted step ``(trainable, frozen, opt_state, batch) -> (trainable, opt_state, loss)``."""
+def loss_fn(model: bert.BertClassifier) -> Any:
+    """``loss(tree, batch, key)``: mean cross-entropy of the LoRA-transformed classifier."""
+    apply = ll.lora(model.apply)
 
-    def loss_fn(trainable, frozen, batch):
+    def loss(tree, batch, key):
         ids, mask, labels = batch
-        logits = apply(ll.combine(trainable, frozen), ids, mask)
+        logits = apply(tree, ids, mask, dropout_key=key)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-    @jax.jit
-    def step(trainable, frozen, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
+    return loss
 
-    return step
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of ``logits`` against integer ``labels``, in float64 numpy."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+
+
+def evaluate(apply: Any, tree: Any, data: Encoded) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of a tree on one split (reduced in numpy)."""
+    logits = predict(apply, tree, data)
+    return {"accuracy": accuracy(logits, data.labels), "loss": cross_entropy(logits, data.labels)}
+
+
+class Trained(NamedTuple):
+    """The outcome of `train`: final state, validation curve and timings."""
+
+    state: ll.TrainState
+    curve: dict[str, list[float]]
+    history: list[dict[str, Any]]
+    train_seconds: float
+    eval_seconds: float
+
+
+def train(
+    model: bert.BertClassifier,
+    tree: Any,
+    data: Encoded,
+    validation: Encoded,
+    *,
+    lr: float,
+    steps: int,
+    batch: int,
+    eval_every: int,
+    seed: int,
+    desc: str,
+) -> Trained:
+    """Trains a LoRA tree with AdamW (linear warm-up over 10%, cosine decay) and `ll.fit`.
+
+    The validation split is evaluated before the first step and every ``eval_every``
+    steps. ``train_seconds`` is the time in `ll.fit` without the evaluations (it
+    includes compiling the step).
+
+    Args:
+        model: the classifier whose ``apply`` the tree feeds.
+        tree: a LoRA tree (`ll.init`, or leaves wrapped in `ll.Trainable`).
+        data: the training split; batches are drawn with `train_batches`.
+        validation: the split of the validation curve.
+        lr: the peak learning rate.
+        steps: optimizer steps.
+        batch: examples per step.
+        eval_every: steps between validations.
+        seed: the batch order and dropout seed.
+        desc: the progress bar's label.
+    """
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 10, 1), steps)
+    init, step = ll.train_step(loss_fn(model), optax.adamw(schedule))
+    state = init(tree, jax.random.key(seed))
+    apply = logits_fn(model)
+    eval_seconds = []
+
+    def validate(state):
+        start = time.perf_counter()
+        result = evaluate(apply, state.tree, validation)
+        eval_seconds.append(time.perf_counter() - start)
+        return result
+
+    first = validate(state)
+    start = time.perf_counter()
+    state, history = ll.fit(
+        step,
+        state,
+        train_batches(data, batch=batch, seed=seed),
+        steps=steps,
+        eval_fn=validate,
+        eval_every=eval_every,
+        tokens_per_batch=batch * data.ids.shape[1],
+        desc=desc,
+    )
+    train_seconds = time.perf_counter() - start - sum(eval_seconds[1:])
+    evals = [{"step": 0, **first}] + [
+        {"step": h["step"], "accuracy": h["eval_accuracy"], "loss": h["eval_loss"]}
+        for h in history
+        if "eval_accuracy" in h
+    ]
+    curve = {key: [e[key] for e in evals] for key in ("step", "accuracy", "loss")}
+    return Trained(state, curve, history, train_seconds, sum(eval_seconds))
+
+
+def final_loss(history: list[dict[str, Any]], *, last: int = 10) -> float:
+    """The mean training loss of the last ``last`` recorded steps."""
+    return float(np.mean([h["loss"] for h in history[-last:]]))
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """Trains one variant, evaluates it, saves the LoRA adapter; the variant's process."""
+    start = time.perf_counter()
     task = load_task(args)
     tree = variant_tree(args.variant, task.params, args)
     counts, base_bytes = ll.count(tree), ll.count(task.params)["total_bytes"]
-    lr = args.full_lr if args.variant == "full" else args.lr
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(args.steps // 10, 1), args.steps)
-    tx = ll.optimizer(optax.adamw(schedule))
-    trainable, frozen = ll.partition(tree)
-    opt_state = jax.jit(tx.init)(trainable)
-    step = make_step(ll.lora(task.model.apply), tx)
-    apply = logits_fn(task.model)
-    batches = train_batches(task.train, batch=args.batch, seed=args.seed)
-    curve, losses = [], []
-    start = time.perf_counter()
-    with tqdm(range(1, args.steps + 1), desc=args.variant, file=sys.stderr) as bar:
-        for i in bar:
-            trainable, opt_state, loss = step(trainable, frozen, opt_state, next(batches))
-            losses.append(float(loss))
-            if i % args.eval_every == 0 or i == args.steps:
-                val = accuracy(
-                    predict(apply, ll.combine(trainable, frozen), task.validation),
-                    task.validation.labels,
-                )
-                curve.append((i, val))
-                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", val_acc=f"{val:.3f}")
-    train_seconds = time.perf_counter() - start
-    tree = ll.combine(trainable, frozen)
-    test_logits = predict(apply, tree, task.test)
-    saved_bytes = save_trained(args, tree, counts, base_bytes)
+    lr = {"lora": args.lr, "head": args.head_lr, "full": args.full_lr}[args.variant]
+    trained = train(
+        task.model,
+        tree,
+        task.train,
+        task.validation,
+        lr=lr,
+        steps=args.steps,
+        batch=args.batch,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        desc=args.variant,
+    )
+    test_logits = predict(logits_fn(task.model), trained.state.tree, task.test)
+    peak = peak_rss_bytes()  # training and evaluation, before the adapter is saved
+    saved_bytes = save_trained(args, trained.state.tree, counts, base_bytes)
     np.save(args.work_dir / f"{args.variant}_test_logits.npy", test_logits)
     return {
         "variant": args.variant,
+        "lr": lr,
         "trainable": counts["trainable"],
         "total": counts["total"],
         "test_accuracy": accuracy(test_logits, task.test.labels),
-        "validation_curve": curve,
-        "final_loss": float(np.mean(losses[-10:])),
-        "train_seconds": train_seconds,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "test_loss": cross_entropy(test_logits, task.test.labels),
+        "majority_test_accuracy": float(max(task.test.labels.mean(), 1 - task.test.labels.mean())),
+        "validation_curve": trained.curve,
+        "final_loss": final_loss(trained.history),
+        "train_seconds": trained.train_seconds,
+        "process_seconds": time.perf_counter() - start,
+        "peak_rss_bytes": peak,
         "checkpoint_bytes": saved_bytes,
         "model_bytes": base_bytes,
     }
@@ -278,41 +371,21 @@ def save_trained(args: argparse.Namespace, tree: Any, counts: dict, base_bytes: 
     if args.variant != "lora":
         return counts["trainable_bytes"] if args.variant == "head" else base_bytes
     path = args.work_dir / "adapter"
-    save_adapter(path, tree, lora_config(args))
+    ll.save_adapter(path, tree, lora_config(args))
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def save_adapter(path, tree, config):  # TEMPORARY until lorax_lite/checkpoint.py lands
-    from safetensors.numpy import save_file
-
-    from lorax_lite.targets import named_leaves
-
-    path.mkdir(parents=True, exist_ok=True)
-    trainable, _ = ll.partition(tree)
-    save_file({p: np.asarray(x) for p, x in named_leaves(trainable)}, str(path / "a.safetensors"))
-
-
-def load_adapter(path, params, config):  # TEMPORARY until lorax_lite/checkpoint.py lands
-    from safetensors.numpy import load_file
-
-    from lorax_lite.targets import path_str
-
-    saved = load_file(str(path / "a.safetensors"))
-    trainable, frozen = ll.partition(ll.init(params, config, key=jax.random.key(0)))
-    trainable = jax.tree_util.tree_map_with_path(lambda p, x: saved[path_str(p)], trainable)
-    return ll.combine(trainable, frozen)
 
 
 def reload_check(args: argparse.Namespace) -> dict[str, Any]:
     """In a fresh process: loads the adapter, merges it, compares predictions."""
     task = load_task(args)
-    tree = load_adapter(args.work_dir / "adapter", task.params, lora_config(args))
+    tree = ll.load_adapter(args.work_dir / "adapter", task.params)
     n = min(len(task.test.labels), 256)
     test = Encoded(task.test.ids[:n], task.test.mask[:n], task.test.labels[:n])
     unmerged = predict(logits_fn(task.model), tree, test)
     merged = predict(jax.jit(task.model.apply), ll.merge(tree), test)
     trained = np.load(args.work_dir / "lora_test_logits.npy")[:n]
     return {
+        "split": {s: len(getattr(task, s).labels) for s in ("train", "validation", "test")},
         "examples": n,
         "max_abs_diff_merged_unmerged": float(np.abs(merged - unmerged).max()),
         "max_abs_diff_reloaded_trained": float(np.abs(unmerged - trained).max()),
@@ -342,36 +415,47 @@ def run_in_subprocess(
 def markdown_table(results: dict[str, Any]) -> str:
     """The results table in Markdown."""
     rows = [
-        "| variant | trainable params | % of model | test accuracy | train time (s) "
-        "| peak RSS (MB) | to store (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | trainable params | % of model | peak LR | test accuracy | train time (s) "
+        "| process time (s) | peak RSS (MB) | to store |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"lora": "LoRA r={rank} (query, value) + head", "head": "head only", "full": "full"}
     for r in results["variants"]:
+        stored = r["checkpoint_bytes"]
+        stored = f"{stored / 2**10:.0f} KB" if stored < 2**20 else f"{stored / 2**20:.1f} MB"
         rows.append(
-            f"| {names[r['variant']].format(rank=results['args']['rank'])} "
-            f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} "
-            f"| {r['test_accuracy']:.3f} | {r['train_seconds']:.0f} "
-            f"| {r['peak_rss_bytes'] / 2**20:.0f} | {r['checkpoint_bytes'] / 2**20:.3f} |"
+            f"| {variant_name(r['variant'], results['args']['rank'])} "
+            f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | {r['lr']:g} "
+            f"| {r['test_accuracy']:.3f} | {r['train_seconds']:.0f} | {r['process_seconds']:.0f} "
+            f"| {r['peak_rss_bytes'] / 2**20:.0f} | {stored} |"
         )
     return "\n".join(rows)
 
 
+def variant_name(variant: str, rank: int) -> str:
+    """A variant's row label."""
+    names = {"lora": f"LoRA r={rank} (query, value) + head", "head": "head only", "full": "full"}
+    return names[variant]
+
+
 def plot_curves(results: dict[str, Any], path: pathlib.Path) -> None:
-    """Validation accuracy against step, one line per variant."""
+    """Validation accuracy and loss against step, one line per variant."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for r in results["variants"]:
-        steps, acc = zip(*r["validation_curve"])
-        ax.plot(steps, acc, marker="o", label=r["variant"])
-    ax.set(xlabel="step", ylabel="validation accuracy", title=results["task"])
-    ax.title.set_fontsize(9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        curve = r["validation_curve"]
+        label = variant_name(r["variant"], results["args"]["rank"])
+        for ax, key in zip(axes, ("accuracy", "loss")):
+            ax.plot(curve["step"], curve[key], marker="o", label=label)
+    for ax, key in zip(axes, ("accuracy", "loss")):
+        ax.set(xlabel="step", ylabel=f"validation {key}")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(results["variants"][0]["majority_test_accuracy"], color="gray", ls=":")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(results["task"], fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -383,18 +467,35 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     check = results["reload_check"]
     lora = next(r for r in results["variants"] if r["variant"] == "lora")
+    args = results["args"]
     text = "\n\n".join(
         [
             f"# {results['task']}",
+            f"{args['steps']} steps of batch "
+            f"{args['batch']}, {args['max_length']} tokens, on {results['split']['train']:,} "
+            f"training snippets; validation {results['split']['validation']:,}, test "
+            f"{results['split']['test']:,} (majority class: "
+            f"{lora['majority_test_accuracy']:.3f}). AdamW, 10% warm-up, cosine decay.",
             markdown_table(results),
-            f"LoRA adapter on disk: {lora['checkpoint_bytes']:,} bytes; full model "
-            f"(float32): {lora['model_bytes']:,} bytes "
-            f"({lora['model_bytes'] / lora['checkpoint_bytes']:.0f}x larger).",
-            f"Reloaded in a fresh process and merged, on {check['examples']} test snippets: "
+            "Train time: inside `ll.fit` (compilation included, validation excluded); "
+            "process time: the variant's whole process (loading, tokenizing, test "
+            "evaluation, saving). Peak RSS: the process's peak resident memory up to the "
+            "end of test evaluation. To store: the LoRA adapter directory written by "
+            "`ll.save_adapter`; for head-only and full, the bytes of their float32 "
+            "trainable arrays.",
+            f"LoRA adapter on disk: {lora['checkpoint_bytes'] / 2**10:.0f} KB "
+            f"({lora['checkpoint_bytes']:,} bytes); full model (float32): "
+            f"{lora['model_bytes'] / 2**20:.1f} MB ({lora['model_bytes']:,} bytes), "
+            f"{lora['model_bytes'] / lora['checkpoint_bytes']:.0f}x larger.",
+            f"Reloaded with `ll.load_adapter` in a fresh process and merged with `ll.merge`, "
+            f"on {check['examples']} test snippets: "
             f"max |merged - unmerged| = {check['max_abs_diff_merged_unmerged']:.2e}, "
             f"max |reloaded - trained| = {check['max_abs_diff_reloaded_trained']:.2e}, "
             f"same predictions: {check['same_predictions']}.",
-            f"Command: `{results['command']}`; total wall time {results['wall_seconds']:.0f} s.",
+            f"Command: `{results['command']}`; total wall time {results['wall_seconds']:.0f} s "
+            f"on {results['machine']['cpus']} CPU cores; /proc/loadavg at start "
+            f"`{results['machine']['loadavg_start']}`, at end "
+            f"`{results['machine']['loadavg_end']}`.",
         ]
     )
     (out / f"{stem}.md").write_text(text + "\n")
@@ -403,9 +504,17 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
     return text
 
 
+def loadavg() -> str:
+    """The first three fields of ``/proc/loadavg`` (empty where there is none)."""
+    try:
+        return " ".join(pathlib.Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return ""
+
+
 def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Runs every variant and the reload check in their own processes; gathers the results."""
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), loadavg()
     with tempfile.TemporaryDirectory(prefix="lorax_demo_") as tmp:
         work = ["--work-dir", tmp]
         variants = [
@@ -425,14 +534,22 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "task": task if not args.smoke else "smoke: generated snippets, tiny random BERT",
         "command": "python -m experiments.demo " + " ".join(argv),
         "args": {k: v for k, v in vars(args).items() if k in DATA_ARGS},
+        "split": check.pop("split"),
         "variants": variants,
         "reload_check": check,
         "wall_seconds": time.perf_counter() - start,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": loadavg(),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+        },
     }
 
 
 DATA_ARGS = (
-    "steps", "batch", "max_length", "rank", "alpha", "lr", "full_lr", "n_train",
+    "steps", "batch", "max_length", "rank", "alpha", "lr", "head_lr", "full_lr", "n_train",
     "n_validation", "n_test", "eval_every", "seed",
 )  # fmt: skip
 

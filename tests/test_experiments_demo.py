@@ -258,13 +258,30 @@ def test_smoke_demo_trains_saves_reloads_and_reports(tmp_path):
     lora = by_name["lora"]
     assert 4 * lora["trainable"] < lora["checkpoint_bytes"] < lora["model_bytes"]
     for v in results["variants"]:
-        assert [s for s, _ in v["validation_curve"]] == [4, 8, 12]
+        curve = v["validation_curve"]
+        assert curve["step"] == [0, 10, 20, 30]
+        assert len(curve["accuracy"]) == len(curve["loss"]) == 4
+        assert curve["loss"][-1] < curve["loss"][0]
         assert 0.0 <= v["test_accuracy"] <= 1.0 and v["peak_rss_bytes"] > 0
+        assert v["test_loss"] > 0 and v["process_seconds"] > v["train_seconds"] > 0
+    assert results["split"] == {"train": 400 - 32 - 48, "validation": 32, "test": 48}
+    # The generated snippets are separable by their sentiment words: training must learn.
+    assert by_name["full"]["test_accuracy"] > 0.8 and by_name["head"]["test_accuracy"] > 0.7
     check = results["reload_check"]
     assert check["same_predictions"] and check["max_abs_diff_merged_unmerged"] < 1e-5
     assert check["max_abs_diff_reloaded_trained"] < 1e-5
     saved = json.loads((tmp_path / "demo_smoke.json").read_text())
     assert saved["variants"] == json.loads(json.dumps(results["variants"]))
-    assert "| head only | 66 |" in (tmp_path / "demo_smoke.md").read_text()
+    text = (tmp_path / "demo_smoke.md").read_text()
+    assert "| head only | 66 | " in text and "same predictions: True" in text
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
     assert (tmp_path / "demo_smoke.png").exists() == has_matplotlib
+
+
+def test_cross_entropy_matches_a_direct_formula():
+    logits = np.array([[2.0, -1.0], [0.5, 0.25], [-3.0, 4.0]])
+    labels = np.array([0, 1, 0])
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    expected = -np.mean(np.log(p[np.arange(3), labels]))
+    assert demo.cross_entropy(logits, labels) == pytest.approx(expected, rel=1e-12)
+    assert demo.cross_entropy(logits + 1000.0, labels) == pytest.approx(expected, rel=1e-9)
