@@ -5,6 +5,7 @@ import io
 import pathlib
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,10 +15,16 @@ import lorax_lite as ll
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
-def quickstart_code() -> str:
-    match = re.search(r"^## Quickstart\n+```python\n(.*?)^```", README.read_text(), re.S | re.M)
-    assert match, "README.md has no ```python block under '## Quickstart'"
+def section_code(title: str) -> str:
+    """The first ```python block of the README section ``title``."""
+    pattern = rf"^## {re.escape(title)}\n.*?^```python\n(.*?)^```"
+    match = re.search(pattern, README.read_text(), re.S | re.M)
+    assert match, f"README.md has no ```python block under '## {title}'"
     return match.group(1)
+
+
+def quickstart_code() -> str:
+    return section_code("Quickstart")
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +62,34 @@ def test_merged_params_reproduce_the_lora_model(quickstart):
     lazy = ll.lora(quickstart["model"].apply)(trained, quickstart["x"])
     merged = quickstart["model"].apply(quickstart["merged"], quickstart["x"])
     np.testing.assert_allclose(merged, lazy, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def many_adapters(quickstart):
+    """The namespace after the "Many adapters" block, run on the quickstart's namespace."""
+    namespace = {k: v for k, v in quickstart.items() if k != "stdout"}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(compile(section_code("Many adapters over one base"), str(README), "exec"), namespace)
+    return namespace
+
+
+def test_many_adapters_block_selects_routes_and_combines(many_adapters):
+    ns = many_adapters
+    model, x = ns["model"], ns["x"]
+    base = np.asarray(model.apply(ns["params"], x))
+    tuned = np.asarray(model.apply(ll.merge(ns["tuned"]), x))
+    fresh = np.asarray(model.apply(ll.merge(ns["fresh"]), x))
+    assert np.abs(tuned - fresh).max() > 0.1  # the two adapters really differ
+    np.testing.assert_allclose(ns["y_sine"], tuned, rtol=1e-4, atol=1e-5)
+    ids = np.asarray(ns["ids"])[:, None]
+    expected = np.where(ids == -1, base, np.where(ids == 0, tuned, fresh))
+    np.testing.assert_allclose(ns["y_mixed"], expected, rtol=1e-4, atol=1e-5)
+    # cat is exact: each exported leaf is the weighted sum of the two merged models' leaves.
+    halves = jax.tree_util.tree_map(
+        lambda s, f: 0.5 * np.asarray(s, np.float64) + 0.5 * np.asarray(f, np.float64),
+        ll.merge(ns["tuned"]),
+        ll.merge(ns["fresh"]),
+    )
+    jax.tree_util.tree_map(
+        lambda e, h: np.testing.assert_allclose(e, h, rtol=1e-5, atol=1e-6), ns["export"], halves
+    )
