@@ -84,7 +84,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, LoRA")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, LoRA")
     parser.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate, head")
     parser.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate, full")
     parser.add_argument("--n-train", type=int, default=0, help="training snippets (0: all)")
@@ -168,11 +168,15 @@ def lora_config(args: argparse.Namespace) -> ll.LoraConfig:
     )
 
 
+def lora_key(seed: int) -> jax.Array:
+    """The key of the adapters' ``A`` initialisation."""
+    return jax.random.fold_in(jax.random.key(seed), 2)
+
+
 def variant_tree(variant: str, params: dict[str, Any], args: argparse.Namespace) -> Any:
     """The LoRA tree of one variant: adapters + head, the head alone, or everything."""
     if variant == "lora":
-        key = jax.random.fold_in(jax.random.key(args.seed), 2)
-        return ll.init(params, lora_config(args), key=key)
+        return ll.init(params, lora_config(args), key=lora_key(args.seed))
     if variant == "head":
         inner = dict(params["params"])
         inner["classifier"] = jax.tree_util.tree_map(ll.Trainable, inner["classifier"])
@@ -538,13 +542,18 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "variants": variants,
         "reload_check": check,
         "wall_seconds": time.perf_counter() - start,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_start": load_start,
-            "loadavg_end": loadavg(),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-        },
+        "machine": machine(load_start),
+    }
+
+
+def machine(loadavg_start: str) -> dict[str, Any]:
+    """CPU count, load averages at the start (given) and now, JAX version and backend."""
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_start": loadavg_start,
+        "loadavg_end": loadavg(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
     }
 
 
