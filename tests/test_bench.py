@@ -40,6 +40,7 @@ def test_small_run_writes_a_sane_table_and_json(tmp_path):
     # Same initial model (B = 0): same first loss, close to log(vocab) at random init.
     assert lora["loss_start"] == pytest.approx(full["loss_start"], rel=1e-5)
     assert abs(lora["loss_start"] - math.log(256)) < 0.1
+    assert result["speedups"]["full/lora"] == result["ratios"]["full/lora"]
     ratio = result["ratios"]["full/lora"]
     assert ratio["min"] <= ratio["median"] <= ratio["max"] and len(ratio["per_repeat"]) == 2
     table = open(out + ".md").read()
@@ -56,6 +57,19 @@ def test_paired_ratios_are_per_repeat_medians_over_the_reference():
     ratios = train_step.paired_ratios(rows, "lora")
     assert set(ratios) == {"full/lora"}
     assert ratios["full/lora"] == dict(median=1.5, min=1.0, max=2.0, per_repeat=[1.5, 1.0, 2.0])
+
+
+def test_speedups_are_baseline_over_lora_time_per_repeat():
+    rows = {
+        "lora": {"repeat_medians_s": [1.0, 2.0], "cpu_repeat_medians_s": [1.0, 1.0]},
+        "inline": {"repeat_medians_s": [0.5, 1.0], "cpu_repeat_medians_s": [2.0, 2.0]},
+        "full": {"repeat_medians_s": [1.5, 2.0], "cpu_repeat_medians_s": [3.0, 4.0]},
+    }
+    out = train_step.speedups(rows)
+    assert set(out) == {"full/lora", "full/lora cpu", "full/inline", "full/inline cpu"}
+    assert out["full/lora"]["per_repeat"] == [1.5, 1.0]
+    assert out["full/inline"]["per_repeat"] == [3.0, 2.0]
+    assert out["full/lora cpu"]["median"] == 3.5
 
 
 def test_flops_per_token_by_hand():
@@ -123,6 +137,25 @@ def test_param_arithmetic_smoke_matches_the_formulas(tmp_path):
     assert saved["single_layer"] == dict(d=768, rank=4, adapter=6144, dense=589_824, ratio=96.0)
     assert "6,144 adapter parameters vs 589,824 dense (96x fewer)" in open(out + ".md").read()
     assert (tmp_path / "pa.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "size, released",
+    [
+        ("small", 124_439_808),
+        ("medium", 354_823_168),
+        ("large", 774_030_080),
+        ("xl", 1_557_611_200),
+    ],
+)
+def test_param_arithmetic_rows_match_hand_formulas_at_every_gpt2_size(size, released):
+    config = make_config(size, tie_head=True)
+    d, layers = config.d_model, config.n_layer
+    r = param_arithmetic.row(size, "all-linear", "all-linear", 4)
+    # all-linear: c_attn d x 3d, attn c_proj d x d, c_fc d x 4d, mlp c_proj 4d x d, rank 4.
+    assert r["trainable"] == layers * 4 * (4 * d + 2 * d + 5 * d + 5 * d)
+    assert r["base_params"] == count_params(config) == released
+    assert r["model_bytes"] == 4 * released and r["adapter_bytes"] == 4 * r["trainable"]
 
 
 def test_abstract_lora_tree_allocates_no_weights():

@@ -80,6 +80,14 @@ def test_scan_over_layers_matches_unrolled_blocks(unrolled, remat):
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_flat_tokens_is_the_same_function(unrolled):
+    flat = dataclasses.replace(CONFIG, scan=True, flat_tokens=True)
+    actual = _apply(flat, stack_layers(unrolled, CONFIG.n_layer))
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(_apply(CONFIG, unrolled)), rtol=1e-5, atol=1e-5
+    )
+
+
 def test_scan_init_has_the_unrolled_structure_stacked(unrolled):
     scanned = dataclasses.replace(CONFIG, scan=True)
     shapes = jax.eval_shape(GPT(scanned).init, jax.random.key(0), TOKENS)

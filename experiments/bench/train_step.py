@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="compute dtype; auto: bf16 on GPU, else f32")
     p.add_argument("--base-dtype", default="float32", help="dtype of the frozen base weights")
     p.add_argument("--remat", action="store_true", help="activation checkpointing per block")
+    p.add_argument(
+        "--flat-tokens", action="store_true", help="linear layers see (batch*seq, d) inputs"
+    )
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -109,6 +112,7 @@ def model_config(args: argparse.Namespace, *, lora_rank: int = 0) -> Any:
         max_len=max_len,
         dtype=dtype,
         remat=args.remat,
+        flat_tokens=args.flat_tokens,
         lora_rank=lora_rank,
         lora_alpha=args.alpha if lora_rank else 0.0,
     )
@@ -522,7 +526,8 @@ def _worker_argv(args: argparse.Namespace, variant: str) -> list[str]:
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"), str(value)]
-    return argv + (["--remat"] if args.remat else [])
+    argv += ["--remat"] if args.remat else []
+    return argv + (["--flat-tokens"] if args.flat_tokens else [])
 
 
 def _start(args: argparse.Namespace, variant: str, coexisting: bool) -> Worker:
@@ -628,7 +633,25 @@ def summarize(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> d
         variants=rows,
         ratios=paired_ratios(rows, reference),
         cpu_ratios=paired_ratios(rows, reference, key="cpu_repeat_medians_s"),
+        speedups=speedups(rows),
     )
+
+
+def speedups(
+    rows: dict[str, dict[str, Any]],
+    of: tuple[str, ...] = ("lora", "inline"),
+    over: tuple[str, ...] = ("full", "materialized"),
+) -> dict[str, dict[str, Any]]:
+    """``time of Y / time of X`` for each LoRA variant X and baseline Y (the targets' form).
+
+    Wall clock and CPU time, paired per repeat; keys ``"Y/X"`` and ``"Y/X cpu"``.
+    """
+    out = {}
+    for x in of:
+        for key, suffix in (("repeat_medians_s", ""), ("cpu_repeat_medians_s", " cpu")):
+            pairs = paired_ratios({y: rows[y] for y in (x, *over) if y in rows}, x, key)
+            out.update({name + suffix: ratio for name, ratio in pairs.items()})
+    return out
 
 
 def paired_ratios(
@@ -677,6 +700,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"`{result['command']}`  ",
         f"commit {result['commit'][:12]}, {m['device']} ({m['backend']}), jax {m['jax']}, "
         f"compute {args.dtype}, base {args.base_dtype}, remat {args.remat}, "
+        f"flat tokens {args.flat_tokens}, "
         f"rank {args.rank}, {args.repeats} repeat(s) x {args.steps} steps, "
         f"load average {_load(result['load_average']['before'])} before, "
         f"{_load(result['load_average']['after'])} after"
@@ -701,6 +725,16 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
             f"| {_fmt(peak and peak / 2**30, '.2f')} GiB ({row.get('memory_source', '')}) "
             f"| {row['first_step_s']:.1f} | {row['n_trainable']:,} |"
         )
+    if result.get("speedups"):
+        lines += [
+            "",
+            "| speed-up (baseline time / LoRA time) | wall clock | CPU time |",
+            "|---|---|---|",
+        ]
+        for name, ratio in result["speedups"].items():
+            if not name.endswith(" cpu"):
+                cpu = _ratio_text(result["speedups"].get(name + " cpu"), False)
+                lines.append(f"| {name} | {_ratio_text(ratio, False)} | {cpu} |")
     lines += [
         "",
         f"Ratios: step time of the variant over {ref}'s, per interleaved repeat; median (range). "
