@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -64,3 +64,16 @@ interop: $(VENV)/.interop
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Benchmarks and shape-only arithmetic (results under experiments/results/).
+.PHONY: bench-cpu routing-bench param-arithmetic
+bench-cpu: $(VENV)/.experiments
+	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
+		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,full,materialized,inline \
+		--steps 5 --warmup 2 --repeats 9 --out experiments/results/bench_cpu
+
+routing-bench: $(VENV)/.experiments
+	nice -n 5 $(PY) -m experiments.bench.routing
+
+param-arithmetic: $(VENV)/.experiments
+	$(PY) -m experiments.param_arithmetic
