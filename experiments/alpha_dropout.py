@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import lorax_lite as ll
 from experiments import demo
+from experiments.provenance import loadavg
 
 DEMO = demo.parse_args([])  # the demo's defaults
 
@@ -288,10 +289,7 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             f"## Dropout on a small and the full training set (rank {a['ref_rank']}, "
             f"alpha/r)\n\nTrain loss: mean training loss (with dropout) over the last "
             f"recorded steps.\n\n{dropout}",
-            f"Command: `{results['command']}`; total wall time {results['wall_seconds']:.0f} s "
-            f"on {results['machine']['cpus']} CPU cores; /proc/loadavg at start "
-            f"`{results['machine']['loadavg_start']}`, at end "
-            f"`{results['machine']['loadavg_end']}`.",
+            demo.run_line(results),
         ]
     )
     (out / f"{stem}.md").write_text(text + "\n")
@@ -306,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if not args.smoke:
         demo.check_packages()
-    start, load_start = time.perf_counter(), demo.loadavg()
+    start, load_start = time.perf_counter(), loadavg()
     with tempfile.TemporaryDirectory(prefix="lorax_alpha_") as tmp:
         task_args = argparse.Namespace(**vars(args), work_dir=pathlib.Path(tmp), n_train=0)
         task_args.rank = args.ref_rank

@@ -44,6 +44,7 @@ import optax
 import lorax_lite as ll
 from experiments.data import rotten_tomatoes
 from experiments.models import bert
+from experiments.provenance import git_commit, loadavg
 
 VARIANTS = ("lora", "head", "full")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -496,10 +497,7 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             f"max |merged - unmerged| = {check['max_abs_diff_merged_unmerged']:.2e}, "
             f"max |reloaded - trained| = {check['max_abs_diff_reloaded_trained']:.2e}, "
             f"same predictions: {check['same_predictions']}.",
-            f"Command: `{results['command']}`; total wall time {results['wall_seconds']:.0f} s "
-            f"on {results['machine']['cpus']} CPU cores; /proc/loadavg at start "
-            f"`{results['machine']['loadavg_start']}`, at end "
-            f"`{results['machine']['loadavg_end']}`.",
+            run_line(results),
         ]
     )
     (out / f"{stem}.md").write_text(text + "\n")
@@ -508,12 +506,15 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
     return text
 
 
-def loadavg() -> str:
-    """The first three fields of ``/proc/loadavg`` (empty where there is none)."""
-    try:
-        return " ".join(pathlib.Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return ""
+def run_line(results: dict[str, Any]) -> str:
+    """The command, commit, wall time and machine load of a run, as one Markdown line."""
+    m = results["machine"]
+    commit = (m["commit"] or "unknown")[:12] + (" (with local changes)" if m["dirty"] else "")
+    return (
+        f"Command: `{results['command'].strip()}` at commit {commit}; total wall time "
+        f"{results['wall_seconds']:.0f} s on {m['cpus']} CPU cores; load averages "
+        f"{m['loadavg_start']} at start, {m['loadavg_end']} at end."
+    )
 
 
 def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -546,9 +547,13 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     }
 
 
-def machine(loadavg_start: str) -> dict[str, Any]:
-    """CPU count, load averages at the start (given) and now, JAX version and backend."""
+def machine(loadavg_start: list[float] | None) -> dict[str, Any]:
+    """CPU count, load averages at the start (given) and now, JAX version and backend,
+    the commit and the tracked files that differ from it."""
+    commit, dirty = git_commit()
     return {
+        "commit": commit,
+        "dirty": dirty,
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg_start,
         "loadavg_end": loadavg(),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Any
 
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 import lorax_lite as ll
 from experiments.models.gpt import GPT, make_config
+from experiments.provenance import git_commit
 
 SIZES = ("small", "medium", "large", "xl")
 RANKS = (4, 8, 16, 32, 64)
@@ -163,11 +163,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     example = single_layer_example()
     command = " ".join(["python -m experiments.param_arithmetic", *(argv or sys.argv[1:])])
     text = markdown(rows, example, command)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit, _ = git_commit()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(
-            dict(command=command, commit=commit.stdout.strip(), jax=jax.__version__, rows=rows,
+            dict(command=command, commit=commit, jax=jax.__version__, rows=rows,
                  single_layer=example),
             f,
             indent=1,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from experiments.data.images import (
     load_mnist_5k,
     synthetic_images,
 )
+from experiments.provenance import git_commit
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -245,27 +245,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "experiment": "rank_sweep",
         "smoke": args.smoke,
-        "commit": git_commit(),
+        "commit": git_commit()[0],
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet")},
         "pretrain": {"final_loss": pretrain_loss, "source_test_accuracy": base_accuracy},
         "rows": rows,
         "seconds": time.perf_counter() - start,
     }
-
-
-def git_commit() -> str | None:
-    """The checked-out commit, to quote results with; None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=os.path.dirname(__file__),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
 
 
 def adapt(

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 import lorax_lite as ll
 from experiments.models.gpt import GPT, make_config
+from experiments.provenance import git_commit, loadavg
 
 VARIANTS = ("base", "single", "routed")
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -213,26 +213,6 @@ def machine() -> dict[str, Any]:
         "flax": flax.__version__,
         "python": platform.python_version(),
     }
-
-
-def loadavg() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages (None where /proc is missing)."""
-    try:
-        with open("/proc/loadavg") as f:
-            return [float(x) for x in f.read().split()[:3]]
-    except OSError:
-        return None
-
-
-def git_commit() -> tuple[str | None, list[str] | None]:
-    """The checked-out commit and the tracked files that differ from it."""
-    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    try:
-        commit = run("git", "rev-parse", "HEAD").strip()
-        dirty = run("git", "status", "--porcelain", "--untracked-files=no").splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return None, None
-    return commit, [line[3:] for line in dirty]
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -41,6 +41,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from experiments.provenance import git_commit, loadavg
+
 TRAIN_VARIANTS = ("lora", "full", "materialized", "inline", "peft", "peft-eager", "torch-full")
 INFERENCE_VARIANTS = ("base", "merged", "unmerged")
 TORCH_VARIANTS = ("peft", "peft-eager", "torch-full")
@@ -764,13 +766,6 @@ def plot(path: str, result: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def _commit() -> tuple[str, list[str]]:
-    """HEAD's hash and the tracked files that differ from it (``git status``)."""
-    run = lambda *cmd: subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout
-    status = run("git", "status", "--porcelain", "--untracked-files=no").splitlines()
-    return run("git", "rev-parse", "HEAD").strip() or "unknown", [line[3:] for line in status]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark (or, with ``--worker``, one variant of it)."""
     args = parse_args(argv)
@@ -781,14 +776,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in allowed]
     if unknown:
         raise SystemExit(f"unknown {args.mode} variants {unknown}; choose from {list(allowed)}")
-    load_before = os.getloadavg()
+    load_before = loadavg()
     records = run_variants(args, variants)
-    load_after = os.getloadavg()
+    load_after = loadavg()
     reported = [rec.pop("machine") for rec in records.values() if "machine" in rec]
     machine = reported[0] if reported else probe()
     if args.dtype == "auto":  # as the workers resolved it (the parent never starts a backend)
         args.dtype = "bfloat16" if machine["backend"] == "gpu" else "float32"
-    commit, dirty = _commit()
+    commit, dirty = git_commit()
     config = model_config(args)
     result = dict(
         mode=args.mode,
