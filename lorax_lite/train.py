@@ -354,21 +354,26 @@ def _float_mean(tree: Any, mean: Callable, *, last: bool = False) -> Any:
     return jax.tree_util.tree_map(reduce, tree)
 
 
+def _check_leading_axis(batch: Any, n: int, what: str) -> None:
+    """Raises naming every batch leaf whose leading axis ``what`` (``n``) does not divide."""
+    bad = [
+        f"{path or '<batch>'}: shape {np.shape(x)}"
+        for path, x in named_leaves(batch)
+        if np.ndim(x) == 0 or np.shape(x)[0] % n
+    ]
+    if bad:
+        raise ValueError(
+            f"{what} must divide the leading (batch) axis of every batch leaf; these do "
+            "not:\n  " + "\n  ".join(bad)
+        )
+
+
 def _micro_batches(batch: Any, accum_steps: int) -> Any:
     """Each leaf ``(n, ...)`` as ``(accum_steps, n // accum_steps, ...)``, micro-batch ``i``
     holding rows ``i, i + accum_steps, ...``: with the batch split over devices in
     contiguous blocks, every micro-batch takes rows from every device's block, so each
     device keeps computing on its own rows."""
-    bad = [
-        f"{path or '<batch>'}: shape {np.shape(x)}"
-        for path, x in named_leaves(batch)
-        if np.ndim(x) == 0 or np.shape(x)[0] % accum_steps
-    ]
-    if bad:
-        raise ValueError(
-            f"accum_steps={accum_steps} must divide the leading (batch) axis of every batch "
-            "leaf; these do not:\n  " + "\n  ".join(bad)
-        )
+    _check_leading_axis(batch, accum_steps, f"accum_steps={accum_steps}")
 
     def split(x):
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
@@ -542,16 +547,7 @@ def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
 def _place_batch(batch: Any, sharding: NamedSharding) -> Any:
     if jax.process_count() == 1:
         n = sharding.mesh.shape[sharding.spec[0]]
-        bad = [
-            f"{path or '<batch>'}: shape {np.shape(x)}"
-            for path, x in named_leaves(batch)
-            if np.ndim(x) == 0 or np.shape(x)[0] % n
-        ]
-        if bad:
-            raise ValueError(
-                f"the data axis ({n} devices) must divide the leading axis of every batch "
-                "leaf; these it does not:\n  " + "\n  ".join(bad)
-            )
+        _check_leading_axis(batch, n, f"the data axis ({n} devices)")
 
     def put(x: Any) -> jax.Array:
         if isinstance(x, jax.Array) and x.sharding == sharding:
