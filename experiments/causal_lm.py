@@ -32,7 +32,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +45,7 @@ import optax
 import lorax_lite as ll
 from experiments.data import corpora
 from experiments.models.gpt import GPT, GPTConfig, make_config
+from experiments.provenance import git_commit, loadavg
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 CORPUS_NAMES = {"moby-dick": "Moby Dick", "kjv": "King James Bible"}
@@ -447,7 +447,7 @@ def adapt(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Pretrains the base, adapts it both ways, scores and samples; returns the results."""
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), loadavg()
     data = load_data(args)
     model = GPT(model_config(args, data.tokenizer.vocab_size))
     windows = {
@@ -502,12 +502,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         for kind, params in models.items()
     }
+    commit, dirty = git_commit()
     return {
         "experiment": "causal_lm",
         "smoke": args.smoke,
         "note": SELF_PRETRAINED,
-        "commit": git_commit(),
-        "loadavg": loadavg(),
+        "commit": commit,
+        "dirty": dirty,
+        "loadavg_start": load_start,
+        "loadavg_end": loadavg(),
         "settings": settings(args),
         "source": "generated A" if args.smoke else CORPUS_NAMES[args.source],
         "target": "generated B" if args.smoke else CORPUS_NAMES[args.target],
@@ -536,28 +539,13 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "out"}
 
 
-def git_commit() -> str | None:
-    """The checked-out commit, to quote results with; None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=os.path.dirname(__file__),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
-def loadavg() -> str | None:
-    """``/proc/loadavg`` (the machine's load, to read the timings with); None elsewhere."""
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+def run_line(results: dict[str, Any]) -> str:
+    """Where the figures came from: commit (and local changes), wall time, machine load."""
+    commit = (results["commit"] or "unknown")[:12]
+    if results["dirty"]:
+        commit += " (with local changes)"
+    load = f"{results['loadavg_start']} -> {results['loadavg_end']}"
+    return f"{results['seconds']:.0f} s wall at commit {commit}, loadavg {load}"
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -587,7 +575,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['settings']['temperature']}):", ""]  # fmt: skip
     for kind, text in results["samples"].items():
         lines.append(f"- **{kind}**: {results['prompt'] + text!r}")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", f"Run: {run_line(results)}."])
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -696,8 +684,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = run(args)
     paths = write(results, args.out)
     print_table(results)
-    print(f"\n{results['seconds']:.0f} s (loadavg {results['loadavg']}); wrote "
-          f"{', '.join(paths.values())}")  # fmt: skip
+    print(f"\n{run_line(results)}; wrote {', '.join(paths.values())}")
     return results
 
 
