@@ -104,7 +104,10 @@ def save_adapter(
 def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
     return {
         "path": path,
-        **_array_entry(node.w),
+        # The base weight's shape and dtype only: it is never copied to the host whole
+        # (the fingerprint holds its cheap content hash).
+        "shape": list(node.w.shape),
+        "dtype": _dtype_name(node.w),
         "rank": node.rank,
         "scale": node.scale,
         "layout": list(node.layout.roles()),

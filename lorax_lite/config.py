@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
+
+import numpy as np
 
 from .targets import pattern_matches
 
@@ -75,6 +78,14 @@ class LoraConfig:
         problems = _validate(self)
         if problems:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
+        # NumPy scalars pass validation; plain Python numbers keep the config JSON-ready.
+        object.__setattr__(self, "rank", int(self.rank))
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
+        object.__setattr__(
+            self, "alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()}
+        )
 
     def rank_for(self, path: str) -> int:
         """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
@@ -113,13 +124,16 @@ def most_specific(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
 def _validate(config: LoraConfig) -> list[str]:
     problems = []
 
+    def is_number(value, kind):  # bools are not numbers here; NumPy scalars are
+        return isinstance(value, kind) and not isinstance(value, bool | np.bool_)
+
     def check_rank(name, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_number(value, numbers.Integral) or value < 1:
             problems.append(f"{name} must be an int >= 1, got {value!r}")
 
     def check_alpha(name, value):
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            problems.append(f"{name} must be a number > 0, got {value!r}")
+        if not is_number(value, numbers.Real) or not 0 < value < math.inf:
+            problems.append(f"{name} must be a finite number > 0, got {value!r}")
 
     check_rank("rank", config.rank)
     check_alpha("alpha", config.alpha)
@@ -127,7 +141,7 @@ def _validate(config: LoraConfig) -> list[str]:
         check_rank(f"rank_pattern[{pattern!r}]", value)
     for pattern, value in config.alpha_pattern.items():
         check_alpha(f"alpha_pattern[{pattern!r}]", value)
-    if not isinstance(config.dropout, int | float) or not 0 <= config.dropout < 1:
+    if not is_number(config.dropout, numbers.Real) or not 0 <= config.dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
     if config.init not in ("kaiming", "gaussian"):
         problems.append(f"init must be 'kaiming' or 'gaussian', got {config.init!r}")

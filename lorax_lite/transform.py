@@ -4,8 +4,10 @@
 for each `LoraWeight`), and its jaxpr is evaluated with the LoRA leaves carried as
 lazy `rules.LoraValue`\\ s. Products, convolutions and lookups use the factors
 directly (see `rules`); calls, ``remat``, ``cond``, ``while`` and ``scan`` are
-entered; any other use of a LoRA weight materializes that one weight and warns
-once, naming the primitive and the leaf path (``strict=True`` raises instead).
+entered (``remat`` stays around its block); ``custom_jvp``/``custom_vjp`` functions run
+lazily forward, and by their own rule on the dense weight when differentiated; any
+other use of a LoRA weight materializes that one weight and warns once, naming the
+primitive and the leaf path (``strict=True`` raises instead).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _SLICES = (prim.slice_p, prim.dynamic_slice_p)
 # (marking a value as varying over shard_map axes) has no public primitive object.
 _PER_COMPONENT = frozenset({"copy", "device_put", "stop_gradient", "pvary"})
 _ON_W_ONLY = (prim.sharding_constraint_p,)
+_CUSTOM_DERIVATIVES = (prim.custom_jvp_call_p, prim.custom_vjp_call_p)
 
 
 class MaterializationError(TypeError):
@@ -75,8 +78,10 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
     Returns:
         A function with ``fn``'s signature plus a keyword ``dropout_key``: with a key,
         each adapter site draws its own dropout mask on the adapter input (rates from
-        the `LoraWeight`\\ s); without one (evaluation), there is no dropout. The
-        function composes with ``jax.jit``, ``grad``, ``vmap``, ``pmap`` and
+        the `LoraWeight`\\ s); without one (evaluation), there is no dropout. A
+        keyword ``deterministic=True`` (Flax's evaluation flag, passed on to ``fn``
+        like every other argument) turns adapter dropout off too, whatever the key.
+        The function composes with ``jax.jit``, ``grad``, ``vmap``, ``pmap`` and
         ``shard_map``.
 
     Example:
@@ -115,6 +120,9 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
                     cache[cache_key] = closed, out_shape
                 except TypeError:
                     pass
+        deterministic = kwargs.get("deterministic", False)
+        if isinstance(deterministic, bool | np.bool_) and deterministic:
+            dropout_key = None
         ctx = _Context(dropout_key, strict, warned)
         inputs = [v for v, d in zip(values, dynamic) if d]
         outs = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
@@ -209,11 +217,13 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
         out = rules.conv(params, *invals, ctx.next_key() if invals[1].dropout else None)
     elif p is prim.gather_p and lora_in == [True, False]:
         out = rules.gather(params, *invals)
+    elif p is prim.remat_p:  # before CALLS, which holds it too: keep the checkpoint
+        out = _remat(params, invals, ctx)
+    elif p in _CUSTOM_DERIVATIVES:
+        out = _custom_derivative(eqn, invals, ctx)
     elif p in CALLS:
         inner = inner_jaxpr(params)
         out = evaluate(getattr(inner, "jaxpr", inner), getattr(inner, "consts", []), invals, ctx)
-    elif p is prim.remat_p:
-        out = _remat(params, invals, ctx)
     elif p is prim.scan_p:
         out = _scan(params, invals, ctx)
     elif p is prim.cond_p:
@@ -269,6 +279,35 @@ def _remat(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any
 
     remat = jax.checkpoint(block, prevent_cse=params["prevent_cse"], policy=params["policy"])
     return remat(flat, ctx.next_key())
+
+
+def _custom_derivative(eqn: Any, invals: list[Any], ctx: _Context) -> list[Any]:
+    """A ``custom_jvp``/``custom_vjp`` function of a LoRA weight.
+
+    The forward pass runs lazily on the factors. The user's derivative rule is written
+    for the dense weight, so derivatives run the original call on the materialized
+    weight (warning once per weight; ``strict=True`` raises when differentiated), and
+    the weight's cotangent reaches ``A`` and ``B`` through the materialization. Adapter
+    dropout is not applied inside such a function (the dense rule could not see it).
+    """
+    flat, rebuild = _flatten(invals)
+    body = eqn.params["call_jaxpr"]
+    name = f"derivative of {eqn.primitive.name}"
+
+    def forward(flat):
+        outs = evaluate(body.jaxpr, body.consts, rebuild(flat), ctx.child(None))
+        return [_dense(x, f"{eqn.primitive.name} output", ctx) for x in outs]
+
+    def dense_call(flat):
+        return _bind(eqn, [_dense(x, name, ctx) for x in rebuild(flat)])
+
+    if eqn.primitive is prim.custom_jvp_call_p:
+        call = jax.custom_jvp(forward)
+        call.defjvp(lambda primals, tangents: jax.jvp(dense_call, primals, tangents))
+    else:
+        call = jax.custom_vjp(forward)
+        call.defvjp(lambda flat: jax.vjp(dense_call, flat), lambda vjp, ct: vjp(ct))
+    return call(flat)
 
 
 def _unstacked(v: Any, ctx: _Context) -> tuple[Any, Any]:

@@ -1,7 +1,9 @@
 """LoraConfig: validation messages, per-leaf rank/alpha, scale, serialization."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 
 import lorax_lite as ll
@@ -15,11 +17,15 @@ import lorax_lite as ll
         (dict(rank=2.0), "rank must be an int >= 1, got 2.0"),
         (dict(rank=True), "rank must be an int >= 1, got True"),
         (dict(rank_pattern={"q": 0}), "rank_pattern['q'] must be an int >= 1, got 0"),
-        (dict(alpha=0), "alpha must be a number > 0, got 0"),
-        (dict(alpha=-1.5), "alpha must be a number > 0, got -1.5"),
-        (dict(alpha_pattern={"v": 0.0}), "alpha_pattern['v'] must be a number > 0, got 0.0"),
+        (dict(alpha=0), "alpha must be a finite number > 0, got 0"),
+        (dict(alpha=-1.5), "alpha must be a finite number > 0, got -1.5"),
+        (dict(alpha_pattern={"v": 0.0}), "alpha_pattern['v'] must be a finite number > 0, got 0.0"),
         (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
         (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
+        (dict(dropout=True), "dropout must be in [0, 1), got True"),
+        (dict(dropout=math.nan), "dropout must be in [0, 1), got nan"),
+        (dict(alpha=math.inf), "alpha must be a finite number > 0, got inf"),
+        (dict(rank=np.float64(4)), "rank must be an int >= 1, got "),
         (dict(init="xavier"), "init must be 'kaiming' or 'gaussian', got 'xavier'"),
         (dict(bias="some"), "bias must be 'none', 'all' or 'lora_only', got 'some'"),
         (dict(targets=()), "targets is empty"),
@@ -43,6 +49,18 @@ def test_all_problems_are_listed_at_once():
     for part in ("rank must", "alpha must", "dropout must", "both targeted and excluded", "'b('"):
         assert part in text
     assert len(text.splitlines()) == 6  # header + five problems
+
+
+def test_numpy_scalars_are_accepted_as_plain_python_numbers():
+    config = ll.LoraConfig(
+        rank=np.int64(4),
+        alpha=np.float32(8),
+        dropout=np.float64(0.1),
+        rank_pattern={"q": np.int32(2)},
+    )
+    assert (config.rank, config.alpha, config.rank_pattern) == (4, 8.0, {"q": 2})
+    assert type(config.rank) is int and type(config.dropout) is float
+    assert ll.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_dropout_zero_and_just_below_one_are_valid():

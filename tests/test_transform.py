@@ -87,6 +87,8 @@ XE = lambda: normal((3, 6, 5), 101)  # noqa: E731
 
 
 def _custom_jvp_fn():
+    """A custom JVP rule 10x the true derivative: a rule that is ignored shows."""
+
     @jax.custom_jvp
     def layer(w, x):
         return jnp.tanh(x @ w)
@@ -95,12 +97,14 @@ def _custom_jvp_fn():
     def layer_jvp(primals, tangents):
         (w, x), (dw, dx) = primals, tangents
         y = layer(w, x)
-        return y, (1 - y**2) * (dx @ w + x @ dw)
+        return y, 10 * (1 - y**2) * (dx @ w + x @ dw)
 
     return layer
 
 
 def _custom_vjp_fn():
+    """A custom VJP rule 10x the true derivative, with the weight among its residuals."""
+
     @jax.custom_vjp
     def layer(w, x):
         return jnp.tanh(x @ w)
@@ -111,7 +115,7 @@ def _custom_vjp_fn():
 
     def bwd(res, g):
         w, x, y = res
-        gy = g * (1 - y**2)
+        gy = 10 * g * (1 - y**2)
         return x.T @ gy, gy @ w.T
 
     layer.defvjp(fwd, bwd)
@@ -274,18 +278,6 @@ FUNCTIONS = {
         lambda: (X(),),
         1e-5,
     ),
-    "custom-jvp": (
-        lambda w, x: _custom_jvp_fn()(w, x),
-        lambda: lora_weight((5, 4)),
-        lambda: (X(),),
-        1e-5,
-    ),
-    "custom-vjp": (
-        lambda w, x: _custom_vjp_fn()(w, x),
-        lambda: lora_weight((5, 4)),
-        lambda: (X(),),
-        1e-5,
-    ),
     "cond": (
         lambda w, x: lax.cond(x.sum() > 0, lambda: x @ w, lambda: -jnp.tanh(x @ w)),
         lambda: lora_weight((5, 4)),
@@ -345,6 +337,34 @@ def test_while_loop_matches_merged_weight_forward_and_jvp(jit):
     out = transform(lambda: run(lora_fn))()
     expected = transform(lambda: run(merged))()
     assert_trees_allclose(out, expected)
+
+
+@pytest.mark.parametrize("make", [_custom_jvp_fn, _custom_vjp_fn], ids=["jvp", "vjp"])
+def test_custom_derivative_rules_are_kept(make):
+    """Forward lazily (strict passes); gradients by the user's rule (10x the true one),
+    which needs the dense weight: a warning, and strict mode refuses to differentiate."""
+    layer, weight, x = make(), lora_weight((5, 4)), X()
+    assert_trees_allclose(ll.lora(layer, strict=True)(weight, x), layer(ll.merge(weight), x))
+    _, ref_grads = outputs_and_grads(lambda t: layer(ll.merge(t), x), weight)
+    _, true_grads = outputs_and_grads(lambda t: jnp.tanh(x @ ll.merge(t)), weight)
+    assert not np.allclose(ref_grads.a, true_grads.a)  # the rule is not the true derivative
+    with pytest.warns(UserWarning, match=r"derivative of custom_[jv]+p_call.*args\[0\]"):
+        _, grads = outputs_and_grads(lambda t: ll.lora(layer)(t, x), weight)
+    assert_trees_allclose(grads, ref_grads)
+    with pytest.raises(ll.MaterializationError, match="derivative of custom"):
+        outputs_and_grads(lambda t: ll.lora(layer, strict=True)(t, x), weight)
+
+
+def test_checkpoint_stays_around_the_block():
+    """``jax.checkpoint`` (with its policy) survives the evaluation: the block is
+    rematerialized in the backward pass, not inlined."""
+    policy = jax.checkpoint_policies.nothing_saveable
+    fn = lambda w, x: jax.checkpoint(lambda w, x: jnp.tanh(x @ w), policy=policy)(w, x)
+    jaxpr = jax.make_jaxpr(ll.lora(fn, strict=True))(lora_weight((5, 4)), X())
+    remats = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith(("remat", "checkpoint"))]
+    assert len(remats) == 1 and remats[0].params["policy"] is policy
+    inner = [e.primitive.name for e in remats[0].params["jaxpr"].eqns]
+    assert inner.count("dot_general") == 3  # x @ w, x @ A, (x A) @ B: the whole layer inside
 
 
 # ----- Flax layers and models --------------------------------------------------------
@@ -667,9 +687,14 @@ def test_dropout_keys(jit):
     np.testing.assert_array_equal(same[0], same[1])
     other = apply(weight, x, dropout_key=jax.random.key(1))
     assert not np.allclose(same[0], other)
-    # No key (evaluation) is exactly the model without dropout.
+    # No key (evaluation) is exactly the model without dropout, and so is deterministic=True.
     no_dropout = ll.LoraWeight(weight.w, weight.a, weight.b, weight.scale, weight.layout, 0.0)
     np.testing.assert_array_equal(apply(weight, x), apply(no_dropout, x))
+    flagged = ll.lora(lambda w, x, deterministic: x @ w)
+    flagged = jax.jit(flagged, static_argnames="deterministic") if jit else flagged
+    evaluation = flagged(weight, x, deterministic=True, dropout_key=key)
+    np.testing.assert_array_equal(evaluation, apply(no_dropout, x))
+    np.testing.assert_array_equal(flagged(weight, x, deterministic=False, dropout_key=key), same[0])
     assert_trees_allclose(apply(weight, x), x @ ll.merge(weight))
 
 
