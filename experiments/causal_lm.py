@@ -32,6 +32,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +46,7 @@ import optax
 import lorax_lite as ll
 from experiments.data import corpora
 from experiments.models.gpt import GPT, GPTConfig, make_config
-from experiments.provenance import git_commit, loadavg
+from experiments.provenance import begin, end, run_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 CORPUS_NAMES = {"moby-dick": "Moby Dick", "kjv": "King James Bible"}
@@ -447,7 +448,7 @@ def adapt(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Pretrains the base, adapts it both ways, scores and samples; returns the results."""
-    started, load_start = time.perf_counter(), loadavg()
+    started, record = time.perf_counter(), begin()
     data = load_data(args)
     model = GPT(model_config(args, data.tokenizer.vocab_size))
     windows = {
@@ -502,15 +503,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         for kind, params in models.items()
     }
-    commit, dirty = git_commit()
     return {
         "experiment": "causal_lm",
         "smoke": args.smoke,
         "note": SELF_PRETRAINED,
-        "commit": commit,
-        "dirty": dirty,
-        "loadavg_start": load_start,
-        "loadavg_end": loadavg(),
+        "command": " ".join(["python -m experiments.causal_lm", *args.argv]),
+        "machine": end(record),
         "settings": settings(args),
         "source": "generated A" if args.smoke else CORPUS_NAMES[args.source],
         "target": "generated B" if args.smoke else CORPUS_NAMES[args.target],
@@ -536,16 +534,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as JSON-ready values (run-time helpers left out)."""
-    return {k: v for k, v in vars(args).items() if k != "out"}
+    return {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
 
 
-def run_line(results: dict[str, Any]) -> str:
-    """Where the figures came from: commit (and local changes), wall time, machine load."""
-    commit = (results["commit"] or "unknown")[:12]
-    if results["dirty"]:
-        commit += " (with local changes)"
-    load = f"{results['loadavg_start']} -> {results['loadavg_end']}"
-    return f"{results['seconds']:.0f} s wall at commit {commit}, loadavg {load}"
+def provenance(results: dict[str, Any]) -> str:
+    """The run line of `experiments.provenance` for these results."""
+    return run_line(results["command"], results["seconds"], results["machine"])
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -575,7 +569,7 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['settings']['temperature']}):", ""]  # fmt: skip
     for kind, text in results["samples"].items():
         lines.append(f"- **{kind}**: {results['prompt'] + text!r}")
-    return "\n".join([*lines, "", f"Run: {run_line(results)}."])
+    return "\n".join([*lines, "", provenance(results)])
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -652,6 +646,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results folder (default experiments/results; temp with --smoke)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.d_model, args.n_layer, args.n_head, args.seq_len = 32, 2, 2, 32
         args.batch_size, args.block, args.rank, args.alpha = 16, 256, 4, 8.0
@@ -684,7 +679,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = run(args)
     paths = write(results, args.out)
     print_table(results)
-    print(f"\n{run_line(results)}; wrote {', '.join(paths.values())}")
+    print(f"\n{provenance(results)}\nWrote {', '.join(paths.values())}")
     return results
 
 

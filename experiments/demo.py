@@ -44,7 +44,7 @@ import optax
 import lorax_lite as ll
 from experiments.data import rotten_tomatoes
 from experiments.models import bert
-from experiments.provenance import git_commit, loadavg
+from experiments.provenance import begin, end, run_line
 
 VARIANTS = ("lora", "head", "full")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -497,7 +497,7 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             f"max |merged - unmerged| = {check['max_abs_diff_merged_unmerged']:.2e}, "
             f"max |reloaded - trained| = {check['max_abs_diff_reloaded_trained']:.2e}, "
             f"same predictions: {check['same_predictions']}.",
-            run_line(results),
+            run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
     (out / f"{stem}.md").write_text(text + "\n")
@@ -506,20 +506,9 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
     return text
 
 
-def run_line(results: dict[str, Any]) -> str:
-    """The command, commit, wall time and machine load of a run, as one Markdown line."""
-    m = results["machine"]
-    commit = (m["commit"] or "unknown")[:12] + (" (with local changes)" if m["dirty"] else "")
-    return (
-        f"Command: `{results['command'].strip()}` at commit {commit}; total wall time "
-        f"{results['wall_seconds']:.0f} s on {m['cpus']} CPU cores; load averages "
-        f"{m['loadavg_start']} at start, {m['loadavg_end']} at end."
-    )
-
-
 def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Runs every variant and the reload check in their own processes; gathers the results."""
-    start, load_start = time.perf_counter(), loadavg()
+    start, record = time.perf_counter(), begin()
     with tempfile.TemporaryDirectory(prefix="lorax_demo_") as tmp:
         work = ["--work-dir", tmp]
         variants = [
@@ -543,22 +532,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "variants": variants,
         "reload_check": check,
         "wall_seconds": time.perf_counter() - start,
-        "machine": machine(load_start),
-    }
-
-
-def machine(loadavg_start: list[float] | None) -> dict[str, Any]:
-    """CPU count, load averages at the start (given) and now, JAX version and backend,
-    the commit and the tracked files that differ from it."""
-    commit, dirty = git_commit()
-    return {
-        "commit": commit,
-        "dirty": dirty,
-        "cpus": os.cpu_count(),
-        "loadavg_start": loadavg_start,
-        "loadavg_end": loadavg(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
+        "machine": end(record),
     }
 
 

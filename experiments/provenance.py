@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,3 +36,42 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def begin() -> dict[str, Any]:
+    """The record of a run, taken as it starts: the commit and the tracked files that
+    differ from it, CPU count, JAX version and backend, and the load averages."""
+    import jax  # here, so that git_commit and loadavg work without JAX
+
+    commit, dirty = git_commit()
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "loadavg_start": loadavg(),
+    }
+
+
+def end(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (from `begin`) with the load averages at the end of the run."""
+    return {**record, "loadavg_end": loadavg()}
+
+
+def run_line(command: str, seconds: float, record: dict[str, Any]) -> str:
+    """The command, commit, wall time and machine load of a run, as one Markdown line.
+
+    Args:
+        command: the command line that produced the results.
+        seconds: the run's wall time.
+        record: what `end` returned.
+    """
+    commit = (record["commit"] or "unknown")[:12]
+    if record["dirty"]:
+        commit += f" (with local changes to {', '.join(record['dirty'])})"
+    return (
+        f"Command: `{command.strip()}` at commit {commit}; total wall time {seconds:.0f} s on "
+        f"{record['cpus']} CPU cores; load averages {record['loadavg_start']} at start, "
+        f"{record['loadavg_end']} at end."
+    )

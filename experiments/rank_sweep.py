@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +40,7 @@ from experiments.data.images import (
     load_mnist_5k,
     synthetic_images,
 )
-from experiments.provenance import git_commit
+from experiments.provenance import begin, end, run_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -230,7 +231,7 @@ def pretrain(model: MLP, data: ImageSet, args: argparse.Namespace) -> tuple[Any,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Pretrains the base and runs every variant with every seed; returns the results."""
-    start = time.perf_counter()
+    start, record = time.perf_counter(), begin()
     data = load_data(smoke=args.smoke, target_train_size=args.target_train_size, seed=args.seed)
     model = MLP(hidden=tuple(args.hidden))
     check = make_evaluator(model, ll.lora(model.apply))
@@ -245,8 +246,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "experiment": "rank_sweep",
         "smoke": args.smoke,
-        "commit": git_commit()[0],
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet")},
+        "command": " ".join(["python -m experiments.rank_sweep", *args.argv]),
+        "machine": end(record),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet", "argv")},
         "pretrain": {"final_loss": pretrain_loss, "source_test_accuracy": base_accuracy},
         "rows": rows,
         "seconds": time.perf_counter() - start,
@@ -348,7 +350,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {row['variant']} | {rank} | {row['trainable']:,} | {row['compression']:.1f}x "
             f"| {100 * row['accuracy_mean']:.2f}% | {min(accs):.2f} - {max(accs):.2f} |"
         )
-    return "\n".join(lines)
+    run = run_line(results["command"], results["seconds"], results["machine"])
+    return "\n".join([*lines, "", run])
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -422,6 +425,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.hidden, args.ranks, args.seeds = [32, 32], [4], args.seeds[:2]
         args.pretrain_steps, args.steps, args.batch_size = 60, 40, 64
@@ -439,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = write(results, args.out)
     print(f"\nbase: {100 * results['pretrain']['source_test_accuracy']:.2f}% on held-out digits")
     print(markdown(results))
-    print(f"\n{results['seconds']:.0f} s; wrote {', '.join(paths.values())}")
+    print(f"\nWrote {', '.join(paths.values())}")
     return results
 
 

@@ -275,6 +275,6 @@ def test_smoke_run_adapts_with_lora_and_keeps_the_base(tmp_path):
     assert "self-pretrained" in results["note"]
     table = (tmp_path / "causal_lm.md").read_text()
     assert f"| LoRA r=4 on c_attn/c_proj/c_fc | {lora:,} |" in table
-    assert "self-pretrained" in table and "s wall at commit" in table
+    assert "self-pretrained" in table and "Command: `python -m experiments.causal_lm" in table
     assert (tmp_path / "causal_lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(tmp_path / "causal_lm.png") > 10_000

@@ -6,6 +6,7 @@ import warnings
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -445,7 +446,7 @@ def primitive_counts(jaxpr):
     counts = {}
     for eqn in jaxpr.eqns:
         counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jex.jaxprs_in_params(eqn.params):
             for name, n in primitive_counts(sub).items():
                 counts[name] = counts.get(name, 0) + n
     return counts

@@ -258,14 +258,13 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Builds, checks, times, prints the table and writes ``OUT.json`` and ``OUT.md``."""
     args = parse_args(argv)
-    load_before = loadavg()
+    load_before, (commit, dirty) = loadavg(), git_commit()  # the code that runs
     setup = build(args)
     calls = forwards(setup)
     first, outputs = compile_and_warm(calls, args.warmup)
     gap = check_routing(setup, calls["single"], outputs["routed"], args.check)
     effect = float(np.max(np.abs(np.asarray(outputs["routed"]) - np.asarray(outputs["base"]))))
     times = time_rounds(calls, args.repeats, args.iters)
-    commit, dirty = git_commit()
     result = {
         "command": " ".join(["python -m experiments.bench.routing", *(argv or sys.argv[1:])]),
         "commit": commit,

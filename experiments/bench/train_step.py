@@ -776,14 +776,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in allowed]
     if unknown:
         raise SystemExit(f"unknown {args.mode} variants {unknown}; choose from {list(allowed)}")
-    load_before = loadavg()
+    load_before, (commit, dirty) = loadavg(), git_commit()  # the code that runs
     records = run_variants(args, variants)
     load_after = loadavg()
     reported = [rec.pop("machine") for rec in records.values() if "machine" in rec]
     machine = reported[0] if reported else probe()
     if args.dtype == "auto":  # as the workers resolved it (the parent never starts a backend)
         args.dtype = "bfloat16" if machine["backend"] == "gpu" else "float32"
-    commit, dirty = git_commit()
     config = model_config(args)
     result = dict(
         mode=args.mode,
