@@ -28,8 +28,9 @@ class LoraConfig:
         dropout: dropout rate on the adapter's input, in training only, in ``[0, 1)``.
         targets: which weights to adapt: regexes matched against whole components of
             the ``/``-joined leaf path (``"query"`` matches ``.../query/kernel``), a
-            callable ``(path, leaf) -> bool``, or ``"all-linear"`` (every float kernel
-            used as a matmul weight, embeddings excluded).
+            callable ``(path, leaf) -> bool``, or ``"all-linear"``: every float kernel
+            that ``fn`` uses as a matmul weight, embeddings excluded, when `init` is
+            given ``fn``/``args``; without them, every leaf named ``kernel``.
         exclude: regexes of leaves never adapted, even when a target matches them.
         rank_pattern: ``{regex: rank}``; the longest matching regex wins (regexes
             match whole path components, as in ``targets``).

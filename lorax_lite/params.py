@@ -108,8 +108,8 @@ def select_targets(
             continue
         if hits and not any(is_adaptable(p, x) for p, x in named if p in hits):
             problems.append(
-                f"target {spec!r} names only integer or 1-D leaves ({', '.join(hits[:3])}); "
-                "adapters go on float weights of rank >= 2"
+                f"target {spec!r} names only leaves that take no adapter ({', '.join(hits[:3])}); "
+                "adapters go on float arrays of rank >= 2 not named 'bias' or 'scale'"
             )
         elif hits:
             excluded = [p for p, _ in adaptable if p in hits]

@@ -20,8 +20,9 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
             roles, rank, trainable parameters.
 
     Returns:
-        The text; its first line reads
-        ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7331``.
+        The text; its first line reads (for float32 parameters)
+        ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330
+        (trainable 4.8 KiB of 22.2 KiB)``.
 
     Example:
         >>> import jax.numpy as jnp

@@ -92,8 +92,9 @@ def to_predicate(spec: str | Predicate, *, linear_paths: Iterable[str] | None = 
         spec: a regex (see `pattern_matches`), a callable ``(path, leaf) -> bool``, or
             ``"all-linear"``.
         linear_paths: paths of leaves known to be used as matmul weights (from a
-            trace of the model). Without them ``"all-linear"`` means every adaptable
-            leaf named ``kernel``.
+            trace of the model). Without them ``"all-linear"`` goes by name alone: every
+            leaf named ``kernel``, conv kernels included (`init` then refuses any kernel
+            of more than two axes as ambiguous unless ``axes`` names its roles).
 
     Returns:
         The predicate.

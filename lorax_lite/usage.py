@@ -23,7 +23,6 @@ PASS_THROUGH = frozenset(
     for p in (
         prim.convert_element_type_p,
         prim.copy_p,
-        getattr(prim, "copy_p", None),
         prim.sharding_constraint_p,
         prim.reduce_precision_p,
         getattr(prim, "device_put_p", None),

@@ -82,18 +82,20 @@ def adam_step(tx, tree, loss):
 
 
 @JIT
-def test_one_step_on_the_partition_leaves_frozen_bits(lora_params, jit):
+def test_one_step_on_the_partition_equals_one_on_the_full_tree(lora_params, jit):
+    """The frozen half never reaches this step; the full-tree test checks it stays frozen."""
     tx = ll.optimizer(optax.adam(1e-2), lora_params)
     trainable, frozen = ll.partition(lora_params)
     step = lambda t: adam_step(tx, t, lambda t: loss_of_tree(ll.combine(t, frozen)))
-    new_trainable = (jax.jit(step) if jit else step)(trainable)
-    new_trainable_again, new_frozen = ll.partition(ll.combine(new_trainable, frozen))
-    assert_trees_equal(new_frozen, frozen)
+    full_step = lambda tree: adam_step(tx, tree, loss_of_tree)
+    maybe_jit = jax.jit if jit else lambda f: f
+    new_trainable = maybe_jit(step)(trainable)
     for old, new in zip(
         jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(new_trainable)
     ):
         assert np.all(np.asarray(old) != np.asarray(new))  # adam moves every entry by ~lr
-    assert_trees_equal(new_trainable_again, new_trainable)
+    expected = ll.partition(maybe_jit(full_step)(lora_params))[0]
+    assert_trees_allclose(new_trainable, expected, rtol=1e-6, atol=1e-8)
 
 
 @JIT

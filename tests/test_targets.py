@@ -85,6 +85,7 @@ def test_to_predicate_regex_callable_and_all_linear():
     without_trace = to_predicate("all-linear")
     assert without_trace("fc/kernel", leaf) and without_trace("fc/kernel/value", leaf)
     assert not without_trace("emb/embedding", leaf)
+    assert without_trace("conv/kernel", jnp.zeros((3, 8, 8)))  # by name: conv kernels too
     traced = to_predicate("all-linear", linear_paths=["emb/embedding"])
     assert traced("emb/embedding", leaf) and not traced("fc/kernel", leaf)
 
@@ -112,7 +113,7 @@ def test_module_pattern_adapts_the_kernel_never_bias_or_scale():
     lp = ll.init(params, ll.LoraConfig(rank=2, targets="fc1"), key=KEY)
     assert adapted_paths(lp) == ["params/fc1/kernel"]
     assert isinstance(lp["params"]["fc1"]["bias"], jax.Array)
-    with pytest.raises(ValueError, match="target 'ln' names only integer or 1-D leaves"):
+    with pytest.raises(ValueError, match="target 'ln' names only leaves that take no adapter"):
         ll.init(params, ll.LoraConfig(rank=2, targets=("fc1", "ln")), key=KEY)
 
 
