@@ -19,10 +19,11 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .config import LoraConfig
-from .targets import named_leaves, path_str
+from .targets import named_leaves, path_str, unflatten
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
 FORMAT = "lorax_lite.adapter"
@@ -48,6 +49,10 @@ def save_adapter(
     strided sample of each adapted weight), checksums of the saved arrays, the
     library and JAX versions, and ``metadata``. The write is atomic.
 
+    In a multi-process run every process calls it with the same ``path`` and its
+    copy of ``tree`` (arrays may span processes): orbax writes each array once and
+    the metadata from process 0 alone.
+
     Args:
         path: the checkpoint directory to create.
         tree: a full LoRA tree (from `init` or `combine`), base weights included.
@@ -59,8 +64,10 @@ def save_adapter(
         The absolute checkpoint path.
 
     Raises:
-        ValueError: if ``tree`` holds no adapter, or some adapters lack their base
-            weight (a trainable partition: save ``combine(trainable, frozen)``).
+        ValueError: if ``tree`` holds no adapter or trained leaf, if some adapters
+            lack their base weight (a trainable partition: save
+            ``combine(trainable, frozen)``), or if ``path`` exists and ``overwrite``
+            is False.
         TypeError: if ``config`` or ``metadata`` cannot be serialized to JSON.
 
     Example:
@@ -119,9 +126,17 @@ def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
 
 def _array_entry(x: Any) -> dict[str, Any]:
     """Shape, dtype and a SHA-256 checksum of the bytes of ``x``."""
-    host = np.asarray(x)
+    host = _on_host(x)
     digest = hashlib.sha256(np.ascontiguousarray(host).tobytes()).hexdigest()
     return {"shape": list(host.shape), "dtype": str(host.dtype), "sha256": digest}
+
+
+def _on_host(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array; one spanning processes is gathered from all of them (a
+    collective: every process must make the same calls in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
 
 
 def _versions() -> dict[str, str]:
@@ -164,7 +179,7 @@ def content_hash(x: Any) -> str:
     shape = tuple(np.shape(x))
     per_axis = math.ceil(HASH_SAMPLES ** (1 / max(len(shape), 1)))
     index = tuple(slice(None, None, max(1, math.ceil(d / per_axis))) for d in shape)
-    sample = np.ascontiguousarray(np.asarray(x[index] if shape else x))
+    sample = np.ascontiguousarray(_on_host(x[index] if shape else x))
     header = f"{shape}|{sample.dtype}|".encode()
     return hashlib.sha256(header + sample.tobytes()).hexdigest()[:32]
 
@@ -172,9 +187,22 @@ def content_hash(x: Any) -> str:
 def adapter_metadata(path: str | pathlib.Path) -> dict[str, Any]:
     """The JSON metadata of an adapter checkpoint (what `save_adapter` wrote).
 
+    Reads the metadata alone, not the arrays.
+
+    Args:
+        path: a directory written by `save_adapter`.
+
+    Returns:
+        The metadata dict: ``format``, ``format_version``, ``config``, ``adapters``,
+        ``trained``, ``base`` (the fingerprint), ``versions`` and ``user``.
+
     Raises:
         FileNotFoundError: if ``path`` does not exist.
         ValueError: if the metadata is missing, unreadable or of an unknown format version.
+
+    Example:
+        >>> info = adapter_metadata("/tmp/run/adapter")  # doctest: +SKIP
+        >>> config = ll.LoraConfig.from_dict(info["config"])  # doctest: +SKIP
     """
     path = pathlib.Path(path).absolute()
     if not path.exists():
@@ -385,24 +413,15 @@ def _same_shape_sharding(base: Any) -> Any:
 
 def _adapters_only(info: dict[str, Any], arrays: dict[str, Any]) -> dict[str, Any]:
     """A nested dict of the adapters and trained values alone, keyed by path components."""
-    out: dict[str, Any] = {}
-
-    def put(path, value):
-        *parents, leaf = path.split("/")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-
+    flat: dict[str, Any] = {}
     for entry, ab in zip(info["adapters"], arrays["adapters"]):
         layout = Layout.from_roles(tuple(entry["layout"]))
-        put(
-            entry["path"],
-            LoraWeight(None, ab["a"], ab["b"], entry["scale"], layout, entry["dropout"]),
+        flat[entry["path"]] = LoraWeight(
+            None, ab["a"], ab["b"], entry["scale"], layout, entry["dropout"]
         )
     for entry, value in zip(info["trained"], arrays["trained"]):
-        put(entry["path"], Trainable(value))
-    return out
+        flat[entry["path"]] = Trainable(value)
+    return unflatten(flat)
 
 
 class Restored(NamedTuple):
@@ -421,7 +440,8 @@ class TrainCheckpointer:
     Saves are asynchronous (the arrays are copied to host, then written in a
     background thread) and atomic: a process killed mid-save leaves the earlier
     steps intact, and the half-written one is ignored and cleaned up. Only the
-    last ``max_to_keep`` steps are kept.
+    last ``max_to_keep`` steps are kept. In a multi-process run every process makes
+    the same calls on the same ``directory``; orbax writes each step once.
 
     A state with a ``frozen`` field (lorax_lite's ``TrainState``, or any NamedTuple
     or dataclass with one) is saved without it, so the base weights are never

@@ -17,7 +17,6 @@ import json
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -26,7 +25,7 @@ from .checkpoint import adapter_metadata, load_adapter
 from .config import LoraConfig
 from .params import merge
 from .peft import CONFIG_NAME, WEIGHTS_NAME, default_name_map, to_peft
-from .targets import named_leaves
+from .targets import named_leaves, unflatten
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,18 +140,6 @@ def merge_command(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(merged, args.out)
     print(f"wrote {len(merged)} merged tensors to {args.out}")
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"a/b": x}`` -> ``{"a": {"b": x}}``: the nested tree of ``/``-joined paths."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, name = path.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[name] = value
-    return tree
 
 
 def export_command(args: argparse.Namespace) -> None:

@@ -98,6 +98,10 @@ def to_peft(
     Raises:
         ValueError: listing every leaf that the name map does not map and every
             adapter whose layout PEFT cannot express.
+
+    Example:
+        >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query"}
+        >>> ll.to_peft("/tmp/peft", lora_params, config, names)  # doctest: +SKIP
     """
     resolve = resolve_name_map(name_map)
     nodes = named_leaves(tree, is_leaf=is_lora_node)
@@ -231,6 +235,9 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
         ValueError: for a configuration lorax_lite cannot represent (DoRA, another
             PEFT type), listing every key that maps to no base leaf or whose shape
             does not fit.
+
+    Example:
+        >>> lora_params = ll.from_peft("/tmp/peft", params, names)  # doctest: +SKIP
     """
     directory = pathlib.Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -117,3 +117,20 @@ def closest_paths(pattern: str, paths: Iterable[str], n: int = 3) -> list[str]:
         return max(difflib.SequenceMatcher(None, pattern, part).ratio() for part in parts)
 
     return sorted(paths, key=score, reverse=True)[:n]
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict of ``/``-joined leaf paths, the inverse of `named_leaves` on dicts.
+
+    Example:
+        >>> unflatten({"dense/kernel": 1, "dense/bias": 2})
+        {'dense': {'kernel': 1, 'bias': 2}}
+    """
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, name = path.split("/")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[name] = value
+    return tree

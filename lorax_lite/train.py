@@ -388,13 +388,14 @@ def replicate(
     """Each leaf copied to every device, stacked on a new leading device axis.
 
     Built on the sharding APIs (``jax.make_array_from_single_device_arrays``); the
-    result is what ``jax.pmap`` takes for an argument held by every device.
+    result is what ``jax.pmap`` takes for an argument held by every device. Every
+    leaf is copied, also one already laid out this way.
 
     Args:
         tree: a pytree of arrays (or numbers).
         devices: the devices (default: all local devices).
-        axis_name: the name of the device axis (``pmap``'s ``axis_name``: inputs
-            already laid out as ``pmap`` lays them out are not copied again).
+        axis_name: the name of the mesh axis the result is sharded over (use
+            ``pmap``'s ``axis_name``).
 
     Returns:
         The same tree, each leaf of shape ``(len(devices), *leaf.shape)``.
@@ -455,13 +456,7 @@ def shard_batch(batch: Any, n: int) -> Any:
         >>> shard_batch(np.zeros((8, 3)), 4).shape
         (4, 2, 3)
     """
-    bad = [
-        f"{path or '<batch>'}: shape {np.shape(x)}"
-        for path, x in named_leaves(batch)
-        if np.ndim(x) == 0 or np.shape(x)[0] % n
-    ]
-    if bad:
-        raise ValueError(f"shard_batch: leading axis not divisible by {n}:\n  " + "\n  ".join(bad))
+    _check_leading_axis(batch, n, f"shard_batch: the device count {n}")
     return jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
 
 
@@ -610,8 +605,8 @@ def fit(
     """Runs ``steps`` training steps with a progress bar; returns the state and a history.
 
     The host reads the metrics only every ``log_every`` steps (and at the first, last
-    and eval steps), so the device runs ahead in between. The bar (loss, tokens/s)
-    shows on process 0 only; every process must call `fit` with its own batches.
+    and eval steps), so the device runs ahead in between. The bar (loss, tokens/s) and
+    warnings show on process 0 only; every process must call `fit` with its own batches.
 
     Args:
         step: a step function, e.g. ``ll.train_step(...).step``.
@@ -647,7 +642,8 @@ def fit(
     for done in range(1, steps + 1):
         batch = next(iterator, _END)
         if batch is _END:
-            logger.warning("fit: the batches ran out after %d of %d steps", done - 1, steps)
+            if is_main_process():
+                logger.warning("fit: the batches ran out after %d of %d steps", done - 1, steps)
             break
         state, metrics = step(state, batch)
         pending.append(metrics)

@@ -1,5 +1,6 @@
 """Adapter checkpoints and training checkpoints: round trips, validation, crash safety."""
 
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -61,6 +62,8 @@ def test_round_trip_equals_the_original_tree(tmp_path):
     assert info["user"] == {"task": "demo"}
     assert ll.LoraConfig.from_dict(info["config"]) == CONFIG
     assert [e["path"] for e in info["trained"]] == ["params/head/bias", "params/head/kernel"]
+    dists = {"lorax_lite": "lorax_lite", "jax": "jax", "orbax": "orbax-checkpoint"}
+    assert info["versions"] == {k: importlib.metadata.version(d) for k, d in dists.items()}
 
 
 def test_loading_a_lora_tree_uses_its_base(tmp_path):
@@ -145,14 +148,26 @@ def test_unknown_format_version_raises(tmp_path):
         ll.load_adapter(tmp_path / "adapter", base_params())
 
 
-def _data_files(directory):
-    return [f for f in (directory / "adapter").rglob("*") if f.is_file() and f.stat().st_size]
+def _array_files(directory, *, chunks_only=False):
+    """The non-empty files of the arrays under ``directory`` (an adapter checkpoint's arrays
+    item, a training step), or only their chunk data (not the manifests or orbax metadata)."""
+    files = [f for f in directory.rglob("*") if f.is_file() and f.stat().st_size]
+    files = [f for f in files if "/d/" in str(f)] if chunks_only else files
+    assert files
+    return files
 
 
-def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
-    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
-    for f in _data_files(tmp_path / "adapter"):
+def _truncate(files):
+    for f in files:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("chunks_only", [False, True], ids=["array files", "chunk data"])
+def test_truncated_checkpoint_raises_a_clear_error(tmp_path, chunks_only):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    _truncate(_array_files(tmp_path / "adapter" / "adapter", chunks_only=chunks_only))
+    # The JSON metadata is intact, so the error comes from the arrays.
+    assert adapter_metadata(tmp_path / "adapter")["format_version"] == 1
     with pytest.raises(ValueError, match="truncated, corrupted") as err:
         ll.load_adapter(tmp_path / "adapter", base_params())
     assert str(tmp_path / "adapter") in str(err.value)
@@ -160,11 +175,10 @@ def test_truncated_checkpoint_raises_a_clear_error(tmp_path):
 
 def test_corrupted_arrays_raise_a_clear_error(tmp_path):
     ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
-    for f in _data_files(tmp_path / "adapter"):
-        if "/d/" in str(f):  # chunk data, not the manifests
-            data = bytearray(f.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            f.write_bytes(bytes(data))
+    for f in _array_files(tmp_path / "adapter" / "adapter", chunks_only=True):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupted"):
         ll.load_adapter(tmp_path / "adapter", base_params())
 
@@ -250,6 +264,18 @@ def test_train_checkpoints_leave_out_the_frozen_base(tmp_path):
     np.testing.assert_array_equal(restored.trainable["a"], np.arange(4.0))
     np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(state.key))
     assert int(restored.step) == 5 and restored.frozen is big
+
+
+def test_truncated_training_checkpoint_raises_naming_the_saved_steps(tmp_path):
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, worker.init_state(), data={"position": step})
+        ckpt.wait()
+        _truncate(_array_files(tmp_path / "ckpt" / "2", chunks_only=True))
+        with pytest.raises(ValueError, match=r"step 2 .* truncated or corrupted") as err:
+            ckpt.restore(worker.init_state())
+        assert r"step=... (saved: [1, 2])" in str(err.value)
+        assert ckpt.restore(worker.init_state(), step=1).data == {"position": 1}
 
 
 def test_restore_without_checkpoints_raises(tmp_path):

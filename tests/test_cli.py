@@ -10,8 +10,8 @@ from helpers import assert_trees_equal, dense_reference, randomize_b
 from safetensors.numpy import load_file, save_file
 
 import lorax_lite as ll
-from lorax_lite.cli import main, unflatten
-from lorax_lite.targets import named_leaves
+from lorax_lite.cli import main
+from lorax_lite.targets import named_leaves, unflatten
 
 CONFIG = ll.LoraConfig(rank=2, alpha=4, targets=("query", "value"), train=("head",))
 

@@ -23,22 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def single_process_run() -> dict[str, np.ndarray]:
-    """The same steps as the workers, on one device with the whole batch."""
-    init, step = ll.train_step(worker.loss_fn, worker.TX)
-    state = init(worker.lora_tree(), jax.random.key(1))
+def single_process_run() -> tuple[ll.TrainState, ll.TrainState, np.ndarray]:
+    """The same steps as the workers, on one device with the whole batch: the initial
+    and final states and the losses."""
+    init, step = ll.train_step(worker.loss_fn, worker.TX, donate=False)
+    start = state = init(worker.lora_tree(), jax.random.key(1))
     losses = []
     for i in range(worker.STEPS):
         state, metrics = step(state, worker.batch(i))
         losses.append(float(metrics["loss"]))
-    return {**worker.trainable_arrays(state), "losses": np.array(losses)}
+    return start, state, np.array(losses)
 
 
 def test_two_processes_on_loopback_train_like_one(tmp_path):
     port, outs = free_port(), [tmp_path / f"process{i}.npz" for i in range(2)]
+    shared = tmp_path / "shared"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(i), "2", str(port), str(outs[i])],
+            [sys.executable, str(WORKER), str(i), "2", str(port), str(outs[i]), str(shared)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -54,12 +56,30 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
         assert p.returncode == 0, f"worker failed:\n{out}\n{err[-3000:]}"
     assert "process 0 of 2: rows slice(0, 16" in results[0][0]
     assert "process 1 of 2: rows slice(16, 32" in results[1][0]
-    expected = single_process_run()
+    start, state, losses = single_process_run()
+    expected = {**worker.trainable_arrays(state), "losses": losses}
     for out in outs:  # each process's copy of the adapters, and the losses fit recorded
         assert_trees_allclose(dict(np.load(out)), expected, rtol=1e-5, atol=1e-6)
-    # Only process 0 shows the progress bar.
-    assert "two-process" in results[0][1]
-    assert "two-process" not in results[1][1]
+    # Only process 0 shows the progress bar and logs warnings.
+    assert "two-process" in results[0][1] and "ran out after 0 of 1" in results[0][1]
+    assert "two-process" not in results[1][1] and "ran out" not in results[1][1]
+    # Both processes saved to the same directories: one adapter and one step, committed once
+    # (a second writer would have found the directory there, or left a temporary one).
+    for out, _ in results:
+        assert f"saved {shared / 'adapter'}" in out
+    assert sorted(p.name for p in shared.iterdir()) == ["adapter", "ckpt"]
+    loaded = ll.load_adapter(shared / "adapter", worker.lora_tree())  # the base fingerprint too
+    assert_trees_allclose(loaded, state.tree, rtol=1e-5, atol=1e-6)
+    with ll.TrainCheckpointer(shared / "ckpt") as ckpt:
+        assert ckpt.all_steps() == [worker.STEPS]
+        restored = ckpt.restore(start)
+    assert restored.data == {"position": worker.STEPS} and int(restored.state.step) == worker.STEPS
+    assert_trees_allclose(
+        (restored.state.trainable, restored.state.opt_state),
+        (state.trainable, state.opt_state),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_initialize_is_a_no_op_in_a_single_process(caplog):

@@ -166,6 +166,35 @@ def test_from_peft_refuses_pickle_and_unsupported_variants(tmp_path):
         ll.from_peft(tmp_path, base_params(), NAMES)
 
 
+def test_experiments_bert_name_map_gives_peft_s_bert_module_names(tmp_path):
+    """The shipped MiniLM/BERT name map, on the experiments' Flax BERT (tiny, random)."""
+    from experiments.models import bert
+    from experiments.models.bert_peft import peft_name_map
+
+    config = bert.BertConfig(
+        vocab_size=40, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+        max_positions=16,
+    )  # fmt: skip
+    ids, mask = jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool)
+    params = bert.BertEncoder(config).init(KEY, ids, mask)
+    lora_config = ll.LoraConfig(rank=2, alpha=4, targets=("query", "value"))
+    tree = randomize_b(ll.init(params, lora_config, key=KEY), jax.random.key(1))
+    ll.to_peft(tmp_path, tree, lora_config, peft_name_map())
+    # The names of transformers' BertModel modules, written out by hand.
+    modules = [
+        f"encoder.layer.{i}.attention.self.{proj}" for i in (0, 1) for proj in ("query", "value")
+    ]
+    expected = {}
+    for module in modules:
+        expected[f"base_model.model.{module}.lora_A.weight"] = (2, 16)  # (r, in)
+        expected[f"base_model.model.{module}.lora_B.weight"] = (16, 2)  # (out, r)
+    tensors = load_file(tmp_path / WEIGHTS)
+    assert {k: v.shape for k, v in tensors.items()} == expected
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_config["target_modules"] == sorted(modules)
+    assert_trees_equal(ll.from_peft(tmp_path, params, peft_name_map()), tree)
+
+
 INTEROP = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
 
 

@@ -1,10 +1,12 @@
 """A tiny LoRA regression problem, and one process of the two-process training test.
 
-``python tests/train_worker.py PROCESS_ID NUM_PROCESSES PORT OUT`` joins a loopback
+``python tests/train_worker.py PROCESS_ID NUM_PROCESSES PORT OUT SHARED`` joins a loopback
 cluster (``127.0.0.1:PORT``, CPU collectives) with 4 CPU devices per process, trains
 ``STEPS`` steps of `sharded_train_step` (FSDP base) on a (2, 4) mesh over all processes'
 devices with `fit`, each process passing its own rows of every batch, and writes the final
-trainable leaves to OUT (``.npz``).
+trainable leaves to OUT (``.npz``). Then every process saves the trained adapter to
+``SHARED/adapter`` (`save_adapter`) and the state to ``SHARED/ckpt`` (`TrainCheckpointer`),
+and calls `fit` once more without batches (the warning is process 0's alone).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def local_rows(sharding: jax.sharding.Sharding, size: int) -> slice:
     return slice(min(s[0].start or 0 for s in spans), max(s[0].stop or size for s in spans))
 
 
-def main(process_id: int, num_processes: int, port: int, out: str) -> None:
+def main(process_id: int, num_processes: int, port: int, out: str, shared: str) -> None:
     if not ll.distributed.initialize(
         f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60
     ):
@@ -99,8 +101,12 @@ def main(process_id: int, num_processes: int, port: int, out: str) -> None:
     state, history = ll.fit(step, state, local_batches, steps=STEPS, desc="two-process")
     np.savez(out, **trainable_arrays(state), losses=[h["loss"] for h in history])
     print(f"process {jax.process_index()} of {jax.process_count()}: rows {rows}", flush=True)
+    print(f"saved {ll.save_adapter(f'{shared}/adapter', state.tree, CONFIG)}", flush=True)
+    with ll.TrainCheckpointer(f"{shared}/ckpt") as ckpt:
+        ckpt.save(STEPS, state, data={"position": STEPS})
+    ll.fit(step, state, iter(()), steps=1, desc="no batches")
     jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
