@@ -421,12 +421,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     """The results table in Markdown."""
     rows = [
         "| variant | trainable params | % of model | peak LR | test accuracy | train time (s) "
-        "| process time (s) | peak RSS (MB) | to store |",
+        "| process time (s) | peak RSS (MiB) | to store |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["variants"]:
         stored = r["checkpoint_bytes"]
-        stored = f"{stored / 2**10:.0f} KB" if stored < 2**20 else f"{stored / 2**20:.1f} MB"
+        stored = f"{stored / 2**10:.0f} KiB" if stored < 2**20 else f"{stored / 2**20:.1f} MiB"
         rows.append(
             f"| {variant_name(r['variant'], results['args']['rank'])} "
             f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | {r['lr']:g} "
@@ -488,9 +488,9 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             "end of test evaluation. To store: the LoRA adapter directory written by "
             "`ll.save_adapter`; for head-only and full, the bytes of their float32 "
             "trainable arrays.",
-            f"LoRA adapter on disk: {lora['checkpoint_bytes'] / 2**10:.0f} KB "
+            f"LoRA adapter on disk: {lora['checkpoint_bytes'] / 2**10:.0f} KiB "
             f"({lora['checkpoint_bytes']:,} bytes); full model (float32): "
-            f"{lora['model_bytes'] / 2**20:.1f} MB ({lora['model_bytes']:,} bytes), "
+            f"{lora['model_bytes'] / 2**20:.1f} MiB ({lora['model_bytes']:,} bytes), "
             f"{lora['model_bytes'] / lora['checkpoint_bytes']:.0f}x larger.",
             f"Reloaded with `ll.load_adapter` in a fresh process and merged with `ll.merge`, "
             f"on {check['examples']} test snippets: "
