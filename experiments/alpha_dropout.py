@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import pathlib
 import sys
@@ -42,6 +41,7 @@ from typing import Any, NamedTuple
 
 import lorax_lite as ll
 from experiments import demo
+from experiments.outputs import write_outputs
 from experiments.provenance import begin, end, run_line
 
 DEMO = demo.parse_args([])  # the demo's defaults
@@ -229,7 +229,7 @@ def markdown_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(scaling), "\n".join(dropout)
 
 
-def plot(results: dict[str, Any], path: pathlib.Path) -> None:
+def plot(results: dict[str, Any], path: str) -> None:
     """Validation curves: scaling (accuracy, loss), dropout on the small and full sets (loss)."""
     import matplotlib
 
@@ -270,8 +270,6 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
 
 def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot_png: bool) -> str:
     """Writes ``stem.{json,md}`` and (if ``plot_png``) ``stem.png``; returns the Markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     scaling, dropout = markdown_tables(results["runs"])
     a = results["args"]
     distinct = sum(r["first_run"] for r in results["runs"])
@@ -292,9 +290,7 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
-    (out / f"{stem}.md").write_text(text + "\n")
-    if plot_png:
-        plot(results, out / f"{stem}.png")
+    write_outputs(out, stem, results, text, plot if plot_png else None)
     return text
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import optax
 import lorax_lite as ll
 from experiments.data import corpora
 from experiments.models.gpt import GPT, GPTConfig, make_config
+from experiments.outputs import write_outputs
 from experiments.provenance import begin, end, run_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
@@ -600,18 +600,6 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def write(results: dict[str, Any], out: str) -> dict[str, str]:
-    """Writes ``causal_lm.{json,md,png}`` under ``out``; returns the paths."""
-    os.makedirs(out, exist_ok=True)
-    paths = {ext: os.path.join(out, f"causal_lm.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(results) + "\n")
-    plot(results, paths["png"])
-    return paths
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; ``--smoke`` shrinks everything to generated text for tests."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -677,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the experiment, prints the table and writes JSON, Markdown and PNG results."""
     args = parse_args(argv)
     results = run(args)
-    paths = write(results, args.out)
+    paths = write_outputs(args.out, "causal_lm", results, markdown(results), plot)
     print_table(results)
     print(f"\n{provenance(results)}\nWrote {', '.join(paths.values())}")
     return results

@@ -44,6 +44,7 @@ import optax
 import lorax_lite as ll
 from experiments.data import rotten_tomatoes
 from experiments.models import bert
+from experiments.outputs import write_outputs
 from experiments.provenance import begin, end, run_line
 
 VARIANTS = ("lora", "head", "full")
@@ -442,7 +443,7 @@ def variant_name(variant: str, rank: int) -> str:
     return names[variant]
 
 
-def plot_curves(results: dict[str, Any], path: pathlib.Path) -> None:
+def plot_curves(results: dict[str, Any], path: str) -> None:
     """Validation accuracy and loss against step, one line per variant."""
     import matplotlib
 
@@ -468,8 +469,6 @@ def plot_curves(results: dict[str, Any], path: pathlib.Path) -> None:
 
 def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot: bool) -> str:
     """Writes ``stem.json``, ``stem.md`` and (if ``plot``) ``stem.png``; returns the Markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     check = results["reload_check"]
     lora = next(r for r in results["variants"] if r["variant"] == "lora")
     args = results["args"]
@@ -500,9 +499,7 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
-    (out / f"{stem}.md").write_text(text + "\n")
-    if plot:
-        plot_curves(results, out / f"{stem}.png")
+    write_outputs(out, stem, results, text, plot_curves if plot else None)
     return text
 
 

@@ -18,7 +18,6 @@ Run ``make rank-sweep`` (installs the data) or ``python -m experiments.rank_swee
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from experiments.data.images import (
     load_mnist_5k,
     synthetic_images,
 )
+from experiments.outputs import write_outputs
 from experiments.provenance import begin, end, run_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
@@ -391,18 +391,6 @@ def plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def write(results: dict[str, Any], out: str) -> dict[str, str]:
-    """Writes ``rank_sweep.{json,md,png}`` under ``out``; returns the paths."""
-    os.makedirs(out, exist_ok=True)
-    paths = {ext: os.path.join(out, f"rank_sweep.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump(results, f, indent=2)
-    with open(paths["md"], "w") as f:
-        f.write(markdown(results) + "\n")
-    plot(results, paths["png"])
-    return paths
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; ``--smoke`` shrinks everything for tests."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -440,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the sweep, prints the table and writes JSON, Markdown and PNG results."""
     args = parse_args(argv)
     results = run(args)
-    paths = write(results, args.out)
+    paths = write_outputs(args.out, "rank_sweep", results, markdown(results), plot)
     print(f"\nbase: {100 * results['pretrain']['source_test_accuracy']:.2f}% on held-out digits")
     print(markdown(results))
     print(f"\nWrote {', '.join(paths.values())}")
