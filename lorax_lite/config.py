@@ -81,11 +81,11 @@ class LoraConfig:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
         # NumPy scalars pass validation; plain Python numbers keep the config JSON-ready.
         object.__setattr__(self, "rank", int(self.rank))
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "alpha", _as_float(self.alpha))
+        object.__setattr__(self, "dropout", _as_float(self.dropout))
         object.__setattr__(self, "rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
         object.__setattr__(
-            self, "alpha_pattern", {k: float(v) for k, v in self.alpha_pattern.items()}
+            self, "alpha_pattern", {k: _as_float(v) for k, v in self.alpha_pattern.items()}
         )
 
     def rank_for(self, path: str) -> int:
@@ -111,6 +111,12 @@ class LoraConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
         """Inverse of `to_dict`."""
         return cls(**dict(data))
+
+
+def _as_float(value: Any) -> float:
+    """A Python float with the value as written: ``np.float32(0.1)`` gives ``0.1``, not
+    its binary value ``0.10000000149011612``."""
+    return float(str(value)) if isinstance(value, np.floating) else float(value)
 
 
 def most_specific(patterns: Mapping[str, Any], path: str, default: Any) -> Any:

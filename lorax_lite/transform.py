@@ -79,8 +79,9 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
         A function with ``fn``'s signature plus a keyword ``dropout_key``: with a key,
         each adapter site draws its own dropout mask on the adapter input (rates from
         the `LoraWeight`\\ s); without one (evaluation), there is no dropout. A
-        keyword ``deterministic=True`` (Flax's evaluation flag, passed on to ``fn``
-        like every other argument) turns adapter dropout off too, whatever the key.
+        keyword ``deterministic=True`` (Flax's evaluation flag, a Python bool, passed
+        on to ``fn`` like every other argument) turns adapter dropout off too, whatever
+        the key.
         The function composes with ``jax.jit``, ``grad``, ``vmap``, ``pmap`` and
         ``shard_map``.
 
@@ -121,7 +122,12 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
                 except TypeError:
                     pass
         deterministic = kwargs.get("deterministic", False)
-        if isinstance(deterministic, bool | np.bool_) and deterministic:
+        if not isinstance(deterministic, bool | np.bool_):
+            raise TypeError(
+                "deterministic= must be a Python bool: it decides, when tracing, whether "
+                f"adapter dropout runs; got {type(deterministic).__name__}"
+            )
+        if deterministic:
             dropout_key = None
         ctx = _Context(dropout_key, strict, warned)
         inputs = [v for v, d in zip(values, dynamic) if d]
@@ -289,24 +295,29 @@ def _custom_derivative(eqn: Any, invals: list[Any], ctx: _Context) -> list[Any]:
     weight (warning once per weight; ``strict=True`` raises when differentiated), and
     the weight's cotangent reaches ``A`` and ``B`` through the materialization. Adapter
     dropout is not applied inside such a function (the dense rule could not see it).
+
+    A ``custom_vjp`` function's closed-over values (its leading ``num_consts``
+    operands) stay closed over, as JAX keeps them: not differentiated.
     """
-    flat, rebuild = _flatten(invals)
+    vjp = eqn.primitive is prim.custom_vjp_call_p
+    n_closed = eqn.params["num_consts"] if vjp else 0
+    closed, (flat, rebuild) = invals[:n_closed], _flatten(invals[n_closed:])
     body = eqn.params["call_jaxpr"]
     name = f"derivative of {eqn.primitive.name}"
 
     def forward(flat):
-        outs = evaluate(body.jaxpr, body.consts, rebuild(flat), ctx.child(None))
+        outs = evaluate(body.jaxpr, body.consts, [*closed, *rebuild(flat)], ctx.child(None))
         return [_dense(x, f"{eqn.primitive.name} output", ctx) for x in outs]
 
     def dense_call(flat):
-        return _bind(eqn, [_dense(x, name, ctx) for x in rebuild(flat)])
+        return _bind(eqn, [_dense(x, name, ctx) for x in [*closed, *rebuild(flat)]])
 
-    if eqn.primitive is prim.custom_jvp_call_p:
+    if vjp:
+        call = jax.custom_vjp(forward)
+        call.defvjp(lambda flat: jax.vjp(dense_call, flat), lambda pullback, ct: pullback(ct))
+    else:
         call = jax.custom_jvp(forward)
         call.defjvp(lambda primals, tangents: jax.jvp(dense_call, primals, tangents))
-    else:
-        call = jax.custom_vjp(forward)
-        call.defvjp(lambda flat: jax.vjp(dense_call, flat), lambda vjp, ct: vjp(ct))
     return call(flat)
 
 

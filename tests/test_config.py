@@ -60,6 +60,7 @@ def test_numpy_scalars_are_accepted_as_plain_python_numbers():
     )
     assert (config.rank, config.alpha, config.rank_pattern) == (4, 8.0, {"q": 2})
     assert type(config.rank) is int and type(config.dropout) is float
+    assert ll.LoraConfig(dropout=np.float32(0.1)).dropout == 0.1  # as written, not 0.10000000149
     assert ll.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 

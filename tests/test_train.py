@@ -1,5 +1,6 @@
 """Training steps: one device, pmap and a mesh agree with each other and with a dense
-hand-written update; accumulation, remat, donation, bf16 bases, FSDP memory and fit."""
+hand-written update; accumulation, remat, donation, no per-step transfers, bf16 bases,
+FSDP memory and fit."""
 
 import dataclasses
 import functools
@@ -41,18 +42,27 @@ def counting(loss_fn):
     return counted, calls
 
 
-def build(kind: str, loss_fn, tx) -> ll.TrainStep:
+def build(kind: str, loss_fn, tx, **options) -> ll.TrainStep:
     accum = 4 if "accum 4" in kind else 1
     if kind == "pmap":
-        return ll.pmap_train_step(loss_fn, tx, accum_steps=accum)
+        return ll.pmap_train_step(loss_fn, tx, accum_steps=accum, **options)
     if kind.startswith("mesh"):
-        shape = (2, 4) if "2x4" in kind else (8, 1)
-        mesh = jax.make_mesh(shape, ("data", "model"))
+        mesh = jax.make_mesh(mesh_shape(kind), ("data", "model"))
         sharding = "fsdp" if "fsdp" in kind else "replicated"
         return ll.sharded_train_step(
-            loss_fn, tx, mesh=mesh, base_sharding=sharding, accum_steps=accum
+            loss_fn, tx, mesh=mesh, base_sharding=sharding, accum_steps=accum, **options
         )
-    return ll.train_step(loss_fn, tx, accum_steps=accum)
+    return ll.train_step(loss_fn, tx, accum_steps=accum, **options)
+
+
+def mesh_shape(kind: str) -> tuple[int, int]:
+    return (2, 4) if "2x4" in kind else (8, 1)
+
+
+def host_batch(kind: str, index: int):
+    """Batch ``index`` on the host, with pmap's leading device axis for ``"pmap"``."""
+    batch = worker.batch(index)
+    return ll.shard_batch(batch, 8) if kind == "pmap" else batch
 
 
 def host(tree):
@@ -66,8 +76,7 @@ def run(kind: str, steps: int = STEPS):
     init, step = build(kind, loss_fn, optax.adam(3e-2))
     state, losses = init(lora_tree(), jax.random.key(1)), []
     for i in range(steps):
-        batch = worker.batch(i)
-        state, metrics = step(state, ll.shard_batch(batch, 8) if kind == "pmap" else batch)
+        state, metrics = step(state, host_batch(kind, i))
         losses.append(float(metrics["loss"]))
     unstack = ll.unreplicate if kind == "pmap" else lambda tree: tree
     return host(unstack(state.trainable)), host(unstack(state.frozen)), losses, len(calls)
@@ -192,6 +201,58 @@ def test_donation_consumes_the_state_but_not_the_callers_tree(donate):
     assert new.frozen is state.frozen  # the base is passed through, never copied
     assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(lora_tree()))
     assert not key.is_deleted()
+
+
+@pytest.mark.parametrize("donate", [True, False])
+@pytest.mark.parametrize("kind", ["pmap", "mesh 2x4 fsdp"])
+def test_pmap_and_mesh_steps_donate_the_updated_state_but_not_the_base(kind, donate):
+    init, step = build(kind, worker.loss_fn, optax.adam(1e-2), donate=donate)
+    state = init(lora_tree(), jax.random.key(1))
+    new, _ = step(state, host_batch(kind, 0))
+    updated = jax.tree_util.tree_leaves((state.step, state.trainable, state.opt_state, state.key))
+    assert len(updated) > 5  # adapters, head, Adam moments, step and key
+    assert [x.is_deleted() for x in updated] == [donate] * len(updated)
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(state.frozen))
+    assert new.frozen is state.frozen
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(lora_tree()))
+
+
+def placed_batches(kind: str, state: ll.TrainState, count: int) -> list:
+    """Batches ``0 .. count - 1`` already on the devices, laid out as ``kind``'s step takes them."""
+    if kind == "pmap":  # the layout `replicate` gives the state: one row block per device
+        put = functools.partial(jax.device_put, device=state.step.sharding)
+    elif kind.startswith("mesh"):
+        mesh = jax.make_mesh(mesh_shape(kind), ("data", "model"))
+        put = lambda batch: ll.place(state, batch, mesh=mesh, base_sharding="fsdp")[1]
+    else:
+        put = jax.device_put
+    return [put(host_batch(kind, i)) for i in range(count)]
+
+
+@pytest.mark.parametrize("kind", ["one device", "pmap", "mesh 2x4 fsdp"])
+def test_steps_after_the_first_transfer_nothing(kind):
+    """Placed batches in, device metrics out: after compiling, a step moves no data.
+
+    The guard is ``"disallow_explicit"``: the sharded step calls `place` (an explicit
+    ``device_put``) on every batch, which ``"disallow"`` lets through. On CPU, reading a
+    replicated scalar (``float(metrics["loss"])``) is zero-copy and no transfer the guard
+    sees, so the control is a host batch instead.
+    """
+    loss_fn, calls = counting(worker.loss_fn)
+    init, step = build(kind, loss_fn, optax.adam(1e-2))
+    state = init(lora_tree(), jax.random.key(1))
+    batches = placed_batches(kind, state, 4)
+    state, _ = step(state, batches[0])
+    with jax.transfer_guard("disallow_explicit"):
+        for batch in batches[1:]:
+            state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    assert int(np.asarray(state.step).reshape(-1)[0]) == 4 and len(calls) == 1
+    with (
+        jax.transfer_guard("disallow_explicit"),
+        pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"),
+    ):
+        step(state, host_batch(kind, 0))
 
 
 def teacher_params():

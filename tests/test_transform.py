@@ -86,36 +86,42 @@ X = lambda: normal((3, 5), 100)  # noqa: E731 - inputs are built lazily, per tes
 XE = lambda: normal((3, 6, 5), 101)  # noqa: E731
 
 
+# Closed over by the custom functions below (JAX passes it as a leading constant operand).
+CUSTOM_GAIN = jnp.linspace(0.5, 1.5, 4)
+
+
 def _custom_jvp_fn():
-    """A custom JVP rule 10x the true derivative: a rule that is ignored shows."""
+    """``tanh(x @ w) * gain`` with a JVP rule 10x the true derivative: a rule that is
+    ignored shows."""
 
     @jax.custom_jvp
     def layer(w, x):
-        return jnp.tanh(x @ w)
+        return jnp.tanh(x @ w) * CUSTOM_GAIN
 
     @layer.defjvp
     def layer_jvp(primals, tangents):
         (w, x), (dw, dx) = primals, tangents
-        y = layer(w, x)
-        return y, 10 * (1 - y**2) * (dx @ w + x @ dw)
+        t = jnp.tanh(x @ w)
+        return t * CUSTOM_GAIN, 10 * (1 - t**2) * CUSTOM_GAIN * (dx @ w + x @ dw)
 
     return layer
 
 
 def _custom_vjp_fn():
-    """A custom VJP rule 10x the true derivative, with the weight among its residuals."""
+    """``tanh(x @ w) * gain`` with a VJP rule 10x the true derivative, the weight among
+    its residuals."""
 
     @jax.custom_vjp
     def layer(w, x):
-        return jnp.tanh(x @ w)
+        return jnp.tanh(x @ w) * CUSTOM_GAIN
 
     def fwd(w, x):
-        y = jnp.tanh(x @ w)
-        return y, (w, x, y)
+        t = jnp.tanh(x @ w)
+        return t * CUSTOM_GAIN, (w, x, t)
 
     def bwd(res, g):
-        w, x, y = res
-        gy = 10 * g * (1 - y**2)
+        w, x, t = res
+        gy = 10 * g * CUSTOM_GAIN * (1 - t**2)
         return x.T @ gy, gy @ w.T
 
     layer.defvjp(fwd, bwd)
@@ -346,7 +352,7 @@ def test_custom_derivative_rules_are_kept(make):
     layer, weight, x = make(), lora_weight((5, 4)), X()
     assert_trees_allclose(ll.lora(layer, strict=True)(weight, x), layer(ll.merge(weight), x))
     _, ref_grads = outputs_and_grads(lambda t: layer(ll.merge(t), x), weight)
-    _, true_grads = outputs_and_grads(lambda t: jnp.tanh(x @ ll.merge(t)), weight)
+    _, true_grads = outputs_and_grads(lambda t: jnp.tanh(x @ ll.merge(t)) * CUSTOM_GAIN, weight)
     assert not np.allclose(ref_grads.a, true_grads.a)  # the rule is not the true derivative
     with pytest.warns(UserWarning, match=r"derivative of custom_[jv]+p_call.*args\[0\]"):
         _, grads = outputs_and_grads(lambda t: ll.lora(layer)(t, x), weight)
@@ -695,6 +701,8 @@ def test_dropout_keys(jit):
     evaluation = flagged(weight, x, deterministic=True, dropout_key=key)
     np.testing.assert_array_equal(evaluation, apply(no_dropout, x))
     np.testing.assert_array_equal(flagged(weight, x, deterministic=False, dropout_key=key), same[0])
+    with pytest.raises(TypeError, match="deterministic= must be a Python bool"):
+        ll.lora(lambda w, x, deterministic: x @ w)(weight, x, deterministic=jnp.array(True))
     assert_trees_allclose(apply(weight, x), x @ ll.merge(weight))
 
 
