@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import lorax_lite as ll
 from experiments import demo
 from experiments.outputs import write_outputs
-from experiments.provenance import begin, end, run_line
+from experiments.provenance import begin, command, end, run_line
 
 DEMO = demo.parse_args([])  # the demo's defaults
 
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "task": "all-MiniLM-L6-v2 on Rotten Tomatoes: alpha/r vs rsLoRA, and dropout"
         if not args.smoke
         else "smoke: generated snippets, tiny random BERT",
-        "command": "python -m experiments.alpha_dropout " + " ".join(argv),
+        "command": command("experiments.alpha_dropout", argv),
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "smoke")},
         "n_train_full": len(task.train.labels),
         "runs": runs,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +45,7 @@ import lorax_lite as ll
 from experiments.data import corpora
 from experiments.models.gpt import GPT, GPTConfig, make_config
 from experiments.outputs import write_outputs
-from experiments.provenance import begin, end, run_line
+from experiments.provenance import begin, command, end, run_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 CORPUS_NAMES = {"moby-dick": "Moby Dick", "kjv": "King James Bible"}
@@ -507,7 +506,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "experiment": "causal_lm",
         "smoke": args.smoke,
         "note": SELF_PRETRAINED,
-        "command": " ".join(["python -m experiments.causal_lm", *args.argv]),
+        "command": command("experiments.causal_lm", args.argv),
         "machine": end(record),
         "settings": settings(args),
         "source": "generated A" if args.smoke else CORPUS_NAMES[args.source],
@@ -634,7 +633,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results folder (default experiments/results; temp with --smoke)")
     args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv  # for the recorded command line
     if args.smoke:
         args.d_model, args.n_layer, args.n_head, args.seq_len = 32, 2, 2, 32
         args.batch_size, args.block, args.rank, args.alpha = 16, 256, 4, 8.0

@@ -45,7 +45,7 @@ import lorax_lite as ll
 from experiments.data import rotten_tomatoes
 from experiments.models import bert
 from experiments.outputs import write_outputs
-from experiments.provenance import begin, end, run_line
+from experiments.provenance import begin, command, end, run_line
 
 VARIANTS = ("lora", "head", "full")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -523,7 +523,7 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     task = "all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)"
     return {
         "task": task if not args.smoke else "smoke: generated snippets, tiny random BERT",
-        "command": "python -m experiments.demo " + " ".join(argv),
+        "command": command("experiments.demo", argv),
         "args": {k: v for k, v in vars(args).items() if k in DATA_ARGS},
         "split": check.pop("split"),
         "variants": variants,

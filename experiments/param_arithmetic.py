@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 import lorax_lite as ll
 from experiments.models.gpt import GPT, make_config
-from experiments.provenance import git_commit
+from experiments.provenance import command, git_commit
 
 SIZES = ("small", "medium", "large", "xl")
 RANKS = (4, 8, 16, 32, 64)
@@ -161,13 +160,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [row(*setting) for setting in tqdm(settings, desc="param arithmetic")]
     rows.sort(key=lambda r: (sizes.index(r["size"]), r["targets"] != "c_attn+c_proj", r["rank"]))
     example = single_layer_example()
-    command = " ".join(["python -m experiments.param_arithmetic", *(argv or sys.argv[1:])])
-    text = markdown(rows, example, command)
+    line = command("experiments.param_arithmetic", argv)
+    text = markdown(rows, example, line)
     commit, _ = git_commit()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(
-            dict(command=command, commit=commit, jax=jax.__version__, rows=rows,
+            dict(command=line, commit=commit, jax=jax.__version__, rows=rows,
                  single_layer=example),
             f,
             indent=1,

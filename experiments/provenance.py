@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -36,6 +38,11 @@ def loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def command(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command line that runs ``module`` with ``argv`` (None: this process's arguments)."""
+    return " ".join([f"python -m {module}", *(sys.argv[1:] if argv is None else argv)])
 
 
 def begin() -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ from experiments.data.images import (
     synthetic_images,
 )
 from experiments.outputs import write_outputs
-from experiments.provenance import begin, end, run_line
+from experiments.provenance import begin, command, end, run_line
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
@@ -246,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "experiment": "rank_sweep",
         "smoke": args.smoke,
-        "command": " ".join(["python -m experiments.rank_sweep", *args.argv]),
+        "command": command("experiments.rank_sweep", args.argv),
         "machine": end(record),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet", "argv")},
         "pretrain": {"final_loss": pretrain_loss, "source_test_accuracy": base_accuracy},
@@ -413,7 +412,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv  # for the recorded command line
     if args.smoke:
         args.hidden, args.ranks, args.seeds = [32, 32], [4], args.seeds[:2]
         args.pretrain_steps, args.steps, args.batch_size = 60, 40, 64

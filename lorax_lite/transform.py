@@ -81,9 +81,8 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
         the `LoraWeight`\\ s); without one (evaluation), there is no dropout. A
         keyword ``deterministic=True`` (Flax's evaluation flag, a Python bool, passed
         on to ``fn`` like every other argument) turns adapter dropout off too, whatever
-        the key.
-        The function composes with ``jax.jit``, ``grad``, ``vmap``, ``pmap`` and
-        ``shard_map``.
+        the key. The function composes with ``jax.jit``, ``grad``, ``vmap``, ``pmap``
+        and ``shard_map``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -96,6 +95,14 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(*args: Any, dropout_key: jax.Array | None = None, **kwargs: Any) -> Any:
+        deterministic = kwargs.get("deterministic", False)
+        if not isinstance(deterministic, bool | np.bool_):
+            raise TypeError(
+                "deterministic= must be a Python bool: it decides, when tracing, whether "
+                f"adapter dropout runs; got {type(deterministic).__name__}"
+            )
+        if deterministic:
+            dropout_key = None
         nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora_node)
         values = [_lazy(_arg_path(path), node) for path, node in nodes]
         standins = [v.w if isinstance(v, LoraValue) else v for v in values]
@@ -121,14 +128,6 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
                     cache[cache_key] = closed, out_shape
                 except TypeError:
                     pass
-        deterministic = kwargs.get("deterministic", False)
-        if not isinstance(deterministic, bool | np.bool_):
-            raise TypeError(
-                "deterministic= must be a Python bool: it decides, when tracing, whether "
-                f"adapter dropout runs; got {type(deterministic).__name__}"
-            )
-        if deterministic:
-            dropout_key = None
         ctx = _Context(dropout_key, strict, warned)
         inputs = [v for v, d in zip(values, dynamic) if d]
         outs = evaluate(closed.jaxpr, closed.consts, inputs, ctx)

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import lorax_lite as ll
 from experiments.models.gpt import GPT, make_config
-from experiments.provenance import git_commit, loadavg
+from experiments.provenance import command, git_commit, loadavg
 
 VARIANTS = ("base", "single", "routed")
 TARGETS = ("c_attn", "c_proj", "c_fc")
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     effect = float(np.max(np.abs(np.asarray(outputs["routed"]) - np.asarray(outputs["base"]))))
     times = time_rounds(calls, args.repeats, args.iters)
     result = {
-        "command": " ".join(["python -m experiments.bench.routing", *(argv or sys.argv[1:])]),
+        "command": command("experiments.bench.routing", argv),
         "commit": commit,
         "dirty": dirty,
         "machine": machine(),

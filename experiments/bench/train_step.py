@@ -41,7 +41,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from experiments.provenance import git_commit, loadavg
+from experiments.provenance import command, git_commit, loadavg
 
 TRAIN_VARIANTS = ("lora", "full", "materialized", "inline", "peft", "peft-eager", "torch-full")
 INFERENCE_VARIANTS = ("base", "merged", "unmerged")
@@ -787,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(
         mode=args.mode,
         model=f"d={config.d_model} L={config.n_layer} H={config.n_head} V={config.vocab_size}",
-        command=" ".join(["python -m experiments.bench.train_step", *(argv or sys.argv[1:])]),
+        command=command("experiments.bench.train_step", argv),
         commit=commit,
         dirty=dirty,
         machine=machine,
