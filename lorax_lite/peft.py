@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .checkpoint import base_of
@@ -110,6 +111,7 @@ def to_peft(
     modules = {p: resolve(p) for p, _ in [*adapters, *trained]}
     problems = [f"{p}: the name map gives no PyTorch module" for p, m in modules.items() if not m]
     problems += [problem for p, n in adapters if (problem := _layout_problem(p, n))]
+    problems += _shared_modules([p for p, _ in adapters], modules, "adapters")
     targeted = {modules[p] for p, _ in adapters}
     tensors, bias, to_save, trained_problems = _trained_tensors(trained, modules, targeted)
     problems += trained_problems
@@ -127,6 +129,20 @@ def to_peft(
     save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def _shared_modules(paths: list[str], modules: Mapping[str, str | None], what: str) -> list[str]:
+    """A problem for each PyTorch module that the name map gives to several of ``paths``."""
+    owners: dict[str, list[str]] = {}
+    for path in paths:
+        if modules.get(path):
+            owners.setdefault(modules[path], []).append(path)
+    return [
+        f"{module}: the name map sends the {what} of {' and '.join(paths)} to this one "
+        "PyTorch module (expected one leaf per module)"
+        for module, paths in owners.items()
+        if len(paths) > 1
+    ]
 
 
 def _layout_problem(path: str, node: LoraWeight) -> str | None:
@@ -194,6 +210,7 @@ def _trained_tensors(
         if modules[path]:
             by_module.setdefault(modules[path], []).append((path, value))
     tensors, to_save, problems, bias_modes = {}, set(), [], set()
+    written: dict[str, str] = {}  # tensor key -> the leaf it came from
     for module, leaves in by_module.items():
         only_biases = all(leaf_name(p) == "bias" for p, _ in leaves)
         if only_biases and module in targeted:
@@ -208,16 +225,31 @@ def _trained_tensors(
             if name is None:
                 problems.append(f"{path}: no PyTorch parameter name for leaf {leaf_name(path)!r}")
                 continue
+            key = f"{PREFIX}{prefix}.{name}"
+            if key in written:
+                problems.append(
+                    f"{key}: both {written[key]} and {path} map to this PyTorch tensor "
+                    "(expected one leaf per tensor)"
+                )
+                continue
+            written[key] = path
             value = np.asarray(value)
             if leaf_name(path) == "kernel" and value.ndim == 2:
                 value = value.T  # Flax (in, out) -> torch Linear (out, in)
-            tensors[f"{PREFIX}{prefix}.{name}"] = np.ascontiguousarray(value)
+            tensors[key] = np.ascontiguousarray(value)
     bias = "all" if "all" in bias_modes else "lora_only" if bias_modes else "none"
     return tensors, bias, to_save, problems
 
 
 def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
     """Reads a PEFT LoRA adapter onto the JAX base ``params``.
+
+    Every field of ``adapter_config.json`` that describes the weights is checked,
+    and every tensor against it and against the base: floating dtypes, finite values,
+    ``lora_A`` of shape ``(r, d_in)`` and ``lora_B`` of ``(d_out, r)`` with ``r`` the
+    module's rank (``rank_pattern`` or ``r``), on a module ``target_modules`` names,
+    whose base leaf is ``(d_in, d_out)`` (a Flax kernel or embedding; a transposed
+    ``(d_out, d_in)`` leaf is refused, never silently reinterpreted).
 
     Args:
         directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
@@ -232,9 +264,13 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     Raises:
         FileNotFoundError: if a file is missing (a pickled ``adapter_model.bin`` is
             never read).
-        ValueError: for a configuration lorax_lite cannot represent (DoRA, another
-            PEFT type), listing every key that maps to no base leaf or whose shape
-            does not fit.
+        ValueError: naming the file: if it is not UTF-8 JSON or safetensors; listing
+            every field of the configuration that is missing, of the wrong type or out
+            of range, or that lorax_lite cannot represent (DoRA, another PEFT type, a
+            base modified by PiSSA/OLoRA/CorDA/LoftQ initialization); listing every
+            tensor that maps to no base leaf, has a non-floating dtype, non-finite
+            values or a shape that does not fit, and every leaf or tensor that two
+            modules or two tensors would share.
 
     Example:
         >>> lora_params = ll.from_peft("/tmp/peft", params, names)  # doctest: +SKIP
@@ -246,20 +282,18 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
                 f"{directory / name} not found; lorax_lite reads only safetensors adapters "
                 "(never the pickled adapter_model.bin)"
             )
-    peft_config = json.loads((directory / CONFIG_NAME).read_text())
-    _check_supported(directory, peft_config)
-    tensors = {k.removeprefix(PREFIX): v for k, v in load_file(directory / WEIGHTS_NAME).items()}
+    peft_config = read_peft_config(directory / CONFIG_NAME)
+    tensors = _load_tensors(directory / WEIGHTS_NAME)
     params = base_of(params)
     base = dict(named_leaves(params))
-    resolve = resolve_name_map(name_map)
-    leaves_of: dict[str, dict[str, str]] = {}
-    for path in base:
-        module = resolve(path)
-        if module:
-            leaves_of.setdefault(module, {})[leaf_name(path)] = path
-    built, problems = _read_tensors(tensors, peft_config, base, leaves_of)
+    leaves_of, problems = _leaves_by_module(base, resolve_name_map(name_map))
+    built, tensor_problems = _read_tensors(tensors, peft_config, base, leaves_of)
+    problems += tensor_problems
     if problems:
-        raise ValueError(f"from_peft cannot read {directory}:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"from_peft cannot read {directory / WEIGHTS_NAME} onto the base with "
+            f"{CONFIG_NAME}:\n  " + "\n  ".join(problems)
+        )
 
     def rebuild(key_path, leaf):
         return built.get(path_str(key_path), leaf)
@@ -267,15 +301,179 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     return jax.tree_util.tree_map_with_path(rebuild, params)
 
 
-def _check_supported(directory: pathlib.Path, peft_config: dict[str, Any]) -> None:
-    problems = []
-    if peft_config.get("peft_type") != "LORA":
-        problems.append(f"peft_type is {peft_config.get('peft_type')!r}, not 'LORA'")
-    for flag in ("use_dora", "lora_bias", "use_qalora"):
-        if peft_config.get(flag):
-            problems.append(f"{flag} is set; lorax_lite adapters are plain LoRA")
+# PEFT options that change what the weights mean; lorax_lite adapters are plain LoRA.
+UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora")
+UNSUPPORTED_IF_SET = (
+    "layer_replication", "alora_invocation_tokens", "target_parameters", "trainable_token_indices"
+)  # fmt: skip
+# init_lora_weights values that leave the base weights as they were.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Those that train on a modified base (a residual or a quantized copy): the adapter does
+# not fit the original base unless PEFT converted it when saving.
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def read_peft_config(path: pathlib.Path) -> dict[str, Any]:
+    """``adapter_config.json`` parsed and checked, with PEFT's defaults filled in.
+
+    Raises:
+        ValueError: naming ``path``: if it is not UTF-8 JSON holding an object, and
+            listing every field that is missing, of the wrong type or unsupported.
+    """
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not UTF-8 JSON ({type(err).__name__}: {err})") from err
+    if not isinstance(config, dict):
+        kinds = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+        kind = kinds.get(type(config), "a number")
+        raise ValueError(f"{path}: expected a JSON object, found {kind}")
+    defaults = {
+        "lora_dropout": 0.0, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+        "rank_pattern": {}, "alpha_pattern": {}, "target_modules": None,
+        "modules_to_save": None, "init_lora_weights": True,
+    }  # fmt: skip
+    # PEFT writes null for an option left at its default.
+    config = {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
+    problems = _config_problems(config)
     if problems:
-        raise ValueError(f"Unsupported PEFT adapter {directory}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{path}: invalid or unsupported fields:\n  " + "\n  ".join(problems))
+    return config
+
+
+def _config_problems(config: dict[str, Any]) -> list[str]:
+    """One ``field: expected ..., found ...`` line for each bad field of a PEFT config."""
+    problems = []
+
+    def bad(field: str, expected: str) -> None:
+        found = _json(config[field]) if field in config else "nothing (the field is missing)"
+        problems.append(f"{field}: expected {expected}, found {found}")
+
+    if config.get("peft_type") != "LORA":
+        bad("peft_type", '"LORA"')
+    if not _is_rank(config.get("r")):
+        bad("r", "an int >= 1")
+    if not _is_alpha(config.get("lora_alpha")):
+        bad("lora_alpha", "a finite number > 0")
+    dropout = config["lora_dropout"]
+    if not (_is_real(dropout) and 0 <= dropout < 1):
+        bad("lora_dropout", "a number in [0, 1)")
+    for flag in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config[flag], bool):
+            bad(flag, "true or false")
+    for flag in UNSUPPORTED:
+        if config.get(flag) is not None and config.get(flag) is not False:
+            bad(flag, "false (lorax_lite adapters are plain LoRA)")
+    for field in UNSUPPORTED_IF_SET:
+        if config.get(field) not in (None, [], {}):
+            bad(field, "null (lorax_lite adapters are plain LoRA)")
+    if config["bias"] not in ("none", "all", "lora_only"):
+        bad("bias", '"none", "all" or "lora_only"')
+    problems += _pattern_problems(config, "rank_pattern", _is_rank, "an int >= 1")
+    problems += _pattern_problems(config, "alpha_pattern", _is_alpha, "a finite number > 0")
+    for field in ("target_modules", "modules_to_save"):
+        names = config[field]
+        if field == "target_modules" and isinstance(names, str):
+            if _regex_error(names):
+                bad(field, f"a valid regex ({_regex_error(names)})")
+        elif names is not None and not (
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+        ):
+            bad(field, "a list of module names" + (" or a regex" if field[0] == "t" else ""))
+    problems += _init_problems(config["init_lora_weights"])
+    return problems
+
+
+def _init_problems(init: Any) -> list[str]:
+    """``init_lora_weights`` must leave the base as it was (the adapter is read onto it)."""
+    if isinstance(init, str) and init.split("_")[0] in BASE_CHANGING_INITS:
+        return [
+            f"init_lora_weights: expected one of {_json(PLAIN_INITS)}, found {_json(init)}, "
+            "which trains on a modified base; save the adapter with PEFT's "
+            "path_initial_model_for_weight_conversion to convert it to plain LoRA"
+        ]
+    if any(init is v or (isinstance(init, str) and init == v) for v in PLAIN_INITS):
+        return []
+    return [f"init_lora_weights: expected one of {_json(PLAIN_INITS)}, found {_json(init)}"]
+
+
+def _pattern_problems(
+    config: dict[str, Any], field: str, valid: Callable[[Any], bool], expected: str
+) -> list[str]:
+    patterns = config[field]
+    if not isinstance(patterns, dict):
+        return [f"{field}: expected a JSON object {{regex: value}}, found {_json(patterns)}"]
+    problems = [
+        f"{field}[{_json(key)}]: expected {expected}, found {_json(value)}"
+        for key, value in patterns.items()
+        if not valid(value)
+    ]
+    problems += [
+        f"{field}[{_json(key)}]: expected a valid regex ({error})"
+        for key in patterns
+        if (error := _regex_error(key))
+    ]
+    return problems
+
+
+def _json(value: Any) -> str:
+    """``value`` as written in JSON (``true``, ``null``, ``"LORA"``), for messages."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_alpha(value: Any) -> bool:
+    return _is_real(value) and 0 < value < math.inf
+
+
+def _regex_error(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return str(err)
+    return None
+
+
+def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    """The safetensors file's arrays, keyed without PEFT's ``base_model.model.`` prefix."""
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({type(err).__name__}: {err})"
+        ) from err
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+
+
+def _leaves_by_module(
+    base: dict[str, Any], resolve: Callable[[str], str | None]
+) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """``{module: {leaf name: leaf path}}``, and a problem for each module and leaf name
+    that the name map gives to several leaves."""
+    leaves_of: dict[str, dict[str, list[str]]] = {}
+    for path in base:
+        module = resolve(path)
+        if module:
+            leaves_of.setdefault(module, {}).setdefault(leaf_name(path), []).append(path)
+    problems = [
+        f"{module}: the name map sends {' and '.join(paths)} to this one PyTorch module "
+        "(expected one leaf per module and parameter)"
+        for module, names in leaves_of.items()
+        for paths in names.values()
+        if len(paths) > 1
+    ]
+    first = lambda names: {name: paths[0] for name, paths in names.items()}
+    return {module: first(names) for module, names in leaves_of.items()}, problems
+
+
+ADAPTER_PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
 
 
 def _read_tensors(
@@ -285,27 +483,43 @@ def _read_tensors(
     leaves_of: dict[str, dict[str, str]],
 ) -> tuple[dict[str, Any], list[str]]:
     """``{leaf path: LoraWeight or Trainable}`` from the PEFT tensors, and problems."""
-    built, problems, used = {}, [], set()
-    pairs = (
-        ("lora_A.weight", "lora_B.weight"),
-        ("lora_embedding_A", "lora_embedding_B"),
-    )
-    for a_name, b_name in pairs:
+    built: dict[str, Any] = {}
+    source: dict[str, str] = {}  # leaf path -> the tensor (or module) that fills it
+    problems = [f"{key}: {problem}" for key, x in tensors.items() if (problem := _value_problem(x))]
+    broken = {key for key, x in tensors.items() if _value_problem(x)}
+
+    def claim(path: str, what: str) -> bool:
+        if path in source:
+            problems.append(f"{what} and {source[path]} both map to the base leaf {path}")
+            return False
+        source[path] = what
+        return True
+
+    used = set()
+    for a_name, b_name in ADAPTER_PAIRS:
+        for key in [k for k in tensors if k.endswith("." + b_name)]:
+            if key.removesuffix(b_name) + a_name not in tensors:
+                problems.append(f"{key}: {b_name} without {a_name}")
+                used.add(key)
         for key in [k for k in tensors if k.endswith("." + a_name)]:
             module = key.removesuffix("." + a_name)
             used |= {key, f"{module}.{b_name}"}
-            path = _weight_path(leaves_of.get(module, {}))
-            if path is None:
-                problems.append(f"{module}: no 2-D base leaf maps to this module")
-                continue
             if f"{module}.{b_name}" not in tensors:
-                problems.append(f"{module}: {a_name} without {b_name}")
+                problems.append(f"{key}: {a_name} without {b_name}")
+                continue
+            if {key, f"{module}.{b_name}"} & broken:
+                continue
+            path, problem = _weight_path(leaves_of.get(module, {}), module)
+            if problem:
+                problems.append(problem)
                 continue
             a_t, b_t = tensors[key], tensors[f"{module}.{b_name}"]
-            node, problem = _lora_weight(path, base[path], a_t, b_t, module, peft_config)
-            built[path] = node
-            problems += [problem] if problem else []
-    for key in sorted(set(tensors) - used):
+            found = _factor_problems(module, (a_name, a_t), (b_name, b_t), path, base, peft_config)
+            if found:
+                problems += found
+            elif claim(path, f"the adapter of {module}"):
+                built[path] = _lora_weight(base[path], a_t, b_t, module, peft_config)
+    for key in sorted(set(tensors) - used - broken):
         module, _, param = key.rpartition(".")
         module = module.removesuffix(".base_layer")
         path = _param_path(leaves_of.get(module, {}), param)
@@ -314,59 +528,109 @@ def _read_tensors(
             continue
         value = tensors[key]
         if leaf_name(path) == "kernel" and value.ndim == 2:
-            value = value.T
+            value = value.T  # torch Linear (out, in) -> Flax (in, out)
         if value.shape != np.shape(base[path]):
             problems.append(
                 f"{key}: shape {value.shape}, the base leaf {path} has {np.shape(base[path])}"
             )
-            continue
-        built[path] = Trainable(jnp.asarray(value))
+        elif claim(path, key):
+            built[path] = Trainable(jnp.asarray(value))
     return built, problems
 
 
-def _weight_path(leaves: dict[str, str]) -> str | None:
-    for name in ("kernel", "embedding", "weight"):
-        if name in leaves:
-            return leaves[name]
+def _value_problem(x: np.ndarray) -> str | None:
+    """What makes a tensor unusable as a weight: its dtype or non-finite values."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # np.issubdtype rejects bfloat16
+        return f"dtype {x.dtype}, expected a floating dtype"
+    if not np.isfinite(x).all():
+        return f"holds {np.size(x) - np.isfinite(x).sum()} NaN or inf values, expected finite"
     return None
+
+
+WEIGHT_NAMES = ("kernel", "embedding", "weight")
+
+
+def _weight_path(leaves: dict[str, str], module: str) -> tuple[str | None, str | None]:
+    """The module's weight leaf (``kernel``, ``embedding`` or ``weight``), or a problem."""
+    found = [leaves[name] for name in WEIGHT_NAMES if name in leaves]
+    if not found:
+        return None, f"{module}: no 2-D base leaf maps to this module"
+    if len(found) > 1:
+        return None, f"{module}: the adapter fits several base leaves: {' and '.join(found)}"
+    return found[0], None
 
 
 def _param_path(leaves: dict[str, str], param: str) -> str | None:
     if param == "bias":
         return leaves.get("bias")
     if param == "weight":
-        return _weight_path(leaves) or leaves.get("scale")
+        return next((leaves[n] for n in (*WEIGHT_NAMES, "scale") if n in leaves), None)
     return None
 
 
-def _lora_weight(
-    path: str, w: Any, a_t: np.ndarray, b_t: np.ndarray, module: str, peft_config: dict[str, Any]
-) -> tuple[LoraWeight | None, str | None]:
-    """The `LoraWeight` for one module from PEFT's ``(r, in)`` and ``(out, r)`` factors."""
-    rank, d_in, d_out = a_t.shape[0], a_t.shape[1], b_t.shape[0]
-    if np.shape(w) == (d_in, d_out):
-        layout = Layout.dense()
-    elif np.shape(w) == (d_out, d_in):
-        layout = Layout((), (1,), (0,))
-    else:
-        return None, (
-            f"{module}: factors for a ({d_out}, {d_in}) torch weight, the base leaf {path} "
-            f"has shape {np.shape(w)}"
+def _factor_problems(
+    module: str,
+    a: tuple[str, np.ndarray],
+    b: tuple[str, np.ndarray],
+    path: str,
+    base: dict[str, Any],
+    peft_config: dict[str, Any],
+) -> list[str]:
+    """What is wrong with one module's ``A (r, d_in)`` and ``B (d_out, r)``, if anything."""
+    (a_name, a_t), (b_name, b_t) = a, b
+    pattern = _pattern_key(peft_config["rank_pattern"], module)
+    rank = peft_config["r"] if pattern is None else peft_config["rank_pattern"][pattern]
+    source = "r" if pattern is None else f"rank_pattern[{_json(pattern)}]"
+    problems = []
+    for name, tensor, rank_axis in ((a_name, a_t, 0), (b_name, b_t, 1)):
+        if tensor.ndim != 2:
+            problems.append(f"{module}.{name}: shape {tensor.shape}, expected 2 axes")
+        elif tensor.shape[rank_axis] != rank:
+            problems.append(
+                f"{module}.{name}: rank {tensor.shape[rank_axis]} (shape {tensor.shape}), "
+                f"{CONFIG_NAME}'s {source} gives {rank}"
+            )
+    if not _targeted(module, peft_config["target_modules"]):
+        problems.append(
+            f"{module}: has {a_name}/{b_name} but is not in {CONFIG_NAME}'s target_modules "
+            f"{_json(peft_config['target_modules'])}"
         )
-    if b_t.shape[1] != rank:
-        return None, f"{module}: lora_A has rank {rank}, lora_B {b_t.shape[1]}"
-    alpha = _pattern_value(
-        peft_config.get("alpha_pattern") or {}, module, peft_config["lora_alpha"]
-    )
-    scale = alpha / (math.sqrt(rank) if peft_config.get("use_rslora") else rank)
-    dropout = float(peft_config.get("lora_dropout", 0.0))
-    node = LoraWeight(w, jnp.asarray(a_t.T), jnp.asarray(b_t.T), scale, layout, dropout)
-    return node, None
+    if problems:
+        return problems
+    w = base[path]
+    expected = (a_t.shape[1], b_t.shape[0])
+    if np.shape(w) != expected or not jnp.issubdtype(w.dtype, jnp.floating):
+        transposed = " (a transposed (out, in) weight)" if np.shape(w) == expected[::-1] else ""
+        problems.append(
+            f"{module}: {a_name} {a_t.shape} and {b_name} {b_t.shape} adapt a weight of "
+            f"(d_in, d_out) = {expected}; the base leaf {path} is {w.dtype}{list(np.shape(w))}"
+            f"{transposed}"
+        )
+    return problems
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+def _targeted(module: str, target_modules: Any) -> bool:
+    """PEFT's test of whether ``target_modules`` names ``module``."""
+    if target_modules is None:
+        return True  # PEFT chose the modules by model type; the tensors name them
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def _lora_weight(
+    w: Any, a_t: np.ndarray, b_t: np.ndarray, module: str, peft_config: dict[str, Any]
+) -> LoraWeight:
+    """The `LoraWeight` for one module from PEFT's ``(r, in)`` and ``(out, r)`` factors."""
+    rank = a_t.shape[0]
+    alphas = peft_config["alpha_pattern"]
+    pattern = _pattern_key(alphas, module)
+    alpha = peft_config["lora_alpha"] if pattern is None else alphas[pattern]
+    scale = alpha / (math.sqrt(rank) if peft_config["use_rslora"] else rank)
+    dropout = float(peft_config["lora_dropout"])
+    return LoraWeight(w, jnp.asarray(a_t.T), jnp.asarray(b_t.T), scale, Layout.dense(), dropout)
+
+
+def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """PEFT's pattern lookup: the first key matching the end of ``module`` at a dot boundary."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)

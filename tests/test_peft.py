@@ -148,7 +148,11 @@ def test_from_peft_lists_every_problem(tmp_path):
     with pytest.raises(ValueError) as err:
         ll.from_peft(tmp_path, base, NAMES)
     message = str(err.value)
-    assert "encoder.layer.0.attention.self.query: factors for a (8, 8) torch weight" in message
+    assert (
+        "encoder.layer.0.attention.self.query: lora_A.weight (2, 8) and lora_B.weight (8, 2) "
+        "adapt a weight of (d_in, d_out) = (8, 8); the base leaf params/layer_0/query/kernel "
+        "is float32[8, 5]"
+    ) in message
     assert "classifier.weight: maps to no base leaf" in message
     assert "classifier.bias: maps to no base leaf" in message
 
@@ -236,3 +240,198 @@ def test_peft_bert_with_the_exported_adapter_matches_lorax_lite(tmp_path):
     # The adapters and the trained biases change the output; PEFT must load them all.
     assert np.abs(np.asarray(expected) - np.asarray(baseline)).max() > 1e-2
     np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- collisions and bad files
+
+
+def test_to_peft_refuses_two_leaves_on_one_module_and_writes_nothing(tmp_path):
+    names = {**NAMES, "params/layer_1/query": NAMES["params/layer_0/query"]}
+    with pytest.raises(ValueError) as err:
+        ll.to_peft(tmp_path / "out", lora_tree(), CONFIG, names)
+    message = str(err.value)
+    module = "encoder.layer.0.attention.self.query"
+    assert (
+        f"{module}: the name map sends the adapters of params/layer_0/query/kernel and "
+        "params/layer_1/query/kernel to this one PyTorch module"
+    ) in message
+    # bias="lora_only": both biases would be written to one tensor too.
+    assert (
+        f"base_model.model.{module}.base_layer.bias: both params/layer_0/query/bias and "
+        "params/layer_1/query/bias map to this PyTorch tensor"
+    ) in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_peft_refuses_two_leaves_on_one_module(tmp_path):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    names = {**NAMES, "params/layer_1/value": NAMES["params/layer_0/value"]}
+    with pytest.raises(ValueError) as err:
+        ll.from_peft(tmp_path, base_params(), names)
+    assert (
+        "encoder.layer.0.attention.self.value: the name map sends "
+        "params/layer_0/value/kernel and params/layer_1/value/kernel to this one PyTorch module"
+    ) in str(err.value)
+    assert "params/layer_0/value/bias and params/layer_1/value/bias" in str(err.value)
+
+
+def test_from_peft_refuses_two_tensors_on_one_leaf(tmp_path):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    module = "base_model.model.encoder.layer.0.attention.self.query"
+    edit_peft(tmp_path, tensors=lambda t: {**t, f"{module}.bias": t[f"{module}.base_layer.bias"]})
+    with pytest.raises(ValueError) as err:
+        ll.from_peft(tmp_path, base_params(), NAMES)
+    assert (
+        "encoder.layer.0.attention.self.query.bias and "
+        "encoder.layer.0.attention.self.query.base_layer.bias both map to the base leaf "
+        "params/layer_0/query/bias"
+    ) in str(err.value)
+
+
+def edit_peft(directory, *, config=None, tensors=None):
+    """Rewrites a PEFT directory's config and tensors through the given functions."""
+    if config is not None:
+        path = directory / "adapter_config.json"
+        path.write_text(json.dumps(config(json.loads(path.read_text()))))
+    if tensors is not None:
+        save_file(tensors(load_file(directory / WEIGHTS)), directory / WEIGHTS)
+
+
+def from_peft_error(directory, params=None, names=NAMES) -> str:
+    with pytest.raises(ValueError) as err:
+        ll.from_peft(directory, base_params() if params is None else params, names)
+    return str(err.value)
+
+
+BAD_FIELDS = {
+    "peft_type": ("LOHA", 'peft_type: expected "LORA", found "LOHA"'),
+    "r": (0, "r: expected an int >= 1, found 0"),
+    "lora_alpha": (None, "lora_alpha: expected a finite number > 0, found nothing"),
+    "lora_dropout": (2.0, "lora_dropout: expected a number in [0, 1), found 2.0"),
+    "use_rslora": ("yes", 'use_rslora: expected true or false, found "yes"'),
+    "fan_in_fan_out": (1, "fan_in_fan_out: expected true or false, found 1"),
+    "use_dora": (True, "use_dora: expected false (lorax_lite adapters are plain LoRA)"),
+    "layer_replication": ([[0, 1]], "layer_replication: expected null"),
+    "bias": ("some", 'bias: expected "none", "all" or "lora_only", found "some"'),
+    "rank_pattern": ({"query": 0, "(": 2}, 'rank_pattern["query"]: expected an int >= 1'),
+    "alpha_pattern": ([3], "alpha_pattern: expected a JSON object {regex: value}, found [3]"),
+    "target_modules": (5, "target_modules: expected a list of module names or a regex, found 5"),
+    "modules_to_save": ("classifier", "modules_to_save: expected a list of module names"),
+    "init_lora_weights": ("pissa_niter_4", 'found "pissa_niter_4", which trains on a modified'),
+}
+
+
+def test_from_peft_lists_every_bad_config_field(tmp_path):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+
+    def corrupt(config):
+        config = {**config, **{k: v for k, (v, _) in BAD_FIELDS.items()}}
+        del config["lora_alpha"]  # was a KeyError
+        return config
+
+    edit_peft(tmp_path, config=corrupt)
+    text = from_peft_error(tmp_path)
+    assert text.startswith(f"{tmp_path / 'adapter_config.json'}: invalid or unsupported fields")
+    for _, expected in BAD_FIELDS.values():
+        assert expected in text
+    assert 'rank_pattern["("]: expected a valid regex' in text
+    assert len(text.splitlines()) == len(BAD_FIELDS) + 2  # header, and both rank_pattern keys
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"[1, 2]", "expected a JSON object, found an array"),
+        (b'{"r": 2', "not UTF-8 JSON (JSONDecodeError"),
+        (b'{"r": "\xff"}', "not UTF-8 JSON (UnicodeDecodeError"),
+    ],
+    ids=["list", "truncated", "latin-1"],
+)
+def test_from_peft_refuses_config_files_that_are_no_json_object(tmp_path, content, expected):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    assert from_peft_error(tmp_path).startswith(f"{tmp_path / 'adapter_config.json'}: {expected}")
+
+
+def test_from_peft_refuses_a_weights_file_that_is_no_safetensors(tmp_path):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    data = (tmp_path / WEIGHTS).read_bytes()
+    (tmp_path / WEIGHTS).write_bytes(data[: len(data) // 2])
+    text = from_peft_error(tmp_path)
+    assert text.startswith(f"{tmp_path / WEIGHTS}: not a readable safetensors file")
+
+
+def single_adapter(tmp_path, a, b, kernel_shape, **config):
+    """A PEFT directory with one adapter on module ``proj``, and a base with its kernel."""
+    tensors = {"base_model.model.proj.lora_A.weight": a, "base_model.model.proj.lora_B.weight": b}
+    save_file(tensors, tmp_path / WEIGHTS)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["proj"], **config}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    return {"params": {"proj": {"kernel": jnp.ones(kernel_shape)}}}
+
+
+NAMES_PROJ = {"params/proj": "proj"}
+
+
+def test_from_peft_refuses_factors_of_the_transposed_weight(tmp_path):
+    """A 16 -> 8 adapter (A (r, 16), B (8, r)) does not land on an 8 -> 16 kernel (8, 16)."""
+    a, b = np.ones((2, 16), np.float32), np.ones((8, 2), np.float32)
+    params = single_adapter(tmp_path, a, b, (8, 16))
+    text = from_peft_error(tmp_path, params, NAMES_PROJ)
+    assert (
+        "proj: lora_A.weight (2, 16) and lora_B.weight (8, 2) adapt a weight of "
+        "(d_in, d_out) = (16, 8); the base leaf params/proj/kernel is float32[8, 16] "
+        "(a transposed (out, in) weight)"
+    ) in text
+    # The same factors on the (16, 8) kernel they describe load.
+    params = single_adapter(tmp_path, a, b, (16, 8))
+    node = ll.from_peft(tmp_path, params, NAMES_PROJ)["params"]["proj"]["kernel"]
+    assert node.layout == ll.Layout.dense() and node.a.shape == (16, 2)
+
+
+def test_from_peft_checks_factor_dtypes_values_and_ranks(tmp_path):
+    ones = lambda *shape, dtype=np.float32: np.ones(shape, dtype)
+    a = ones(3, 8)
+    a[0, 0] = np.nan
+    tensors = {
+        "base_model.model.p0.lora_A.weight": ones(2, 8, dtype=np.int32),
+        "base_model.model.p0.lora_B.weight": ones(8, 2),
+        "base_model.model.p1.lora_A.weight": a,
+        "base_model.model.p1.lora_B.weight": ones(8, 3),
+        "base_model.model.p2.lora_A.weight": ones(3, 8),  # r is 2
+        "base_model.model.p2.lora_B.weight": ones(8, 3),
+        "base_model.model.p3.lora_A.weight": ones(2, 8),  # rank_pattern gives 4
+        "base_model.model.p3.lora_B.weight": ones(8, 2),
+        "base_model.model.p4.lora_A.weight": ones(2, 8),  # not in target_modules
+        "base_model.model.p4.lora_B.weight": ones(8, 2),
+        "base_model.model.p5.lora_B.weight": ones(8, 2),  # no lora_A
+        "base_model.model.p6.lora_A.weight": ones(2, 8, dtype=jnp.bfloat16),  # fine
+        "base_model.model.p6.lora_B.weight": ones(8, 2, dtype=np.float16),
+    }
+    save_file(tensors, tmp_path / WEIGHTS)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "rank_pattern": {"p3": 4}}
+    config["target_modules"] = ["p0", "p1", "p2", "p3", "p5", "p6"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    params = {f"p{i}": {"kernel": jnp.ones((8, 8))} for i in range(7)}
+    names = {f"p{i}": f"p{i}" for i in range(7)}
+    text = from_peft_error(tmp_path, params, names)
+    expected = [
+        "p0.lora_A.weight: dtype int32, expected a floating dtype",
+        "p1.lora_A.weight: holds 1 NaN or inf values, expected finite",
+        "p2.lora_A.weight: rank 3 (shape (3, 8)), adapter_config.json's r gives 2",
+        "p2.lora_B.weight: rank 3 (shape (8, 3)), adapter_config.json's r gives 2",
+        "p3.lora_A.weight: rank 2 (shape (2, 8)), adapter_config.json's "
+        'rank_pattern["p3"] gives 4',
+        "p4: has lora_A.weight/lora_B.weight but is not in adapter_config.json's target_modules",
+        "p5.lora_B.weight: lora_B.weight without lora_A.weight",
+    ]
+    for line in expected:
+        assert line in text
+    assert "\n  p6" not in text
+    assert len(text.splitlines()) == 1 + len(expected) + 1  # p3's lora_B too
+    # Without the bad modules the half-precision factors load as they are.
+    for i in range(6):
+        tensors = {k: v for k, v in tensors.items() if f".p{i}." not in k}
+    save_file(tensors, tmp_path / WEIGHTS)
+    node = ll.from_peft(tmp_path, params, names)["p6"]["kernel"]
+    assert (node.a.dtype, node.b.dtype) == (jnp.bfloat16, jnp.float16)
