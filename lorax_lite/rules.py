@@ -20,10 +20,10 @@ import string
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend.core.primitives as prim
 import jax.numpy as jnp
 from jax import lax
 
+from . import views
 from .weight import Layout, LoraWeight
 
 
@@ -51,7 +51,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def dot_general(params: dict[str, Any], lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Array:
+def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Array:
     """``dot_general`` with a `LoraValue` on one side, any contracting/batch dims.
 
     The low-rank term is two small contractions: the input meets ``A`` first when
@@ -60,8 +60,9 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any, key: jax.Array | Non
     """
     on_right = isinstance(rhs, LoraValue)
     lora, x = (rhs, lhs) if on_right else (lhs, rhs)
-    base = prim.dot_general_p.bind(*((x, lora.w) if on_right else (lora.w, x)), **params)
-    (contract_l, contract_r), (batch_l, batch_r) = params["dimension_numbers"]
+    base = views.bind(eqn, (x, lora.w) if on_right else (lora.w, x))
+    dot = views.dot(eqn)
+    (contract_l, contract_r), (batch_l, batch_r) = dot.contract, dot.batch
     x_contract, w_contract = (contract_l, contract_r) if on_right else (contract_r, contract_l)
     x_batch, w_batch = (batch_l, batch_r) if on_right else (batch_r, batch_l)
 
@@ -89,10 +90,7 @@ def dot_general(params: dict[str, Any], lhs: Any, rhs: Any, key: jax.Array | Non
     t_spec = [s for s in dict.fromkeys(x_spec + first[1]) if s in keep]
 
     dtype = lora.w.dtype
-    options = dict(
-        precision=params.get("precision"),
-        preferred_element_type=params.get("preferred_element_type"),
-    )
+    options = dict(precision=dot.precision, preferred_element_type=dot.preferred_element_type)
     t = _einsum(x_spec, first[1], t_spec, x, first[0].astype(dtype), **options)
     t = t * jnp.asarray(lora.scale, t.dtype)
     delta = _einsum(t_spec, second[1], out, t, second[0].astype(dtype), **options)
@@ -121,27 +119,26 @@ def _einsum(s1, s2, s_out, x, y, **options) -> jax.Array:
     return jnp.einsum(f"{''.join(s1)},{''.join(s2)}->{''.join(s_out)}", x, y, **options)
 
 
-def conv(params: dict[str, Any], x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
+def conv(eqn: Any, x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
     """``conv_general_dilated`` with a LoRA kernel: ``A`` is a conv to ``r`` channels,
     ``B`` a 1x1 map from ``r`` to the output channels (as PEFT's Conv LoRA)."""
-    dims = params["dimension_numbers"]
-    out_axis, in_axis, *spatial = dims.rhs_spec
+    view = views.conv(eqn)
+    out_axis, in_axis, *spatial = view.kernel_spec
     stack, fan_in, fan_out = lora.layout
-    grouped = params["feature_group_count"] != 1 or params["batch_group_count"] != 1
-    if grouped or stack or fan_out != (out_axis,) or set(fan_in) != {in_axis, *spatial}:
+    if view.grouped or stack or fan_out != (out_axis,) or set(fan_in) != {in_axis, *spatial}:
         return None
-    base = prim.conv_general_dilated_p.bind(x, lora.w, **params)
+    base = views.bind(eqn, [x, lora.w])
     # A is (fan_in..., r); lay it out as a kernel with r output channels.
     to_a = [len(fan_in) if i == out_axis else fan_in.index(i) for i in range(lora.w.ndim)]
     kernel_a = jnp.transpose(lora.a.astype(lora.w.dtype), to_a)
-    y = prim.conv_general_dilated_p.bind(dropout(x, lora.dropout, key), kernel_a, **params)
+    y = views.bind(eqn, [dropout(x, lora.dropout, key), kernel_a])
     y = y * jnp.asarray(lora.scale, y.dtype)
-    feature = dims.out_spec[1]
+    feature = view.out_feature
     delta = jnp.moveaxis(jnp.tensordot(y, lora.b.astype(y.dtype), ((feature,), (0,))), -1, feature)
     return base + delta.astype(base.dtype)
 
 
-def gather(params: dict[str, Any], lora: LoraValue, indices: jax.Array) -> Any:
+def gather(eqn: Any, lora: LoraValue, indices: jax.Array) -> Any:
     """A lookup of single entries along fan-in, fan-out or stacked axes, other axes whole.
 
     Fan-in lookups (an embedding table) are ``w[i] + scale * A[i] @ B``, fan-out
@@ -149,18 +146,19 @@ def gather(params: dict[str, Any], lora: LoraValue, indices: jax.Array) -> Any:
     a router) gather both factors and return a `LoraValue` whose new stacked axes
     are the index batch axes.
     """
-    dims = params["dimension_numbers"]
+    view = views.gather(eqn)
+    dims = view.dimension_numbers
     indexed = tuple(dims.start_index_map)
-    shape, sizes = lora.w.shape, params["slice_sizes"]
+    shape, sizes = lora.w.shape, view.slice_sizes
     whole = all(sizes[i] == (1 if i in indexed else shape[i]) for i in range(len(shape)))
     if getattr(dims, "operand_batching_dims", ()) or not whole:
         return None
     stack, fan_in, fan_out = lora.layout
     a_axes, b_axes = factor_axes(lora.layout)
-    base = prim.gather_p.bind(lora.w, indices, **params)
+    base = views.bind(eqn, [lora.w, indices])
     if set(indexed) <= set(stack):
-        a = _gather_factor(params, lora.a, a_axes, indices, base.ndim)
-        b = _gather_factor(params, lora.b, b_axes, indices, base.ndim)
+        a = _gather_factor(view, lora.a, a_axes, indices, base.ndim)
+        b = _gather_factor(view, lora.b, b_axes, indices, base.ndim)
         return lora._replace(w=base, a=a, b=b, layout=_gathered_layout(lora.layout, dims, base))
     if set(indexed) <= set(fan_in):
         rows, rows_axes, other, other_axes = lora.a, a_axes, lora.b, b_axes
@@ -168,7 +166,7 @@ def gather(params: dict[str, Any], lora: LoraValue, indices: jax.Array) -> Any:
         rows, rows_axes, other, other_axes = lora.b, b_axes, lora.a, a_axes
     else:
         return None
-    rows = _gather_factor(params, rows.astype(lora.w.dtype), rows_axes, indices, base.ndim)
+    rows = _gather_factor(view, rows.astype(lora.w.dtype), rows_axes, indices, base.ndim)
     # Letters: weight axis i is letters[i], the rank is "r", index batch axes follow.
     letters = iter(string.ascii_letters.replace("r", ""))
     w_spec = [next(letters) for _ in shape]
@@ -190,13 +188,13 @@ def factor_axes(layout: Layout) -> tuple[tuple, tuple]:
     return (*stack, *fan_in, None), (*stack, None, *fan_out)
 
 
-def _gather_factor(params, factor, axes, indices, out_ndim) -> jax.Array:
+def _gather_factor(view, factor, axes, indices, out_ndim) -> jax.Array:
     """The same lookup on a factor: its indexed axes are the weight's, the rank whole.
 
     The factor's kept axes go last, in the factor's order, after the index batch
     axes; out-of-bounds entries of a filling gather read zero (no adapter delta).
     """
-    dims = params["dimension_numbers"]
+    dims = view.dimension_numbers
     n_batch = out_ndim - len(dims.offset_dims)
     collapsed = tuple(sorted(axes.index(i) for i in dims.collapsed_slice_dims))
     factor_dims = dims._replace(
@@ -205,11 +203,15 @@ def _gather_factor(params, factor, axes, indices, out_ndim) -> jax.Array:
         start_index_map=tuple(axes.index(i) for i in dims.start_index_map),
     )
     sizes = tuple(1 if i in dims.start_index_map else n for i, n in zip(axes, factor.shape))
-    fill = None if params.get("fill_value") is None else 0
-    return prim.gather_p.bind(
+    return lax.gather(
         factor,
         indices,
-        **{**params, "dimension_numbers": factor_dims, "slice_sizes": sizes, "fill_value": fill},
+        factor_dims,
+        sizes,
+        mode=view.mode,
+        fill_value=None if view.fill_value is None else 0,
+        indices_are_sorted=view.indices_are_sorted,
+        unique_indices=view.unique_indices,
     )
 
 
@@ -225,51 +227,52 @@ def _gathered_layout(layout: Layout, dims: Any, out: jax.Array) -> Layout:
 # ----- structural ops: the result is still a LoraValue ------------------------------
 
 
-def convert(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+def convert(eqn: Any, lora: LoraValue) -> LoraValue:
     """A cast of the weight casts the factors too, so the adapter computes in the model's dtype."""
-    dtype = params["new_dtype"]
-    w = prim.convert_element_type_p.bind(lora.w, **params)
+    dtype = views.new_dtype(eqn)
+    w = views.bind(eqn, [lora.w])
     return lora._replace(w=w, a=lora.a.astype(dtype), b=lora.b.astype(dtype))
 
 
-def transpose(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+def transpose(eqn: Any, lora: LoraValue) -> LoraValue:
     """Permutes the weight's axes; the factors keep theirs, the layout is renumbered."""
-    perm = params["permutation"]
+    perm = views.permutation(eqn)
     renumber = lambda axes: tuple(perm.index(i) for i in axes)
     layout = Layout(*(renumber(g) for g in lora.layout))
-    return lora._replace(w=prim.transpose_p.bind(lora.w, **params), layout=layout)
+    return lora._replace(w=views.bind(eqn, [lora.w]), layout=layout)
 
 
-def slice_any(primitive: Any, params: dict[str, Any], lora: LoraValue, *starts: Any) -> LoraValue:
+def slice_any(eqn: Any, lora: LoraValue, *starts: Any) -> LoraValue:
     """``slice``/``dynamic_slice`` on any axes: each factor is cut along its own copies
     of the cut axes (a layer of a stack, rows of ``A``, columns of ``B``)."""
     a_axes, b_axes = factor_axes(lora.layout)
-    w = primitive.bind(lora.w, *starts, **params)
-    a = _slice_factor(primitive, params, lora.a, a_axes, starts)
-    b = _slice_factor(primitive, params, lora.b, b_axes, starts)
+    view = views.slicing(eqn)
+    w = views.bind(eqn, [lora.w, *starts])
+    a = _slice_factor(view, lora.a, a_axes, starts)
+    b = _slice_factor(view, lora.b, b_axes, starts)
     return lora._replace(w=w, a=a, b=b)
 
 
-def _slice_factor(primitive, params, factor, axes, starts) -> jax.Array:
-    if primitive is prim.dynamic_slice_p:
-        if all(i is None or params["slice_sizes"][i] == n for i, n in zip(axes, factor.shape)):
+def _slice_factor(view: views.Slice, factor, axes, starts) -> jax.Array:
+    if view.sizes is not None:  # dynamic_slice
+        if all(i is None or view.sizes[i] == n for i, n in zip(axes, factor.shape)):
             return factor
         idx = [0 if i is None else starts[i] for i in axes]
-        sizes = [n if i is None else params["slice_sizes"][i] for i, n in zip(axes, factor.shape)]
+        sizes = [n if i is None else view.sizes[i] for i, n in zip(axes, factor.shape)]
         return lax.dynamic_slice(factor, idx, sizes)
-    strides = params["strides"] or (1,) * len(params["start_indices"])
+    strides = view.strides or (1,) * len(view.start)
     pick = lambda values, rank_value: [rank_value if i is None else values[i] for i in axes]
-    start = pick(params["start_indices"], 0)
-    limit = [n if i is None else params["limit_indices"][i] for i, n in zip(axes, factor.shape)]
+    start = pick(view.start, 0)
+    limit = [n if i is None else view.limit[i] for i, n in zip(axes, factor.shape)]
     stride = pick(strides, 1)
     if start == [0] * factor.ndim and limit == list(factor.shape) and stride == [1] * factor.ndim:
         return factor
     return lax.slice(factor, start, limit, stride)
 
 
-def split(params: dict[str, Any], lora: LoraValue) -> list[LoraValue]:
+def split(eqn: Any, lora: LoraValue) -> list[LoraValue]:
     """``split`` along any axis (a fused QKV kernel): the factors holding it split alike."""
-    axis, sizes = params["axis"], params["sizes"]
+    axis, sizes = views.split(eqn)
     a_axes, b_axes = factor_axes(lora.layout)
 
     def pieces(factor, axes):
@@ -282,31 +285,31 @@ def split(params: dict[str, Any], lora: LoraValue) -> list[LoraValue]:
     return [lora._replace(w=w, a=a, b=b) for w, a, b in parts]
 
 
-def squeeze(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+def squeeze(eqn: Any, lora: LoraValue) -> LoraValue:
     """Drops size-1 axes of any role (one layer of a stack, one row of a table)."""
-    gone = {d % lora.w.ndim for d in params["dimensions"]}
+    gone = {d % lora.w.ndim for d in views.dimensions(eqn)}
     a_axes, b_axes = factor_axes(lora.layout)
     a = jnp.squeeze(lora.a, tuple(k for k, i in enumerate(a_axes) if i in gone))
     b = jnp.squeeze(lora.b, tuple(k for k, i in enumerate(b_axes) if i in gone))
     renumber = lambda axes: tuple(i - sum(d < i for d in gone) for i in axes if i not in gone)
     layout = Layout(*(renumber(g) for g in lora.layout))
-    w = prim.squeeze_p.bind(lora.w, **params)
+    w = views.bind(eqn, [lora.w])
     return lora._replace(w=w, a=a, b=b, layout=layout)
 
 
-def rev(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+def rev(eqn: Any, lora: LoraValue) -> LoraValue:
     """Reverses axes: each factor reverses its own copies of them."""
-    flipped = set(params["dimensions"])
+    flipped = set(views.dimensions(eqn))
     a_axes, b_axes = factor_axes(lora.layout)
     flip = lambda f, axes: lax.rev(f, tuple(k for k, i in enumerate(axes) if i in flipped))
-    w = prim.rev_p.bind(lora.w, **params)
+    w = views.bind(eqn, [lora.w])
     return lora._replace(w=w, a=flip(lora.a, a_axes), b=flip(lora.b, b_axes))
 
 
-def broadcast(params: dict[str, Any], lora: LoraValue) -> LoraValue:
+def broadcast(eqn: Any, lora: LoraValue) -> LoraValue:
     """``broadcast_in_dim``: new axes are stacked copies; size-1 axes expand in the
     factors that hold them."""
-    shape, kept = params["shape"], params["broadcast_dimensions"]
+    shape, kept = views.broadcast(eqn)
     new = tuple(k for k in range(len(shape)) if k not in kept)
     lead = tuple(shape[k] for k in new)
 
@@ -317,7 +320,7 @@ def broadcast(params: dict[str, Any], lora: LoraValue) -> LoraValue:
     a_axes, b_axes = factor_axes(lora.layout)
     moved = lambda axes: tuple(kept[i] for i in axes)
     layout = Layout(new + moved(lora.layout.stack), *(moved(g) for g in lora.layout[1:]))
-    w = prim.broadcast_in_dim_p.bind(lora.w, **params)
+    w = views.bind(eqn, [lora.w])
     return lora._replace(w=w, a=expand(lora.a, a_axes), b=expand(lora.b, b_axes), layout=layout)
 
 
@@ -333,18 +336,18 @@ def sorted_groups(lora: LoraValue) -> LoraValue:
     return lora._replace(a=permute(lora.a, a_perm), b=permute(lora.b, b_perm), layout=layout)
 
 
-def reshape(params: dict[str, Any], lora: LoraValue) -> LoraValue | None:
+def reshape(eqn: Any, lora: LoraValue) -> LoraValue | None:
     """A reshape that splits or merges axes within the stack, fan-in and fan-out groups.
 
     The weight's axes must come in contiguous runs by role; the new shape must cut
     into the same runs. Factors are permuted first if they hold a run in another order.
     """
-    if params.get("dimensions") is not None:
+    new_shape, dims = views.reshape(eqn)
+    if dims is not None:
         return None
     runs = _role_runs(lora.layout)
     if runs is None:
         return None
-    new_shape = tuple(params["new_sizes"])
     groups = _cut(new_shape, [math.prod(lora.w.shape[i] for i in axes) for _, axes in runs])
     if groups is None:
         return None
@@ -358,7 +361,7 @@ def reshape(params: dict[str, Any], lora: LoraValue) -> LoraValue | None:
     rank = lora.a.shape[-1]
     a = lora.a.reshape(dims_of("stack") + dims_of("in") + [rank])
     b = lora.b.reshape(dims_of("stack") + [rank] + dims_of("out"))
-    return lora._replace(w=prim.reshape_p.bind(lora.w, **params), a=a, b=b, layout=layout)
+    return lora._replace(w=views.bind(eqn, [lora.w]), a=a, b=b, layout=layout)
 
 
 def _role_runs(layout: Layout) -> list[tuple[str, tuple[int, ...]]] | None:

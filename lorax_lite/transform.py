@@ -23,10 +23,9 @@ import jax.extend.core.primitives as prim
 import numpy as np
 from jax import lax
 
-from . import rules
+from . import rules, views
 from .rules import LoraValue
 from .targets import path_str
-from .usage import CALLS, inner_jaxpr
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
 _STRUCTURAL = {
@@ -185,58 +184,55 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Conte
         if any(isinstance(x, LoraValue) for x in invals):
             outs = _apply(eqn, invals, ctx)
         else:
-            outs = _bind(eqn, invals)
+            outs = views.bind(eqn, invals)
         env.update(zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]))
     return [read(v) for v in jaxpr.outvars]
 
 
-def _bind(eqn: Any, invals: Sequence[Any]) -> Any:
-    # JAX >= 0.10 returns the params alone; older versions return (subfuns, params).
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    return eqn.primitive.bind(*subfuns, *invals, **params)
-
-
 def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
     """Runs one equation with a LoRA operand through its rule, else materializes."""
-    p, params = eqn.primitive, eqn.params
+    p = eqn.primitive
     lora_in = [isinstance(x, LoraValue) for x in invals]
     out = None
     if p in _STRUCTURAL:
-        out = _STRUCTURAL[p](params, invals[0])
+        out = _STRUCTURAL[p](eqn, invals[0])
     elif p.name == "split":  # no public primitive object either
-        out = rules.split(params, invals[0])
+        out = rules.split(eqn, invals[0])
     elif p.name in _PER_COMPONENT and lora_in == [True]:
-        one = (lambda x: _bind(eqn, [x])[0]) if p.multiple_results else lambda x: _bind(eqn, [x])
+        one = (
+            (lambda x: views.bind(eqn, [x])[0])
+            if p.multiple_results
+            else (lambda x: views.bind(eqn, [x]))
+        )
         lora = invals[0]
         out = lora._replace(w=one(lora.w), a=one(lora.a), b=one(lora.b))
         out = [out] if p.multiple_results else out
     elif p in _ON_W_ONLY:
-        out = invals[0]._replace(w=_bind(eqn, [invals[0].w]))
+        out = invals[0]._replace(w=views.bind(eqn, [invals[0].w]))
     elif p in _SLICES and lora_in[0] and not any(lora_in[1:]):
-        out = rules.slice_any(p, params, *invals)
+        out = rules.slice_any(eqn, *invals)
     elif p is prim.dot_general_p and sum(lora_in) == 1:
         lora = invals[lora_in.index(True)]
-        out = rules.dot_general(params, *invals, ctx.next_key() if lora.dropout else None)
+        out = rules.dot_general(eqn, *invals, ctx.next_key() if lora.dropout else None)
     elif p is prim.conv_general_dilated_p and lora_in == [False, True]:
-        out = rules.conv(params, *invals, ctx.next_key() if invals[1].dropout else None)
+        out = rules.conv(eqn, *invals, ctx.next_key() if invals[1].dropout else None)
     elif p is prim.gather_p and lora_in == [True, False]:
-        out = rules.gather(params, *invals)
-    elif p is prim.remat_p:  # before CALLS, which holds it too: keep the checkpoint
-        out = _remat(params, invals, ctx)
+        out = rules.gather(eqn, *invals)
+    elif p is prim.remat_p:
+        out = _remat(views.remat(eqn), invals, ctx)
     elif p in _CUSTOM_DERIVATIVES:
         out = _custom_derivative(eqn, invals, ctx)
-    elif p in CALLS:
-        inner = inner_jaxpr(params)
-        out = evaluate(getattr(inner, "jaxpr", inner), getattr(inner, "consts", []), invals, ctx)
+    elif p in views.CALLS:
+        call = views.call(eqn)
+        out = evaluate(call.body, call.consts, invals, ctx)
     elif p is prim.scan_p:
-        out = _scan(params, invals, ctx)
+        out = _scan(views.scan(eqn), invals, ctx)
     elif p is prim.cond_p:
-        out = _cond(params, invals, ctx)
+        out = _cond(views.cond(eqn), invals, ctx)
     elif p is prim.while_p:
-        out = _while(params, invals, ctx)
+        out = _while(views.while_loop(eqn), invals, ctx)
     if out is None:
-        out = _bind(eqn, [_dense(x, p.name, ctx) for x in invals])
+        out = views.bind(eqn, [_dense(x, p.name, ctx) for x in invals])
     return out
 
 
@@ -274,15 +270,15 @@ def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]]
     return flat, rebuild
 
 
-def _remat(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
+def _remat(view: views.Remat, invals: list[Any], ctx: _Context) -> list[Any]:
     """Keeps ``jax.checkpoint`` around the block, with the factors as its inputs."""
     flat, rebuild = _flatten(invals)
 
     def block(flat, key):
-        outs = evaluate(params["jaxpr"], [], rebuild(flat), ctx.child(key))
+        outs = evaluate(view.body, [], rebuild(flat), ctx.child(key))
         return [_dense(x, "remat output", ctx) for x in outs]
 
-    remat = jax.checkpoint(block, prevent_cse=params["prevent_cse"], policy=params["policy"])
+    remat = jax.checkpoint(block, prevent_cse=view.prevent_cse, policy=view.policy)
     return remat(flat, ctx.next_key())
 
 
@@ -298,20 +294,19 @@ def _custom_derivative(eqn: Any, invals: list[Any], ctx: _Context) -> list[Any]:
     A ``custom_vjp`` function's closed-over values (its leading ``num_consts``
     operands) stay closed over, as JAX keeps them: not differentiated.
     """
-    vjp = eqn.primitive is prim.custom_vjp_call_p
-    n_closed = eqn.params["num_consts"] if vjp else 0
+    view = views.custom(eqn)
+    n_closed = view.n_closed if view.vjp else 0
     closed, (flat, rebuild) = invals[:n_closed], _flatten(invals[n_closed:])
-    body = eqn.params["call_jaxpr"]
-    name = f"derivative of {eqn.primitive.name}"
+    body, name = view.body, f"derivative of {eqn.primitive.name}"
 
     def forward(flat):
         outs = evaluate(body.jaxpr, body.consts, [*closed, *rebuild(flat)], ctx.child(None))
         return [_dense(x, f"{eqn.primitive.name} output", ctx) for x in outs]
 
     def dense_call(flat):
-        return _bind(eqn, [_dense(x, name, ctx) for x in [*closed, *rebuild(flat)]])
+        return views.bind(eqn, [_dense(x, name, ctx) for x in [*closed, *rebuild(flat)]])
 
-    if vjp:
+    if view.vjp:
         call = jax.custom_vjp(forward)
         call.defvjp(lambda flat: jax.vjp(dense_call, flat), lambda pullback, ct: pullback(ct))
     else:
@@ -331,37 +326,30 @@ def _unstacked(v: Any, ctx: _Context) -> tuple[Any, Any]:
     return (v.w, v.a, v.b), v._replace(layout=Layout(down(stack[1:]), down(fan_in), down(fan_out)))
 
 
-def _scan(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
-    consts = invals[:n_consts]
-    init = [_dense(x, "scan carry", ctx) for x in invals[n_consts : n_consts + n_carry]]
-    unstacked = [_unstacked(v, ctx) for v in invals[n_consts + n_carry :]]
+def _scan(view: views.Scan, invals: list[Any], ctx: _Context) -> list[Any]:
+    consts, init, xs = view.split(invals)
+    init = [_dense(x, "scan carry", ctx) for x in init]
+    unstacked = [_unstacked(v, ctx) for v in xs]
     xs, metas = [x for x, _ in unstacked], [m for _, m in unstacked]
     key = ctx.next_key()
-    keys = None if key is None else jax.random.split(key, params["length"])
-    body_jaxpr = params["jaxpr"]
+    keys = None if key is None else jax.random.split(key, view.length)
+    n_carry = len(init)
 
     def body(carry, sliced):
         x_slices, step_key = sliced
         x_vals = [m._replace(w=x[0], a=x[1], b=x[2]) if m else x for x, m in zip(x_slices, metas)]
-        outs = evaluate(
-            body_jaxpr.jaxpr, body_jaxpr.consts, [*consts, *carry, *x_vals], ctx.child(step_key)
-        )
+        inputs = [*consts, *carry, *x_vals]
+        outs = evaluate(view.body.jaxpr, view.body.consts, inputs, ctx.child(step_key))
         outs = [_dense(x, "scan output", ctx) for x in outs]
         return outs[:n_carry], outs[n_carry:]
 
     carry, ys = lax.scan(
-        body,
-        init,
-        (xs, keys),
-        length=params["length"],
-        reverse=params["reverse"],
-        unroll=params["unroll"],
+        body, init, (xs, keys), length=view.length, reverse=view.reverse, unroll=view.unroll
     )
     return [*carry, *ys]
 
 
-def _cond(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
+def _cond(view: views.Cond, invals: list[Any], ctx: _Context) -> list[Any]:
     flat, rebuild = _flatten(invals[1:])
 
     def branch_fn(branch):
@@ -371,30 +359,26 @@ def _cond(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]
 
         return run
 
-    branches = [branch_fn(b) for b in params["branches"]]
+    branches = [branch_fn(b) for b in view.branches]
     return lax.switch(invals[0], branches, flat, ctx.next_key())
 
 
-def _while(params: dict[str, Any], invals: list[Any], ctx: _Context) -> list[Any]:
-    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
-    cond_consts, body_consts = invals[:n_cond], invals[n_cond : n_cond + n_body]
-    init = [_dense(x, "while carry", ctx) for x in invals[n_cond + n_body :]]
-    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+def _while(view: views.While, invals: list[Any], ctx: _Context) -> list[Any]:
+    cond_consts, body_consts, init = view.split(invals)
+    init = [_dense(x, "while carry", ctx) for x in init]
 
     def cond_fun(state):
         carry, _ = state
-        return evaluate(
-            cond_jaxpr.jaxpr, cond_jaxpr.consts, [*cond_consts, *carry], ctx.child(None)
-        )[0]
+        inputs = [*cond_consts, *carry]
+        return evaluate(view.cond.jaxpr, view.cond.consts, inputs, ctx.child(None))[0]
 
     def body_fun(state):
         carry, key = state
         step_key = None
         if key is not None:
             key, step_key = jax.random.split(key)
-        outs = evaluate(
-            body_jaxpr.jaxpr, body_jaxpr.consts, [*body_consts, *carry], ctx.child(step_key)
-        )
+        inputs = [*body_consts, *carry]
+        outs = evaluate(view.body.jaxpr, view.body.consts, inputs, ctx.child(step_key))
         return [_dense(x, "while output", ctx) for x in outs], key
 
     carry, _ = lax.while_loop(cond_fun, body_fun, (init, ctx.next_key()))

@@ -14,6 +14,7 @@ import jax
 import jax.extend.core.primitives as prim
 import numpy as np
 
+from . import views
 from .targets import named_leaves
 from .weight import Layout
 
@@ -26,18 +27,6 @@ PASS_THROUGH = frozenset(
         prim.sharding_constraint_p,
         prim.reduce_precision_p,
         getattr(prim, "device_put_p", None),
-    )
-    if p is not None
-)
-CALLS = frozenset(
-    p
-    for p in (
-        getattr(prim, "jit_p", None),
-        getattr(prim, "pjit_p", None),
-        prim.closed_call_p,
-        prim.remat_p,
-        prim.custom_jvp_call_p,
-        prim.custom_vjp_call_p,
     )
     if p is not None
 )
@@ -54,19 +43,6 @@ class _Tracked(NamedTuple):
     path: str
     axes: tuple[int, ...]  # the original axis held at each axis of this value
     stack: tuple[int, ...]  # original axes sliced away by an enclosing scan
-
-
-def inner_jaxpr(params: dict[str, Any]) -> Any:
-    """The jaxpr a call-like primitive runs (``jaxpr``, ``call_jaxpr`` or ``fun_jaxpr``)."""
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if name in params:
-            return params[name]
-    raise KeyError(f"no inner jaxpr among {sorted(params)}")
-
-
-def open_jaxpr(jaxpr: Any) -> Any:
-    """The open ``Jaxpr`` of a ``Jaxpr`` or ``ClosedJaxpr``."""
-    return getattr(jaxpr, "jaxpr", jaxpr)
 
 
 def split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any], tuple]:
@@ -116,30 +92,21 @@ def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
         tracked = [env.get(v) if not hasattr(v, "val") else None for v in eqn.invars]
         if not any(tracked):
             continue
-        p = eqn.primitive
-        if p in PASS_THROUGH:
-            env[eqn.outvars[0]] = tracked[0]
-        elif p in (prim.slice_p, prim.dynamic_slice_p) and tracked[0]:
-            env[eqn.outvars[0]] = tracked[0]
-        elif p is prim.squeeze_p and tracked[0]:
+        p, first = eqn.primitive, tracked[0]
+        if p in PASS_THROUGH or (p in (prim.slice_p, prim.dynamic_slice_p) and first):
+            env[eqn.outvars[0]] = first
+        elif p is prim.squeeze_p and first:
             # Indexing one entry of an axis (``w[i]``) makes that axis a stack of weights.
-            t, ndim = tracked[0], len(tracked[0].axes)
-            gone = {d % ndim for d in eqn.params["dimensions"]}
-            kept = tuple(ax for i, ax in enumerate(t.axes) if i not in gone)
-            env[eqn.outvars[0]] = t._replace(
-                axes=kept, stack=t.stack + tuple(t.axes[i] for i in sorted(gone))
-            )
-        elif p is prim.transpose_p and tracked[0]:
-            t = tracked[0]
-            env[eqn.outvars[0]] = t._replace(
-                axes=tuple(t.axes[i] for i in eqn.params["permutation"])
-            )
+            gone = {d % len(first.axes) for d in views.dimensions(eqn)}
+            kept = tuple(ax for i, ax in enumerate(first.axes) if i not in gone)
+            stack = first.stack + tuple(first.axes[i] for i in sorted(gone))
+            env[eqn.outvars[0]] = first._replace(axes=kept, stack=stack)
+        elif p is prim.transpose_p and first:
+            axes = tuple(first.axes[i] for i in views.permutation(eqn))
+            env[eqn.outvars[0]] = first._replace(axes=axes)
         elif p is prim.dot_general_p:
-            (contract_l, contract_r), (batch_l, batch_r) = eqn.params["dimension_numbers"]
-            for t, contract, batch in (
-                (tracked[0], contract_l, batch_l),
-                (tracked[1], contract_r, batch_r),
-            ):
+            dot = views.dot(eqn)
+            for t, contract, batch in zip(tracked, dot.contract, dot.batch):
                 if t:
                     roles = {
                         ax: "in" if ax in contract else "stack" if ax in batch else "out"
@@ -147,34 +114,25 @@ def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
                     }
                     _record(found, t, "dot", roles)
         elif p is prim.conv_general_dilated_p and tracked[1]:
-            out_dim, in_dim, *_ = eqn.params["dimension_numbers"].rhs_spec
-            roles = {ax: "out" if ax == out_dim else "in" for ax in range(len(tracked[1].axes))}
+            out_axis = views.conv(eqn).kernel_spec[0]
+            roles = {ax: "out" if ax == out_axis else "in" for ax in range(len(tracked[1].axes))}
             _record(found, tracked[1], "conv", roles)
-        elif p is prim.gather_p and tracked[0]:
-            indexed = eqn.params["dimension_numbers"].start_index_map
-            roles = {ax: "in" if ax in indexed else "out" for ax in range(len(tracked[0].axes))}
-            _record(found, tracked[0], "gather", roles)
-        elif p in CALLS:
-            inner = open_jaxpr(inner_jaxpr(eqn.params))
-            _walk(inner, _bind(inner.invars, tracked), found)
-        elif p is prim.scan_p:
-            _walk_scan(eqn, tracked, found)
-        elif p is prim.cond_p:
-            for branch in eqn.params["branches"]:
-                _walk(branch.jaxpr, _bind(branch.jaxpr.invars, tracked[1:]), found)
-        elif p is prim.while_p:
-            n_cond = eqn.params["cond_nconsts"]
-            body = eqn.params["body_jaxpr"].jaxpr
-            _walk(body, _bind(body.invars, tracked[n_cond:]), found)
+        elif p is prim.gather_p and first:
+            indexed = views.gather(eqn).dimension_numbers.start_index_map
+            roles = {ax: "in" if ax in indexed else "out" for ax in range(len(first.axes))}
+            _record(found, first, "gather", roles)
+        else:
+            for region in views.regions(eqn) or ():
+                inner = [
+                    _sliced(tracked[i]) if sliced else tracked[i]
+                    for i, sliced in zip(region.operands, region.sliced)
+                ]
+                _walk(region.jaxpr, _bind(region.jaxpr.invars, inner), found)
 
 
-def _walk_scan(eqn: Any, tracked: list, found: dict[str, Usage]) -> None:
-    body = eqn.params["jaxpr"].jaxpr
-    n_fixed = eqn.params["num_consts"] + eqn.params["num_carry"]
-    inner = list(tracked[:n_fixed])
-    for t in tracked[n_fixed:]:  # scanned inputs lose their leading axis to the loop
-        inner.append(t and _Tracked(t.path, t.axes[1:], t.stack + t.axes[:1]))
-    _walk(body, _bind(body.invars, inner), found)
+def _sliced(t: _Tracked | None) -> _Tracked | None:
+    """A scanned input: the loop takes its leading axis away."""
+    return t and _Tracked(t.path, t.axes[1:], t.stack + t.axes[:1])
 
 
 def _bind(invars: Sequence[Any], tracked: Sequence[Any]) -> dict:

@@ -59,7 +59,7 @@ def traced_eqn(op, primitive, *args):
 
 def apply_rule(rule, op, primitive, value):
     """Runs ``rule`` with the parameters JAX traces for ``op`` on the dense weight."""
-    return rule(traced_eqn(op, primitive, value.w).params, value)
+    return rule(traced_eqn(op, primitive, value.w), value)
 
 
 def jitted(rule, value, *args):
@@ -133,9 +133,9 @@ def test_convert_casts_factors_to_the_compute_dtype():
 def test_reshape_mixing_fan_in_and_fan_out_is_refused():
     value = make_value((4, 6), ll.Layout.dense())
     eqn = traced_eqn(lambda w: w.reshape(8, 3), prim.reshape_p, value.w)
-    assert rules.reshape(eqn.params, value) is None
+    assert rules.reshape(eqn, value) is None
     eqn = traced_eqn(lambda w: w.reshape(24), prim.reshape_p, value.w)
-    assert rules.reshape(eqn.params, value) is None
+    assert rules.reshape(eqn, value) is None
 
 
 SLICE_CASES = [
@@ -153,7 +153,7 @@ SLICE_CASES = [
 def test_static_slices_cut_the_factors(op, shape, layout):
     value = make_value(shape, layout)
     eqn = traced_eqn(op, prim.slice_p, value.w)
-    out = rules.slice_any(prim.slice_p, eqn.params, value)
+    out = rules.slice_any(eqn, value)
     assert_close(out.materialize(), op(jnp.asarray(reference(value), jnp.float32)))
 
 
@@ -165,7 +165,7 @@ def test_dynamic_slices_cut_the_factors(start):
     eqn = traced_eqn(
         lambda w, *s: lax.dynamic_slice(w, s, sizes), prim.dynamic_slice_p, value.w, *starts
     )
-    out = rules.slice_any(prim.dynamic_slice_p, eqn.params, value, *starts)
+    out = rules.slice_any(eqn, value, *starts)
     expected = lax.dynamic_slice(jnp.asarray(reference(value), jnp.float32), starts, sizes)
     assert_close(out.materialize(), expected)
 
@@ -207,7 +207,7 @@ def test_gather_from_a_table_equals_lookup_in_the_merged_table(axis, mode, fill_
     indices = jnp.asarray(rng.integers(-2 if high > 10 else 0, high, (2, 3, 1)), jnp.int32)
     op = lookup(axis, mode, fill_value)
     eqn = traced_eqn(op, prim.gather_p, value.w, indices)
-    out = jitted(lambda v, i: rules.gather(eqn.params, v, i), value, indices)
+    out = jitted(lambda v, i: rules.gather(eqn, v, i), value, indices)
     expected = op(jnp.asarray(reference(value), jnp.float32), indices)
     assert not isinstance(out, LoraValue)
     assert_close(out, expected)  # NaN (the default fill) where the lookup fills
@@ -219,7 +219,7 @@ def test_gather_of_stacked_axes_stays_lazy():
     experts = jnp.array([[0, 2], [1, 1], [2, 0]])[..., None]
     op = lookup(0, "promise_in_bounds")
     eqn = traced_eqn(op, prim.gather_p, value.w, experts)
-    out = rules.gather(eqn.params, value, experts)
+    out = rules.gather(eqn, value, experts)
     assert isinstance(out, LoraValue)
     assert out.layout == ll.Layout((0, 1), (2,), (3,))
     assert_close(out.materialize(), reference(value)[np.asarray(experts[..., 0])])
@@ -230,7 +230,7 @@ def test_gather_of_a_slice_window_is_refused():
     op = lambda w, i: lax.dynamic_slice_in_dim(w, i, 2, axis=0)
     eqn = jax.make_jaxpr(jax.vmap(op, in_axes=(None, 0)))(value.w, jnp.array([1, 3])).jaxpr
     gather = next(e for e in eqn.eqns if e.primitive is prim.gather_p)
-    assert rules.gather(gather.params, value, jnp.zeros((2, 1), jnp.int32)) is None
+    assert rules.gather(gather, value, jnp.zeros((2, 1), jnp.int32)) is None
 
 
 # ----- dot_general: property test over shapes, layouts and dimension numbers ----------
@@ -276,9 +276,9 @@ def test_dot_general_matches_float64_reference(problem):
         lambda lhs, rhs: lax.dot_general(lhs, rhs, dims), prim.dot_general_p, *operands
     )
     if on_right:
-        out = jitted(lambda v, x: rules.dot_general(eqn.params, x, v, None), value, x)
+        out = jitted(lambda v, x: rules.dot_general(eqn, x, v, None), value, x)
     else:
-        out = jitted(lambda v, x: rules.dot_general(eqn.params, v, x, None), value, x)
+        out = jitted(lambda v, x: rules.dot_general(eqn, v, x, None), value, x)
 
     dense, x64 = reference(value), np.asarray(x, np.float64)
     expected = (
@@ -309,14 +309,14 @@ def test_dot_general_contracting_fan_out_meets_b_first():
     eqn = traced_eqn(
         lambda lhs, rhs: lax.dot_general(lhs, rhs, dims), prim.dot_general_p, x, value.w
     )
-    run = lambda w, a, b: rules.dot_general(eqn.params, x, value._replace(w=w, a=a, b=b), None)
+    run = lambda w, a, b: rules.dot_general(eqn, x, value._replace(w=w, a=a, b=b), None)
     jaxpr = jax.make_jaxpr(run)(value.w, value.a, value.b)
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive is prim.dot_general_p]
     shapes = [tuple(v.aval.shape) for e in dots for v in e.outvars]
     assert (2, 2) in shapes, "x (2, 5) @ B.T (5, r=2) should come first"
     assert (7, 5) not in shapes and (5, 7) not in shapes
     assert_close(
-        rules.dot_general(eqn.params, x, value, None),
+        rules.dot_general(eqn, x, value, None),
         np.asarray(x, np.float64) @ reference(value).T,
     )
 
@@ -329,7 +329,7 @@ def test_dot_general_honours_preferred_element_type():
         lhs, rhs, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
     eqn = traced_eqn(op, prim.dot_general_p, x, value.w)
-    out = rules.dot_general(eqn.params, x, value, None)
+    out = rules.dot_general(eqn, x, value, None)
     assert out.dtype == jnp.float32
     assert_close(out, np.asarray(x, np.float64) @ reference(value), rtol=2e-2)
 

@@ -132,6 +132,49 @@ def _scan_layers(w, x):
     return lax.scan(lambda h, wi: (jnp.tanh(h @ wi), jnp.sum(h)), x, w)
 
 
+def _scan_everything(w, x):
+    """Stacked weights scanned beside a second scanned input, two carries and a
+    closed-over constant, in reverse, unrolled: every operand group of a scan."""
+    bias = jnp.tanh(x[0])
+
+    def body(carry, inputs):
+        h, total = carry
+        wi, gain = inputs
+        h = jnp.tanh(h @ wi + bias) * gain
+        return (h, total + h.sum()), h[0]
+
+    gains = jnp.arange(1.0, 4.0) / 3
+    return lax.scan(body, (x, 0.0), (w, gains), reverse=True, unroll=2)
+
+
+def _scan_weight_as_constant(w, x):
+    """A 2-D weight closed over by the scan body (a scan constant, not scanned)."""
+    return lax.scan(lambda h, g: (jnp.tanh(h @ w) * g, h.sum()), x, jnp.arange(1.0, 4.0))
+
+
+def _nested_scan(w, x):
+    """Scan over layers; each layer runs an inner scan applying its weight twice."""
+
+    def layer(h, wi):
+        inner = lambda h2, _: (jnp.tanh(h2 @ wi), h2.sum())
+        return lax.scan(inner, h, None, length=2)
+
+    return lax.scan(layer, x, w)
+
+
+def _cond_in_scan(w, x):
+    def layer(h, wi):
+        h = lax.cond(h.sum() > 0, lambda: jnp.tanh(h @ wi), lambda: -jnp.tanh(h @ wi.T))
+        return h, None
+
+    return lax.scan(layer, x, w)[0]
+
+
+def _remat_in_scan(w, x):
+    block = jax.checkpoint(lambda h, wi: jnp.tanh(h @ wi))
+    return lax.scan(lambda h, wi: (block(h, wi), None), x, w)[0]
+
+
 def _conv_nchw(w, x):
     dims = ("NCHW", "OIHW", "NCHW")
     return lax.conv_general_dilated(
@@ -302,6 +345,26 @@ FUNCTIONS = {
         lambda: (X(),),
         1e-5,
     ),
+    "scan-consts-carries-xs-reverse-unroll": (
+        _scan_everything,
+        lambda: lora_weight((3, 5, 5), STACKED),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "scan-weight-as-constant": (
+        _scan_weight_as_constant,
+        lambda: lora_weight((5, 5)),
+        lambda: (X(),),
+        1e-5,
+    ),
+    "nested-scan": (_nested_scan, lambda: lora_weight((3, 5, 5), STACKED), lambda: (X(),), 1e-5),
+    "cond-in-scan": (_cond_in_scan, lambda: lora_weight((3, 5, 5), STACKED), lambda: (X(),), 1e-5),
+    "remat-in-scan": (
+        _remat_in_scan,
+        lambda: lora_weight((3, 5, 5), STACKED),
+        lambda: (X(),),
+        1e-5,
+    ),
     "python-index-stacked": (
         lambda w, x: jnp.tanh(x @ w[0]) @ w[2],
         lambda: lora_weight((3, 5, 5), STACKED),
@@ -326,7 +389,8 @@ def test_function_matches_merged_weight(name, jit):
 
 @MODES
 def test_while_loop_matches_merged_weight_forward_and_jvp(jit):
-    """``while_loop`` with a traced bound has no reverse mode: check outputs and a JVP."""
+    """``while_loop`` with a traced bound has no reverse mode: check outputs and a JVP.
+    Both the condition and the body close over constants (the bound, the weight)."""
     fn = lambda w, x, n: lax.while_loop(
         lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w @ w.T)), (0, x)
     )[1]
