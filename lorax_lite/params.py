@@ -48,9 +48,12 @@ def init(
         and fully trained leaves (``config.train``, biases) wrapped in `Trainable`.
 
     Raises:
-        ValueError: listing every problem at once: patterns matching nothing (with the
-            closest paths), ranks larger than a weight allows, leaves both adapted and
-            trained in full, weights whose layout is ambiguous.
+        ValueError: if ``params`` already holds `LoraWeight` or `Trainable` leaves (naming
+            them all). Otherwise listing every problem at once: patterns matching nothing
+            (``targets``, ``exclude``, ``train``, and ``rank_pattern``, ``alpha_pattern``
+            and ``axes`` keys that match no adapted leaf; with the closest paths), ranks
+            larger than a weight allows, leaves both adapted and trained in full,
+            weights whose layout is ambiguous.
 
     Example:
         >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
@@ -58,10 +61,12 @@ def init(
         >>> lp["dense"]["kernel"].a.shape
         (4, 2)
     """
+    _refuse_lora_nodes(params)
     named = named_leaves(params)
     usage = infer_usage(fn, params, args) if fn is not None else None
     targeted, problems = select_targets(named, config, usage)
     trained = _select_trained(named, config, targeted)
+    problems += _unmatched_patterns(named, config, targeted)
     problems += [
         f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
     ]
@@ -115,9 +120,52 @@ def select_targets(
             excluded = [p for p, _ in adaptable if p in hits]
             problems.append(f"target {spec!r} matches only excluded leaves ({', '.join(excluded)})")
         else:
-            near = closest_paths(spec if isinstance(spec, str) else "", [p for p, _ in adaptable])
-            problems.append(f"target {spec!r} matches no adaptable leaf; closest: {near}")
+            problems.append(no_match("target", spec, "adaptable leaf", [p for p, _ in adaptable]))
     return chosen, problems
+
+
+def no_match(kind: str, pattern: Any, what: str, paths: list[str]) -> str:
+    """The message for a pattern that selects nothing, with the closest of ``paths``."""
+    near = closest_paths(pattern if isinstance(pattern, str) else "", paths)
+    return f"{kind} {pattern!r} matches no {what}; closest: {near}"
+
+
+def _unmatched_patterns(
+    named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]
+) -> list[str]:
+    """A problem for each ``exclude``, ``train``, ``rank_pattern``, ``alpha_pattern`` and
+    ``axes`` pattern that changes nothing (a typo would otherwise pass silently)."""
+    paths = [p for p, _ in named]
+    adaptable = [p for p, x in named if is_adaptable(p, x)]
+    groups = (
+        ("exclude", config.exclude, "adaptable leaf", adaptable),
+        ("train", config.train, "leaf", paths),
+        ("rank_pattern key", config.rank_pattern, "adapted leaf", targeted),
+        ("alpha_pattern key", config.alpha_pattern, "adapted leaf", targeted),
+        ("axes key", config.axes, "adapted leaf", targeted),
+    )
+    return [
+        no_match(kind, pattern, what, candidates)
+        for kind, patterns, what, candidates in groups
+        for pattern in patterns
+        if not any(pattern_matches(pattern, p) for p in candidates)
+    ]
+
+
+def _refuse_lora_nodes(params: Any) -> None:
+    """Raises naming every `LoraWeight` and `Trainable` already in ``params``: `init` would
+    wrap their parts (``w``, ``a``, ``b``) in adapters of their own."""
+    nodes = [
+        f"{path} ({type(node).__name__})"
+        for path, node in named_leaves(params, is_leaf=is_lora_node)
+        if is_lora_node(node)
+    ]
+    if nodes:
+        raise ValueError(
+            "lorax_lite.init: params already hold LoRA leaves, which init would nest; pass "
+            "the base parameters (ll.merge(tree) folds the adapters in) or train the tree "
+            "as it is:\n  " + "\n  ".join(nodes)
+        )
 
 
 def _excluded(path: str, config: LoraConfig) -> bool:

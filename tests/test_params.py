@@ -433,6 +433,46 @@ def test_pattern_matching_nothing_lists_closest_paths(mlp):
     assert closest.index("params/fc1/kernel") < closest.index("params/head/kernel")
 
 
+def test_every_pattern_matching_nothing_lists_closest_paths(mlp):
+    """A typo in train, exclude or a rank/alpha/axes key raises like one in targets."""
+    _, params = mlp
+    text = init_error(
+        params,
+        rank=2,
+        targets=("fc1", "fc2"),
+        exclude=("fc_3",),
+        train=("haed",),
+        rank_pattern={"fc_2": 3, "head": 1},  # head is not adapted
+        alpha_pattern={"fc1/kernal": 4.0},
+        axes={"fc_1": ("in", "out")},
+    )
+    lines = text.splitlines()[1:]
+    expected = [
+        "exclude 'fc_3' matches no adaptable leaf; closest: ['params/fc1/kernel'",
+        "train 'haed' matches no leaf; closest: ['params/head/",
+        "rank_pattern key 'fc_2' matches no adapted leaf; closest: ['params/fc2/kernel'",
+        "rank_pattern key 'head' matches no adapted leaf; closest: [",
+        "alpha_pattern key 'fc1/kernal' matches no adapted leaf; closest: ['params/fc1/kernel'",
+        "axes key 'fc_1' matches no adapted leaf; closest: ['params/fc1/kernel'",
+    ]
+    assert len(lines) == len(expected), text
+    for line, start in zip(lines, expected):
+        assert line.strip().startswith(start), line
+
+
+def test_init_refuses_a_tree_that_already_holds_lora_leaves(mlp):
+    _, params = mlp
+    config = ll.LoraConfig(rank=2, targets="fc1", train=("head",))
+    lp = ll.init(params, config, key=KEY)
+    for tree in (lp, ll.partition(lp)[0], ll.partition(lp)[1]):
+        with pytest.raises(ValueError) as err:
+            ll.init(tree, config, key=KEY)
+        text = str(err.value)
+        assert "params already hold LoRA leaves, which init would nest" in text
+        for leaf in ("fc1/kernel (LoraWeight)", "head/bias (Trainable)", "head/kernel (Trainable)"):
+            assert f"\n  params/{leaf}" in text
+
+
 def test_pattern_naming_only_leaves_that_take_no_adapter():
     """Integer and 1-D leaves, and biases and norm scales of any rank, take no adapter."""
     params = {
