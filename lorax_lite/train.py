@@ -3,6 +3,8 @@
 All three builders share one update: gradients of the loss with respect to the trainable
 partition only (the frozen base is closed over and never differentiated), averaged over
 micro-batches and devices, then one optimizer step. They give the same numbers for the same data.
+A step whose loss or gradients hold NaN or inf is reported in the metrics and, by default,
+skipped: the adapters and the optimizer state stay as they were.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ class TrainStep(NamedTuple):
     """A pair of functions: ``init(tree, key) -> state`` and ``step(state, batch)``.
 
     ``step(state, batch) -> (state, metrics)`` runs one compiled update; ``metrics``
-    holds ``"loss"`` and ``"grad_norm"`` (and the loss function's aux, if any) as
-    device arrays, so reading them is the only host synchronisation.
+    holds ``"loss"``, ``"grad_norm"``, ``"nonfinite"`` (a bool: the loss or a gradient
+    held NaN or inf), ``"skipped"`` (a bool: so the update was not applied) and the loss
+    function's aux, if any, as device arrays, so reading them is the only host
+    synchronisation.
     ``step.lower(state, batch)`` lowers the compiled update without running it.
     """
 
@@ -77,6 +81,7 @@ def train_step(
     donate: bool = True,
     accum_steps: int = 1,
     remat: bool = False,
+    skip_nonfinite: bool = True,
 ) -> TrainStep:
     """A jitted training step on one device.
 
@@ -97,6 +102,10 @@ def train_step(
             ``i`` takes rows ``i, i + accum_steps, ...``.
         remat: wrap ``loss_fn`` in ``jax.checkpoint`` (recompute activations in the
             backward pass instead of storing them).
+        skip_nonfinite: when the loss or any gradient is NaN or inf, keep the adapters
+            and the optimizer state as they were (the step counter still advances) and
+            report ``"skipped"``; with False such an update is applied (NaN spreads into
+            the adapters). ``"nonfinite"`` is reported either way.
 
     Returns:
         `TrainStep` ``(init, step)``; ``step`` compiles once per batch shape.
@@ -115,7 +124,9 @@ def train_step(
         >>> state, metrics = step(state, (x, y))  # doctest: +SKIP
     """
     tx = optimizer(tx)
-    update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat)
+    update = _make_update(
+        loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
+    )
     jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
     init = functools.partial(_init_state, tx=tx)
     return TrainStep(init, _stepper(jitted))
@@ -130,6 +141,7 @@ def pmap_train_step(
     donate: bool = True,
     accum_steps: int = 1,
     remat: bool = False,
+    skip_nonfinite: bool = True,
 ) -> TrainStep:
     """The training step under ``jax.pmap``: each device takes a slice of the batch.
 
@@ -146,6 +158,7 @@ def pmap_train_step(
         donate: as for `train_step`.
         accum_steps: as for `train_step`, per device.
         remat: as for `train_step`.
+        skip_nonfinite: as for `train_step`; a NaN on one device skips the update on all.
 
     Returns:
         `TrainStep` ``(init, step)``: ``init`` returns a state replicated over the
@@ -162,7 +175,14 @@ def pmap_train_step(
         >>> state, metrics = step(state, batch)  # doctest: +SKIP
     """
     tx = optimizer(tx)
-    update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat, axis_name=axis_name)
+    update = _make_update(
+        loss_fn,
+        tx,
+        accum_steps=accum_steps,
+        remat=remat,
+        skip_nonfinite=skip_nonfinite,
+        axis_name=axis_name,
+    )
     mapped = jax.pmap(
         update, axis_name=axis_name, devices=devices, donate_argnums=(0,) if donate else ()
     )
@@ -183,6 +203,7 @@ def sharded_train_step(
     donate: bool = True,
     accum_steps: int = 1,
     remat: bool = False,
+    skip_nonfinite: bool = True,
 ) -> TrainStep:
     """The training step as one program over a device mesh (``jax.jit`` with shardings).
 
@@ -203,6 +224,7 @@ def sharded_train_step(
         donate: as for `train_step`.
         accum_steps: as for `train_step`.
         remat: as for `train_step`.
+        skip_nonfinite: as for `train_step`.
 
     Returns:
         `TrainStep` ``(init, step)``: ``init`` puts the state on the mesh; ``step``
@@ -220,7 +242,9 @@ def sharded_train_step(
     """
     _check_layout(mesh, data_axis, base_sharding)
     tx = optimizer(tx)
-    update = _make_update(loss_fn, tx, accum_steps=accum_steps, remat=remat)
+    update = _make_update(
+        loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
+    )
     replicated = NamedSharding(_auto_axes(mesh), PartitionSpec())
     jitted = jax.jit(update, out_shardings=replicated, donate_argnums=(0,) if donate else ())
     on_mesh = functools.partial(place, mesh=mesh, data_axis=data_axis, base_sharding=base_sharding)
@@ -287,12 +311,21 @@ def _make_update(
     *,
     accum_steps: int,
     remat: bool,
+    skip_nonfinite: bool,
     axis_name: str | None = None,
 ) -> Callable:
     """``update(state_without_frozen, frozen, batch) -> (state_without_frozen, metrics)``,
-    with ``tx`` already wrapped by `optimizer`."""
+    with ``tx`` already wrapped by `optimizer`.
+
+    A non-finite update is undone with a select (``jnp.where``), not ``lax.cond`` (on GPU a
+    conditional may wait for its predicate on the host) nor ``optax.apply_if_finite`` (it looks at
+    the gradients only, applies the non-finite update after ``max_consecutive_errors``, and
+    adds its counters to the optimizer state, whose structure checkpoints rely on).
+    """
     if not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
+    if not isinstance(skip_nonfinite, bool):
+        raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
     loss_fn = jax.checkpoint(loss_fn) if remat else loss_fn
 
     def update(state: TrainState, frozen: Any, batch: Any) -> tuple[TrainState, dict[str, Any]]:
@@ -306,10 +339,27 @@ def _make_update(
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        nonfinite = jnp.logical_not(_all_finite((loss, grads)))
+        skipped = nonfinite if skip_nonfinite else jnp.zeros((), bool)
+        trainable, opt_state = jax.tree_util.tree_map(
+            lambda old, new: jnp.where(skipped, old, new),
+            (state.trainable, state.opt_state),
+            (trainable, opt_state),
+        )
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics.update(nonfinite=nonfinite, skipped=skipped)
         return TrainState(state.step + 1, trainable, None, opt_state, state.key), metrics
 
     return update
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every inexact leaf of ``tree`` is free of NaN and inf (a bool scalar)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+METRIC_NAMES = ("loss", "grad_norm", "nonfinite", "skipped")
 
 
 def _gradients(
@@ -322,7 +372,7 @@ def _gradients(
         loss, aux = out if isinstance(out, tuple) else (out, {})
         if not isinstance(aux, Mapping):
             raise TypeError(f"loss_fn's aux must be a dict of arrays, got {type(aux).__name__}")
-        clashes = sorted({"loss", "grad_norm"} & set(aux))
+        clashes = sorted(set(METRIC_NAMES) & set(aux))
         if clashes:
             raise ValueError(f"loss_fn's aux may not use the metric names {clashes}")
         return loss, dict(aux)
@@ -601,12 +651,19 @@ def fit(
     tokens_per_batch: int | None = None,
     log_every: int = 10,
     desc: str = "train",
+    max_consecutive_nonfinite: int | None = 5,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Runs ``steps`` training steps with a progress bar; returns the state and a history.
 
     The host reads the metrics only every ``log_every`` steps (and at the first, last
     and eval steps), so the device runs ahead in between. The bar (loss, tokens/s) and
     warnings show on process 0 only; every process must call `fit` with its own batches.
+
+    Steps whose loss or gradients are NaN or inf are skipped by the library's steps
+    (``skip_nonfinite=True``, their default): their history entries say
+    ``"skipped": True`` and `fit` warns with their count at the end. After
+    ``max_consecutive_nonfinite`` such steps in a row, `fit` raises (at the host read
+    that sees them).
 
     Args:
         step: a step function, e.g. ``ll.train_step(...).step``.
@@ -620,22 +677,51 @@ def fit(
         tokens_per_batch: tokens (or examples) per batch, for the throughput figure.
         log_every: steps between host reads of the metrics.
         desc: the progress bar's label.
+        max_consecutive_nonfinite: how many steps in a row may have a non-finite loss
+            or gradients (the ``"nonfinite"`` metric, else a non-finite ``"loss"``)
+            before `fit` stops; None never stops.
 
     Returns:
         ``(state, history)``: one dict per step with ``step`` (the state's step count
-        after it), ``loss``, ``grad_norm``, other scalar metrics, ``tokens_per_s``
-        (measured over the steps since the previous host read, so the first entry
-        includes compilation; None without ``tokens_per_batch``) and eval results.
+        after it), ``loss``, ``grad_norm``, ``nonfinite``, ``skipped``, other scalar
+        metrics, ``tokens_per_s`` (measured over the steps since the previous host
+        read, so the first entry includes compilation; None without
+        ``tokens_per_batch``) and eval results.
+
+    Raises:
+        NonFiniteError: after ``max_consecutive_nonfinite`` non-finite steps in a row,
+            naming them; its ``state`` and ``history`` are those `fit` would have
+            returned (the state passed in was donated to the steps).
+        ValueError: if ``max_consecutive_nonfinite`` is not None or an int >= 1.
 
     Example:
         >>> init, step = ll.train_step(loss_fn, optax.adam(1e-3))  # doctest: +SKIP
         >>> state, history = ll.fit(step, init(tree, key), batches, steps=100)  # doctest: +SKIP
     """
+    limit = max_consecutive_nonfinite
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"max_consecutive_nonfinite must be None or an int >= 1, got {limit!r}")
     history: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []
-    record = functools.partial(
-        _record, history, first_step=int(_host_value(state.step)), tokens=tokens_per_batch
-    )
+    run: list[int] = []  # the steps of the current run of non-finite steps
+
+    def read(pending: list[dict[str, Any]]) -> None:
+        """Records the pending metrics; raises once a run of non-finite steps is too long."""
+        nonlocal run
+        _record(
+            history,
+            pending,
+            first_step=first_step,
+            tokens=tokens_per_batch,
+            started=started,
+            bar=bar,
+        )
+        run, too_long = _nonfinite_run(history[-len(pending) :], run, limit)
+        if too_long:
+            bar.close()
+            raise NonFiniteError(_nonfinite_message(run, history, limit), state, history)
+
+    first_step = int(_host_value(state.step))
     iterator = iter(batches)
     bar = tqdm(total=steps, desc=desc, disable=not is_main_process(), dynamic_ncols=True)
     started = time.perf_counter()
@@ -649,19 +735,73 @@ def fit(
         pending.append(metrics)
         evaluate = bool(eval_fn and eval_every and done % eval_every == 0)
         if done in (1, steps) or done % log_every == 0 or evaluate:
-            record(pending, started=started, bar=bar)
+            read(pending)
             pending = []
             if evaluate:
                 results = eval_fn(state)
                 history[-1].update({f"eval_{k}": _host_value(v) for k, v in results.items()})
             started = time.perf_counter()
     if pending:  # the batches ran out between host reads
-        record(pending, started=started, bar=bar)
+        read(pending)
     bar.close()
+    _warn_skipped(history)
     return state, history
 
 
 _END = object()
+
+
+class NonFiniteError(FloatingPointError):
+    """`fit` met too many steps in a row whose loss or gradients were NaN or inf.
+
+    Attributes:
+        state: the training state when `fit` stopped (skipped steps changed no adapter).
+        history: the history up to that point.
+    """
+
+    def __init__(self, message: str, state: TrainState, history: list[dict[str, Any]]):
+        super().__init__(message)
+        self.state = state
+        self.history = history
+
+
+def _nonfinite_run(
+    entries: list[dict[str, Any]], run: list[int], limit: int | None
+) -> tuple[list[int], bool]:
+    """The run of non-finite steps after ``entries`` (continuing ``run``), and whether it
+    reached ``limit`` (then the run is the one that did)."""
+    for entry in entries:
+        nonfinite = entry.get("nonfinite", not np.isfinite(entry.get("loss", 0.0)))
+        run = [*run, entry["step"]] if nonfinite else []
+        if limit is not None and len(run) >= limit:
+            return run, True
+    return run, False
+
+
+def _nonfinite_message(run: list[int], history: list[dict[str, Any]], limit: int) -> str:
+    first, last = run[0], run[-1]
+    if all(h.get("skipped") for h in history if first <= h["step"] <= last):
+        effect = "their updates were skipped (they changed no adapter)"
+    else:
+        effect = "their updates were applied (a step built with skip_nonfinite=False)"
+    return (
+        f"fit: steps {first} to {last} ({len(run)} in a row, max_consecutive_nonfinite="
+        f"{limit}) had a NaN or inf loss or gradients; {effect}. Check the batches for "
+        "NaN/inf and the learning rate; the exception's state and history attributes hold "
+        "where training stopped."
+    )
+
+
+def _warn_skipped(history: list[dict[str, Any]]) -> None:
+    skipped = [h["step"] for h in history if h.get("skipped")]
+    if skipped and is_main_process():
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        logger.warning(
+            "fit: skipped %d of %d updates with a NaN or inf loss or gradients (steps %s)",
+            len(skipped),
+            len(history),
+            shown,
+        )
 
 
 def _record(

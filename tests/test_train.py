@@ -390,3 +390,105 @@ def test_sharded_step_rejects_bad_layouts_and_batches():
     init, step = ll.sharded_train_step(worker.loss_fn, optax.sgd(0.1), mesh=mesh)
     with pytest.raises(ValueError, match=r"0: shape \(12, 8\)"):
         step(init(lora_tree(), jax.random.key(1)), worker.batch(0, size=12))
+
+
+# ---------------------------------------------------------------- NaN and inf in a batch
+
+
+def bad_batch(index: int, kind: str = "one device"):
+    """Batch ``index`` with a NaN input (row 3) and an inf target (row 20)."""
+    x, y = worker.batch(index)
+    x[3, 2], y[20, 0] = np.nan, np.inf
+    return ll.shard_batch((x, y), 8) if kind == "pmap" else (x, y)
+
+
+def trained_parts(kind: str, state: ll.TrainState):
+    """The trainable partition and optimizer state on the host (one replica for pmap)."""
+    parts = (state.trainable, state.opt_state)
+    return host(ll.unreplicate(parts) if kind == "pmap" else parts)
+
+
+@pytest.mark.parametrize("kind", ["one device", *KINDS])
+def test_every_step_kind_reports_and_skips_a_nonfinite_batch(kind):
+    """The skipped step leaves the adapters and Adam's moments and count as they were: the
+    run equals one without the bad batch. Under pmap the NaN is on one device's rows."""
+    init, step = build(kind, worker.loss_fn, optax.adam(3e-2))
+    state, _ = step(init(lora_tree(), jax.random.key(1)), host_batch(kind, 0))
+    before = trained_parts(kind, state)
+    state, metrics = step(state, bad_batch(1, kind))
+    assert bool(metrics["nonfinite"]) and bool(metrics["skipped"])
+    assert not np.isfinite(float(metrics["loss"]))
+    assert_trees_equal(trained_parts(kind, state), before)
+    assert int(np.asarray(state.step).reshape(-1)[0]) == 2  # the step itself is counted
+    state, metrics = step(state, host_batch(kind, 2))
+    assert not bool(metrics["nonfinite"]) and not bool(metrics["skipped"])
+
+    expected = init(lora_tree(), jax.random.key(1))
+    for i in (0, 2):
+        expected, _ = step(expected, host_batch(kind, i))
+    assert_trees_equal(trained_parts(kind, state), trained_parts(kind, expected))
+
+
+def test_without_skipping_a_nonfinite_batch_is_reported_and_applied():
+    init, step = ll.train_step(worker.loss_fn, optax.sgd(0.1), skip_nonfinite=False)
+    state, metrics = step(init(lora_tree(), jax.random.key(1)), bad_batch(0))
+    assert bool(metrics["nonfinite"]) and not bool(metrics["skipped"])
+    assert np.isnan(np.asarray(state.trainable["hidden"]["kernel"].a)).any()
+
+
+def test_vmap_train_step_skips_per_adapter():
+    tree = lora_tree()
+    other = jax.tree_util.tree_map(lambda x: x, tree)
+    node = other["hidden"]["kernel"]
+    other["hidden"]["kernel"] = dataclasses.replace(node, b=node.b + 0.1)
+    adapters = ll.AdapterSet.from_trees({"clean": tree, "poisoned": other})
+    init, step = ll.vmap_train_step(worker.loss_fn, optax.adam(3e-2), batch_axis=0)
+    state = init(adapters, jax.random.split(jax.random.key(1), 2))
+    before = host(state.trainable)
+    batches = [np.stack(pair) for pair in zip(worker.batch(0), bad_batch(1))]
+    state, metrics = step(state, tuple(batches))
+    assert np.asarray(metrics["skipped"]).tolist() == [False, True]
+    after = host(state.trainable)
+    for new, old in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(before)):
+        np.testing.assert_array_equal(new[1], old[1])  # the poisoned adapter did not move
+        assert np.isfinite(new[0]).all()
+    assert np.abs(after["hidden"]["kernel"].b[0] - before["hidden"]["kernel"].b[0]).max() > 0
+
+
+def test_fit_skips_nonfinite_steps_and_counts_them(caplog):
+    init, step = ll.train_step(worker.loss_fn, optax.adam(3e-2))
+    batches = [worker.batch(0), bad_batch(1), worker.batch(2), bad_batch(3), worker.batch(4)]
+    state, history = ll.fit(step, init(lora_tree(), jax.random.key(1)), batches, steps=5)
+    assert [h["skipped"] for h in history] == [False, True, False, True, False]
+    assert [h["nonfinite"] for h in history] == [False, True, False, True, False]
+    assert "fit: skipped 2 of 5 updates with a NaN or inf loss or gradients (steps 2, 4)" in (
+        caplog.text
+    )
+    clean = [batches[i] for i in (0, 2, 4)]
+    expected, _ = ll.fit(step, init(lora_tree(), jax.random.key(1)), clean, steps=3)
+    assert_trees_equal(host(state.trainable), host(expected.trainable))
+
+
+def test_fit_stops_after_too_many_nonfinite_steps_in_a_row():
+    init, step = ll.train_step(worker.loss_fn, optax.adam(3e-2))
+    batches = [worker.batch(0), *(bad_batch(i) for i in range(1, 9))]
+    state = init(lora_tree(), jax.random.key(1))
+    with pytest.raises(ll.train.NonFiniteError) as err:
+        ll.fit(step, state, batches, steps=9, log_every=4, max_consecutive_nonfinite=3)
+    assert str(err.value).startswith(
+        "fit: steps 2 to 4 (3 in a row, max_consecutive_nonfinite=3) had a NaN or inf loss "
+        "or gradients; their updates were skipped (they changed no adapter)"
+    )
+    # Raised at the host read of step 4; the state after step 1 is intact and handed back.
+    assert int(err.value.state.step) == 4 and len(err.value.history) == 4
+    fresh = lambda: init(lora_tree(), jax.random.key(1))  # steps donate the state
+    first, _ = step(fresh(), worker.batch(0))
+    assert_trees_equal(host(err.value.state.trainable), host(first.trainable))
+    # A finite step ends a run; None never stops.
+    mixed = [bad_batch(1), bad_batch(2), worker.batch(3), bad_batch(4), bad_batch(5)]
+    _, history = ll.fit(step, fresh(), mixed, steps=5, max_consecutive_nonfinite=3)
+    assert [h["skipped"] for h in history] == [True, True, False, True, True]
+    _, history = ll.fit(step, fresh(), batches, steps=9, max_consecutive_nonfinite=None)
+    assert sum(h["skipped"] for h in history) == 8
+    with pytest.raises(ValueError, match="max_consecutive_nonfinite must be None or an int >= 1"):
+        ll.fit(step, fresh(), batches, steps=1, max_consecutive_nonfinite=0)
