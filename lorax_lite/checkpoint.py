@@ -11,18 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
+import numbers
+import os
 import pathlib
+import shutil
+import string
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from .config import LoraConfig
+from .config import AXIS_ROLES, LoraConfig
 from .targets import named_leaves, path_str, unflatten
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
@@ -47,11 +54,18 @@ def save_adapter(
     base shape/dtype, rank, scale, axis roles and dropout, the trained paths, a
     fingerprint of the base (every leaf's path, shape and dtype, and a hash of a
     strided sample of each adapted weight), checksums of the saved arrays, the
-    library and JAX versions, and ``metadata``. The write is atomic.
+    library and JAX versions, ``metadata``, and a checksum of the metadata itself.
+
+    The write is atomic: the checkpoint is written to a hidden sibling directory
+    and renamed into place when complete. An overwrite moves the old checkpoint
+    aside, renames the new one in and only then deletes the old one, so a save
+    that fails or is killed at any point leaves the old checkpoint or the new one,
+    never neither (a failed save puts the old one back; the next save or load
+    recovers from a killed one).
 
     In a multi-process run every process calls it with the same ``path`` and its
-    copy of ``tree`` (arrays may span processes): orbax writes each array once and
-    the metadata from process 0 alone.
+    copy of ``tree`` (arrays may span processes): orbax writes each array once,
+    and process 0 alone writes the metadata and renames the directories.
 
     Args:
         path: the checkpoint directory to create.
@@ -66,9 +80,11 @@ def save_adapter(
     Raises:
         ValueError: if ``tree`` holds no adapter or trained leaf, if some adapters
             lack their base weight (a trainable partition: save
-            ``combine(trainable, frozen)``), or if ``path`` exists and ``overwrite``
-            is False.
-        TypeError: if ``config`` or ``metadata`` cannot be serialized to JSON.
+            ``combine(trainable, frozen)``), if ``path`` exists and ``overwrite``
+            is False, or if ``path`` exists and is not an adapter checkpoint (never
+            replaced, even with ``overwrite``).
+        TypeError: if ``config`` or ``metadata`` cannot be serialized to JSON (the
+            message names every offending key); nothing is written then.
 
     Example:
         >>> save_adapter("/tmp/run/adapter", lora_params, config)  # doctest: +SKIP
@@ -99,13 +115,171 @@ def save_adapter(
         "versions": _versions(),
         "user": dict(metadata or {}),
     }
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(
-        path,
-        ocp.args.Composite(adapter=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(info)),
-        force=overwrite,
+    _check_json(info["user"], "save_adapter", "metadata")
+    info["sha256"] = _metadata_digest(info)
+    items = ocp.args.Composite(
+        adapter=ocp.args.StandardSave(arrays), metadata=ocp.args.JsonSave(info)
     )
+    _save_beside_and_swap(path, items, overwrite=overwrite)
     return path
+
+
+# Hidden siblings of an adapter checkpoint ``name`` during a save: the new checkpoint is
+# written to the first, the old one is moved to the second while the new one is renamed
+# in, then to the third to be deleted.
+_NEW, _OLD, _TRASH = "lorax-lite-new", "lorax-lite-old", "lorax-lite-trash"
+
+
+def _sibling(path: pathlib.Path, role: str) -> pathlib.Path:
+    return path.with_name(f".{path.name}.{role}")
+
+
+def _save_beside_and_swap(
+    path: pathlib.Path, items: ocp.args.Composite, *, overwrite: bool
+) -> None:
+    """Writes ``items`` to a sibling of ``path``, then swaps it into place (see `save_adapter`)."""
+    primary = jax.process_index() == 0
+    if primary:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _recover(path)
+    _sync_processes("lorax_lite.save_adapter:start")
+    if os.path.lexists(path):
+        if not overwrite:
+            raise ValueError(
+                f"save_adapter: {path} exists; pass overwrite=True to replace it, or another path"
+            )
+        if not _is_adapter_directory(path):
+            raise ValueError(
+                f"save_adapter: {path} exists and is not an adapter checkpoint; overwrite=True "
+                "replaces only a directory written by save_adapter. Remove it or pick another path."
+            )
+    try:
+        ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(_sibling(path, _NEW), items)
+        _sync_processes("lorax_lite.save_adapter:written")
+        if primary:
+            _swap_in(_sibling(path, _NEW), path)
+        _sync_processes("lorax_lite.save_adapter:swapped")
+    except BaseException:
+        if primary:
+            try:
+                _recover(path, settle=True)
+            except OSError:  # the save's own error matters; the next save cleans up
+                pass
+        raise
+
+
+def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
+    """Renames ``new`` to ``path``, replacing and then deleting what was there."""
+    old = _sibling(path, _OLD)
+    replacing = os.path.lexists(path)
+    if replacing:
+        os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        if replacing:
+            os.rename(old, path)
+        raise
+    if replacing:  # renamed before deleting: a half-deleted directory is never read
+        os.rename(old, _sibling(path, _TRASH))
+        _remove(_sibling(path, _TRASH))
+
+
+def _recover(path: pathlib.Path, *, settle: bool = False) -> None:
+    """Undoes an interrupted or failed save of ``path``: puts the old checkpoint back if
+    it is aside and nothing replaced it, and removes the other leftovers (a partial new
+    checkpoint, orbax's temporary directories, an old checkpoint already replaced)."""
+    old = _sibling(path, _OLD)
+    if os.path.lexists(old) and not os.path.lexists(path):
+        os.rename(old, path)
+    if not path.parent.is_dir():
+        return
+    prefix = f".{path.name}.lorax-lite-"
+    for leftover in path.parent.iterdir():
+        if leftover.name.startswith(prefix):
+            _remove(leftover, settle=settle)
+
+
+def _remove(path: pathlib.Path, *, settle: bool = False) -> None:
+    """Deletes the file or directory ``path``; with ``settle``, until it stays deleted
+    (after a failed write, orbax's threads may still create directories for a moment)."""
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    for _ in range(20 if settle else 0):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.05)
+        if not os.path.lexists(path):
+            return
+    shutil.rmtree(path)
+
+
+def _is_adapter_directory(path: pathlib.Path) -> bool:
+    """Whether ``path`` is an adapter checkpoint (or an empty directory) that an overwrite may
+    replace: never a file or some other directory given by mistake."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / "metadata").is_dir() or not any(path.iterdir())
+
+
+def _adapter_location(path: pathlib.Path) -> pathlib.Path:
+    """Where the checkpoint ``path`` is: ``path``, or the old checkpoint set aside by an
+    overwrite killed between its two renames (it is complete then)."""
+    old = _sibling(path, _OLD)
+    return old if not os.path.lexists(path) and old.is_dir() else path
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _check_json(value: Any, caller: str, name: str) -> None:
+    """Raises ``TypeError`` naming every part of ``value`` that JSON would not round-trip.
+
+    Allowed: dicts with string keys, lists, tuples, strings, bools, None, ints and
+    floats (Python's, or subclasses such as ``np.float64``).
+    """
+    problems = _json_problems(value, name)
+    if problems:
+        raise TypeError(
+            f"{caller}: {name} must be JSON-serializable; these parts are not:\n  "
+            + "\n  ".join(problems)
+            + "\n(convert NumPy and JAX scalars with int(...) or float(...))"
+        )
+
+
+def _json_problems(value: Any, where: str) -> list[str]:
+    if isinstance(value, Mapping):
+        problems = []
+        for key, item in value.items():
+            if isinstance(key, str):
+                problems += _json_problems(item, f"{where}[{key!r}]")
+            else:
+                problems.append(
+                    f"{where}: key {key!r} ({_type_name(key)}) is not a string, as JSON keys are"
+                )
+        return problems
+    if isinstance(value, list | tuple):
+        return [p for i, item in enumerate(value) for p in _json_problems(item, f"{where}[{i}]")]
+    if value is None or isinstance(value, str | bool | int | float):
+        return []
+    shown = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
+    return [f"{where}: {_type_name(value)} {shown} is not JSON-serializable"]
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+
+
+def _metadata_digest(info: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``info`` without its own ``sha256`` field."""
+    return _json_digest({k: v for k, v in info.items() if k != "sha256"})
 
 
 def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
@@ -116,9 +290,9 @@ def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
         "shape": list(node.w.shape),
         "dtype": _dtype_name(node.w),
         "rank": node.rank,
-        "scale": node.scale,
+        "scale": float(node.scale),
         "layout": list(node.layout.roles()),
-        "dropout": node.dropout,
+        "dropout": float(node.dropout),
         "a": _array_entry(node.a),
         "b": _array_entry(node.b),
     }
@@ -198,13 +372,16 @@ def adapter_metadata(path: str | pathlib.Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the metadata is missing, unreadable or of an unknown format version.
+        ValueError: if the metadata is missing, unreadable or of an unknown format
+            version, if a field of it is not what `save_adapter` writes (the message
+            names the file, each such field, what was expected and what was found),
+            or if it does not match its checksum (edited or corrupted).
 
     Example:
         >>> info = adapter_metadata("/tmp/run/adapter")  # doctest: +SKIP
         >>> config = ll.LoraConfig.from_dict(info["config"])  # doctest: +SKIP
     """
-    path = pathlib.Path(path).absolute()
+    path = _adapter_location(pathlib.Path(path).absolute())
     if not path.exists():
         raise FileNotFoundError(f"No adapter checkpoint at {path}")
     if not (path / "metadata").is_dir():
@@ -223,6 +400,14 @@ def adapter_metadata(path: str | pathlib.Path) -> dict[str, Any]:
             f"{path}: unknown adapter format version {info.get('format_version')!r}; this "
             f"lorax_lite reads version {FORMAT_VERSION}. Upgrade lorax_lite to load it."
         )
+    problems = _metadata_problems(info)
+    if not problems and "sha256" in info and info["sha256"] != _metadata_digest(info):
+        problems = ["sha256: the metadata does not match the checksum written with it"]
+    if problems:
+        raise ValueError(
+            f"The adapter metadata {path / 'metadata' / 'metadata'} is corrupted or was edited:"
+            "\n  " + "\n  ".join(problems) + "\nSave the adapter again or load another copy."
+        )
     return info
 
 
@@ -232,6 +417,190 @@ def _unreadable(path: pathlib.Path, err: Exception) -> ValueError:
         f"not completely written ({type(err).__name__}: {err}). Save the adapter again or "
         "load another copy."
     )
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing (the field is missing)"
+
+
+_MISSING = _Missing()
+
+
+def _metadata_problems(info: dict[str, Any]) -> list[str]:
+    """``"field: expected ..., found ..."`` for every field of the metadata that is not
+    what `save_adapter` writes."""
+    kinds = {"config": dict, "adapters": list, "trained": list, "base": dict}
+    kinds.update(versions=dict, user=dict)
+    problems = [
+        f"{key}: expected a JSON {'object' if kind is dict else 'array'}, found "
+        f"{_shown(info.get(key, _MISSING))}"
+        for key, kind in kinds.items()
+        if not isinstance(info.get(key), kind)
+    ]
+    if "sha256" in info and not _is_hex(info["sha256"], 64):
+        problems.append(f"sha256: expected 64 hexadecimal digits, found {_shown(info['sha256'])}")
+    if problems:
+        return problems
+    try:
+        LoraConfig.from_dict(info["config"])
+    except Exception as err:  # whatever LoraConfig raises for fields it cannot take
+        problems.append(f"config: expected the fields of a valid LoraConfig ({err})")
+    for i, entry in enumerate(info["adapters"]):
+        problems += _adapter_entry_problems(entry, f"adapters[{i}]")
+    for i, entry in enumerate(info["trained"]):
+        problems += _array_entry_problems(entry, f"trained[{i}]", floating=False, named=True)
+    if not problems:
+        paths = [e["path"] for e in [*info["adapters"], *info["trained"]]]
+        problems += [f"adapters/trained: {p}" for p in path_conflicts(paths)]
+    problems += _fingerprint_field_problems(info["base"])
+    problems += [
+        f"versions[{k!r}]: expected a version string, found {_shown(v)}"
+        for k, v in info["versions"].items()
+        if not isinstance(v, str)
+    ]
+    return problems
+
+
+def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
+    problems = _array_entry_problems(entry, field, floating=False, named=True, checksum=False)
+    if problems:
+        return problems
+    shape, rank, layout = entry["shape"], entry.get("rank"), entry.get("layout")
+    if len(shape) < 2:
+        problems.append(f"{field}.shape: expected at least 2 axes, found {shape}")
+    if not _is_int(rank, 1):
+        problems.append(f"{field}.rank: expected an int >= 1, found {_shown(rank)}")
+    scale, dropout = entry.get("scale", _MISSING), entry.get("dropout", _MISSING)
+    if not _is_real(scale) or not math.isfinite(scale):
+        problems.append(f"{field}.scale: expected a finite number, found {_shown(scale)}")
+    if not _is_real(dropout) or not 0 <= dropout < 1:
+        problems.append(f"{field}.dropout: expected a number in [0, 1), found {_shown(dropout)}")
+    if not (
+        isinstance(layout, list)
+        and len(layout) == len(shape)
+        and all(isinstance(r, str) and r in AXIS_ROLES for r in layout)
+        and {"in", "out"} <= set(layout)
+    ):
+        problems.append(
+            f"{field}.layout: expected one role of {AXIS_ROLES} per axis of the shape "
+            f"{shape}, 'in' and 'out' among them, found {_shown(layout)}"
+        )
+    for factor in ("a", "b"):
+        problems += _array_entry_problems(
+            entry.get(factor, _MISSING), f"{field}.{factor}", floating=True, named=False
+        )
+    if problems:
+        return problems
+    expected = Layout.from_roles(tuple(layout)).factor_shapes(tuple(shape), rank)
+    return [
+        f"{field}.{factor}.shape: expected {list(want)} (rank {rank} on a {shape} weight), "
+        f"found {entry[factor]['shape']}"
+        for factor, want in zip(("a", "b"), expected)
+        if tuple(entry[factor]["shape"]) != want
+    ]
+
+
+def _array_entry_problems(
+    entry: Any, field: str, *, floating: bool, named: bool, checksum: bool = True
+) -> list[str]:
+    """Problems of a ``{path?, shape, dtype, sha256?}`` entry."""
+    if not isinstance(entry, dict):
+        return [f"{field}: expected a JSON object, found {_shown(entry)}"]
+    get = lambda key: entry.get(key, _MISSING)
+    problems = []
+    if named and (not isinstance(get("path"), str) or not get("path")):
+        problems.append(f"{field}.path: expected a leaf path, found {_shown(get('path'))}")
+    if not _is_shape(get("shape")):
+        problems.append(
+            f"{field}.shape: expected a list of ints >= 0, found {_shown(get('shape'))}"
+        )
+    if not _is_dtype(get("dtype"), "floating" if floating else "array"):
+        kind = "a floating-point dtype name" if floating else "the dtype name of a number or bool"
+        problems.append(f"{field}.dtype: expected {kind}, found {_shown(get('dtype'))}")
+    if checksum and not _is_hex(get("sha256"), 64):
+        problems.append(
+            f"{field}.sha256: expected 64 hexadecimal digits, found {_shown(get('sha256'))}"
+        )
+    return problems
+
+
+def _fingerprint_field_problems(base: dict[str, Any]) -> list[str]:
+    leaves, hashes = base.get("leaves", _MISSING), base.get("hashes", _MISSING)
+    if not isinstance(leaves, dict) or not isinstance(hashes, dict):
+        return [
+            "base: expected {'leaves': {path: [shape, dtype]}, 'hashes': {path: hash}}, found "
+            + _shown(base)
+        ]
+    problems = [
+        f"base.leaves[{path!r}]: expected [shape, dtype name], found {_shown(value)}"
+        for path, value in leaves.items()
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and _is_shape(value[0])
+            and _is_dtype(value[1], "any")
+        )
+    ]
+    problems += [
+        f"base.hashes[{path!r}]: expected 32 hexadecimal digits of a leaf in base.leaves, "
+        f"found {_shown(value)}"
+        for path, value in hashes.items()
+        if path not in leaves or not _is_hex(value, 32)
+    ]
+    return problems
+
+
+def path_conflicts(paths: list[str]) -> list[str]:
+    """Each path given twice, or that is also the module of another path (``a/b`` and
+    ``a/b/c`` cannot both be leaves of one tree)."""
+    seen, problems = set(), []
+    for path in paths:
+        if path in seen:
+            problems.append(f"{path!r} is given twice")
+        seen.add(path)
+    for path in sorted(seen):
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts))]
+        problems += [f"{p!r} is a leaf and the module of {path!r}" for p in prefixes if p in seen]
+    return problems
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(d, 0) for d in value)
+
+
+def _is_dtype(value: Any, kind: str) -> bool:
+    """Whether ``value`` is the name of a dtype of ``kind``: ``"any"``, ``"array"`` (a
+    number or bool: what the arrays of a checkpoint hold) or ``"floating"``."""
+    if not isinstance(value, str):
+        return False
+    try:
+        dtype = jnp.dtype(value)
+    except Exception:  # NumPy raises TypeError, some names other errors
+        return False
+    if kind == "floating":
+        fits = jnp.issubdtype(dtype, jnp.floating)
+    else:
+        fits = kind == "any" or jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_
+    return str(dtype) == value and bool(fits)
+
+
+def _is_hex(value: Any, length: int) -> bool:
+    return isinstance(value, str) and len(value) == length and set(value) <= set(string.hexdigits)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bool = True) -> Any:
@@ -266,7 +635,7 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     Example:
         >>> lora_params = load_adapter("/tmp/run/adapter", params)  # doctest: +SKIP
     """
-    path = pathlib.Path(path).absolute()
+    path = _adapter_location(pathlib.Path(path).absolute())
     info = adapter_metadata(path)
     if params is None:
         arrays = _restore_arrays(path, info, None)
@@ -476,7 +845,13 @@ class TrainCheckpointer:
         )
         self.directory = pathlib.Path(directory).absolute()
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data")
+            self.directory,
+            options=options,
+            # Handlers known up front, so a fresh process reads a step's metadata.
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def save(
@@ -492,14 +867,21 @@ class TrainCheckpointer:
 
         Returns:
             Whether a save was started (``save_interval_steps`` may skip the step).
+
+        Raises:
+            TypeError: if ``data`` is not JSON-serializable (the message names every
+                offending key), before anything is written.
         """
+        data = dict(data or {})
+        _check_json(data, "TrainCheckpointer.save", "data")
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_without_frozen(state)),
-                data=ocp.args.JsonSave(dict(data or {})),
+                data=ocp.args.JsonSave(data),
             ),
             force=force,
+            custom_metadata={_DATA_DIGEST: _json_digest(data)},
         )
 
     def restore(self, like: Any, *, step: int | None = None) -> Restored:
@@ -516,7 +898,9 @@ class TrainCheckpointer:
 
         Raises:
             FileNotFoundError: if there is no saved step (or not ``step``).
-            ValueError: if the step cannot be read (truncated or corrupted files).
+            ValueError: if ``like`` does not have the saved state's structure and
+                shapes (the message lists each leaf that differs, with both shapes),
+                or if the step cannot be read (truncated or corrupted files).
         """
         self._manager.wait_until_finished()
         step = self.latest_step() if step is None else step
@@ -526,6 +910,7 @@ class TrainCheckpointer:
                 f"saved steps: {self.all_steps()}"
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _without_frozen(like))
+        self._check_like(step, abstract)
         try:
             restored = self._manager.restore(
                 step,
@@ -533,13 +918,50 @@ class TrainCheckpointer:
                     state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
                 ),
             )
+            data = self._checked_data(step, restored["data"])
         except Exception as err:
             raise ValueError(
                 f"Cannot restore step {step} from {self.directory}: the files are truncated or "
                 f"corrupted ({type(err).__name__}: {err}). Restore an earlier step with "
                 f"step=... (saved: {self.all_steps()})."
             ) from err
-        return Restored(_with_frozen(restored["state"], like), step, dict(restored["data"]))
+        return Restored(_with_frozen(restored["state"], like), step, data)
+
+    def _check_like(self, step: int, abstract: Any) -> None:
+        """Raises if the saved state's leaves differ in path or shape from ``abstract``'s.
+
+        Unreadable metadata is left for the restore to report as corruption.
+        """
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+            saved = _leaf_shapes(saved.tree if hasattr(saved, "tree") else saved)
+        except Exception:
+            return
+        if not saved:
+            return
+        wanted = _leaf_shapes(abstract)
+        problems = [
+            f"{p}: saved with shape {saved[p]}, `like` has shape {wanted[p]}"
+            for p in wanted
+            if p in saved and saved[p] != wanted[p]
+        ]
+        problems += [f"{p}: in `like`, not in the saved state" for p in wanted if p not in saved]
+        problems += [f"{p}: in the saved state, not in `like`" for p in saved if p not in wanted]
+        if problems:
+            raise ValueError(
+                f"Cannot restore step {step} from {self.directory} onto `like`: its leaves "
+                "differ from the saved state's:\n  " + "\n  ".join(problems)
+            )
+
+    def _checked_data(self, step: int, data: Any) -> dict[str, Any]:
+        """The restored ``data``, checked against the digest saved with it (if any)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"the data of step {step} is not a JSON object: {_shown(data)}")
+        custom = self._manager.metadata(step).custom_metadata or {}
+        digest = custom.get(_DATA_DIGEST) if isinstance(custom, dict) else None
+        if digest is not None and digest != _json_digest(data):
+            raise ValueError(f"the data of step {step} does not match the checksum saved with it")
+        return data
 
     def latest_step(self) -> int | None:
         """The most recent completely saved step, or None."""
@@ -562,6 +984,27 @@ class TrainCheckpointer:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+# The key of the SHA-256 of a training step's ``data`` in the step's orbax metadata.
+_DATA_DIGEST = "lorax_lite_data_sha256"
+
+
+def _json_digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{"/"-joined path: shape}`` of the array leaves of an abstract or metadata tree, a
+    PRNG key by the shape of its key data (as orbax saves it)."""
+    shapes = {}
+    for path, leaf in ocp.tree.to_flat_dict(tree).items():
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            leaf = jax.eval_shape(jax.random.key_data, leaf)
+        if getattr(leaf, "shape", None) is not None:
+            shapes["/".join(str(k) for k in path)] = tuple(leaf.shape)
+    return shapes
 
 
 def _without_frozen(state: Any) -> Any:

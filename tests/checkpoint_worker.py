@@ -5,11 +5,16 @@ training checkpoint in DIR onto a fresh state, trains STEPS more steps from the
 restored data position and writes the final state's leaves to OUT (``.npz``).
 ``python tests/checkpoint_worker.py save-forever DIR`` saves a large state as
 steps 0, 1, 2, ... until killed, printing ``saved N`` after each commit.
+``python tests/checkpoint_worker.py overwrite-adapter PATH SEED [KILL_AFTER]`` saves
+`big_adapter` (SEED) over the adapter at PATH; with KILL_AFTER (a sibling role:
+``lorax-lite-old``, ``lorax-lite-trash``, or ``PATH`` for the new one renamed in) it
+kills itself with SIGKILL right after renaming a directory to that name.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -93,11 +98,52 @@ def save_forever(directory: str) -> None:
             print(f"saved {step}", flush=True)
 
 
+BIG_CONFIG = ll.LoraConfig(rank=64, targets="kernel", train="bias")
+
+
+def big_base() -> dict[str, Any]:
+    return {
+        f"dense_{i}": {"kernel": jnp.ones((1024, 1024)), "bias": jnp.zeros(1024)} for i in range(4)
+    }
+
+
+def big_adapter(seed: int) -> Any:
+    """A 2 MiB adapter of `big_base` whose every factor and trained leaf holds ``seed``."""
+    tree = ll.init(big_base(), BIG_CONFIG, key=jax.random.key(0))
+    fill = lambda x: jnp.full_like(x, seed) if x is not None else None
+
+    def with_seed(node):
+        if isinstance(node, ll.LoraWeight):
+            return ll.LoraWeight(node.w, fill(node.a), fill(node.b), node.scale, node.layout)
+        return ll.Trainable(fill(node.value)) if isinstance(node, ll.Trainable) else node
+
+    return jax.tree_util.tree_map(
+        with_seed, tree, is_leaf=lambda x: isinstance(x, ll.LoraWeight | ll.Trainable)
+    )
+
+
+def overwrite_adapter(path: str, seed: int, kill_after: str | None) -> None:
+    rename = os.rename
+
+    def rename_then_maybe_die(src, dst, *args, **kwargs):
+        rename(src, dst, *args, **kwargs)
+        if kill_after is not None and str(dst).endswith(kill_after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename_then_maybe_die
+    tree = big_adapter(seed)
+    print("saving", flush=True)
+    ll.save_adapter(path, tree, BIG_CONFIG, overwrite=True)
+    print("saved", flush=True)
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
     if command == "resume":
         resume(rest[0], int(rest[1]), rest[2])
     elif command == "save-forever":
         save_forever(rest[0])
+    elif command == "overwrite-adapter":
+        overwrite_adapter(rest[0], int(rest[1]), rest[2] if len(rest) > 2 else None)
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -13,6 +13,7 @@ import checkpoint_worker as worker
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from helpers import assert_trees_equal, randomize_b
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -335,3 +336,264 @@ def test_kill_during_save_leaves_the_previous_checkpoint_intact(tmp_path):
     assert restored.data == {"k": step}
     for value in restored.state.values():
         np.testing.assert_array_equal(value, np.full((1024, 1024), step, np.float32))
+
+
+# Overwrites: the old adapter or the new one, complete, never neither.
+
+
+def _fail(*args, **kwargs):
+    raise OSError("simulated failure in the middle of a save")
+
+
+def _rename_failing_on(target):
+    """os.rename, except that the first rename to a name ending in ``target`` fails."""
+    rename, failed = os.rename, []
+
+    def rename_unless_target(src, dst, *args, **kwargs):
+        if str(dst).endswith(target) and not failed:
+            failed.append(dst)
+            _fail()
+        return rename(src, dst, *args, **kwargs)
+
+    return rename_unless_target
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "non-JSON metadata",
+        "writing the metadata",
+        "finalizing",
+        "moving the old aside",
+        "moving the new in",
+    ],
+)
+def test_a_failed_overwrite_keeps_the_old_adapter(tmp_path, monkeypatch, failure):
+    path = tmp_path / "adapter"
+    old = lora_tree()
+    ll.save_adapter(path, old, CONFIG, metadata={"version": 1})
+    new = randomize_b(old, jax.random.key(7))
+    metadata, error = {"version": 2}, OSError
+    if failure == "non-JSON metadata":
+        metadata, error = {"lr": np.float32(0.1), "steps": [1, np.int64(2)], 3: "three"}, TypeError
+    elif failure == "writing the metadata":
+        monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", _fail)
+    elif failure == "finalizing":  # every item written, not yet committed
+        monkeypatch.setattr(ocp.CompositeCheckpointHandler, "finalize", _fail)
+    else:
+        target = "lorax-lite-old" if failure == "moving the old aside" else str(path)
+        monkeypatch.setattr(os, "rename", _rename_failing_on(target))
+    with pytest.raises(error) as err:
+        ll.save_adapter(path, new, CONFIG, metadata=metadata, overwrite=True)
+    monkeypatch.undo()
+    if error is TypeError:  # every offending part named, before anything is written
+        for part in ("metadata['lr']: numpy.float32 0.1", "metadata['steps'][1]: numpy.int64 2"):
+            assert part in str(err.value)
+        assert "metadata: key 3 (int) is not a string, as JSON keys are" in str(err.value)
+    assert_trees_equal(ll.load_adapter(path, base_params()), old)
+    assert adapter_metadata(path)["user"] == {"version": 1}
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directory left behind
+
+
+def test_a_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(ocp.CompositeCheckpointHandler, "finalize", _fail)
+    with pytest.raises(OSError, match="simulated failure"):
+        ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_overwrite_never_replaces_what_is_not_an_adapter(tmp_path, kind):
+    path = tmp_path / "precious"
+    if kind == "directory":
+        path.mkdir()
+        (path / "notes.txt").write_text("keep me")
+    else:
+        path.write_text("keep me")
+    with pytest.raises(ValueError, match=f"{path} exists and is not an adapter checkpoint"):
+        ll.save_adapter(path, lora_tree(), CONFIG, overwrite=True)
+    assert (path / "notes.txt" if kind == "directory" else path).read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["precious"]
+
+
+def _overwrite_in_a_subprocess(path, seed, kill_after=None, **kwargs):
+    command = [sys.executable, str(WORKER), "overwrite-adapter", str(path), str(seed)]
+    return subprocess.Popen(command + ([kill_after] if kill_after else []), **kwargs)
+
+
+def _recovers_and_cleans_up(path):
+    """The next overwrite succeeds and leaves no temporary sibling behind."""
+    ll.save_adapter(path, worker.big_adapter(3), worker.BIG_CONFIG, overwrite=True)
+    assert_trees_equal(ll.load_adapter(path, worker.big_base()), worker.big_adapter(3))
+    assert os.listdir(path.parent) == [path.name]
+
+
+@pytest.mark.parametrize(
+    "kill_after, left, survivor",
+    [  # the directory entries left by the kill, and the adapter that loads
+        ("lorax-lite-new", ["adapter", ".adapter.lorax-lite-new"], 1),
+        ("lorax-lite-old", [".adapter.lorax-lite-new", ".adapter.lorax-lite-old"], 1),
+        ("PATH", ["adapter", ".adapter.lorax-lite-old"], 2),
+        ("lorax-lite-trash", ["adapter", ".adapter.lorax-lite-trash"], 2),
+    ],
+    ids=["new written", "old moved aside", "new moved in", "old about to be deleted"],
+)
+def test_sigkill_at_each_step_of_an_overwrite_leaves_a_complete_adapter(
+    tmp_path, kill_after, left, survivor
+):
+    path = tmp_path / "adapter"
+    ll.save_adapter(path, worker.big_adapter(1), worker.BIG_CONFIG)
+    kill_after = str(path) if kill_after == "PATH" else kill_after
+    proc = _overwrite_in_a_subprocess(path, 2, kill_after)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert sorted(os.listdir(tmp_path)) == sorted(left)
+    assert_trees_equal(ll.load_adapter(path, worker.big_base()), worker.big_adapter(survivor))
+    assert adapter_metadata(path)["adapters"][0]["path"] == "dense_0/kernel"
+    _recovers_and_cleans_up(path)
+
+
+def test_sigkill_while_writing_an_overwrite_leaves_a_complete_adapter(tmp_path):
+    path = tmp_path / "adapter"
+    ll.save_adapter(path, worker.big_adapter(1), worker.BIG_CONFIG)
+    proc = _overwrite_in_a_subprocess(path, 2, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saving"
+        deadline = time.monotonic() + 60
+        # Kill as soon as a temporary directory appears: the arrays are being written.
+        while os.listdir(tmp_path) == ["adapter"]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    loaded = ll.load_adapter(path, worker.big_base())
+    factor = np.asarray(loaded["dense_0"]["kernel"].a)
+    assert factor[0, 0] in (1, 2)
+    assert_trees_equal(loaded, worker.big_adapter(int(factor[0, 0])))
+    _recovers_and_cleans_up(path)
+
+
+# The adapter metadata: every field checked, errors naming the file, the field, the expectation.
+
+
+def _edit_metadata(directory, edit):
+    meta_file = directory / "metadata" / "metadata"
+    info = json.loads(meta_file.read_text())
+    edit(info)
+    meta_file.write_text(json.dumps(info))
+    return meta_file
+
+
+def _set(*keys, value):
+    def edit(info):
+        node = info
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return edit
+
+
+def _delete(*keys):
+    def edit(info):
+        node = info
+        for key in keys[:-1]:
+            node = node[key]
+        del node[keys[-1]]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            _set("adapters", 0, "rank", value="2"),
+            "adapters[0].rank: expected an int >= 1, found '2'",
+        ),
+        (_delete("adapters", 0, "layout"), "adapters[0].layout: expected one role of"),
+        (_set("adapters", 1, "layout", value=["in", "out", "up"]), "found ['in', 'out', 'up']"),
+        (_set("adapters", 0, "scale", value=None), "adapters[0].scale: expected a finite number"),
+        (_set("adapters", 0, "dropout", value=1.5), "adapters[0].dropout: expected a number in"),
+        (_set("adapters", 0, "a", "dtype", value="int8"), "adapters[0].a.dtype: expected a floa"),
+        (_set("adapters", 0, "b", "shape", value=[2, 7]), "adapters[0].b.shape: expected [2, 6]"),
+        (_set("adapters", 0, "shape", value=[8, "6"]), "adapters[0].shape: expected a list of"),
+        (_set("adapters", 0, value=[]), "adapters[0]: expected a JSON object, found []"),
+        (_set("trained", 0, "dtype", value="float33"), "trained[0].dtype: expected the dtype"),
+        (_delete("trained", 1, "sha256"), "trained[1].sha256: expected 64 hexadecimal digits"),
+        (_set("trained", 1, "path", value=""), "trained[1].path: expected a leaf path"),
+        (_set("trained", 1, "path", value="params/head/bias"), "'params/head/bias' is given twice"),
+        (_delete("adapters"), "adapters: expected a JSON array, found nothing (the field is"),
+        (_set("base", "leaves", value=[]), "base: expected {'leaves': {path: [shape, dtype]}"),
+        (_set("base", "leaves", "params/norm/scale", value=[[6]]), "base.leaves['params/norm/s"),
+        (_set("base", "hashes", "params/nowhere", value="0" * 32), "base.hashes['params/nowhere"),
+        (_set("versions", "jax", value=12), "versions['jax']: expected a version string"),
+        (_set("config", "rank", value=0), "config: expected the fields of a valid LoraConfig"),
+        (_set("config", "colour", value="red"), "config: expected the fields of a valid LoraCo"),
+        (_set("sha256", value="xyz"), "sha256: expected 64 hexadecimal digits, found 'xyz'"),
+        # Well-formed edits: the checksum of the metadata notices them.
+        (_set("adapters", 0, "scale", value=2.5), "sha256: the metadata does not match the chec"),
+        (_set("user", value={"task": "other"}), "sha256: the metadata does not match the checks"),
+    ],
+)
+def test_corrupted_metadata_fields_raise_naming_file_field_and_expectation(tmp_path, edit, message):
+    ll.save_adapter(tmp_path / "adapter", lora_tree(), CONFIG, metadata={"task": "demo"})
+    meta_file = _edit_metadata(tmp_path / "adapter", edit)
+    for read in (adapter_metadata, ll.load_adapter, lambda p: ll.load_adapter(p, base_params())):
+        with pytest.raises(ValueError, match="corrupted or was edited") as err:
+            read(tmp_path / "adapter")
+        assert str(meta_file) in str(err.value)
+        assert message in str(err.value)
+
+
+def test_metadata_without_a_checksum_still_loads(tmp_path):
+    tree = lora_tree()
+    ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
+    _edit_metadata(tmp_path / "adapter", _delete("sha256"))  # as written before the checksum
+    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", base_params()), tree)
+
+
+# Training checkpoints: the errors say what is wrong.
+
+
+def test_restoring_onto_another_shape_names_each_leaf_and_both_shapes(tmp_path):
+    state = {"a": jnp.zeros((3, 4)), "opt": {"mu": jnp.zeros(5), "nu": jnp.zeros(5)}}
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, state)
+        ckpt.wait()
+        like = {"a": jnp.zeros((3, 5)), "opt": {"mu": jnp.zeros(5), "extra": jnp.zeros(2)}}
+        with pytest.raises(ValueError) as err:
+            ckpt.restore(like)
+    message = str(err.value)
+    assert "onto `like`" in message and "corrupted" not in message
+    problems = sorted(line.strip() for line in message.splitlines()[1:])
+    assert problems == [
+        "a: saved with shape (3, 4), `like` has shape (3, 5)",
+        "opt/extra: in `like`, not in the saved state",
+        "opt/nu: in the saved state, not in `like`",
+    ]
+
+
+def test_non_json_data_raises_at_save_and_costs_no_step(tmp_path):
+    state = worker.init_state()
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(TypeError) as err:
+            ckpt.save(1, state, data={"position": np.int64(3), "seen": {"epochs": [np.float32(1)]}})
+        for part in ("data['position']: numpy.int64 3", "data['seen']['epochs'][0]: numpy.float32"):
+            assert part in str(err.value)
+        ckpt.save(2, state, data={"position": 3})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2]
+        assert ckpt.restore(state).data == {"position": 3}
+
+
+def test_edited_training_data_raises(tmp_path):
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, worker.init_state(), data={"position": 3})
+    (tmp_path / "ckpt" / "1" / "data" / "metadata").write_text(json.dumps({"position": 4}))
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        with pytest.raises(ValueError, match="data of step 1 does not match the checksum"):
+            ckpt.restore(worker.init_state())
