@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 from .targets import pattern_matches
@@ -67,19 +69,13 @@ class LoraConfig:
     axes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        for name in ("targets", "exclude", "train"):
-            value = getattr(self, name)
-            if isinstance(value, str) or callable(value):
-                object.__setattr__(self, name, (value,))
-            else:
-                object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
-        object.__setattr__(self, "axes", {k: tuple(v) for k, v in dict(self.axes).items()})
-        problems = _validate(self)
+        problems = _normalize_containers(self)
+        problems += _validate(self)
         if problems:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
-        # NumPy scalars pass validation; plain Python numbers keep the config JSON-ready.
+        # NumPy scalars and dtypes pass validation; plain Python values keep it JSON-ready.
+        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+        object.__setattr__(self, "use_rslora", bool(self.use_rslora))
         object.__setattr__(self, "rank", int(self.rank))
         object.__setattr__(self, "alpha", _as_float(self.alpha))
         object.__setattr__(self, "dropout", _as_float(self.dropout))
@@ -109,8 +105,29 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
-        """Inverse of `to_dict`."""
+        """Inverse of `to_dict`.
+
+        Raises:
+            TypeError: if ``data`` is not a mapping.
+            ValueError: naming every unknown field, or every invalid value.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"LoraConfig.from_dict expects a dict, got {type(data).__name__}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [repr(k) for k in data if k not in fields]
+        if unknown:
+            raise ValueError(
+                f"Invalid LoraConfig: unknown fields {', '.join(unknown)}; expected some of "
+                f"{fields}"
+            )
         return cls(**dict(data))
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    try:  # np.dtype(None) is float64; np.issubdtype rejects bfloat16
+        return dtype is not None and jnp.issubdtype(np.dtype(dtype), jnp.floating)
+    except TypeError:
+        return False
 
 
 def _as_float(value: Any) -> float:
@@ -126,6 +143,34 @@ def most_specific(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
     """
     hits = [p for p in patterns if pattern_matches(p, path)]
     return patterns[max(hits, key=len)] if hits else default
+
+
+def _normalize_containers(config: LoraConfig) -> list[str]:
+    """Turns pattern sequences into tuples and pattern dicts into dicts, in place; a problem
+    for each field that is neither (the field is then emptied, so validation goes on)."""
+    problems = []
+    put = functools.partial(object.__setattr__, config)
+    for name in ("targets", "exclude", "train"):
+        value = getattr(config, name)
+        if isinstance(value, str) or callable(value):
+            put(name, (value,))
+        elif isinstance(value, Iterable) and not isinstance(value, Mapping):
+            put(name, tuple(value))
+        else:
+            problems.append(f"{name} must be a regex or a sequence of regexes, got {value!r}")
+            put(name, ("all-linear",) if name == "targets" else ())
+    for name in ("rank_pattern", "alpha_pattern", "axes"):
+        value = getattr(config, name)
+        if not isinstance(value, Mapping):
+            problems.append(f"{name} must be a dict {{regex: value}}, got {value!r}")
+            value = {}
+        put(name, dict(value))
+    for pattern, roles in config.axes.items():
+        if isinstance(roles, str) or not isinstance(roles, Iterable):
+            problems.append(f"axes[{pattern!r}] must be a sequence of roles, got {roles!r}")
+            roles = ("in", "out")
+        config.axes[pattern] = tuple(roles)
+    return problems
 
 
 def _validate(config: LoraConfig) -> list[str]:
@@ -150,13 +195,18 @@ def _validate(config: LoraConfig) -> list[str]:
         check_alpha(f"alpha_pattern[{pattern!r}]", value)
     if not is_number(config.dropout, numbers.Real) or not 0 <= config.dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
+    if not isinstance(config.use_rslora, bool | np.bool_):
+        problems.append(f"use_rslora must be True or False, got {config.use_rslora!r}")
+    if not _is_float_dtype(config.dtype):
+        problems.append(f"dtype must be a floating dtype such as 'float32', got {config.dtype!r}")
     if config.init not in ("kaiming", "gaussian"):
         problems.append(f"init must be 'kaiming' or 'gaussian', got {config.init!r}")
     if config.bias not in ("none", "all", "lora_only"):
         problems.append(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}")
     if not config.targets:
         problems.append("targets is empty: name at least one weight to adapt")
-    both = sorted(set(filter(lambda t: isinstance(t, str), config.targets)) & set(config.exclude))
+    strings = lambda patterns: {p for p in patterns if isinstance(p, str)}
+    both = sorted(strings(config.targets) & strings(config.exclude))
     if both:
         problems.append(f"patterns both targeted and excluded: {both}")
     for pattern, roles in config.axes.items():
@@ -166,10 +216,21 @@ def _validate(config: LoraConfig) -> list[str]:
                 f"axes[{pattern!r}] must name each axis one of {AXIS_ROLES}, with at least "
                 f"one 'in' and one 'out'; got {roles}"
             )
+    return problems + _pattern_problems(config)
+
+
+def _pattern_problems(config: LoraConfig) -> list[str]:
+    """A problem for each pattern that is no string or no valid regex."""
+    problems = [
+        f"targets must be regexes or callables, got {t!r}"
+        for t in config.targets
+        if not (isinstance(t, str) or callable(t))
+    ]
     regexes = [t for t in config.targets if isinstance(t, str) and t != "all-linear"]
     regexes += [*config.exclude, *config.train, *config.rank_pattern, *config.alpha_pattern]
     regexes += list(config.axes)
-    for pattern in regexes:
+    problems += [f"pattern {p!r} must be a string" for p in regexes if not isinstance(p, str)]
+    for pattern in filter(lambda p: isinstance(p, str), regexes):
         try:
             re.compile(pattern)
         except re.error as err:

@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,6 +41,39 @@ def test_each_invalid_field_is_reported(kwargs, message):
     with pytest.raises(ValueError) as info:
         ll.LoraConfig(**kwargs)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(use_rslora="yes"), "use_rslora must be True or False, got 'yes'"),
+        (dict(dtype="int8"), "dtype must be a floating dtype such as 'float32', got 'int8'"),
+        (dict(dtype="floaty"), "dtype must be a floating dtype such as 'float32', got 'floaty'"),
+        (dict(dtype=None), "dtype must be a floating dtype such as 'float32', got None"),
+        (dict(targets=5), "targets must be a regex or a sequence of regexes, got 5"),
+        (dict(train={"head": 1}), "train must be a regex or a sequence of regexes, got {'head'"),
+        (dict(targets=("q", 3)), "targets must be regexes or callables, got 3"),
+        (dict(train=("head", 3)), "pattern 3 must be a string"),
+        (dict(rank_pattern=[("q", 2)]), "rank_pattern must be a dict {regex: value}, got [("),
+        (dict(axes={"k": 5}), "axes['k'] must be a sequence of roles, got 5"),
+    ],
+)
+def test_each_value_of_the_wrong_kind_is_reported(kwargs, message):
+    """No raw TypeError from the normalisation, no silent truthy use_rslora or int factors."""
+    with pytest.raises(ValueError) as info:
+        ll.LoraConfig(**kwargs)
+    assert message in str(info.value)
+
+
+def test_from_dict_names_unknown_fields_and_refuses_non_dicts():
+    with pytest.raises(ValueError, match=r"unknown fields 'rnak', 'extra'; expected some of \["):
+        ll.LoraConfig.from_dict({"rank": 2, "rnak": 4, "extra": 1})
+    with pytest.raises(TypeError, match="from_dict expects a dict, got list"):
+        ll.LoraConfig.from_dict([("rank", 2)])
+    config = ll.LoraConfig(dtype=jnp.bfloat16, use_rslora=np.True_)
+    assert (config.dtype, config.use_rslora) == ("bfloat16", True)
+    assert type(config.use_rslora) is bool
+    assert ll.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_all_problems_are_listed_at_once():
