@@ -16,9 +16,11 @@ from .params import count as count
 from .params import init as init
 from .params import merge as merge
 from .params import partition as partition
+from .params import quantize as quantize
 from .params import unmerge as unmerge
 from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
+from .quant import QuantizedWeight as QuantizedWeight
 from .report import summary as summary
 from .train import TrainState as TrainState
 from .train import TrainStep as TrainStep
@@ -47,6 +49,7 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "MaterializationError",
+    "QuantizedWeight",
     "UnsupportedEquationError",
     "TrainCheckpointer",
     "TrainState",
@@ -65,6 +68,7 @@ __all__ = [
     "merge",
     "optimizer",
     "partition",
+    "quantize",
     "place",
     "pmap_train_step",
     "replicate",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
+from .quant import QuantizedWeight, quantize_array
 from .targets import (
     closest_paths,
     is_adaptable,
@@ -31,6 +33,7 @@ def init(
     key: jax.Array,
     fn: Callable | None = None,
     args: Sequence[Any] = (),
+    quantize: str | Mapping[str, Any] | None = None,
 ) -> Any:
     """Wraps the targeted leaves of ``params`` in `LoraWeight` and marks trained leaves.
 
@@ -42,6 +45,8 @@ def init(
             to learn the fan-in, fan-out and stacked axes of weights with more than two
             dimensions, and which kernels are linear for ``"all-linear"``.
         args: example arguments for ``fn`` after ``params``.
+        quantize: quantize the frozen base in the same call (QLoRA): a kind such as
+            ``"nf4"``, or the keywords of `quantize` (``dict(kind="int8", block=32)``).
 
     Returns:
         The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
@@ -94,7 +99,13 @@ def init(
             )
         return Trainable(leaf) if path in trained else leaf
 
-    return jax.tree_util.tree_map(wrap, params)
+    return _quantized(jax.tree_util.tree_map(wrap, params), quantize)
+
+
+def _quantized(tree: Any, spec: str | Mapping[str, Any] | None) -> Any:
+    if spec is None:
+        return tree
+    return quantize(tree, **({"kind": spec} if isinstance(spec, str) else dict(spec)))
 
 
 def select_targets(
@@ -231,7 +242,16 @@ def trainable_mask(tree: Any) -> Any:
             return Trainable(_mark_present(node.value, True))
         return False
 
-    return jax.tree_util.tree_map(mark, tree, is_leaf=is_lora_node)
+    return jax.tree_util.tree_map(mark, tree, is_leaf=_is_node)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight)
+
+
+def _is_node(x: Any) -> bool:
+    """The library's nodes: `LoraWeight`, `Trainable` and `QuantizedWeight` (frozen)."""
+    return is_lora_node(x) or _is_quantized(x)
 
 
 def _mark_present(x: Any, flag: bool) -> bool | None:
@@ -297,9 +317,11 @@ def merge(
     def unwrap(node):
         if isinstance(node, LoraWeight):
             return node.materialize()
+        if _is_quantized(node):
+            return node.dequantize()
         return node.value if isinstance(node, Trainable) else node
 
-    merged = jax.tree_util.tree_map(unwrap, tree, is_leaf=is_lora_node)
+    merged = jax.tree_util.tree_map(unwrap, tree, is_leaf=_is_node)
     if check:
         bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _all_finite(x)]
         if bad:
@@ -364,14 +386,95 @@ def unmerge(merged: Any, tree: Any) -> Any:
 
 
 def count(tree: Any) -> dict[str, int]:
-    """Parameter and byte counts: ``trainable``, ``total``, ``trainable_bytes``, ``total_bytes``."""
+    """Parameter and byte counts: ``trainable``, ``total``, ``trainable_bytes``, ``total_bytes``.
+
+    A `QuantizedWeight` counts its logical entries and the bytes it is stored in.
+    """
     mask = jax.tree_util.tree_leaves(trainable_mask(tree))
-    leaves = jax.tree_util.tree_leaves(tree)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized)
     sizes = [int(np.prod(x.shape)) for x in leaves]
-    nbytes = [s * np.dtype(x.dtype).itemsize for s, x in zip(sizes, leaves)]
+    nbytes = [
+        x.nbytes if _is_quantized(x) else s * np.dtype(x.dtype).itemsize
+        for s, x in zip(sizes, leaves)
+    ]
     return {
         "trainable": sum(s for s, m in zip(sizes, mask) if m),
         "total": sum(sizes),
         "trainable_bytes": sum(b for b, m in zip(nbytes, mask) if m),
         "total_bytes": sum(nbytes),
     }
+
+
+def quantize(
+    tree: Any,
+    *,
+    kind: str,
+    block: int = 64,
+    axis: int | None = None,
+    also: str | Sequence[str] = (),
+) -> Any:
+    """Quantizes the frozen base of a LoRA tree (QLoRA): each `LoraWeight`'s ``w``.
+
+    The adapters, `Trainable` leaves and everything else keep their dtype. `lora`
+    dequantizes inside the compiled function, where each weight is used, so no
+    full-precision copy of a quantized weight is kept between steps; its integer
+    codes have no gradient and take no optimizer state.
+
+    Args:
+        tree: a LoRA tree from `init`.
+        kind: ``"int8"``, ``"int4"``, ``"int4-asym"`` or ``"nf4"`` (see `lorax_lite.quant`).
+        block: entries per block (each block has its own scale).
+        axis: the blocked axis of every quantized weight; by default a LoRA weight's
+            last fan-in axis (the input features of an ``(in, out)`` kernel) and the last
+            axis of other leaves (an embedding's features, as GGUF blocks them).
+        also: patterns (as in ``LoraConfig.targets``) naming frozen plain leaves to
+            quantize too, e.g. an embedding table or a frozen output head.
+
+    Returns:
+        The same tree with `QuantizedWeight` bases.
+
+    Raises:
+        ValueError: listing every problem at once: an unknown kind, a block that does
+            not divide a leaf's blocked axis (or odd for 4-bit kinds), an already
+            quantized leaf, a leaf that is not a float array, an ``also`` pattern that
+            matches no frozen leaf.
+
+    Example:
+        >>> lp = {"k": LoraWeight(jnp.ones((64, 2)), jnp.ones((64, 1)), jnp.zeros((1, 2)))}
+        >>> quantize(lp, kind="nf4")["k"].w.kind
+        'nf4'
+    """
+    named = named_leaves(tree, is_leaf=_is_node)
+    plain = [p for p, x in named if not _is_node(x) or _is_quantized(x)]
+    extra, problems = set(), []
+    for pattern in (also,) if isinstance(also, str) else tuple(also):
+        hits = [p for p in plain if pattern_matches(pattern, p)]
+        extra |= set(hits)
+        problems += [] if hits else [no_match("also", pattern, "frozen leaf", plain)]
+    out = {}
+    for path, node in named:
+        weight = node.w if isinstance(node, LoraWeight) else node if path in extra else None
+        if weight is None:
+            continue
+        blocked = axis if axis is not None else _default_axis(node)
+        try:
+            out[path] = quantize_array(weight, kind=kind, block=block, axis=blocked, path=path)
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError("lorax_lite.quantize found problems:\n  " + "\n  ".join(problems))
+    paths = iter(named)
+
+    def replace(node):
+        path, _ = next(paths)
+        if path not in out:
+            return node
+        return dataclasses.replace(node, w=out[path]) if isinstance(node, LoraWeight) else out[path]
+
+    return jax.tree_util.tree_map(replace, tree, is_leaf=_is_node)
+
+
+def _default_axis(node: Any) -> int:
+    if isinstance(node, LoraWeight) and node.layout.fan_in:
+        return node.layout.fan_in[-1] - node.w.ndim
+    return -1

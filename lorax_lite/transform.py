@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from . import rules, views
+from .quant import QuantizedWeight
 from .rules import LoraValue
 from .targets import path_str
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
@@ -102,13 +103,13 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
             )
         if deterministic:
             dropout_key = None
-        nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_lora_node)
+        nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)
         values = [_lazy(_arg_path(path), node) for path, node in nodes]
-        standins = [v.w if isinstance(v, LoraValue) else v for v in values]
-        dynamic = [isinstance(x, jax.Array | np.ndarray) for x in standins]
+        standins = [_standin(v) for v in values]
+        dynamic = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in standins]
         static = tuple(None if d else x for x, d in zip(standins, dynamic))
         # Abstract values keep weak types, shardings and shard_map's varying axes.
-        avals = tuple(jax.typeof(x) for x, d in zip(standins, dynamic) if d)
+        avals = tuple(_aval(x) for x, d in zip(standins, dynamic) if d)
 
         def flat_fn(*arrays):
             it = iter(arrays)
@@ -147,6 +148,21 @@ def _arg_path(path: tuple) -> str:
     return "/".join((head, path_str(inner))) if inner else head
 
 
+def _is_node(x: Any) -> bool:
+    return is_lora_node(x) or isinstance(x, QuantizedWeight)
+
+
+def _standin(value: Any) -> Any:
+    """What ``fn`` is traced with in place of a value: the weight of a `LoraValue`,
+    the logical shape and dtype of a `QuantizedWeight`."""
+    w = value.w if isinstance(value, LoraValue) else value
+    return jax.ShapeDtypeStruct(w.shape, w.dtype) if isinstance(w, QuantizedWeight) else w
+
+
+def _aval(x: Any) -> Any:
+    return x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+
+
 def _lazy(path: str, node: Any) -> Any:
     if isinstance(node, Trainable):
         return node.value
@@ -166,11 +182,13 @@ def _varying_axes(x: jax.Array) -> frozenset:
     return frozenset(getattr(manual, "varying", ()))
 
 
-def _same_varying_axes(*arrays: jax.Array) -> list[jax.Array]:
-    """Inside ``shard_map``, marks w, A and B varying over the same mesh axes (their
-    union), so that each rule sees the types the traced jaxpr expects of the weight."""
-    union = frozenset().union(*(_varying_axes(x) for x in arrays))
-    return [lax.pcast(x, tuple(union - _varying_axes(x)), to="varying") for x in arrays]
+def _same_varying_axes(*parts: Any) -> list[Any]:
+    """Inside ``shard_map``, marks w (each array of a quantized w), A and B varying
+    over the same mesh axes (their union), so that each rule sees the types the traced
+    jaxpr expects of the weight."""
+    union = frozenset().union(*(_varying_axes(x) for x in jax.tree_util.tree_leaves(parts)))
+    cast = lambda x: lax.pcast(x, tuple(union - _varying_axes(x)), to="varying")
+    return [jax.tree_util.tree_map(cast, part) for part in parts]
 
 
 def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Context) -> list[Any]:
@@ -181,7 +199,7 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Conte
     env.update(zip(jaxpr.invars, args))
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        if any(isinstance(x, LoraValue) for x in invals):
+        if any(isinstance(x, LoraValue | QuantizedWeight) for x in invals):
             outs = _apply(eqn, invals, ctx)
         else:
             outs = views.bind(eqn, invals)
@@ -190,8 +208,28 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: _Conte
 
 
 def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
-    """Runs one equation with a LoRA operand through its rule, else materializes."""
+    """Runs one equation with a LoRA or quantized operand through its rule.
+
+    Calls, ``remat``, custom derivatives and loops are entered with the values as
+    they are (a scan over layers slices a quantized stack layer by layer). Any other
+    primitive dequantizes its quantized operands first, inside the compiled function,
+    then runs its low-rank rule, else materializes the LoRA weight.
+    """
     p = eqn.primitive
+    if p is prim.remat_p:
+        return _remat(views.remat(eqn), invals, ctx)
+    if p in _CUSTOM_DERIVATIVES:
+        return _custom_derivative(eqn, invals, ctx)
+    if p in views.CALLS:
+        call = views.call(eqn)
+        return evaluate(call.body, call.consts, invals, ctx)
+    if p is prim.scan_p:
+        return _scan(views.scan(eqn), invals, ctx)
+    if p is prim.cond_p:
+        return _cond(views.cond(eqn), invals, ctx)
+    if p is prim.while_p:
+        return _while(views.while_loop(eqn), invals, ctx)
+    invals = [_dequantized(x) for x in invals]
     lora_in = [isinstance(x, LoraValue) for x in invals]
     out = None
     if p in _STRUCTURAL:
@@ -207,7 +245,7 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
         lora = invals[0]
         out = lora._replace(w=one(lora.w), a=one(lora.a), b=one(lora.b))
         out = [out] if p.multiple_results else out
-    elif p in _ON_W_ONLY:
+    elif p in _ON_W_ONLY and lora_in[0]:
         out = invals[0]._replace(w=views.bind(eqn, [invals[0].w]))
     elif p in _SLICES and lora_in[0] and not any(lora_in[1:]):
         out = rules.slice_any(eqn, *invals)
@@ -218,22 +256,18 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
         out = rules.conv(eqn, *invals, ctx.next_key() if invals[1].dropout else None)
     elif p is prim.gather_p and lora_in == [True, False]:
         out = rules.gather(eqn, *invals)
-    elif p is prim.remat_p:
-        out = _remat(views.remat(eqn), invals, ctx)
-    elif p in _CUSTOM_DERIVATIVES:
-        out = _custom_derivative(eqn, invals, ctx)
-    elif p in views.CALLS:
-        call = views.call(eqn)
-        out = evaluate(call.body, call.consts, invals, ctx)
-    elif p is prim.scan_p:
-        out = _scan(views.scan(eqn), invals, ctx)
-    elif p is prim.cond_p:
-        out = _cond(views.cond(eqn), invals, ctx)
-    elif p is prim.while_p:
-        out = _while(views.while_loop(eqn), invals, ctx)
     if out is None:
         out = views.bind(eqn, [_dense(x, p.name, ctx) for x in invals])
     return out
+
+
+def _dequantized(x: Any) -> Any:
+    """``x`` with a quantized weight (itself, or a LoRA weight's base) dequantized."""
+    if isinstance(x, QuantizedWeight):
+        return x.dequantize()
+    if isinstance(x, LoraValue) and isinstance(x.w, QuantizedWeight):
+        return x._replace(w=x.w.dequantize())
+    return x
 
 
 def _dense(x: Any, primitive: str, ctx: _Context) -> Any:
@@ -243,7 +277,7 @@ def _dense(x: Any, primitive: str, ctx: _Context) -> Any:
     costs no more than a lookup and materializes silently.
     """
     if not isinstance(x, LoraValue):
-        return x
+        return _dequantized(x)
     if x.layout.fan_in and x.layout.fan_out:
         message = (
             f"lorax_lite: '{primitive}' has no low-rank rule; materializing LoRA weight "
@@ -316,12 +350,17 @@ def _custom_derivative(eqn: Any, invals: list[Any], ctx: _Context) -> list[Any]:
 
 
 def _unstacked(v: Any, ctx: _Context) -> tuple[Any, Any]:
-    """A scanned-over input: LoRA weights stacked on axis 0 stay lazy, sliced per step."""
+    """A scanned-over input: LoRA weights stacked on axis 0 stay lazy, and quantized
+    weights stay quantized, sliced per step (unless blocked along the scanned axis)."""
+    if isinstance(v, QuantizedWeight):
+        return (v.dequantize() if v.ndim + v.axis == 0 else v), None
     if not isinstance(v, LoraValue):
         return v, None
     stack, fan_in, fan_out = v.layout
     if not stack or stack[0] != 0:
         return _dense(v, "scan over a non-stacked axis", ctx), None
+    if isinstance(v.w, QuantizedWeight) and v.w.ndim + v.w.axis == 0:
+        v = _dequantized(v)
     down = lambda axes: tuple(i - 1 for i in axes)
     return (v.w, v.a, v.b), v._replace(layout=Layout(down(stack[1:]), down(fan_in), down(fan_out)))
 

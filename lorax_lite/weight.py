@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .quant import QuantizedWeight
+
 
 class Layout(NamedTuple):
     """Which axes of a weight are stacked, fan-in and fan-out.
@@ -63,7 +65,7 @@ class LoraWeight:
         True
     """
 
-    w: jax.Array | None
+    w: jax.Array | QuantizedWeight | None
     a: jax.Array | None
     b: jax.Array | None
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
@@ -85,9 +87,11 @@ class LoraWeight:
         return self.scale * dense
 
     def materialize(self) -> jax.Array:
-        """``w + scale * A @ B``, accumulated in float32 and cast to ``w.dtype``."""
-        merged = self.w.astype(jnp.float32) + self.delta(jnp.float32)
-        return merged.astype(self.w.dtype)
+        """``w + scale * A @ B``, accumulated in float32 and cast to ``w.dtype`` (a
+        quantized ``w`` is dequantized first)."""
+        w = self.w.dequantize() if isinstance(self.w, QuantizedWeight) else self.w
+        merged = w.astype(jnp.float32) + self.delta(jnp.float32)
+        return merged.astype(w.dtype)
 
 
 def _contract_rank(a: jax.Array, b: jax.Array, n_stack: int) -> jax.Array:
