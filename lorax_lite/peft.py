@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import re
 from collections.abc import Callable, Mapping
@@ -84,7 +85,9 @@ def to_peft(
     differ from ``config.rank``/``config.alpha`` go to ``rank_pattern`` and
     ``alpha_pattern`` (keyed by escaped full module names). Fully trained biases
     are written as PEFT's trained biases (``bias`` is ``"lora_only"`` or ``"all"``);
-    other fully trained leaves make their module one of ``modules_to_save``.
+    other fully trained leaves make their module one of ``modules_to_save``. Each file is
+    written beside its final name and renamed into place, so a write that fails (a full
+    disk) or is killed leaves the previous file whole.
 
     Args:
         directory: the output directory (created if missing).
@@ -126,9 +129,25 @@ def to_peft(
     )
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
+    _replace_atomically(
+        directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"})
+    )
+    _replace_atomically(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return directory
+
+
+def _replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], Any]) -> None:
+    """Writes ``path`` through a temporary file beside it, then renames it into place, so a
+    failed or killed write leaves the previous file whole (and no temporary file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _shared_modules(paths: list[str], modules: Mapping[str, str | None], what: str) -> list[str]:

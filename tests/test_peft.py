@@ -1,17 +1,23 @@
 """The PEFT format: round trips, PEFT's key names and shapes, and (optionally) PEFT itself."""
 
+import errno
 import importlib.util
 import json
+import pathlib
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_trees_allclose, assert_trees_equal, randomize_b
+from hypothesis import HealthCheck, given, settings
 from safetensors.numpy import load_file, save_file
 
 import lorax_lite as ll
 from lorax_lite.peft import default_name_map
+from lorax_lite.targets import named_leaves
+from lorax_lite.weight import is_lora_node
 
 KEY = jax.random.key(0)
 WEIGHTS = "adapter_model.safetensors"
@@ -435,3 +441,47 @@ def test_from_peft_checks_factor_dtypes_values_and_ranks(tmp_path):
     save_file(tensors, tmp_path / WEIGHTS)
     node = ll.from_peft(tmp_path, params, names)["p6"]["kernel"]
     assert (node.a.dtype, node.b.dtype) == (jnp.bfloat16, jnp.float16)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=st.sampled_from(["adapter_config.json", WEIGHTS]),
+    where=st.floats(0, 1, exclude_max=True),
+    byte=st.integers(0, 255),
+    truncate=st.booleans(),
+)
+def test_a_corrupted_peft_file_loads_or_raises_value_error(tmp_path, name, where, byte, truncate):
+    """PEFT files carry no checksum, so a changed number may load; anything else that is
+    wrong raises ValueError, never another exception (KeyError, SafetensorError, ...)."""
+    directory = tmp_path / f"{name}-{where}-{byte}-{truncate}"
+    ll.to_peft(directory, lora_tree(), CONFIG, NAMES)
+    data = bytearray((directory / name).read_bytes())
+    position = int(where * len(data))
+    if truncate:
+        del data[position:]
+    else:
+        data[position] = byte
+    (directory / name).write_bytes(bytes(data))
+    try:
+        tree = ll.from_peft(directory, base_params(), NAMES)
+    except ValueError:
+        return
+    kinds = lambda tree: [(p, type(n)) for p, n in named_leaves(tree, is_leaf=is_lora_node)]
+    assert kinds(tree) == kinds(lora_tree())  # scales may differ: alpha is a number in the file
+
+
+def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def disk_full(tensors, path, metadata=None):
+        pathlib.Path(path).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lorax_lite.peft.save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        ll.to_peft(tmp_path, lora_tree(ll.LoraConfig(rank=1, targets="query")), CONFIG, NAMES)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file
+    assert_trees_equal(ll.from_peft(tmp_path, base_params(), NAMES), lora_tree())
