@@ -8,28 +8,43 @@
 
 Base and merged parameters are safetensors files whose keys are the ``/``-joined
 leaf paths (``params/encoder/layer_0/attention/query/kernel``).
+
+No command writes over one of its inputs, and every output file is written to a
+temporary file beside it and renamed into place, so an interrupted command leaves
+the old file or the new one. An unreadable or invalid input ends the command with
+one line ``lorax-lite: error: ...`` on stderr and exit status 2 (as argparse's own
+usage errors).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .checkpoint import adapter_metadata, load_adapter
+from .checkpoint import _adapter_location, adapter_metadata, load_adapter, path_conflicts
 from .config import LoraConfig
 from .params import merge
 from .peft import CONFIG_NAME, WEIGHTS_NAME, default_name_map, to_peft
 from .targets import named_leaves, unflatten
 
+# The errors of bad inputs (files that are missing, unreadable, corrupted or invalid):
+# reported in one line. Anything else is a bug and keeps its traceback.
+INPUT_ERRORS = (ValueError, TypeError, OSError, SafetensorError)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 on success, 1 on an error).
+    """Runs the command line; returns the exit status (0 on success, 2 on an error).
 
     Args:
         argv: the arguments after the program name (``sys.argv[1:]`` by default).
@@ -40,10 +55,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"lorax-lite {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except INPUT_ERRORS as err:
+        print(f"lorax-lite: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a list of problems joined with ``; ``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [repr(err)]
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +110,7 @@ def inspect_command(args: argparse.Namespace) -> None:
         _inspect_peft(path)
         return
     info = adapter_metadata(path)
+    path = _adapter_location(path.absolute())
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     print(f"adapter checkpoint {path} (format {info['format_version']}; saved with {versions})")
     print("config: " + json.dumps(info["config"], sort_keys=True))
@@ -116,11 +141,11 @@ def inspect_command(args: argparse.Namespace) -> None:
 
 
 def _inspect_peft(path: pathlib.Path) -> None:
-    config = json.loads((path / CONFIG_NAME).read_text())
+    config = _read_json(path / CONFIG_NAME, "a PEFT adapter_config.json", dict)
     keys = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias")
     print(f"PEFT adapter {path}: " + ", ".join(f"{k}={config.get(k)!r}" for k in keys))
     print(f"target_modules: {config.get('target_modules')}")
-    tensors = load_file(path / WEIGHTS_NAME)
+    tensors = _read_safetensors(path / WEIGHTS_NAME)
     rows = [("tensor", "shape", "dtype")]
     rows += [(k, str(v.shape), str(v.dtype)) for k, v in sorted(tensors.items())]
     print(_table(rows))
@@ -134,28 +159,94 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def merge_command(args: argparse.Namespace) -> None:
     """Loads the base, puts the adapter on it, and writes ``w + scale * A @ B``."""
-    params = unflatten(load_file(args.base))
-    tree = load_adapter(args.adapter, params, check_base=not args.no_check_base)
+    _refuse_overwriting_inputs(args.out, {"--base": args.base, "--adapter": args.adapter})
+    flat = _read_safetensors(args.base)
+    conflicts = path_conflicts(list(flat))
+    if conflicts:
+        raise ValueError(f"{args.base}: the tensor names are not leaf paths: {conflicts}")
+    tree = load_adapter(args.adapter, unflatten(flat), check_base=not args.no_check_base)
     merged = {path: np.asarray(x) for path, x in named_leaves(merge(tree))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(merged, args.out)
+    _write_atomically(args.out, lambda tmp: save_file(merged, tmp))
     print(f"wrote {len(merged)} merged tensors to {args.out}")
 
 
 def export_command(args: argparse.Namespace) -> None:
     """Reads the adapter alone (no base needed) and writes it with `to_peft`."""
+    inputs = {"--adapter": args.adapter}
+    if args.name_map is not None:
+        inputs["--name-map"] = args.name_map
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        _refuse_overwriting_inputs(args.out / name, inputs)
     info = adapter_metadata(args.adapter)
     name_map = default_name_map
     if args.name_map is not None:
-        name_map = json.loads(args.name_map.read_text())
-    to_peft(
-        args.out,
-        load_adapter(args.adapter),
-        LoraConfig.from_dict(info["config"]),
-        name_map,
-        base_model_name_or_path=args.base_model,
-    )
+        name_map = _read_json(args.name_map, "a name map {path: module name}", dict)
+        bad = {k: v for k, v in name_map.items() if not isinstance(v, str)}
+        if bad:
+            raise ValueError(f"{args.name_map}: module names must be strings, found {bad}")
+    tree = load_adapter(args.adapter)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"the output {args.out} is a file; name a directory")
+    args.out.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(dir=args.out, prefix=".lorax-lite-export-"))
+    try:
+        to_peft(
+            staging,
+            tree,
+            LoraConfig.from_dict(info["config"]),
+            name_map,
+            base_model_name_or_path=args.base_model,
+        )
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(staging / name, args.out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {args.out / CONFIG_NAME} and {args.out / WEIGHTS_NAME}")
+
+
+def _refuse_overwriting_inputs(out: pathlib.Path, inputs: dict[str, pathlib.Path]) -> None:
+    """Raises if the output file ``out`` is one of ``inputs``, is inside an input directory
+    or contains one (symbolic links resolved, hard links compared by inode)."""
+    target = out.resolve()
+    for flag, path in inputs.items():
+        source = path.resolve()
+        same = target == source or (out.exists() and path.exists() and os.path.samefile(out, path))
+        if same or source in target.parents or target in source.parents:
+            raise ValueError(
+                f"the output {out} would overwrite the input {flag} {path}; write it elsewhere"
+            )
+
+
+def _write_atomically(out: pathlib.Path, write: Callable[[str], None]) -> None:
+    """Calls ``write`` on a temporary file beside ``out``, then renames it to ``out``."""
+    if out.is_dir():
+        raise ValueError(f"the output {out} is a directory; name a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {path} as a safetensors file: {err}") from err
+
+
+def _read_json(path: pathlib.Path, what: str, kind: type) -> Any:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"cannot read {path} as {what}: {err}") from err
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} is not {what}: found a JSON {type(value).__name__}")
+    return value
 
 
 if __name__ == "__main__":

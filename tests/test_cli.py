@@ -1,6 +1,9 @@
 """The lorax-lite command line on a tiny adapter: inspect, merge, export-peft."""
 
 import json
+import os
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +75,7 @@ def test_merge_refuses_another_base_unless_told(files, capsys):
     save_file(dict(named_leaves(base_params(seed=1))), tmp_path / "other.safetensors")
     args = ["merge", "--base", str(tmp_path / "other.safetensors")]
     args += ["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "m.safetensors")]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert "params/attn/query/kernel: the base weights differ" in err
     assert not (tmp_path / "m.safetensors").exists()
@@ -110,8 +113,221 @@ def test_export_peft_default_name_map(files):
     assert config["modules_to_save"] == ["head"]
 
 
-def test_errors_exit_1_with_a_message(tmp_path, capsys):
-    assert main(["inspect", str(tmp_path / "missing")]) == 1
-    assert "lorax-lite inspect: error: No adapter checkpoint" in capsys.readouterr().err
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.startswith("lorax-lite: error: No adapter checkpoint")
     with pytest.raises(SystemExit):
         main(["merge", "--base", "b"])  # argparse: missing required arguments
+
+
+# No output over an input; outputs written atomically.
+
+
+def _merge_args(tmp_path, out, base=None):
+    base = tmp_path / "base.safetensors" if base is None else base
+    return ["merge", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+
+
+def _snapshot(directory):
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("alias", ["same path", "relative detour", "symlink", "hard link"])
+def test_merge_never_writes_over_its_base(files, capsys, alias):
+    tmp_path, _ = files
+    base = tmp_path / "base.safetensors"
+    out = {"same path": base, "relative detour": tmp_path / "adapter" / ".." / base.name}.get(alias)
+    if alias == "symlink":
+        out = tmp_path / "link.safetensors"
+        out.symlink_to(base)
+    elif alias == "hard link":
+        out = tmp_path / "hard.safetensors"
+        os.link(base, out)
+    before = _snapshot(tmp_path)
+    assert main(_merge_args(tmp_path, out)) == 2
+    err = capsys.readouterr().err
+    expected = f"the output {out} would overwrite the input --base {base}; write it elsewhere"
+    assert err == f"lorax-lite: error: {expected}\n"
+    assert _snapshot(tmp_path) == before
+
+
+def test_merge_never_writes_into_its_adapter(files, capsys):
+    tmp_path, tree = files
+    before = _snapshot(tmp_path)
+    assert main(_merge_args(tmp_path, tmp_path / "adapter" / "merged.safetensors")) == 2
+    assert "would overwrite the input --adapter" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", base_params()), tree)
+
+
+@pytest.mark.parametrize("out", ["adapter", "adapter/adapter", "names"])
+def test_export_never_writes_over_its_inputs(files, capsys, out):
+    tmp_path, _ = files
+    names = tmp_path / ("names" if out != "names" else "names/adapter_config.json")
+    names.parent.mkdir(exist_ok=True)
+    names.write_text(json.dumps({"params/attn/query": "q"})) if out == "names" else None
+    args = ["export-peft", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / out)]
+    args += ["--name-map", str(names)] if out == "names" else []
+    before = _snapshot(tmp_path)
+    assert main(args) == 2
+    assert "would overwrite the input --" in capsys.readouterr().err
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_interrupted_merge_keeps_the_old_output(files, capsys, monkeypatch):
+    tmp_path, _ = files
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"the previous merge")
+
+    def write_half_then_fail(tensors, filename):
+        pathlib.Path(filename).write_bytes(b"half a merge")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("lorax_lite.cli.save_file", write_half_then_fail)
+    assert main(_merge_args(tmp_path, out)) == 2
+    assert capsys.readouterr().err == "lorax-lite: error: No space left on device\n"
+    assert out.read_bytes() == b"the previous merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base.safetensors", out.name]
+
+
+def test_an_interrupted_export_keeps_the_old_export(files, capsys, monkeypatch):
+    tmp_path, _ = files
+    args = ["export-peft", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "p")]
+    assert main(args) == 0
+    before = _snapshot(tmp_path / "p")
+
+    def write_then_fail(directory, *args, **kwargs):
+        (pathlib.Path(directory) / "adapter_model.safetensors").write_bytes(b"half an export")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("lorax_lite.cli.to_peft", write_then_fail)
+    assert main(args) == 2
+    assert capsys.readouterr().err == "lorax-lite: error: No space left on device\n"
+    assert _snapshot(tmp_path / "p") == before
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == sorted(
+        ["adapter_config.json", "adapter_model.safetensors"]
+    )
+
+
+# Every bad input: one line on stderr, exit status 2, never a traceback.
+
+
+def _garbage(path):
+    path.write_bytes(b"\xff\xfe not what it should be " * 4)
+
+
+def _corrupt_metadata_field(path):
+    meta = path / "metadata" / "metadata"
+    info = json.loads(meta.read_text())
+    info["adapters"][0]["rank"] = "two"
+    meta.write_text(json.dumps(info))
+
+
+def _truncate_arrays(path):
+    for f in (path / "adapter").rglob("*"):
+        if f.is_file() and "/d/" in str(f):
+            f.write_bytes(f.read_bytes()[:10])
+
+
+def _peft_dir(tmp_path):
+    args = ["export-peft", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "p")]
+    assert main(args) == 0
+    return tmp_path / "p"
+
+
+def _conflicting_base(path):
+    flat = dict(named_leaves(base_params()))
+    save_file({**flat, "params/attn": np.zeros(2, np.float32)}, path)
+
+
+BAD_INPUTS = {
+    # command: [(what is broken, how to break it, expected message)]
+    "inspect": [
+        ("missing", lambda t: None, "No adapter checkpoint at"),
+        ("a file", lambda t: _garbage(t / "target"), "is not a lorax_lite adapter checkpoint"),
+        ("metadata not JSON", lambda t: _garbage(t / "adapter/metadata/metadata"), "Cannot read"),
+        ("metadata field", lambda t: _corrupt_metadata_field(t / "adapter"), "adapters[0].rank"),
+        ("PEFT config not JSON", lambda t: _garbage(_peft_dir(t) / "adapter_config.json"), ""),
+        (
+            "PEFT config a list",
+            lambda t: (_peft_dir(t) / "adapter_config.json").write_text("[]"),
+            "",
+        ),
+        (
+            "PEFT weights garbage",
+            lambda t: _garbage(_peft_dir(t) / "adapter_model.safetensors"),
+            "",
+        ),
+        (
+            "PEFT weights missing",
+            lambda t: (_peft_dir(t) / "adapter_model.safetensors").unlink(),
+            "",
+        ),
+    ],
+    "merge": [
+        ("base garbage", lambda t: _garbage(t / "base.safetensors"), "as a safetensors file"),
+        ("base empty", lambda t: (t / "base.safetensors").write_bytes(b""), "as a safetensors"),
+        ("base missing", lambda t: (t / "base.safetensors").unlink(), "as a safetensors file"),
+        (
+            "base a directory",
+            lambda t: ((t / "base.safetensors").unlink(), (t / "base.safetensors").mkdir()),
+            "",
+        ),
+        (
+            "base conflicting names",
+            lambda t: _conflicting_base(t / "base.safetensors"),
+            "'params/attn' is a leaf",
+        ),
+        ("adapter arrays truncated", lambda t: _truncate_arrays(t / "adapter"), "truncated"),
+        (
+            "adapter metadata field",
+            lambda t: _corrupt_metadata_field(t / "adapter"),
+            "adapters[0].rank",
+        ),
+        ("out a directory", lambda t: (t / "merged.safetensors").mkdir(), "is a directory"),
+    ],
+    "export-peft": [
+        ("adapter missing", lambda t: shutil.rmtree(t / "adapter"), "No adapter checkpoint"),
+        (
+            "adapter metadata field",
+            lambda t: _corrupt_metadata_field(t / "adapter"),
+            "adapters[0].rank",
+        ),
+        ("name map not JSON", lambda t: _garbage(t / "names.json"), "as a name map"),
+        ("name map a list", lambda t: (t / "names.json").write_text("[1]"), "found a JSON list"),
+        (
+            "name map numbers",
+            lambda t: (t / "names.json").write_text('{"params/attn/query": 1}'),
+            "",
+        ),
+        ("name map missing", lambda t: None, "as a name map"),
+        ("out a file", lambda t: _garbage(t / "peft"), "is a file; name a directory"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "command, broken, message",
+    [(c, b, m) for c, cases in BAD_INPUTS.items() for b, _, m in cases],
+    ids=[f"{c}: {b}" for c, cases in BAD_INPUTS.items() for b, _, _ in cases],
+)
+def test_bad_inputs_give_one_line_and_exit_2(files, capsys, command, broken, message):
+    tmp_path, _ = files
+    dict((b, f) for b, f, _ in BAD_INPUTS[command])[broken](tmp_path)
+    capsys.readouterr()
+    if command == "inspect":
+        target = {"missing": "nowhere", "a file": "target"}.get(broken, "adapter")
+        args = ["inspect", str(tmp_path / ("p" if broken.startswith("PEFT") else target))]
+    elif command == "merge":
+        args = _merge_args(tmp_path, tmp_path / "merged.safetensors")
+    else:
+        args = ["export-peft", "--adapter", str(tmp_path / "adapter")]
+        args += ["--out", str(tmp_path / "peft"), "--name-map", str(tmp_path / "names.json")]
+        if not (tmp_path / "names.json").exists() and broken != "name map missing":
+            names = {"params/attn/query": "q", "params/attn/value": "v", "params/head": "head"}
+            (tmp_path / "names.json").write_text(json.dumps(names))
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("lorax-lite: error: ")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert message in captured.err
