@@ -19,6 +19,7 @@ from .targets import (
     is_bias,
     module_of,
     named_leaves,
+    path_str,
     pattern_matches,
     to_predicate,
 )
@@ -286,13 +287,18 @@ def combine(*trees: Any) -> Any:
 
 
 def merge(
-    tree: Any, *, check: bool = False, probe: tuple[Callable, Sequence[Any]] | None = None
+    tree: Any,
+    *,
+    check: bool = False,
+    probe: tuple[Callable, Sequence[Any]] | None = None,
+    requantize: bool = False,
 ) -> Any:
     """The plain parameter tree ``w + scale * A @ B``, with the original structure and dtypes.
 
     Each merged weight is accumulated in float32 and cast to its base dtype;
-    `Trainable` leaves are unwrapped. The checks need concrete arrays (call them
-    outside ``jax.jit``).
+    `Trainable` leaves are unwrapped. A quantized base is dequantized first, and the
+    result is a float model unless ``requantize``. The checks need concrete arrays
+    (call them outside ``jax.jit``).
 
     Args:
         tree: a LoRA tree from `init` (or `combine`).
@@ -300,6 +306,10 @@ def merge(
         probe: ``(fn, args)``: compare ``fn(merged, *args)`` with the unmerged
             ``lora(fn)(tree, *args)``; the largest absolute deviation is logged at INFO
             level on the ``"lorax_lite"`` logger.
+        requantize: quantize each merged weight whose base was quantized again, with
+            its kind, block and axis (plain quantized leaves stay as they are); the
+            largest error this adds, relative to the weight's largest magnitude, is
+            logged at INFO level on the ``"lorax_lite"`` logger.
 
     Returns:
         The merged parameter tree.
@@ -314,14 +324,30 @@ def merge(
         [[1.5, 1.5], [1.5, 1.5]]
     """
 
-    def unwrap(node):
+    added = {}
+
+    def unwrap(key_path, node):
+        if isinstance(node, LoraWeight) and requantize and _is_quantized(node.w):
+            dense, q = node.materialize(), node.w
+            again = quantize_array(dense, kind=q.kind, block=q.block, axis=q.axis)
+            added[path_str(key_path)] = _relative_error(again.dequantize(), dense)
+            return again
         if isinstance(node, LoraWeight):
             return node.materialize()
         if _is_quantized(node):
-            return node.dequantize()
+            return node if requantize else node.dequantize()
         return node.value if isinstance(node, Trainable) else node
 
-    merged = jax.tree_util.tree_map(unwrap, tree, is_leaf=_is_node)
+    merged = jax.tree_util.tree_map_with_path(unwrap, tree, is_leaf=_is_node)
+    if added:
+        worst = max(added, key=added.get)
+        logging.getLogger("lorax_lite").info(
+            "merge: re-quantized %d weights; largest added error %.3g of the weight's "
+            "largest magnitude (%s)",
+            len(added),
+            added[worst],
+            worst,
+        )
     if check:
         bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _all_finite(x)]
         if bad:
@@ -329,6 +355,11 @@ def merge(
     if probe is not None:
         _probe_deviation(tree, merged, *probe)
     return merged
+
+
+def _relative_error(approx: jax.Array, exact: jax.Array) -> float:
+    exact = np.asarray(exact, np.float64)
+    return float(np.abs(np.asarray(approx, np.float64) - exact).max() / np.abs(exact).max())
 
 
 def _is_float(x: Any) -> bool:

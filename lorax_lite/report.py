@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import numpy as np
 
 from .params import count
+from .quant import QuantizedWeight
 from .targets import named_leaves
 from .weight import LoraWeight, Trainable, is_lora_node
 
@@ -22,7 +24,9 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
     Returns:
         The text; its first line reads (for float32 parameters)
         ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330
-        (trainable 4.8 KiB of 22.2 KiB)``.
+        (trainable 4.8 KiB of 22.2 KiB)``, bytes as stored. A tree with a quantized
+        base adds a line ``quantized base: 3 weights (nf4), 2.3 KiB stored, 8.0 KiB
+        dequantized``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -37,6 +41,17 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
         f"trainable%: {percent:.4f} (trainable {_bytes(c['trainable_bytes'])} "
         f"of {_bytes(c['total_bytes'])})"
     ]
+    quantized = [
+        x for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized) if _is_quantized(x)
+    ]
+    if quantized:
+        kinds = ", ".join(sorted({q.kind for q in quantized}))
+        stored = sum(q.nbytes for q in quantized)
+        dense = sum(int(np.prod(q.shape)) * q.dtype.itemsize for q in quantized)
+        lines.append(
+            f"quantized base: {len(quantized)} weights ({kinds}), {_bytes(stored)} stored, "
+            f"{_bytes(dense)} dequantized"
+        )
     if per_leaf:
         rows = [("path", "shape", "axes (A: stack,in,r; B: stack,r,out)", "rank", "trainable")]
         for path, node in named_leaves(tree, is_leaf=is_lora_node):
@@ -45,6 +60,10 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight)
 
 
 def _leaf_row(node: LoraWeight | Trainable) -> tuple[str, str, str, str]:

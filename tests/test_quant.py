@@ -1,6 +1,8 @@
 """Quantized frozen bases (QLoRA): codes, error bounds, GGUF blocks, and `lora` over them
 against a float64 reference."""
 
+import re
+
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
@@ -154,7 +156,9 @@ def _args(spec):
 def _lora_node(shape, layout, seed=1):
     a_shape, b_shape = layout.factor_shapes(shape, 4)
     w = heavy_tailed(shape, seed) * 0.2
-    return ll.LoraWeight(w, normal(a_shape, seed + 1, 0.3), normal(b_shape, seed + 2, 0.3), 0.5, layout)
+    return ll.LoraWeight(
+        w, normal(a_shape, seed + 1, 0.3), normal(b_shape, seed + 2, 0.3), 0.5, layout
+    )
 
 
 def _reference64(fn, node, args, cot):
@@ -296,3 +300,22 @@ def test_bad_input_names_every_leaf():
         ll.quantize(once, kind="int8", block=32)
     with pytest.raises(ValueError, match="block must be even"):
         quantize_array(normal((9, 2)), kind="int4", block=3, axis=0)
+
+
+def test_merge_requantized_reports_the_error_it_adds(caplog):
+    tree = ll.quantize({"w": _lora_node((64, 16), ll.Layout.dense())}, kind="int8", block=32)
+    dense = ll.merge(tree)["w"]
+    with caplog.at_level("INFO", logger="lorax_lite"):
+        again = ll.merge(tree, requantize=True)["w"]
+    assert isinstance(again, ll.QuantizedWeight) and (again.kind, again.block) == ("int8", 32)
+    error = np.abs(np.asarray(again.dequantize()) - np.asarray(dense)).max()
+    assert 0 < error <= _bound(dense, "int8", 32, -2).max() * (1 + 1e-5)
+    reported = float(re.search(r"largest added error ([0-9.e-]+)", caplog.text).group(1))
+    np.testing.assert_allclose(reported, error / np.abs(np.asarray(dense)).max(), rtol=1e-2)
+
+
+def test_summary_shows_stored_and_dequantized_base_bytes():
+    tree = {"w": _lora_node((64, 16), ll.Layout.dense()), "table": normal((8, 64))}
+    text = ll.summary(ll.quantize(tree, kind="nf4", block=64, also="table"))
+    # codes: 64*16/2 + 8*64/2 bytes, scales: (16 + 8) float32
+    assert "quantized base: 2 weights (nf4), 864 B stored, 6.0 KiB dequantized" in text
