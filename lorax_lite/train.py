@@ -64,7 +64,7 @@ class TrainStep(NamedTuple):
 
     ``step(state, batch) -> (state, metrics)`` runs one compiled update; ``metrics``
     holds ``"loss"``, ``"grad_norm"``, ``"nonfinite"`` (a bool: the loss or a gradient
-    held NaN or inf), ``"skipped"`` (a bool: so the update was not applied) and the loss
+    held NaN or inf), ``"skipped"`` (a bool: the update was not applied) and the loss
     function's aux, if any, as device arrays, so reading them is the only host
     synchronisation.
     ``step.lower(state, batch)`` lowers the compiled update without running it.
