@@ -22,6 +22,7 @@ from .peft import from_peft as from_peft
 from .peft import to_peft as to_peft
 from .quant import QuantizedWeight as QuantizedWeight
 from .report import summary as summary
+from .train import NonFiniteError as NonFiniteError
 from .train import TrainState as TrainState
 from .train import TrainStep as TrainStep
 from .train import cast_base as cast_base
@@ -49,6 +50,7 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "MaterializationError",
+    "NonFiniteError",
     "QuantizedWeight",
     "UnsupportedEquationError",
     "TrainCheckpointer",
