@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from .checkpoint import base_of
 from .config import LoraConfig
+from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
@@ -304,7 +305,7 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     peft_config = read_peft_config(directory / CONFIG_NAME)
     tensors = _load_tensors(directory / WEIGHTS_NAME)
     params = base_of(params)
-    base = dict(named_leaves(params))
+    base = dict(named_leaves(params, is_leaf=is_quantized))
     leaves_of, problems = _leaves_by_module(base, resolve_name_map(name_map))
     built, tensor_problems = _read_tensors(tensors, peft_config, base, leaves_of)
     problems += tensor_problems
@@ -317,7 +318,7 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     def rebuild(key_path, leaf):
         return built.get(path_str(key_path), leaf)
 
-    return jax.tree_util.tree_map_with_path(rebuild, params)
+    return jax.tree_util.tree_map_with_path(rebuild, params, is_leaf=is_quantized)
 
 
 # PEFT options that change what the weights mean; lorax_lite adapters are plain LoRA.

@@ -319,3 +319,25 @@ def test_summary_shows_stored_and_dequantized_base_bytes():
     text = ll.summary(ll.quantize(tree, kind="nf4", block=64, also="table"))
     # codes: 64*16/2 + 8*64/2 bytes, scales: (16 + 8) float32
     assert "quantized base: 2 weights (nf4), 864 B stored, 6.0 KiB dequantized" in text
+
+
+def test_peft_export_does_not_depend_on_the_base_storage(tmp_path):
+    """to_peft writes the same files over a quantized and a float base; from_peft reads
+    them onto the quantized base, which stays quantized."""
+    params = {"layer": {"query": {"kernel": heavy_tailed((64, 32))}}}
+    config = ll.LoraConfig(rank=4, targets="query")
+    tree = ll.init(params, config, key=jax.random.key(0))
+    tree["layer"]["query"]["kernel"] = _lora_node((64, 32), ll.Layout.dense())
+    quantized = ll.quantize(tree, kind="nf4", block=32)
+    names = lambda path: path.rsplit("/", 1)[0].replace("/", ".")
+    ll.to_peft(tmp_path / "q", quantized, config, names)
+    ll.to_peft(tmp_path / "f", tree, config, names)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "q" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+    base = {"layer": {"query": {"kernel": quantized["layer"]["query"]["kernel"].w}}}
+    back = ll.from_peft(tmp_path / "q", base, names)["layer"]["query"]["kernel"]
+    original = quantized["layer"]["query"]["kernel"]
+    assert isinstance(back.w, ll.QuantizedWeight)
+    np.testing.assert_array_equal(back.w.data, original.w.data)
+    x = normal((3, 64), 7)
+    _close(ll.lora(jnp.dot)(x, back), ll.lora(jnp.dot)(x, original), 1e-6)
