@@ -822,6 +822,10 @@ class TrainCheckpointer:
         save_interval_steps: `save` skips steps not divisible by this.
         async_save: write in a background thread; `wait` or `close` to finish.
 
+    Raises:
+        ValueError: if the metadata file of a saved step in ``directory`` is corrupted
+            (orbax reads them all when it opens the directory).
+
     Example:
         >>> with TrainCheckpointer("/tmp/run/ckpt", max_to_keep=3) as ckpt:  # doctest: +SKIP
         ...     if ckpt.latest_step() is not None:
@@ -844,15 +848,24 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = pathlib.Path(directory).absolute()
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=options,
-            # Handlers known up front, so a fresh process reads a step's metadata.
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-            },
-        )
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                # Handlers known up front, so a fresh process reads a step's metadata.
+                item_handlers={
+                    "state": ocp.StandardCheckpointHandler(),
+                    "data": ocp.JsonCheckpointHandler(),
+                },
+            )
+        except OSError:
+            raise
+        except Exception as err:  # orbax reads every step's metadata file here
+            raise ValueError(
+                f"Cannot open the training checkpoints in {self.directory}: the metadata of a "
+                f"step (its _CHECKPOINT_METADATA file) is corrupted ({type(err).__name__}: "
+                f"{err}). Move the broken step directory aside to use the others."
+            ) from err
 
     def save(
         self, step: int, state: Any, *, data: Mapping[str, Any] | None = None, force: bool = False

@@ -597,3 +597,14 @@ def test_edited_training_data_raises(tmp_path):
     with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
         with pytest.raises(ValueError, match="data of step 1 does not match the checksum"):
             ckpt.restore(worker.init_state())
+
+
+def test_a_corrupted_step_metadata_file_raises_naming_the_directory(tmp_path):
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, {"a": jnp.zeros(3)})
+    meta_file = tmp_path / "ckpt" / "1" / "_CHECKPOINT_METADATA"
+    edited = {**json.loads(meta_file.read_text()), "performance_metrics": {"": 0.0}}
+    meta_file.write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="_CHECKPOINT_METADATA file\\) is corrupted") as err:
+        TrainCheckpointer(tmp_path / "ckpt")
+    assert str(tmp_path / "ckpt") in str(err.value)
