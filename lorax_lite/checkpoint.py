@@ -472,7 +472,7 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
     if not _is_int(rank, 1):
         problems.append(f"{field}.rank: expected an int >= 1, found {_shown(rank)}")
     scale, dropout = entry.get("scale", _MISSING), entry.get("dropout", _MISSING)
-    if not _is_real(scale) or not math.isfinite(scale):
+    if not _is_finite(scale):
         problems.append(f"{field}.scale: expected a finite number, found {_shown(scale)}")
     if not _is_real(dropout) or not 0 <= dropout < 1:
         problems.append(f"{field}.dropout: expected a number in [0, 1), found {_shown(dropout)}")
@@ -572,6 +572,14 @@ def _is_int(value: Any, minimum: int) -> bool:
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    """A number that is a finite float (JSON integers are unbounded: 10**400 is not)."""
+    try:
+        return _is_real(value) and math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _is_shape(value: Any) -> bool:

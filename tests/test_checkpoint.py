@@ -517,6 +517,7 @@ def _delete(*keys):
         (_delete("adapters", 0, "layout"), "adapters[0].layout: expected one role of"),
         (_set("adapters", 1, "layout", value=["in", "out", "up"]), "found ['in', 'out', 'up']"),
         (_set("adapters", 0, "scale", value=None), "adapters[0].scale: expected a finite number"),
+        (_set("adapters", 0, "scale", value=10**400), "adapters[0].scale: expected a finite n"),
         (_set("adapters", 0, "dropout", value=1.5), "adapters[0].dropout: expected a number in"),
         (_set("adapters", 0, "a", "dtype", value="int8"), "adapters[0].a.dtype: expected a floa"),
         (_set("adapters", 0, "b", "shape", value=[2, 7]), "adapters[0].b.shape: expected [2, 6]"),
