@@ -24,6 +24,7 @@ import optax
 
 from .checkpoint import content_hash
 from .params import combine
+from .quant import QuantizedWeight, quantize_array
 from .targets import path_str
 from .train import TrainState, TrainStep, train_step
 from .transform import lora
@@ -33,7 +34,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _is_node(x: Any) -> bool:
-    return x is None or is_lora_node(x)
+    """`LoraWeight`, `Trainable`, ``None`` holes and `QuantizedWeight` (one frozen leaf)."""
+    return x is None or is_lora_node(x) or isinstance(x, QuantizedWeight)
 
 
 def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
@@ -55,7 +57,9 @@ class AdapterSet:
     there. Where their scales differ, the set keeps each adapter's own scale and
     applies it on selection. A set is a pytree: pass it to a jitted function and
     select with an index array, and switching adapters of the same shapes does not
-    recompile.
+    recompile. The base may be quantized (`ll.quantize`): each `QuantizedWeight` is one
+    shared frozen leaf, kept quantized, and the adapters' bases are compared by its
+    kind, block and stored arrays.
 
     Attributes:
         frozen: the shared base: ``LoraWeight(w, None, None)`` at adapted leaves,
@@ -93,6 +97,9 @@ class AdapterSet:
                 every tree is a partition (no base weights), and to know the base values
                 of leaves trained in full (for the base model, ``-1``, and combinations);
                 otherwise the base weights are taken from the first tree that has them.
+                Over a quantized base (`ll.quantize`), ``base`` may hold the float
+                weights: each is quantized like the adapters' and must give the same
+                codes and scales (the set keeps the adapters' `QuantizedWeight`).
 
         Returns:
             The set, adapters in the mapping's order.
@@ -100,7 +107,8 @@ class AdapterSet:
         Raises:
             ValueError: naming every problem: no adapters, structures that differ,
                 layouts or shapes that disagree, leaves trained in full in some
-                adapters only, base weights missing.
+                adapters only, base weights missing or different (another shape,
+                dtype, quantization or content).
         """
         if not adapters:
             raise ValueError("AdapterSet.from_trees: no adapters given")
@@ -366,7 +374,9 @@ def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
             problems.append(f"base: structure differs at {sorted(set(base_paths) ^ set(paths))}")
     if problems:
         raise ValueError("AdapterSet:\n  " + "\n  ".join(problems))
-    problems = _base_problems(paths, [(name, nodes) for name, _, nodes, _ in flat], base_nodes)
+    by_name = [(name, nodes) for name, _, nodes, _ in flat]
+    base_nodes = _quantized_like_adapters(paths, by_name, base_nodes)
+    problems = _base_problems(paths, by_name, base_nodes)
     if problems:
         raise ValueError(
             "AdapterSet: the adapters were not made from the same base:\n  " + "\n  ".join(problems)
@@ -393,17 +403,43 @@ def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
     )
 
 
+def _quantized_like_adapters(
+    paths: list[str], adapters: list[tuple[str, list]], base: list
+) -> list[Any]:
+    """``base`` with each float weight the adapters hold quantized replaced by their
+    `QuantizedWeight` where it quantizes to the same codes and scales (else by its own
+    quantization, which `_base_problems` then reports as different values)."""
+    out = list(base)
+    for k, path in enumerate(paths):
+        held = (_weight(nodes[k]) for _, nodes in adapters)
+        ours = next((x for x in held if isinstance(x, QuantizedWeight)), None)
+        x = base[k]
+        if ours is None or x is None or is_lora_node(x) or isinstance(x, QuantizedWeight):
+            continue
+        try:
+            again = quantize_array(x, kind=ours.kind, block=ours.block, axis=ours.axis, path=path)
+        except (TypeError, ValueError):
+            continue  # another shape or dtype: `_base_problems` names it
+        out[k] = ours if _mismatch(again, ours) is None else again
+    return out
+
+
+def _weight(node: Any) -> Any:
+    """A node's base weight: ``w`` of a `LoraWeight`, the node itself otherwise."""
+    return node.w if isinstance(node, LoraWeight) else node
+
+
 def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: list) -> list[str]:
     """Every leaf where an adapter's base weight differs from ``base``'s or the first one's.
 
-    Weights are compared by shape, dtype and `content_hash` (a strided sample), so a
-    large base is never read whole.
+    Weights are compared by shape, dtype, quantization (kind, block, axis) and the
+    `content_hash` (a strided sample) of every stored array, so a large base is never
+    read whole.
     """
     problems = []
     for k, path in enumerate(paths):
         # Values trained in full are the adapter's own, not the base: skip them.
-        weight = lambda x: x.w if isinstance(x, LoraWeight) else x
-        seen = [("base", base[k])] + [(name, weight(nodes[k])) for name, nodes in adapters]
+        seen = [("base", base[k])] + [(name, _weight(nodes[k])) for name, nodes in adapters]
         seen = [(who, x) for who, x in seen if x is not None and not is_lora_node(x)]
         if not seen:
             continue
@@ -418,13 +454,27 @@ def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: lis
 
 
 def _mismatch(x: Any, ref: Any) -> str | None:
-    """How array ``x`` differs from ``ref`` (shape and dtype, then a content hash), or None."""
+    """How weight ``x`` differs from ``ref`` (shape, dtype and storage, then a content
+    hash of every stored array), or None."""
     if x is ref:
         return None
-    got, want = (np.shape(x), jnp.result_type(x)), (np.shape(ref), jnp.result_type(ref))
+    got, want = _storage(x), _storage(ref)
     if got != want:
-        return f"{got[0]} {got[1]} vs {want[0]} {want[1]}"
-    return None if content_hash(x) == content_hash(ref) else "same shape, different values"
+        return f"{got} vs {want}"
+    return None if _hashes(x) == _hashes(ref) else "same shape, different values"
+
+
+def _storage(x: Any) -> str:
+    """Shape, dtype and, for a `QuantizedWeight`, its kind, block and blocked axis."""
+    text = f"{tuple(np.shape(x))} {jnp.dtype(x.dtype) if hasattr(x, 'dtype') else type(x)}"
+    if isinstance(x, QuantizedWeight):
+        text += f" quantized {x.kind} (block {x.block}, axis {x.axis})"
+    return text
+
+
+def _hashes(x: Any) -> list[str]:
+    """`content_hash` of an array, or of each array a `QuantizedWeight` stores."""
+    return [content_hash(leaf) for leaf in jax.tree_util.tree_leaves(x)]
 
 
 def _stack_node(path: str, column: list[Any], base_leaf: Any) -> tuple:
@@ -457,7 +507,7 @@ def _stack_lora(path: str, column: list[Any], loras: list[LoraWeight], base_leaf
     w = base_leaf
     for x in column:
         w = x.w if w is None and isinstance(x, LoraWeight) else w
-        w = x if w is None and isinstance(x, jax.Array | np.ndarray) else w
+        w = x if w is None and isinstance(x, jax.Array | np.ndarray | QuantizedWeight) else w
     if len(layouts) > 1 or w is None:
         why = f"layouts differ: {layouts}" if w is not None else "no base weight (pass base=)"
         return None, None, None, None, [f"{path}: {why}"]
@@ -771,6 +821,7 @@ def vmap_train_step(
     donate: bool = True,
     accum_steps: int = 1,
     remat: bool = False,
+    skip_nonfinite: bool = True,
 ) -> TrainStep:
     """All adapters of a set trained at once, side by side, over one frozen base.
 
@@ -788,6 +839,9 @@ def vmap_train_step(
         donate: donate the stacked state (not the base) to the update.
         accum_steps: as for `ll.train_step`.
         remat: as for `ll.train_step`.
+        skip_nonfinite: as for `ll.train_step`, per adapter: an adapter whose loss or
+            gradients are NaN or inf keeps its factors and optimizer state; the
+            others take their step.
 
     Returns:
         `TrainStep` ``(init, step)``: ``init(adapters, keys)`` takes an `AdapterSet`
@@ -798,9 +852,10 @@ def vmap_train_step(
         the trained factors back into the set.
 
     Raises:
-        ValueError: from ``init``, if the adapters' scales differ at a leaf (each
-            would need its own static scale), if any adapter is padded (training would
-            fill the padding), or the keys are not one per adapter.
+        ValueError: if ``accum_steps < 1``; from ``init``, if the adapters' scales differ
+            at a leaf (each would need its own static scale), if any adapter is padded
+            (training would fill the padding), or the keys are not one per adapter.
+        TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
         >>> init, step = vmap_train_step(loss_fn, optax.adam(1e-3))  # doctest: +SKIP
@@ -808,7 +863,14 @@ def vmap_train_step(
         >>> state, metrics = step(state, batch)  # metrics["loss"]: one per adapter
         ...                                                       # doctest: +SKIP
     """
-    single = train_step(loss_fn, tx, donate=False, accum_steps=accum_steps, remat=remat)
+    single = train_step(
+        loss_fn,
+        tx,
+        donate=False,
+        accum_steps=accum_steps,
+        remat=remat,
+        skip_nonfinite=skip_nonfinite,
+    )
 
     def init(adapters: AdapterSet, keys: jax.Array) -> TrainState:
         _check_trainable_set(adapters, keys)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .distributed import is_main_process
 from .optim import optimizer
 from .params import combine, partition
+from .quant import QuantizedWeight
 from .targets import named_leaves
 from .weight import LoraWeight, Trainable, is_lora_node
 
@@ -220,7 +221,8 @@ def sharded_train_step(
         data_axis: the mesh axis the batch is split over.
         base_sharding: ``"replicated"`` (each device holds the whole base) or
             ``"fsdp"`` (each leaf split along its largest axis divisible by the
-            number of devices, over all mesh axes: 1/N of the base per device).
+            number of devices, over all mesh axes: 1/N of the base per device; a
+            `QuantizedWeight` is split as one unit, see `place`).
         donate: as for `train_step`.
         accum_steps: as for `train_step`.
         remat: as for `train_step`.
@@ -532,7 +534,9 @@ def place(
         data_axis: the mesh axis the batch is split over.
         base_sharding: ``"replicated"`` or ``"fsdp"``: each frozen leaf split along its
             largest axis divisible by the number of mesh devices, over all mesh axes
-            (leaves with no such axis stay replicated).
+            (leaves with no such axis stay replicated). A `QuantizedWeight`'s codes,
+            scales and offsets are split along one and the same axis, never the
+            in-block one, so each device holds whole blocks with their scales.
 
     Returns:
         ``(state, batch)`` on the mesh: adapters, optimizer state, step and key replicated.
@@ -551,9 +555,10 @@ def place(
     base = (
         (lambda x: _fsdp_sharding(x, mesh)) if base_sharding == "fsdp" else (lambda x: replicated)
     )
+    is_quantized = lambda x: isinstance(x, QuantizedWeight)
     shardings = dataclasses.replace(
         jax.tree_util.tree_map(lambda x: replicated, state),
-        frozen=jax.tree_util.tree_map(base, state.frozen),
+        frozen=jax.tree_util.tree_map(base, state.frozen, is_leaf=is_quantized),
     )
     if jax.process_count() == 1:
         state = jax.device_put(state, shardings)
@@ -564,16 +569,33 @@ def place(
     return state, batch
 
 
-def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding:
-    """Split along the largest axis divisible by the mesh size, over all mesh axes."""
-    shape = np.shape(x)
-    divisible = [i for i in range(len(shape)) if shape[i] % mesh.size == 0]
+def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding | QuantizedWeight:
+    """Split along the largest axis divisible by the mesh size, over all mesh axes.
+
+    A `QuantizedWeight` gets a `QuantizedWeight` of shardings: its codes, scales and
+    offsets split along the same axis of ``data``, never the in-block axis (a block and
+    its scale stay on one device; the scales have size 1 there, so it could not split
+    them alike).
+    """
+    if isinstance(x, QuantizedWeight):
+        in_block = x.data.ndim + x.axis
+        spec = _fsdp_spec(x.data.shape, mesh, exclude=in_block)
+        sharding = NamedSharding(mesh, spec)
+        offsets = None if x.offsets is None else sharding
+        return dataclasses.replace(x, data=sharding, scales=sharding, offsets=offsets)
+    return NamedSharding(mesh, _fsdp_spec(np.shape(x), mesh))
+
+
+def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, *, exclude: int | None = None) -> PartitionSpec:
+    """The spec splitting the largest axis (not ``exclude``) the mesh size divides; ``P()``
+    if there is none."""
+    divisible = [i for i in range(len(shape)) if shape[i] % mesh.size == 0 and i != exclude]
     if not divisible:
-        return NamedSharding(mesh, PartitionSpec())
+        return PartitionSpec()
     axis = max(divisible, key=lambda i: shape[i])
     spec = [None] * len(shape)
     spec[axis] = tuple(mesh.axis_names)
-    return NamedSharding(mesh, PartitionSpec(*spec))
+    return PartitionSpec(*spec)
 
 
 def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
@@ -608,9 +630,11 @@ def cast_base(tree: Any, dtype: Any) -> Any:
     """The frozen base weights cast to ``dtype`` (e.g. ``jnp.bfloat16``); adapters untouched.
 
     Casts ``LoraWeight.w`` and plain float leaves; ``a``, ``b``, `Trainable` values and
-    integer leaves keep their dtype. Given a `TrainState`, casts its ``frozen`` part
-    only, so the optimizer state stays as it is. The model computes in whatever dtype
-    its operations promote to (a bf16 base against float32 activations gives float32).
+    integer leaves keep their dtype. A `QuantizedWeight` keeps its codes, scales and
+    offsets bit for bit: only the dtype it dequantizes to becomes ``dtype``. Given a
+    `TrainState`, casts its ``frozen`` part only, so the optimizer state stays as it
+    is. The model computes in whatever dtype its operations promote to (a bf16 base
+    against float32 activations gives float32).
 
     Args:
         tree: a LoRA tree, its frozen partition, or a `TrainState`.
@@ -628,6 +652,8 @@ def cast_base(tree: Any, dtype: Any) -> Any:
         return dataclasses.replace(tree, frozen=cast_base(tree.frozen, dtype))
 
     def cast_float(x: Any) -> Any:
+        if isinstance(x, QuantizedWeight):
+            return dataclasses.replace(x, dtype=np.dtype(dtype))
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
             return x.astype(dtype)
         return x
@@ -637,7 +663,8 @@ def cast_base(tree: Any, dtype: Any) -> Any:
             return dataclasses.replace(node, w=None if node.w is None else cast_float(node.w))
         return node if isinstance(node, Trainable) else cast_float(node)
 
-    return jax.tree_util.tree_map(cast, tree, is_leaf=is_lora_node)
+    is_node = lambda x: is_lora_node(x) or isinstance(x, QuantizedWeight)
+    return jax.tree_util.tree_map(cast, tree, is_leaf=is_node)
 
 
 def fit(

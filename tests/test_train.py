@@ -455,6 +455,25 @@ def test_vmap_train_step_skips_per_adapter():
     assert np.abs(after["hidden"]["kernel"].b[0] - before["hidden"]["kernel"].b[0]).max() > 0
 
 
+def test_vmap_train_step_without_skipping_applies_the_nonfinite_update():
+    """skip_nonfinite=False reaches every adapter's train_step: the poisoned one takes
+    the NaN update, the clean one its ordinary step."""
+    tree = lora_tree()
+    adapters = ll.AdapterSet.from_trees({"clean": tree, "poisoned": tree})
+    init, step = ll.vmap_train_step(
+        worker.loss_fn, optax.adam(3e-2), batch_axis=0, skip_nonfinite=False
+    )
+    state = init(adapters, jax.random.split(jax.random.key(1), 2))
+    batches = [np.stack(pair) for pair in zip(worker.batch(0), bad_batch(1))]
+    state, metrics = step(state, tuple(batches))
+    assert np.asarray(metrics["nonfinite"]).tolist() == [False, True]
+    assert np.asarray(metrics["skipped"]).tolist() == [False, False]
+    a = np.asarray(state.trainable["hidden"]["kernel"].a)
+    assert np.isfinite(a[0]).all() and np.isnan(a[1]).any()
+    with pytest.raises(TypeError, match="skip_nonfinite must be True or False"):
+        ll.vmap_train_step(worker.loss_fn, optax.adam(3e-2), skip_nonfinite="no")
+
+
 def test_fit_skips_nonfinite_steps_and_counts_them(caplog):
     init, step = ll.train_step(worker.loss_fn, optax.adam(3e-2))
     batches = [worker.batch(0), bad_batch(1), worker.batch(2), bad_batch(3), worker.batch(4)]
