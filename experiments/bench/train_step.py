@@ -14,6 +14,15 @@ Train variants (``--mode train``):
   full          full fine-tuning of the same model, ``optax.adamw`` on every parameter.
   materialized  the same LoRA computed the naive way: ``model.apply(ll.merge(tree))``.
   inline        a hand-written inline LoRA GPT (``x@W + s*(x@A)@B`` in Flax; the yardstick).
+  lora-bf16, lora-int8, lora-int4, lora-int4-asym, lora-nf4
+                ``lora`` over a frozen base stored otherwise: ``ll.cast_base(tree, bfloat16)``,
+                or ``ll.quantize(kind=..., block=--quant-block, also=--quantize-also)`` of the
+                block linears' ``w`` and (by default) the embeddings and head, dequantizing to
+                the compute dtype, with the rest (LayerNorms, biases) in bf16. ``lora`` is the
+                fp32 base (under the default ``--base-dtype``). With ``lora-bf16`` in the run, a
+                second table gives each base's bytes (``ll.count``) and step time over the bf16
+                base's, and each quantized worker first checks its loss against the same model
+                over the dequantized weights.
   peft, peft-eager, torch-full
                 torch + transformers GPT-2 (+ peft LoRA), torch.compile'd except
                 ``peft-eager``; skipped when torch, transformers or peft do not import.
@@ -24,6 +33,7 @@ Inference variants (``--mode inference``): ``base`` (the plain model), ``merged`
 Example:
     python -m experiments.bench.train_step --config small --batch 16 --seq 1024 --dtype bfloat16
     python -m experiments.bench.train_step --small --variants lora,full
+    python -m experiments.bench.train_step --small --variants lora,lora-bf16,lora-int4,lora-nf4
 """
 
 from __future__ import annotations
@@ -41,9 +51,19 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from experiments.outputs import write_outputs
 from experiments.provenance import command, git_commit, loadavg
 
-TRAIN_VARIANTS = ("lora", "full", "materialized", "inline", "peft", "peft-eager", "torch-full")
+BASE_STORAGE = ("bf16", "int8", "int4", "int4-asym", "nf4")  # ``lora-<storage>`` variants
+QUANT_REFERENCE = "lora-bf16"  # the quantized bases' byte and time ratios are over this one
+# ../shared/BENCHMARKS.md target 9, for the int4 and nf4 bases: bytes and step time over bf16's.
+QUANT_TARGETS = {"lora-int4": (0.3, 1.25), "lora-nf4": (0.3, 1.25)}
+# A quantized-base worker refuses to be timed if its first loss differs from the same model's
+# over the dequantized float base by more than this (relative): it would time a wrong step.
+LOSS_TOLERANCE = 1e-5
+TRAIN_VARIANTS = ("lora", "full", "materialized", "inline")
+TRAIN_VARIANTS += tuple(f"lora-{storage}" for storage in BASE_STORAGE)
+TRAIN_VARIANTS += ("peft", "peft-eager", "torch-full")
 INFERENCE_VARIANTS = ("base", "merged", "unmerged")
 TORCH_VARIANTS = ("peft", "peft-eager", "torch-full")
 REFERENCE = {"train": "lora", "inference": "base"}
@@ -73,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats (>1: paired)")
     p.add_argument("--dtype", default="auto", help="compute dtype; auto: bf16 on GPU, else f32")
     p.add_argument("--base-dtype", default="float32", help="dtype of the frozen base weights")
+    p.add_argument("--quant-block", type=int, default=64, help="lora-int*/nf4: entries per block")
+    p.add_argument(
+        "--quantize-also",
+        default="wte,wpe,lm_head",
+        help="lora-int*/nf4: frozen non-LoRA leaves to quantize too (comma-separated patterns "
+        "for ll.quantize's also=; '' for the LoRA bases only)",
+    )
     p.add_argument("--remat", action="store_true", help="activation checkpointing per block")
     p.add_argument(
         "--flat-tokens", action="store_true", help="linear layers see (batch*seq, d) inputs"
@@ -172,6 +199,63 @@ def _lora_tree(args: argparse.Namespace, model: Any, params: Any, tokens: Any) -
     return ll.init(params, config, key=jax.random.key(2), fn=model.apply, args=(tokens,))
 
 
+def store_base(
+    tree: Any,
+    storage: str,
+    *,
+    compute_dtype: str = "float32",
+    block: int = 64,
+    also: tuple[str, ...] = (),
+) -> Any:
+    """A LoRA tree with its frozen base stored as ``storage`` (one of `BASE_STORAGE`).
+
+    ``"bf16"``: ``ll.cast_base`` to bfloat16. A quantized kind: every LoRA base and
+    every frozen leaf matching ``also`` quantized from its ``compute_dtype`` cast, so
+    that it dequantizes straight to the dtype the model computes in (QLoRA's compute
+    dtype; no cast after dequantizing), and the remaining frozen floats (LayerNorms,
+    biases) in bfloat16, as in the ``"bf16"`` base. Adapters keep their dtype.
+    """
+    import jax.numpy as jnp
+
+    import lorax_lite as ll
+
+    if storage not in BASE_STORAGE:
+        raise ValueError(f"unknown base storage {storage!r}; choose from {list(BASE_STORAGE)}")
+    if storage == "bf16":
+        return ll.cast_base(tree, jnp.bfloat16)
+    tree = ll.cast_base(tree, compute_dtype)
+    return _rest_in_bf16(ll.quantize(tree, kind=storage, block=block, also=also))
+
+
+def _rest_in_bf16(tree: Any) -> Any:
+    """Casts the frozen float leaves that are not quantized to bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    import lorax_lite as ll
+
+    # Not ll.cast_base: it would make the quantized weights dequantize to bf16 too.
+    is_node = lambda x: isinstance(x, ll.LoraWeight | ll.Trainable | ll.QuantizedWeight)
+    floating = lambda x: not is_node(x) and jnp.issubdtype(x.dtype, jnp.floating)
+    cast = lambda x: x.astype(jnp.bfloat16) if floating(x) else x
+    return jax.tree_util.tree_map(cast, tree, is_leaf=is_node)
+
+
+def dequantized(tree: Any) -> Any:
+    """``tree`` with every `ll.QuantizedWeight` replaced by its float weights."""
+    import jax
+
+    import lorax_lite as ll
+
+    is_quantized = lambda x: isinstance(x, ll.QuantizedWeight)
+    undo = lambda x: x.dequantize() if is_quantized(x) else x
+    return jax.tree_util.tree_map(undo, tree, is_leaf=is_quantized)
+
+
+def _also(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(p for p in args.quantize_also.split(",") if p)
+
+
 def inline_from_lora(tree: Any) -> Any:
     """The inline-LoRA model's parameters (``kernel``, ``lora_a``, ``lora_b``) from a LoRA tree."""
     import lorax_lite as ll
@@ -239,6 +323,19 @@ def _train_parts(variant: str, args: argparse.Namespace) -> tuple[Callable, Any,
     if variant == "full":
         loss = loss_of(model.apply)
         return (lambda tr, fr, t: loss(tr, t)), params, {}, optax.adamw(args.lr)
+    if variant.startswith("lora-"):  # lora over a bf16 or quantized base
+        tree = _lora_tree(args, model, params, tokens)
+        tree = store_base(
+            tree, variant[5:], compute_dtype=config.dtype, block=args.quant_block, also=_also(args)
+        )
+        trainable, frozen = ll.partition(tree)
+        loss = loss_of(ll.lora(model.apply))
+        return (
+            lambda tr, fr, t: loss(ll.combine(tr, fr), t),
+            trainable,
+            frozen,
+            ll.optimizer(optax.adamw(args.lr)),
+        )
     if variant in ("lora", "materialized"):
         trainable, frozen = ll.partition(_lora_tree(args, model, params, tokens))
         if variant == "lora":
@@ -266,20 +363,45 @@ def _train_parts(variant: str, args: argparse.Namespace) -> tuple[Callable, Any,
     raise ValueError(f"unknown JAX train variant {variant!r}")
 
 
-def build_jax_train(variant: str, args: argparse.Namespace) -> Runner:
-    """The compiled train step of ``lora``, ``full``, ``materialized`` or ``inline``."""
+def _counts(variant: str, trainable: Any, frozen: Any) -> dict[str, int]:
+    """Trainable and total parameters, and the frozen base's bytes as stored."""
     import jax
+
+    import lorax_lite as ll
+
+    if variant in ("full", "inline"):  # plain dicts: the split is the partition itself
+        leaves = jax.tree_util.tree_leaves
+        size = lambda tree: int(sum(x.size for x in leaves(tree)))
+        base_bytes = int(sum(x.nbytes for x in leaves(frozen)))
+        return dict(n_trainable=size(trainable), n_total=size(trainable) + size(frozen),
+                    base_bytes=base_bytes)  # fmt: skip
+    counts = ll.count(ll.combine(trainable, frozen))
+    return dict(
+        n_trainable=counts["trainable"],
+        n_total=counts["total"],
+        base_bytes=counts["total_bytes"] - counts["trainable_bytes"],
+    )
+
+
+def build_jax_train(variant: str, args: argparse.Namespace) -> Runner:
+    """The compiled train step of a JAX train variant (``lora``, ``full``, ``lora-nf4``, ...).
+
+    Its facts: parameter counts and the frozen base's bytes as stored (``ll.count``:
+    ``total_bytes - trainable_bytes``); over a quantized base also ``loss_dequantized``,
+    the first loss over the dequantized float base, for `worker` to check the step by.
+    """
+    import jax
+
+    import lorax_lite as ll
 
     loss, trainable, frozen, tx = _train_parts(variant, args)
     tokens = _tokens(model_config(args), args)
-    state = (trainable, tx.init(trainable))
-    run, compile_s = _compile(_adamw_step(loss, tx), state, frozen, tokens)
-    size = lambda tree: int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
-    info = dict(
-        compile_s=compile_s,
-        n_trainable=size(trainable),
-        n_total=size(trainable) + size(frozen),
-    )
+    info = _counts(variant, trainable, frozen)
+    is_quantized = lambda x: isinstance(x, ll.QuantizedWeight)
+    if any(map(is_quantized, jax.tree_util.tree_leaves(frozen, is_leaf=is_quantized))):
+        info["loss_dequantized"] = float(jax.jit(loss)(trainable, dequantized(frozen), tokens))
+    state = (trainable, tx.init(trainable))  # the step donates it: the check above comes first
+    run, info["compile_s"] = _compile(_adamw_step(loss, tx), state, frozen, tokens)
     return Runner(run, state, info, jax.block_until_ready)
 
 
@@ -415,6 +537,19 @@ def _timed_steps(runner: Runner, state: Any, n: int) -> tuple[Any, Any, list[flo
     return state, loss, walls, cpus
 
 
+def check_first_loss(loss: float, reference: float | None) -> None:
+    """Raises ValueError if the first loss is not ``reference`` (None: nothing to check).
+
+    Over a quantized base the reference is the same model's loss over the dequantized
+    float weights: a step that computes anything else is not worth timing.
+    """
+    if reference is not None and abs(loss - reference) > LOSS_TOLERANCE * max(1, abs(reference)):
+        raise ValueError(
+            f"first loss {loss!r} over the quantized base differs from {reference!r} over its "
+            f"dequantized weights by more than {LOSS_TOLERANCE:g} (relative)"
+        )
+
+
 def worker(args: argparse.Namespace) -> int:
     """Builds one variant, compiles and warms it up, then serves ``run N`` / ``stop``."""
     variant = args.worker
@@ -422,6 +557,7 @@ def worker(args: argparse.Namespace) -> int:
         runner = build(variant, args)
         state, loss, first, _ = _timed_steps(runner, runner.state, 1)
         loss_start = float(loss)
+        check_first_loss(loss_start, runner.info.get("loss_dequantized"))
         state, loss, _, _ = _timed_steps(runner, state, args.warmup)
     except ImportError as error:
         _emit(status="skipped", reason=f"{type(error).__name__}: {error}")
@@ -522,7 +658,8 @@ def probe() -> dict[str, Any]:
 
 def _worker_argv(args: argparse.Namespace, variant: str) -> list[str]:
     flags = ["mode", "config", "d_model", "layers", "heads", "vocab", "batch", "seq", "steps"]
-    flags += ["warmup", "dtype", "base_dtype", "rank", "alpha", "lr"]
+    flags += ["warmup", "dtype", "base_dtype", "quant_block", "quantize_also", "rank", "alpha"]
+    flags += ["lr"]
     argv = [sys.executable, "-m", "experiments.bench.train_step", "--worker", variant]
     for flag in flags:
         value = getattr(args, flag)
@@ -636,7 +773,50 @@ def summarize(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> d
         ratios=paired_ratios(rows, reference),
         cpu_ratios=paired_ratios(rows, reference, key="cpu_repeat_medians_s"),
         speedups=speedups(rows),
+        base_storage=base_storage(rows),
     )
+
+
+def base_storage(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each LoRA base's bytes and step time over the bf16 base's (`QUANT_REFERENCE`).
+
+    Covers ``lora`` and the ``lora-*`` variants that ran; empty unless the reference ran.
+    Per variant: ``base_bytes``, ``bytes_ratio``, ``time_ratio`` and ``cpu_time_ratio``
+    (paired per repeat, as `paired_ratios`; None for the reference), ``loss_gap`` (first
+    loss minus the dequantized base's) over a quantized base, and ``targets`` where
+    `QUANT_TARGETS` has some (met: the ratio, median for time, at most the target).
+    """
+    if "base_bytes" not in rows.get(QUANT_REFERENCE, {}):
+        return {}
+    family = {
+        v: r
+        for v, r in rows.items()
+        if (v == "lora" or v.startswith("lora-")) and "base_bytes" in r
+    }
+    wall = paired_ratios(family, QUANT_REFERENCE)
+    cpu = paired_ratios(family, QUANT_REFERENCE, key="cpu_repeat_medians_s")
+    out = {}
+    for variant, row in family.items():
+        name = f"{variant}/{QUANT_REFERENCE}"
+        entry = dict(
+            base_bytes=row["base_bytes"],
+            bytes_ratio=row["base_bytes"] / family[QUANT_REFERENCE]["base_bytes"],
+            time_ratio=wall.get(name),
+            cpu_time_ratio=cpu.get(name),
+        )
+        if "loss_dequantized" in row:
+            entry["loss_gap"] = row["loss_start"] - row["loss_dequantized"]
+        if variant in QUANT_TARGETS:
+            max_bytes, max_time = QUANT_TARGETS[variant]
+            time = entry["time_ratio"] and entry["time_ratio"]["median"]
+            entry["targets"] = dict(
+                bytes_ratio=max_bytes,
+                time_ratio=max_time,
+                bytes_met=entry["bytes_ratio"] <= max_bytes,
+                time_met=None if time is None else time <= max_time,
+            )
+        out[variant] = entry
+    return out
 
 
 def speedups(
@@ -685,6 +865,13 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _failure_line(reason: str) -> str:
+    """The last line of a worker's traceback that says something (not JAX's filter note)."""
+    lines = [line for line in reason.strip().splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith(("For simplicity, JAX", "-----"))]
+    return (said or lines or ["no reason given"])[-1]
+
+
 def _ratio_text(ratio: dict[str, Any] | None, is_reference: bool) -> str:
     if is_reference:
         return "1"
@@ -701,6 +888,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
         "",
         f"`{result['command']}`  ",
         f"commit {result['commit'][:12]}, {m['device']} ({m['backend']}), jax {m['jax']}, "
+        f"{m['cpu_count']} CPUs, "
         f"compute {args.dtype}, base {args.base_dtype}, remat {args.remat}, "
         f"flat tokens {args.flat_tokens}, "
         f"rank {args.rank}, {args.repeats} repeat(s) x {args.steps} steps, "
@@ -714,7 +902,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
     ]
     for variant, row in result["variants"].items():
         if "step_s" not in row:
-            reason = row.get("reason", "no timings").strip().splitlines()[-1]
+            reason = _failure_line(row.get("reason", "no timings"))
             lines.append(f"| {variant} | {row.get('status', 'failed')}: {reason} |" + " |" * 9)
             continue
         medians, peak = row["repeat_medians_s"], row.get("peak_bytes")
@@ -742,16 +930,68 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"Ratios: step time of the variant over {ref}'s, per interleaved repeat; median (range). "
         f"MFU against {args.peak_tflops:g} TFLOP/s; FLOPs per token counted analytically.",
     ]
+    if result.get("base_storage"):
+        lines += ["", *base_storage_markdown(args, result["base_storage"])]
     return "\n".join(lines) + "\n"
 
 
+def _storage_label(variant: str, args: argparse.Namespace) -> str:
+    if variant == "lora":
+        return args.base_dtype
+    storage = variant[len("lora-") :]
+    if storage == "bf16":
+        return "bfloat16"
+    also = f" + {args.quantize_also}" if args.quantize_also else ""
+    return f"{storage}, block {args.quant_block} (LoRA bases{also}; rest bf16)"
+
+
+def _target_text(targets: dict[str, Any] | None) -> str:
+    if not targets:
+        return ""
+    met = lambda ok: "-" if ok is None else "met" if ok else "missed"
+    return (
+        f"bytes <= {targets['bytes_ratio']:g}x: {met(targets['bytes_met'])}; "
+        f"time <= {targets['time_ratio']:g}x: {met(targets['time_met'])}"
+    )
+
+
+def base_storage_markdown(args: argparse.Namespace, table: dict[str, dict[str, Any]]) -> list[str]:
+    """The frozen-base table's lines: bytes and step time over the bf16 base's."""
+    ref = QUANT_REFERENCE
+    lines = [
+        f"### LoRA step by frozen base storage (ratios over {ref})",
+        "",
+        f"| variant | base stored as | base MiB | bytes / {ref} | time / {ref} "
+        f"| CPU time / {ref} | first loss - dequantized base's | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, row in table.items():
+        gap = row.get("loss_gap")
+        lines.append(
+            f"| {variant} | {_storage_label(variant, args)} | {row['base_bytes'] / 2**20:.3f} "
+            f"| {row['bytes_ratio']:.3f} | {_ratio_text(row['time_ratio'], variant == ref)} "
+            f"| {_ratio_text(row['cpu_time_ratio'], variant == ref)} "
+            f"| {'-' if gap is None else f'{gap:.1e}'} | {_target_text(row.get('targets'))} |"
+        )
+    lines += [
+        "",
+        "Base bytes as stored (`ll.count`: total minus trainable bytes). Time ratios paired per "
+        "interleaved repeat, median (range). Targets: ../shared/BENCHMARKS.md 9.",
+    ]
+    return lines
+
+
 def plot(path: str, result: dict[str, Any]) -> None:
-    """Tokens/s per variant with the range of the repeat medians."""
+    """Tokens/s per variant with the range of the repeat medians (or, with a frozen-base
+    table, `plot_base_storage`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if result.get("base_storage"):
+        plot_base_storage(path, result)
+        return
     rows = [(v, r) for v, r in result["variants"].items() if "step_s" in r]
     tokens = [r["tokens_per_s"] for _, r in rows]
     per_step = [r["tokens_per_s"] * r["step_s"] for _, r in rows]
@@ -761,6 +1001,54 @@ def plot(path: str, result: dict[str, Any]) -> None:
     ax.bar([v for v, _ in rows], tokens, yerr=[low, high], capsize=4, color="tab:blue")
     ax.set_ylabel("tokens / s (median; bars: repeat range)")
     ax.set_title(f"{result['mode']} step, GPT {result['model']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_base_storage(path: str, result: dict[str, Any]) -> None:
+    """Bars of base bytes and step time (wall, CPU) over the bf16 base's, with the targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = result["base_storage"]
+    names = list(table)
+    base_dtype = result["args"]["base_dtype"]
+    labels = [f"lora ({base_dtype})" if v == "lora" else v for v in names]
+    one = dict(median=1.0, min=1.0, max=1.0)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.bar(labels, [table[v]["bytes_ratio"] for v in names], color="tab:blue")
+    left.axhline(0.3, color="tab:red", ls="--", lw=1, label="target for int4/nf4: 0.3")
+    left.set_ylabel(f"base bytes / {QUANT_REFERENCE}'s")
+    left.legend(fontsize=8)
+    x = range(len(names))
+    for shift, key, color, label in ((-0.2, "time_ratio", "tab:green", "wall clock"),
+                                     (0.2, "cpu_time_ratio", "tab:gray", "CPU time")):  # fmt: skip
+        ratios = [table[v][key] or (one if v == QUANT_REFERENCE else None) for v in names]
+        shown = [(i + shift, r) for i, r in zip(x, ratios) if r]
+        if not shown:
+            continue
+        right.bar(
+            [i for i, _ in shown],
+            [r["median"] for _, r in shown],
+            width=0.4,
+            yerr=[
+                [r["median"] - r["min"] for _, r in shown],
+                [r["max"] - r["median"] for _, r in shown],
+            ],
+            capsize=3,
+            color=color,
+            label=label,
+        )
+    right.axhline(1.25, color="tab:red", ls="--", lw=1, label="target for int4/nf4: 1.25")
+    right.set_xticks(list(x), labels)
+    right.set_ylabel(f"step time / {QUANT_REFERENCE}'s (median; range)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.suptitle(f"LoRA train step by frozen base, GPT {result['model']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -796,12 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
         **summarize(args, records),
     )
     text = markdown(args, result)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
-    plot(args.out + ".png", result)
+    folder, stem = os.path.split(os.path.abspath(args.out))
+    write_outputs(folder, stem, result, text.rstrip("\n"), lambda r, path: plot(path, r))
     print(text)
     return 0
 
