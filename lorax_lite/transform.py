@@ -231,6 +231,8 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
         return _while(views.while_loop(eqn), invals, ctx)
     invals = [_dequantized(x) for x in invals]
     lora_in = [isinstance(x, LoraValue) for x in invals]
+    if not any(lora_in):  # only quantized operands, now dequantized
+        return views.bind(eqn, invals)
     out = None
     if p in _STRUCTURAL:
         out = _STRUCTURAL[p](eqn, invals[0])

@@ -228,6 +228,15 @@ def test_scan_keeps_the_stack_quantized_inside_the_loop():
     assert ((64, 64), jnp.float32) in shapes  # one layer, dequantized in the body
 
 
+def test_plain_quantized_leaf_through_a_cast():
+    """A quantized bf16 table cast to float32 by the model (the cast meets a plain
+    dequantized array, not a LoRA weight)."""
+    table = quantize_array(normal((64, 8)).astype(jnp.bfloat16), kind="int4", block=32, axis=0)
+    fn = lambda p, x: x @ p["w"].astype(jnp.float32)
+    x = normal((3, 64))
+    _close(ll.lora(fn, strict=True)({"w": table}, x), fn({"w": table.dequantize()}, x), 1e-6)
+
+
 def test_plain_quantized_leaf_and_merge():
     """``also=`` quantizes a frozen plain leaf (an embedding table); merge dequantizes."""
     tree = {"embed": heavy_tailed((64, 32)), "proj": _lora_node((32, 16), ll.Layout.dense())}
