@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .config import AXIS_ROLES, LoraConfig
+from .quant import is_quantized
 from .targets import named_leaves, path_str, unflatten
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
@@ -331,12 +332,20 @@ def base_of(tree: Any) -> Any:
 
 
 def fingerprint(base: Any, hashed: list[str]) -> dict[str, Any]:
-    """Path, shape and dtype of every leaf of ``base``, and a content hash of the ``hashed``."""
-    leaves = dict(named_leaves(base))
+    """Path, shape and dtype of every leaf of ``base``, a content hash of the ``hashed``
+    (of the stored codes and scales for a quantized leaf), and each quantized leaf's
+    storage (`storage`)."""
+    leaves = dict(named_leaves(base, is_leaf=is_quantized))
     return {
         "leaves": {p: [list(np.shape(x)), _dtype_name(x)] for p, x in leaves.items()},
         "hashes": {p: content_hash(leaves[p]) for p in hashed},
+        "quantized": {p: storage(x) for p, x in leaves.items() if is_quantized(x)},
     }
+
+
+def storage(x: Any) -> str:
+    """How a base leaf is stored: ``"nf4 (block 64, axis -2)"``, or ``"float"``."""
+    return f"{x.kind} (block {x.block}, axis {x.axis})" if is_quantized(x) else "float"
 
 
 def _dtype_name(x: Any) -> str:
@@ -350,6 +359,10 @@ def content_hash(x: Any) -> str:
     gathered whole. Two different weights (a fine-tuned base, another seed) differ
     in the sample unless they agree on every sampled element.
     """
+    if is_quantized(x):
+        parts = [content_hash(a) for a in (x.data, x.scales, x.offsets) if a is not None]
+        text = "|".join([storage(x), *parts]).encode()
+        return hashlib.sha256(text).hexdigest()[:32]
     shape = tuple(np.shape(x))
     per_axis = math.ceil(HASH_SAMPLES ** (1 / max(len(shape), 1)))
     index = tuple(slice(None, None, max(1, math.ceil(d / per_axis))) for d in shape)
@@ -548,6 +561,15 @@ def _fingerprint_field_problems(base: dict[str, Any]) -> list[str]:
         for path, value in hashes.items()
         if path not in leaves or not _is_hex(value, 32)
     ]
+    quantized = base.get("quantized", {})  # absent in files written before quantized bases
+    if not isinstance(quantized, dict):
+        return [*problems, f"base.quantized: expected {{path: storage}}, found {_shown(quantized)}"]
+    problems += [
+        f"base.quantized[{path!r}]: expected the storage of a leaf in base.leaves, found "
+        f"{_shown(value)}"
+        for path, value in quantized.items()
+        if path not in leaves or not isinstance(value, str)
+    ]
     return problems
 
 
@@ -649,7 +671,7 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
         arrays = _restore_arrays(path, info, None)
         return _adapters_only(info, arrays)
     base = base_of(params)
-    named = dict(named_leaves(base))
+    named = dict(named_leaves(base, is_leaf=is_quantized))
     misfits = _shape_problems(info, named)
     problems = list(misfits.values())
     if check_base:
@@ -671,7 +693,7 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
             return LoraWeight(leaf, ab["a"], ab["b"], entry["scale"], layout, entry["dropout"])
         return Trainable(trained[name]) if name in trained else leaf
 
-    return jax.tree_util.tree_map_with_path(rebuild, base)
+    return jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_quantized)
 
 
 def _shape_problems(info: dict[str, Any], named: dict[str, Any]) -> dict[str, str]:
@@ -700,12 +722,19 @@ def _fingerprint_problems(
         if p not in named and p not in reported
     ]
     problems += [f"{p}: in this base, not in the saved base" for p in named if p not in saved]
+    quantized = info["base"].get("quantized", {})
     for path, (shape, dtype) in saved.items():
         if path in reported or path not in named:
             continue
         found = (tuple(np.shape(named[path])), _dtype_name(named[path]))
+        stored = (quantized.get(path, "float"), storage(named[path]))
         if found != (tuple(shape), dtype):
             problems.append(f"{path}: saved base {(tuple(shape), dtype)}, this base {found}")
+        elif stored[0] != stored[1]:
+            problems.append(
+                f"{path}: the adapter was trained on a base stored {stored[0]}, this base is "
+                f"stored {stored[1]} (check_base=False loads it anyway)"
+            )
         elif path in hashes and content_hash(named[path]) != hashes[path]:
             problems.append(
                 f"{path}: the base weights differ from those the adapter was trained on "

@@ -350,3 +350,30 @@ def test_peft_export_does_not_depend_on_the_base_storage(tmp_path):
     np.testing.assert_array_equal(back.w.data, original.w.data)
     x = normal((3, 64), 7)
     _close(ll.lora(jnp.dot)(x, back), ll.lora(jnp.dot)(x, original), 1e-6)
+
+
+def test_adapter_fingerprint_covers_the_quantized_base(tmp_path):
+    """An adapter saved over an nf4 base loads back onto it (still quantized), and is
+    refused, naming the storage, on an int8 or a float version of the same weights, and
+    on an nf4 base of other weights; check_base=False loads it anyway."""
+    config = ll.LoraConfig(rank=4, targets="kernel")
+    tree = {"kernel": _lora_node((64, 16), ll.Layout.dense())}
+    nf4 = ll.quantize(tree, kind="nf4", block=32)
+    ll.save_adapter(tmp_path / "a", nf4, config)
+    back = ll.load_adapter(tmp_path / "a", nf4)["kernel"]
+    assert isinstance(back.w, ll.QuantizedWeight)
+    np.testing.assert_array_equal(back.a, nf4["kernel"].a)
+    cases = {
+        "int8": (ll.quantize(tree, kind="int8", block=32), "stored nf4 .*stored int8"),
+        "float": (tree, r"stored nf4 \(block 32, axis -2\), this base is stored float"),
+        "other weights": (
+            ll.quantize({"kernel": _lora_node((64, 16), ll.Layout.dense(), seed=9)}, kind="nf4",
+                        block=32),
+            "content fingerprint mismatch",
+        ),
+    }  # fmt: skip
+    for name, (base, message) in cases.items():
+        with pytest.raises(ValueError, match=message):
+            ll.load_adapter(tmp_path / "a", base)
+        loaded = ll.load_adapter(tmp_path / "a", base, check_base=False)["kernel"]
+        np.testing.assert_array_equal(loaded.b, nf4["kernel"].b)
