@@ -93,3 +93,16 @@ def test_many_adapters_block_selects_routes_and_combines(many_adapters):
     jax.tree_util.tree_map(
         lambda e, h: np.testing.assert_allclose(e, h, rtol=1e-5, atol=1e-6), ns["export"], halves
     )
+
+
+def test_quantized_base_section_runs_on_the_quickstart(quickstart):
+    """The QLoRA example runs on the quickstart's tree and computes LoRA over the
+    dequantized base."""
+    namespace = dict(quickstart)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exec(compile(section_code("Quantized base (QLoRA)"), str(README), "exec"), namespace)
+    assert stdout.getvalue().startswith("quantized base: 2 weights (nf4)")
+    q_params, x = namespace["q_params"], namespace["x"]
+    reference = namespace["model"].apply(ll.merge(q_params), x)
+    np.testing.assert_allclose(namespace["out"], reference, rtol=1e-4, atol=1e-5)
