@@ -372,7 +372,7 @@ def test_adapter_fingerprint_covers_the_quantized_base(tmp_path):
             "content fingerprint mismatch",
         ),
     }  # fmt: skip
-    for name, (base, message) in cases.items():
+    for base, message in cases.values():
         with pytest.raises(ValueError, match=message):
             ll.load_adapter(tmp_path / "a", base)
         loaded = ll.load_adapter(tmp_path / "a", base, check_base=False)["kernel"]
