@@ -131,11 +131,18 @@ clean:
 	rm -rf $(VENV) .venv-oldest .venv-jax011 .pytest_cache .ruff_cache
 
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
-.PHONY: bench-cpu routing-bench param-arithmetic
+.PHONY: bench-cpu bench-quant routing-bench param-arithmetic
 bench-cpu: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
 		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,full,materialized,inline \
 		--steps 5 --warmup 2 --repeats 9 --out experiments/results/bench_cpu
+
+# LoRA step over fp32, bf16, int8, int4 and nf4 bases: base bytes and step-time ratios.
+bench-quant: $(VENV)/.experiments
+	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
+		--heads 4 --vocab 4096 --seq 256 --batch 2 \
+		--variants lora,lora-bf16,lora-int8,lora-int4,lora-nf4 \
+		--steps 5 --warmup 2 --repeats 15 --out experiments/results/bench_quant
 
 routing-bench: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.routing
