@@ -203,10 +203,10 @@ def test_lora_over_quantized_base_matches_float64(name, kind):
         return out, vjp(cot)
 
     out, grads = run(node.a, node.b)
-    _close(out, ref_out, 1e-5)
+    _close(out, ref_out, 5e-5)  # float32 through three tanh layers: ~1e-5 on jax 0.11
     for g, r in zip(grads, ref_grads):
         _close(g, r, 1e-4)
-    _close(lora_fn(node, *args), ref_out, 1e-5)  # eager too
+    _close(lora_fn(node, *args), ref_out, 5e-5)  # eager too
 
 
 def test_scan_keeps_the_stack_quantized_inside_the_loop():
