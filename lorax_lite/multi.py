@@ -28,14 +28,14 @@ from .quant import QuantizedWeight, quantize_array
 from .targets import path_str
 from .train import TrainState, TrainStep, train_step
 from .transform import lora
-from .weight import Layout, LoraWeight, Trainable, is_lora_node
+from .weight import Layout, LoraWeight, Trainable, is_lora_node, is_node
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _is_node(x: Any) -> bool:
     """`LoraWeight`, `Trainable`, ``None`` holes and `QuantizedWeight` (one frozen leaf)."""
-    return x is None or is_lora_node(x) or isinstance(x, QuantizedWeight)
+    return x is None or is_node(x)
 
 
 def _flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
@@ -414,7 +414,7 @@ def _quantized_like_adapters(
         held = (_weight(nodes[k]) for _, nodes in adapters)
         ours = next((x for x in held if isinstance(x, QuantizedWeight)), None)
         x = base[k]
-        if ours is None or x is None or is_lora_node(x) or isinstance(x, QuantizedWeight):
+        if ours is None or _is_node(x):
             continue
         try:
             again = quantize_array(x, kind=ours.kind, block=ours.block, axis=ours.axis, path=path)

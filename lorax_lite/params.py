@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
-from .quant import QuantizedWeight, quantize_array
+from .quant import is_quantized, quantize_array
 from .targets import (
     closest_paths,
     is_adaptable,
@@ -24,7 +24,7 @@ from .targets import (
     to_predicate,
 )
 from .usage import Usage, infer_usage
-from .weight import Layout, LoraWeight, Trainable, init_factors, is_lora_node
+from .weight import Layout, LoraWeight, Trainable, init_factors, is_lora_node, is_node
 
 
 def init(
@@ -243,16 +243,7 @@ def trainable_mask(tree: Any) -> Any:
             return Trainable(_mark_present(node.value, True))
         return False
 
-    return jax.tree_util.tree_map(mark, tree, is_leaf=_is_node)
-
-
-def _is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedWeight)
-
-
-def _is_node(x: Any) -> bool:
-    """The library's nodes: `LoraWeight`, `Trainable` and `QuantizedWeight` (frozen)."""
-    return is_lora_node(x) or _is_quantized(x)
+    return jax.tree_util.tree_map(mark, tree, is_leaf=is_node)
 
 
 def _mark_present(x: Any, flag: bool) -> bool | None:
@@ -327,18 +318,18 @@ def merge(
     added = {}
 
     def unwrap(key_path, node):
-        if isinstance(node, LoraWeight) and requantize and _is_quantized(node.w):
+        if isinstance(node, LoraWeight) and requantize and is_quantized(node.w):
             dense, q = node.materialize(), node.w
             again = quantize_array(dense, kind=q.kind, block=q.block, axis=q.axis)
             added[path_str(key_path)] = _relative_error(again.dequantize(), dense)
             return again
         if isinstance(node, LoraWeight):
             return node.materialize()
-        if _is_quantized(node):
+        if is_quantized(node):
             return node if requantize else node.dequantize()
         return node.value if isinstance(node, Trainable) else node
 
-    merged = jax.tree_util.tree_map_with_path(unwrap, tree, is_leaf=_is_node)
+    merged = jax.tree_util.tree_map_with_path(unwrap, tree, is_leaf=is_node)
     if added:
         worst = max(added, key=added.get)
         logging.getLogger("lorax_lite").info(
@@ -422,10 +413,10 @@ def count(tree: Any) -> dict[str, int]:
     A `QuantizedWeight` counts its logical entries and the bytes it is stored in.
     """
     mask = jax.tree_util.tree_leaves(trainable_mask(tree))
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized)
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
     sizes = [int(np.prod(x.shape)) for x in leaves]
     nbytes = [
-        x.nbytes if _is_quantized(x) else s * np.dtype(x.dtype).itemsize
+        x.nbytes if is_quantized(x) else s * np.dtype(x.dtype).itemsize
         for s, x in zip(sizes, leaves)
     ]
     return {
@@ -475,8 +466,8 @@ def quantize(
         >>> quantize(lp, kind="nf4")["k"].w.kind
         'nf4'
     """
-    named = named_leaves(tree, is_leaf=_is_node)
-    plain = [p for p, x in named if not _is_node(x) or _is_quantized(x)]
+    named = named_leaves(tree, is_leaf=is_node)
+    plain = [p for p, x in named if not is_node(x) or is_quantized(x)]
     extra, problems = set(), []
     for pattern in (also,) if isinstance(also, str) else tuple(also):
         hits = [p for p in plain if pattern_matches(pattern, p)]
@@ -502,7 +493,7 @@ def quantize(
             return node
         return dataclasses.replace(node, w=out[path]) if isinstance(node, LoraWeight) else out[path]
 
-    return jax.tree_util.tree_map(replace, tree, is_leaf=_is_node)
+    return jax.tree_util.tree_map(replace, tree, is_leaf=is_node)
 
 
 def _default_axis(node: Any) -> int:

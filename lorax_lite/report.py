@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from .params import count
-from .quant import QuantizedWeight
+from .quant import is_quantized
 from .targets import named_leaves
 from .weight import LoraWeight, Trainable, is_lora_node
 
@@ -42,7 +42,7 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
         f"of {_bytes(c['total_bytes'])})"
     ]
     quantized = [
-        x for x in jax.tree_util.tree_leaves(tree, is_leaf=_is_quantized) if _is_quantized(x)
+        x for x in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized) if is_quantized(x)
     ]
     if quantized:
         kinds = ", ".join(sorted({q.kind for q in quantized}))
@@ -60,10 +60,6 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
-
-
-def _is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedWeight)
 
 
 def _leaf_row(node: LoraWeight | Trainable) -> tuple[str, str, str, str]:

@@ -27,7 +27,7 @@ from . import rules, views
 from .quant import QuantizedWeight
 from .rules import LoraValue
 from .targets import path_str
-from .weight import Layout, LoraWeight, Trainable, is_lora_node
+from .weight import Layout, LoraWeight, Trainable, is_node
 
 _STRUCTURAL = {
     prim.convert_element_type_p: rules.convert,
@@ -103,7 +103,7 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
             )
         if deterministic:
             dropout_key = None
-        nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=_is_node)
+        nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
         values = [_lazy(_arg_path(path), node) for path, node in nodes]
         standins = [_standin(v) for v in values]
         dynamic = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in standins]
@@ -146,10 +146,6 @@ def _arg_path(path: tuple) -> str:
         return path_str(inner)
     head = f"args[{arg.idx}]" if group.idx == 0 else str(arg.key)
     return "/".join((head, path_str(inner))) if inner else head
-
-
-def _is_node(x: Any) -> bool:
-    return is_lora_node(x) or isinstance(x, QuantizedWeight)
 
 
 def _standin(value: Any) -> Any:

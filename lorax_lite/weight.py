@@ -119,6 +119,12 @@ def is_lora_node(x: Any) -> bool:
     return isinstance(x, LoraWeight | Trainable)
 
 
+def is_node(x: Any) -> bool:
+    """Whether ``x`` is a node the library keeps whole when walking a tree: a
+    `LoraWeight`, a `Trainable` or a `QuantizedWeight` (one frozen leaf)."""
+    return is_lora_node(x) or isinstance(x, QuantizedWeight)
+
+
 def init_factors(
     key: jax.Array, shape: tuple[int, ...], layout: Layout, rank: int, *, init: str, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
