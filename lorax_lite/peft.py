@@ -7,22 +7,32 @@ A ``name_map`` ties the two worlds: it maps a lorax_lite leaf path
 (``encoder.layer.0.attention.self.query``). Only JSON and safetensors are read,
 never pickle.
 
+Scanned layers: a leaf stacked along its leading axis (``nn.scan``'s
+``params/layers/self_attn/q_proj/kernel`` of shape ``(n_layer, in, out)``) holds one
+PyTorch module per layer. Its name in the map is a template with a ``{layer}``
+field (``model.layers.{layer}.self_attn.q_proj``): `to_peft` unstacks the leaf into
+``model.layers.0.self_attn.q_proj``, ``model.layers.1...`` and `from_peft` stacks
+them back, every layer present with one rank and one scale.
+
 Layouts: a PyTorch ``Linear`` weight is ``(out, in)``, and PEFT stores
 ``lora_A.weight`` as ``(r, in)`` and ``lora_B.weight`` as ``(out, r)``, so they are
 ``A.T`` and ``B.T``; an ``Embedding`` adapter is ``lora_embedding_A`` ``(r, vocab)``
-and ``lora_embedding_B`` ``(dim, r)``. Weights of more than two axes (stacked
-layers, convolutions, ``DenseGeneral``) have no PEFT equivalent and are refused.
+and ``lora_embedding_B`` ``(dim, r)``. Weights with more than one fan-in or fan-out
+axis (convolutions, ``DenseGeneral``) or stacked along another axis have no PEFT
+equivalent and are refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import pathlib
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +50,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 NameMap = Mapping[str, str] | Callable[[str], str | None]
+# The field of a module name template that the layer index of a stacked leaf fills.
+LAYER = "{layer}"
+# The layout of a leaf stacked along its leading axis, as `init` gives a scanned kernel.
+STACKED = Layout((0,), (1,), (2,))
 # lorax_lite leaf names and the PyTorch parameter names they become.
 TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 
@@ -58,7 +72,8 @@ def resolve_name_map(name_map: NameMap) -> Callable[[str], str | None]:
 
     A dict may be keyed by leaf paths or by module paths (the leaf path without its
     last component); a callable may return None or raise ``KeyError`` for leaves
-    it does not map.
+    it does not map. A name holding ``{layer}`` is the template of a leaf stacked
+    along its leading axis, one module per layer.
     """
     if isinstance(name_map, Mapping):
         return lambda path: name_map.get(path, name_map.get(module_of(path)))
@@ -70,6 +85,27 @@ def resolve_name_map(name_map: NameMap) -> Callable[[str], str | None]:
             return None
 
     return call
+
+
+class Piece(NamedTuple):
+    """One PyTorch module's share of a leaf: the whole leaf, or one layer of a stack.
+
+    Attributes:
+        path: the leaf's path.
+        layer: the index along the leaf's leading (layer) axis, or None for the whole leaf.
+        module: the PyTorch module name (the template filled in with ``layer``).
+        value: a 2-D `LoraWeight` (``w`` None for a layer) or an array.
+    """
+
+    path: str
+    layer: int | None
+    module: str
+    value: Any
+
+    @property
+    def label(self) -> str:
+        """The leaf path, and the layer for a layer of a stack, for messages."""
+        return self.path if self.layer is None else f"{self.path} (layer {self.layer})"
 
 
 def to_peft(
@@ -90,41 +126,45 @@ def to_peft(
     written beside its final name and renamed into place, so a write that fails (a full
     disk) or is killed leaves the previous file whole.
 
+    Leaves of scanned layers (an adapter whose layout stacks the leading axis, or a
+    fully trained leaf) are unstacked: their name in ``name_map`` is a template with a
+    ``{layer}`` field, filled with each index of the leading axis
+    (``model.layers.{layer}.self_attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``, ...).
+
     Args:
         directory: the output directory (created if missing).
         tree: a LoRA tree, or its trainable partition (base weights are not needed).
         config: the adapters' configuration (dropout, rsLoRA, default rank and alpha).
-        name_map: leaf path -> PyTorch module name, as a dict or a callable.
+        name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
+            of stacked layers, as a dict or a callable.
         base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
 
     Returns:
         The directory.
 
     Raises:
-        ValueError: listing every leaf that the name map does not map and every
-            adapter whose layout PEFT cannot express.
+        ValueError: listing every leaf that the name map does not map, every adapter
+            whose layout PEFT cannot express, every stacked leaf without a ``{layer}``
+            template and every unstacked one with one.
 
     Example:
-        >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query"}
+        >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query",
+        ...          "params/layers/self_attn/q_proj": "model.layers.{layer}.self_attn.q_proj"}
         >>> ll.to_peft("/tmp/peft", lora_params, config, names)  # doctest: +SKIP
     """
-    resolve = resolve_name_map(name_map)
-    nodes = named_leaves(tree, is_leaf=is_lora_node)
-    adapters = [(p, n) for p, n in nodes if isinstance(n, LoraWeight) and n.a is not None]
-    trained = [(p, n.value) for p, n in nodes if isinstance(n, Trainable) and n.value is not None]
-    modules = {p: resolve(p) for p, _ in [*adapters, *trained]}
-    problems = [f"{p}: the name map gives no PyTorch module" for p, m in modules.items() if not m]
-    problems += [problem for p, n in adapters if (problem := _layout_problem(p, n))]
-    problems += _shared_modules([p for p, _ in adapters], modules, "adapters")
-    targeted = {modules[p] for p, _ in adapters}
-    tensors, bias, to_save, trained_problems = _trained_tensors(trained, modules, targeted)
+    pieces, problems = _pieces(tree, resolve_name_map(name_map))
+    adapters = [p for p in pieces if isinstance(p.value, LoraWeight)]
+    problems += _shared_modules(adapters, "adapters")
+    targeted = {p.module for p in adapters}
+    trained = [p for p in pieces if not isinstance(p.value, LoraWeight)]
+    tensors, bias, to_save, trained_problems = _trained_tensors(trained, targeted)
     problems += trained_problems
     if problems:
         raise ValueError("to_peft cannot export this tree:\n  " + "\n  ".join(problems))
     peft_config = _base_config(config, base_model_name_or_path)
-    for path, node in adapters:
-        tensors.update(_adapter_tensors(modules[path], path, node))
-        _add_patterns(peft_config, config, modules[path], path, node)
+    for piece in adapters:
+        tensors.update(_adapter_tensors(piece))
+        _add_patterns(peft_config, config, piece)
     peft_config.update(
         target_modules=sorted(targeted), bias=bias, modules_to_save=sorted(to_save) or None
     )
@@ -136,6 +176,67 @@ def to_peft(
     )
     _replace_atomically(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return directory
+
+
+def _pieces(tree: Any, resolve: Callable[[str], str | None]) -> tuple[list[Piece], list[str]]:
+    """The adapters (`LoraWeight` values) and fully trained arrays of ``tree``, one piece
+    per PyTorch module, and a problem for each leaf that cannot be exported."""
+    pieces, problems = [], []
+    for path, node in named_leaves(tree, is_leaf=is_lora_node):
+        if isinstance(node, LoraWeight) and node.a is not None:
+            value = node
+        elif isinstance(node, Trainable) and node.value is not None:
+            value = node.value
+        else:
+            continue
+        module = resolve(path)
+        problem = _leaf_problem(path, value, module)
+        if problem:
+            problems.append(problem)
+        else:
+            pieces += _unstack(path, module, value)
+    return pieces, problems
+
+
+def _leaf_problem(path: str, value: Any, module: str | None) -> str | None:
+    """Why a leaf cannot be exported under ``module``, if it cannot: no module, a layout
+    PEFT cannot express, a stack without a ``{layer}`` template or a template without one."""
+    if not module:
+        return f"{path}: the name map gives no PyTorch module"
+    if isinstance(value, LoraWeight):
+        layout = value.layout
+        if len(layout.fan_in) != 1 or len(layout.fan_out) != 1 or layout.stack not in ((), (0,)):
+            return (
+                f"{path}: a weight with axis roles {layout.roles()} has no PEFT equivalent; "
+                "PEFT's LoRA holds 2-D Linear and Embedding weights, one per layer (stack "
+                "layers along the leading axis, reshape multi-axis kernels to 2-D)"
+            )
+        stacked, why = bool(layout.stack), "its layout has no stack axis"
+    else:
+        stacked, why = LAYER in module and np.ndim(value) >= 1, "it has no axes"
+    if stacked and LAYER not in module:
+        return (
+            f"{path}: stacked along its leading (layer) axis, but the name map gives "
+            f"{module!r}, not a per-layer template with {LAYER} (e.g. 'model.layers.{LAYER}.mlp')"
+        )
+    if not stacked and LAYER in module:
+        return f"{path}: the name map gives the per-layer template {module!r}, but {why}"
+    return None
+
+
+def _unstack(path: str, module: str, value: Any) -> list[Piece]:
+    """The pieces of a leaf: itself, or one per index of its leading axis when ``module``
+    is a ``{layer}`` template."""
+    if LAYER not in module:
+        return [Piece(path, None, module, value)]
+    if isinstance(value, LoraWeight):
+        layer = lambda i: dataclasses.replace(
+            value, w=None, a=value.a[i], b=value.b[i], layout=Layout.dense()
+        )
+        count = value.a.shape[0]
+    else:
+        layer, count = (lambda i: value[i]), np.shape(value)[0]
+    return [Piece(path, i, module.replace(LAYER, str(i)), layer(i)) for i in range(count)]
 
 
 def _replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], Any]) -> None:
@@ -151,28 +252,17 @@ def _replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], Any]
         tmp.unlink(missing_ok=True)
 
 
-def _shared_modules(paths: list[str], modules: Mapping[str, str | None], what: str) -> list[str]:
-    """A problem for each PyTorch module that the name map gives to several of ``paths``."""
+def _shared_modules(pieces: list[Piece], what: str) -> list[str]:
+    """A problem for each PyTorch module that several of ``pieces`` map to."""
     owners: dict[str, list[str]] = {}
-    for path in paths:
-        if modules.get(path):
-            owners.setdefault(modules[path], []).append(path)
+    for piece in pieces:
+        owners.setdefault(piece.module, []).append(piece.label)
     return [
-        f"{module}: the name map sends the {what} of {' and '.join(paths)} to this one "
+        f"{module}: the name map sends the {what} of {' and '.join(labels)} to this one "
         "PyTorch module (expected one leaf per module)"
-        for module, paths in owners.items()
-        if len(paths) > 1
+        for module, labels in owners.items()
+        if len(labels) > 1
     ]
-
-
-def _layout_problem(path: str, node: LoraWeight) -> str | None:
-    if node.layout.stack or len(node.layout.fan_in) != 1 or len(node.layout.fan_out) != 1:
-        return (
-            f"{path}: a weight with axis roles {node.layout.roles()} has no PEFT equivalent; "
-            "PEFT's LoRA holds 2-D Linear and Embedding weights (unstack scanned layers, "
-            "reshape multi-axis kernels to 2-D)"
-        )
-    return None
 
 
 def _base_config(config: LoraConfig, base_model: str | None) -> dict[str, Any]:
@@ -197,24 +287,23 @@ def _base_config(config: LoraConfig, base_model: str | None) -> dict[str, Any]:
     }
 
 
-def _adapter_tensors(module: str, path: str, node: LoraWeight) -> dict[str, np.ndarray]:
-    a, b = np.asarray(node.a).T, np.asarray(node.b).T  # (r, in) and (out, r)
-    if leaf_name(path) == "embedding":
+def _adapter_tensors(piece: Piece) -> dict[str, np.ndarray]:
+    a, b = np.asarray(piece.value.a).T, np.asarray(piece.value.b).T  # (r, in) and (out, r)
+    if leaf_name(piece.path) == "embedding":
         names = ("lora_embedding_A", "lora_embedding_B")
     else:
         names = ("lora_A.weight", "lora_B.weight")
-    return {f"{PREFIX}{module}.{n}": np.ascontiguousarray(x) for n, x in zip(names, (a, b))}
+    return {f"{PREFIX}{piece.module}.{n}": np.ascontiguousarray(x) for n, x in zip(names, (a, b))}
 
 
-def _add_patterns(
-    peft_config: dict, config: LoraConfig, module: str, path: str, node: LoraWeight
-) -> None:
+def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
     """Records the module's rank and alpha where they differ from the config's defaults."""
+    node = piece.value
     rank = node.rank
-    alpha = config.alpha_for(path)
+    alpha = config.alpha_for(piece.path)
     if not math.isclose(config.scale_for(rank, alpha), node.scale, rel_tol=1e-6):
         alpha = node.scale * (math.sqrt(rank) if config.use_rslora else rank)
-    key = re.escape(module)
+    key = re.escape(piece.module)
     if rank != config.rank:
         peft_config["rank_pattern"][key] = rank
     if alpha != config.alpha:
@@ -222,17 +311,16 @@ def _add_patterns(
 
 
 def _trained_tensors(
-    trained: list[tuple[str, Any]], modules: dict[str, str | None], targeted: set[str]
+    pieces: list[Piece], targeted: set[str]
 ) -> tuple[dict[str, np.ndarray], str, set[str], list[str]]:
     """Tensors of the fully trained leaves, PEFT's ``bias`` mode, modules_to_save, problems."""
-    by_module: dict[str, list[tuple[str, Any]]] = {}
-    for path, value in trained:
-        if modules[path]:
-            by_module.setdefault(modules[path], []).append((path, value))
+    by_module: dict[str, list[Piece]] = {}
+    for piece in pieces:
+        by_module.setdefault(piece.module, []).append(piece)
     tensors, to_save, problems, bias_modes = {}, set(), [], set()
     written: dict[str, str] = {}  # tensor key -> the leaf it came from
     for module, leaves in by_module.items():
-        only_biases = all(leaf_name(p) == "bias" for p, _ in leaves)
+        only_biases = all(leaf_name(p.path) == "bias" for p in leaves)
         if only_biases and module in targeted:
             prefix, bias_modes = f"{module}.base_layer", bias_modes | {"lora_only"}
         elif only_biases:
@@ -240,21 +328,23 @@ def _trained_tensors(
         else:
             prefix = module
             to_save.add(module)
-        for path, value in leaves:
-            name = TORCH_PARAM.get(leaf_name(path))
+        for piece in leaves:
+            name = TORCH_PARAM.get(leaf_name(piece.path))
             if name is None:
-                problems.append(f"{path}: no PyTorch parameter name for leaf {leaf_name(path)!r}")
+                problems.append(
+                    f"{piece.path}: no PyTorch parameter name for leaf {leaf_name(piece.path)!r}"
+                )
                 continue
             key = f"{PREFIX}{prefix}.{name}"
             if key in written:
                 problems.append(
-                    f"{key}: both {written[key]} and {path} map to this PyTorch tensor "
+                    f"{key}: both {written[key]} and {piece.label} map to this PyTorch tensor "
                     "(expected one leaf per tensor)"
                 )
                 continue
-            written[key] = path
-            value = np.asarray(value)
-            if leaf_name(path) == "kernel" and value.ndim == 2:
+            written[key] = piece.label
+            value = np.asarray(piece.value)
+            if leaf_name(piece.path) == "kernel" and value.ndim == 2:
                 value = value.T  # Flax (in, out) -> torch Linear (out, in)
             tensors[key] = np.ascontiguousarray(value)
     bias = "all" if "all" in bias_modes else "lora_only" if bias_modes else "none"
@@ -271,10 +361,18 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     whose base leaf is ``(d_in, d_out)`` (a Flax kernel or embedding; a transposed
     ``(d_out, d_in)`` leaf is refused, never silently reinterpreted).
 
+    A leaf whose name in ``name_map`` is a ``{layer}`` template holds one module per
+    index of its leading axis (``(n_layer, d_in, d_out)`` for a scanned kernel): the
+    modules' tensors are stacked back along that axis, into a `LoraWeight` whose layout
+    stacks axis 0 (as `init` gives a scanned kernel). Every layer must be present, with
+    one rank and one alpha (PEFT's ``rank_pattern``/``alpha_pattern`` may name layers,
+    as long as they agree across the layers of one leaf).
+
     Args:
         directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
         params: the base parameter tree whose leaf paths ``name_map`` maps.
-        name_map: leaf path -> PyTorch module name, as a dict or a callable.
+        name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
+            of stacked layers, as a dict or a callable.
 
     Returns:
         The LoRA tree: adapted leaves as `LoraWeight` (scale from ``lora_alpha``,
@@ -289,8 +387,9 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
             of range, or that lorax_lite cannot represent (DoRA, another PEFT type, a
             base modified by PiSSA/OLoRA/CorDA/LoftQ initialization); listing every
             tensor that maps to no base leaf, has a non-floating dtype, non-finite
-            values or a shape that does not fit, and every leaf or tensor that two
-            modules or two tensors would share.
+            values or a shape that does not fit, every leaf or tensor that two
+            modules or two tensors would share, and every stacked leaf with layers
+            missing or layers of different ranks or alphas (naming those layers).
 
     Example:
         >>> lora_params = ll.from_peft("/tmp/peft", params, names)  # doctest: +SKIP
@@ -306,9 +405,12 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     tensors = _load_tensors(directory / WEIGHTS_NAME)
     params = base_of(params)
     base = dict(named_leaves(params, is_leaf=is_quantized))
-    leaves_of, problems = _leaves_by_module(base, resolve_name_map(name_map))
-    built, tensor_problems = _read_tensors(tensors, peft_config, base, leaves_of)
+    resolve = resolve_name_map(name_map)
+    leaves_of, problems = _leaves_by_module(base, resolve)
+    pieces, tensor_problems = _read_tensors(tensors, peft_config, base, leaves_of)
     problems += tensor_problems
+    built, stack_problems = _stack_layers(pieces, base, resolve)
+    problems += stack_problems
     if problems:
         raise ValueError(
             f"from_peft cannot read {directory / WEIGHTS_NAME} onto the base with "
@@ -474,22 +576,36 @@ def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
 
 def _leaves_by_module(
     base: dict[str, Any], resolve: Callable[[str], str | None]
-) -> tuple[dict[str, dict[str, str]], list[str]]:
-    """``{module: {leaf name: leaf path}}``, and a problem for each module and leaf name
-    that the name map gives to several leaves."""
-    leaves_of: dict[str, dict[str, list[str]]] = {}
-    for path in base:
+) -> tuple[dict[str, dict[str, Piece]], list[str]]:
+    """``{module: {leaf name: piece}}`` (one piece per layer of a leaf whose name is a
+    ``{layer}`` template), and a problem for each module and leaf name that the name map
+    gives to several leaves."""
+    leaves_of: dict[str, dict[str, list[Piece]]] = {}
+    problems = []
+    for path, leaf in base.items():
         module = resolve(path)
-        if module:
-            leaves_of.setdefault(module, {}).setdefault(leaf_name(path), []).append(path)
-    problems = [
-        f"{module}: the name map sends {' and '.join(paths)} to this one PyTorch module "
-        "(expected one leaf per module and parameter)"
+        if not module:
+            continue
+        if LAYER in module and not np.shape(leaf):
+            problems.append(
+                f"{path}: the name map gives the per-layer template {module!r}, but the leaf "
+                "has no axes"
+            )
+            continue
+        layers = range(np.shape(leaf)[0]) if LAYER in module else [None]
+        for layer in layers:
+            name = module if layer is None else module.replace(LAYER, str(layer))
+            leaves_of.setdefault(name, {}).setdefault(leaf_name(path), []).append(
+                Piece(path, layer, name, None)
+            )
+    problems += [
+        f"{module}: the name map sends {' and '.join(p.label for p in pieces)} to this one "
+        "PyTorch module (expected one leaf per module and parameter)"
         for module, names in leaves_of.items()
-        for paths in names.values()
-        if len(paths) > 1
+        for pieces in names.values()
+        if len(pieces) > 1
     ]
-    first = lambda names: {name: paths[0] for name, paths in names.items()}
+    first = lambda names: {name: pieces[0] for name, pieces in names.items()}
     return {module: first(names) for module, names in leaves_of.items()}, problems
 
 
@@ -500,19 +616,21 @@ def _read_tensors(
     tensors: dict[str, np.ndarray],
     peft_config: dict[str, Any],
     base: dict[str, Any],
-    leaves_of: dict[str, dict[str, str]],
-) -> tuple[dict[str, Any], list[str]]:
-    """``{leaf path: LoraWeight or Trainable}`` from the PEFT tensors, and problems."""
-    built: dict[str, Any] = {}
-    source: dict[str, str] = {}  # leaf path -> the tensor (or module) that fills it
+    leaves_of: dict[str, dict[str, Piece]],
+) -> tuple[dict[tuple[str, int | None], Any], list[str]]:
+    """``{(leaf path, layer): LoraWeight or Trainable}`` from the PEFT tensors (the
+    `LoraWeight` of a layer has no ``w``), and problems."""
+    built: dict[tuple[str, int | None], Any] = {}
+    source: dict[tuple[str, int | None], str] = {}  # the tensor (or module) filling a piece
     problems = [f"{key}: {problem}" for key, x in tensors.items() if (problem := _value_problem(x))]
     broken = {key for key, x in tensors.items() if _value_problem(x)}
 
-    def claim(path: str, what: str) -> bool:
-        if path in source:
-            problems.append(f"{what} and {source[path]} both map to the base leaf {path}")
+    def claim(piece: Piece, what: str) -> bool:
+        at = (piece.path, piece.layer)
+        if at in source:
+            problems.append(f"{what} and {source[at]} both map to the base leaf {piece.label}")
             return False
-        source[path] = what
+        source[at] = what
         return True
 
     used = set()
@@ -529,33 +647,98 @@ def _read_tensors(
                 continue
             if {key, f"{module}.{b_name}"} & broken:
                 continue
-            path, problem = _weight_path(leaves_of.get(module, {}), module)
+            piece, problem = _weight_piece(leaves_of.get(module, {}), module)
             if problem:
                 problems.append(problem)
                 continue
             a_t, b_t = tensors[key], tensors[f"{module}.{b_name}"]
-            found = _factor_problems(module, (a_name, a_t), (b_name, b_t), path, base, peft_config)
+            found = _factor_problems(module, (a_name, a_t), (b_name, b_t), piece, base, peft_config)
             if found:
                 problems += found
-            elif claim(path, f"the adapter of {module}"):
-                built[path] = _lora_weight(base[path], a_t, b_t, module, peft_config)
+            elif claim(piece, f"the adapter of {module}"):
+                w = base[piece.path] if piece.layer is None else None
+                built[piece.path, piece.layer] = _lora_weight(w, a_t, b_t, module, peft_config)
     for key in sorted(set(tensors) - used - broken):
         module, _, param = key.rpartition(".")
         module = module.removesuffix(".base_layer")
-        path = _param_path(leaves_of.get(module, {}), param)
-        if path is None:
+        piece = _param_piece(leaves_of.get(module, {}), param)
+        if piece is None:
             problems.append(f"{key}: maps to no base leaf")
             continue
         value = tensors[key]
-        if leaf_name(path) == "kernel" and value.ndim == 2:
+        if leaf_name(piece.path) == "kernel" and value.ndim == 2:
             value = value.T  # torch Linear (out, in) -> Flax (in, out)
-        if value.shape != np.shape(base[path]):
-            problems.append(
-                f"{key}: shape {value.shape}, the base leaf {path} has {np.shape(base[path])}"
-            )
-        elif claim(path, key):
-            built[path] = Trainable(jnp.asarray(value))
+        shape = _piece_shape(base, piece)
+        if value.shape != shape:
+            problems.append(f"{key}: shape {value.shape}, the base leaf {piece.label} has {shape}")
+        elif claim(piece, key):
+            built[piece.path, piece.layer] = Trainable(jnp.asarray(value))
     return built, problems
+
+
+def _piece_shape(base: dict[str, Any], piece: Piece) -> tuple[int, ...]:
+    """The shape of a base leaf, or of one layer of it."""
+    shape = tuple(np.shape(base[piece.path]))
+    return shape if piece.layer is None else shape[1:]
+
+
+def _stack_layers(
+    built: dict[tuple[str, int | None], Any],
+    base: dict[str, Any],
+    resolve: Callable[[str], str | None],
+) -> tuple[dict[str, Any], list[str]]:
+    """``{leaf path: LoraWeight or Trainable}``: whole leaves as read, layers stacked."""
+    nodes, layers = {}, {}
+    for (path, layer), node in built.items():
+        if layer is None:
+            nodes[path] = node
+        else:
+            layers.setdefault(path, {})[layer] = node
+    problems = []
+    for path, by_layer in layers.items():
+        node, problem = _stacked_node(path, resolve(path), by_layer, base[path])
+        if problem:
+            problems.append(problem)
+        else:
+            nodes[path] = node
+    return nodes, problems
+
+
+def _stacked_node(
+    path: str, template: str, by_layer: dict[int, Any], w: Any
+) -> tuple[Any, str | None]:
+    """The stacked `LoraWeight` or `Trainable` of a leaf's layers, or a problem naming
+    the layers that are missing or differ from the others."""
+    count = np.shape(w)[0]
+    name = lambda i: template.replace(LAYER, str(i))
+    missing = [name(i) for i in range(count) if i not in by_layer]
+    if missing:
+        return None, (
+            f"{path}: stacks {count} layers, but {len(missing)} of their modules have no "
+            f"tensors: {', '.join(missing)} (expected every layer)"
+        )
+    nodes = [by_layer[i] for i in range(count)]
+    odd = _odd_layers([type(n).__name__ for n in nodes], name, "")
+    if odd:
+        return None, f"{path}: its layers must all be adapters or all trained in full; {odd}"
+    if isinstance(nodes[0], Trainable):
+        return Trainable(jnp.stack([n.value for n in nodes])), None
+    for what, values in (("rank", [n.rank for n in nodes]), ("scale", [n.scale for n in nodes])):
+        odd = _odd_layers(values, name, what + " ")
+        if odd:
+            return None, f"{path}: its layers must share one {what} (alpha / r); {odd}"
+    a, b = jnp.stack([n.a for n in nodes]), jnp.stack([n.b for n in nodes])
+    return dataclasses.replace(nodes[0], w=w, a=a, b=b, layout=STACKED), None
+
+
+def _odd_layers(values: list[Any], name: Callable[[int], str], what: str) -> str | None:
+    """``"rank 8 in 29 layers, but rank 16 in model.layers.3.mlp.up_proj"`` when ``values``
+    (one per layer) differ, else None."""
+    common, n = Counter(values).most_common(1)[0]
+    if n == len(values):
+        return None
+    odd = [f"{what}{v} in {name(i)}" for i, v in enumerate(values) if v != common]
+    return f"{what}{common} in {n} layers, but {', '.join(odd)}"
 
 
 def _value_problem(x: np.ndarray) -> str | None:
@@ -570,17 +753,18 @@ def _value_problem(x: np.ndarray) -> str | None:
 WEIGHT_NAMES = ("kernel", "embedding", "weight")
 
 
-def _weight_path(leaves: dict[str, str], module: str) -> tuple[str | None, str | None]:
+def _weight_piece(leaves: dict[str, Piece], module: str) -> tuple[Piece | None, str | None]:
     """The module's weight leaf (``kernel``, ``embedding`` or ``weight``), or a problem."""
     found = [leaves[name] for name in WEIGHT_NAMES if name in leaves]
     if not found:
         return None, f"{module}: no 2-D base leaf maps to this module"
     if len(found) > 1:
-        return None, f"{module}: the adapter fits several base leaves: {' and '.join(found)}"
+        labels = " and ".join(p.label for p in found)
+        return None, f"{module}: the adapter fits several base leaves: {labels}"
     return found[0], None
 
 
-def _param_path(leaves: dict[str, str], param: str) -> str | None:
+def _param_piece(leaves: dict[str, Piece], param: str) -> Piece | None:
     if param == "bias":
         return leaves.get("bias")
     if param == "weight":
@@ -592,7 +776,7 @@ def _factor_problems(
     module: str,
     a: tuple[str, np.ndarray],
     b: tuple[str, np.ndarray],
-    path: str,
+    piece: Piece,
     base: dict[str, Any],
     peft_config: dict[str, Any],
 ) -> list[str]:
@@ -617,13 +801,13 @@ def _factor_problems(
         )
     if problems:
         return problems
-    w = base[path]
+    dtype, shape = base[piece.path].dtype, _piece_shape(base, piece)
     expected = (a_t.shape[1], b_t.shape[0])
-    if np.shape(w) != expected or not jnp.issubdtype(w.dtype, jnp.floating):
-        transposed = " (a transposed (out, in) weight)" if np.shape(w) == expected[::-1] else ""
+    if shape != expected or not jnp.issubdtype(dtype, jnp.floating):
+        transposed = " (a transposed (out, in) weight)" if shape == expected[::-1] else ""
         problems.append(
             f"{module}: {a_name} {a_t.shape} and {b_name} {b_t.shape} adapt a weight of "
-            f"(d_in, d_out) = {expected}; the base leaf {path} is {w.dtype}{list(np.shape(w))}"
+            f"(d_in, d_out) = {expected}; the base leaf {piece.label} is {dtype}{list(shape)}"
             f"{transposed}"
         )
     return problems
@@ -641,7 +825,8 @@ def _targeted(module: str, target_modules: Any) -> bool:
 def _lora_weight(
     w: Any, a_t: np.ndarray, b_t: np.ndarray, module: str, peft_config: dict[str, Any]
 ) -> LoraWeight:
-    """The `LoraWeight` for one module from PEFT's ``(r, in)`` and ``(out, r)`` factors."""
+    """The `LoraWeight` for one module from PEFT's ``(r, in)`` and ``(out, r)`` factors
+    (``w`` is None for one layer of a stacked leaf)."""
     rank = a_t.shape[0]
     alphas = peft_config["alpha_pattern"]
     pattern = _pattern_key(alphas, module)

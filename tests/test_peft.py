@@ -5,6 +5,7 @@ import importlib.util
 import json
 import pathlib
 
+import flax.linen as nn
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -129,21 +130,38 @@ def test_callable_name_map_and_default_name_map(tmp_path):
 def test_layouts_peft_cannot_express_and_unmapped_leaves_raise(tmp_path):
     params = {
         "stacked": {"kernel": jnp.ones((3, 8, 8))},
+        "middle": {"kernel": jnp.ones((8, 3, 8))},
         "general": {"kernel": jnp.ones((8, 2, 4))},
         "dense": {"kernel": jnp.ones((8, 8))},
+        "plain": {"kernel": jnp.ones((8, 8))},
     }
     config = ll.LoraConfig(
         rank=2,
-        targets=("stacked", "general", "dense"),
-        axes={"stacked": ("stack", "in", "out"), "general": ("in", "out", "out")},
+        targets=("stacked", "middle", "general", "dense", "plain"),
+        axes={
+            "stacked": ("stack", "in", "out"),
+            "middle": ("in", "stack", "out"),
+            "general": ("in", "out", "out"),
+        },
     )
     tree = ll.init(params, config, key=KEY)
+    names = {"stacked": "s", "middle": "m.{layer}", "general": "g", "plain": "p.{layer}"}
     with pytest.raises(ValueError) as err:
-        ll.to_peft(tmp_path, tree, config, {"stacked": "s", "general": "g"})
-    message = str(err.value)
-    assert "stacked/kernel: a weight with axis roles ('stack', 'in', 'out')" in message
-    assert "general/kernel: a weight with axis roles ('in', 'out', 'out')" in message
-    assert "dense/kernel: the name map gives no PyTorch module" in message
+        ll.to_peft(tmp_path, tree, config, names)
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        "  dense/kernel: the name map gives no PyTorch module",
+        "  general/kernel: a weight with axis roles ('in', 'out', 'out') has no PEFT equivalent; "
+        "PEFT's LoRA holds 2-D Linear and Embedding weights, one per layer (stack layers along "
+        "the leading axis, reshape multi-axis kernels to 2-D)",
+        "  middle/kernel: a weight with axis roles ('in', 'stack', 'out') has no PEFT equivalent; "
+        "PEFT's LoRA holds 2-D Linear and Embedding weights, one per layer (stack layers along "
+        "the leading axis, reshape multi-axis kernels to 2-D)",
+        "  plain/kernel: the name map gives the per-layer template 'p.{layer}', but its layout "
+        "has no stack axis",
+        "  stacked/kernel: stacked along its leading (layer) axis, but the name map gives 's', "
+        "not a per-layer template with {layer} (e.g. 'model.layers.{layer}.mlp')",
+    ]
 
 
 def test_from_peft_lists_every_problem(tmp_path):
@@ -485,3 +503,174 @@ def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
         ll.to_peft(tmp_path, lora_tree(ll.LoraConfig(rank=1, targets="query")), CONFIG, NAMES)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file
     assert_trees_equal(ll.from_peft(tmp_path, base_params(), NAMES), lora_tree())
+
+
+# ---------------------------------------------------------------- scanned (stacked) layers
+
+
+class ScanBlock(nn.Module):
+    """A residual MLP layer, 8 -> 12 -> 8, with biases (scanned below)."""
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = jnp.tanh(nn.Dense(12, name="up")(x))
+        return x + nn.Dense(8, name="down")(h), None
+
+
+class Scanned(nn.Module):
+    """An input projection, three layers in one ``nn.scan``, and a head."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8, name="embed")(x)
+        layers = nn.scan(
+            ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+        )
+        x, _ = layers(name="layers")(x, None)
+        return nn.Dense(2, name="head")(x)
+
+
+SCAN_X = jax.random.normal(jax.random.key(2), (4, 5))
+SCAN_NAMES = {
+    "params/embed": "embed",
+    "params/layers/up": "layers.{layer}.up",
+    "params/layers/down": "layers.{layer}.down",
+    "params/head": "head",
+}
+SCAN_CONFIG = ll.LoraConfig(
+    rank=2,
+    alpha=4,
+    targets=("embed", "up", "down"),
+    rank_pattern={"down": 3},
+    alpha_pattern={"up": 6},
+    train=("head",),
+    bias="lora_only",
+)
+
+
+def scanned_tree(config=SCAN_CONFIG):
+    model = Scanned()
+    params = model.init(KEY, SCAN_X)
+    tree = ll.init(params, config, key=jax.random.key(3), fn=model.apply, args=(SCAN_X,))
+    tree = randomize_b(tree, jax.random.key(4))
+    shift = lambda node: ll.Trainable(node.value + 0.1) if isinstance(node, ll.Trainable) else node
+    return params, jax.tree_util.tree_map(shift, tree, is_leaf=is_lora_node)
+
+
+def test_scanned_layers_round_trip_bit_exactly_through_per_layer_modules(tmp_path):
+    params, tree = scanned_tree()
+    up = tree["params"]["layers"]["up"]["kernel"]
+    assert up.layout.stack == (0,) and up.a.shape == (3, 8, 2)  # init saw the scan
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    back = ll.from_peft(tmp_path, params, SCAN_NAMES)
+    assert_trees_equal(back, tree)
+    assert back["params"]["layers"]["up"]["kernel"].layout == up.layout
+    apply = jax.jit(ll.lora(Scanned().apply))
+    np.testing.assert_array_equal(np.asarray(apply(back, SCAN_X)), np.asarray(apply(tree, SCAN_X)))
+    # The adapters and the trained biases change the output, so the check above has teeth.
+    assert np.abs(np.asarray(apply(tree, SCAN_X) - Scanned().apply(params, SCAN_X))).max() > 1e-2
+
+
+def test_scanned_layers_are_written_as_peft_s_per_layer_modules(tmp_path):
+    """Each layer's tensors are PEFT's: W_i + (alpha / r) * (B_i @ A_i).T equals lorax_lite's
+    merged layer i in float64; ranks and alphas are per-layer patterns."""
+    params, tree = scanned_tree()
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    tensors = {k: v.astype(np.float64) for k, v in load_file(tmp_path / WEIGHTS).items()}
+    expected = {"base_model.model.embed.lora_A.weight": (2, 5)}
+    expected["base_model.model.embed.lora_B.weight"] = (8, 2)
+    expected["base_model.model.embed.base_layer.bias"] = (8,)
+    expected |= {"base_model.model.head.weight": (2, 8), "base_model.model.head.bias": (2,)}
+    for i in range(3):
+        for proj, (d_in, d_out, rank) in {"up": (8, 12, 2), "down": (12, 8, 3)}.items():
+            module = f"base_model.model.layers.{i}.{proj}"
+            expected[f"{module}.lora_A.weight"] = (rank, d_in)
+            expected[f"{module}.lora_B.weight"] = (d_out, rank)
+            expected[f"{module}.base_layer.bias"] = (d_out,)
+    assert {k: v.shape for k, v in tensors.items()} == expected
+    merged = ll.merge(tree)["params"]["layers"]
+    for proj, alpha, rank in (("up", 6, 2), ("down", 4, 3)):
+        w = np.asarray(params["params"]["layers"][proj]["kernel"], np.float64)
+        bias = np.asarray(tree["params"]["layers"][proj]["bias"].value)
+        for i in range(3):
+            module = f"base_model.model.layers.{i}.{proj}"
+            delta = tensors[f"{module}.lora_B.weight"] @ tensors[f"{module}.lora_A.weight"]
+            np.testing.assert_allclose(
+                np.asarray(merged[proj]["kernel"][i], np.float64),
+                w[i] + alpha / rank * delta.T,
+                rtol=1e-5,
+                atol=1e-6,
+            )
+            np.testing.assert_array_equal(tensors[f"{module}.base_layer.bias"], bias[i])
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    layer_modules = [f"layers.{i}.{p}" for i in range(3) for p in ("up", "down")]
+    assert config["target_modules"] == sorted(["embed", *layer_modules])
+    assert config["rank_pattern"] == {rf"layers\.{i}\.down": 3 for i in range(3)}
+    assert config["alpha_pattern"] == {rf"layers\.{i}\.up": 6 for i in range(3)}
+
+
+def test_a_callable_name_map_may_return_layer_templates(tmp_path):
+    params, tree = scanned_tree()
+    names = lambda path: SCAN_NAMES[path.rpartition("/")[0]]  # KeyError: not mapped
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, names)
+    assert_trees_equal(ll.from_peft(tmp_path, params, names), tree)
+
+
+def drop_layer(tensors, module):
+    return {k: v for k, v in tensors.items() if f".{module}." not in k}
+
+
+def test_from_peft_names_the_missing_layers_of_a_stack(tmp_path):
+    params, tree = scanned_tree()
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    edit_peft(tmp_path, tensors=lambda t: drop_layer(drop_layer(t, "layers.0.up"), "layers.2.up"))
+    text = from_peft_error(tmp_path, params, SCAN_NAMES)
+    lines = text.splitlines()[1:]
+    assert lines == [
+        "  params/layers/up/kernel: stacks 3 layers, but 2 of their modules have no tensors: "
+        "layers.0.up, layers.2.up (expected every layer)",
+        "  params/layers/up/bias: stacks 3 layers, but 2 of their modules have no tensors: "
+        "layers.0.up, layers.2.up (expected every layer)",
+    ]
+
+
+def test_from_peft_names_the_layer_whose_rank_or_alpha_differs(tmp_path):
+    params, tree = scanned_tree()
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    module = "base_model.model.layers.1.up"
+
+    def rank_4(tensors):
+        a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+        tensors[f"{module}.lora_A.weight"] = np.concatenate([a, a])
+        tensors[f"{module}.lora_B.weight"] = np.concatenate([b, b], axis=1)
+        return tensors
+
+    patterns = lambda c: {**c, "rank_pattern": {**c["rank_pattern"], r"layers\.1\.up": 4}}
+    edit_peft(tmp_path, config=patterns, tensors=rank_4)
+    text = from_peft_error(tmp_path, params, SCAN_NAMES)
+    assert text.splitlines()[1:] == [
+        "  params/layers/up/kernel: its layers must share one rank (alpha / r); rank 2 in 2 "
+        "layers, but rank 4 in layers.1.up"
+    ]
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    alphas = lambda c: {**c, "alpha_pattern": {r"layers\.2\.up": 3, "up": 6}}
+    edit_peft(tmp_path, config=alphas)
+    text = from_peft_error(tmp_path, params, SCAN_NAMES)
+    assert text.splitlines()[1:] == [
+        "  params/layers/up/kernel: its layers must share one scale (alpha / r); scale 3.0 in "
+        "2 layers, but scale 1.5 in layers.2.up"
+    ]
+    # The same per-layer patterns, equal across the layers, read back as one stack.
+    alphas = lambda c: {**c, "alpha_pattern": {rf"layers\.{i}\.up": 6 for i in range(3)}}
+    edit_peft(tmp_path, config=alphas)
+    assert_trees_equal(ll.from_peft(tmp_path, params, SCAN_NAMES), tree)
+
+
+def test_from_peft_refuses_a_layer_template_on_a_leaf_without_axes(tmp_path):
+    params, tree = scanned_tree()
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    params = {**params, "step": jnp.zeros(())}
+    text = from_peft_error(tmp_path, params, {**SCAN_NAMES, "step": "step.{layer}"})
+    assert text.splitlines()[1:] == [
+        "  step: the name map gives the per-layer template 'step.{layer}', but the leaf has no axes"
+    ]
