@@ -130,6 +130,9 @@ def to_peft(
     fully trained leaf) are unstacked: their name in ``name_map`` is a template with a
     ``{layer}`` field, filled with each index of the leading axis
     (``model.layers.{layer}.self_attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``, ...).
+    An embedding adapter of a model whose head reuses the embedding (tied) acts on the head
+    too in lorax_lite, while PEFT's acts on the lookup only: export adapters of untied
+    weights for the same outputs.
 
     Args:
         directory: the output directory (created if missing).
