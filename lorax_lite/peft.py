@@ -233,12 +233,10 @@ def _unstack(path: str, module: str, value: Any) -> list[Piece]:
     if LAYER not in module:
         return [Piece(path, None, module, value)]
     if isinstance(value, LoraWeight):
-        layer = lambda i: dataclasses.replace(
-            value, w=None, a=value.a[i], b=value.b[i], layout=Layout.dense()
-        )
-        count = value.a.shape[0]
-    else:
-        layer, count = (lambda i: value[i]), np.shape(value)[0]
+        # Without the base, every array of the node (the factors) has the layer axis first.
+        value = dataclasses.replace(value, w=None, layout=Layout.dense())
+    count = jax.tree_util.tree_leaves(value)[0].shape[0]
+    layer = lambda i: jax.tree_util.tree_map(lambda x: x[i], value)
     return [Piece(path, i, module.replace(LAYER, str(i)), layer(i)) for i in range(count)]
 
 
@@ -724,14 +722,14 @@ def _stacked_node(
     odd = _odd_layers([type(n).__name__ for n in nodes], name, "")
     if odd:
         return None, f"{path}: its layers must all be adapters or all trained in full; {odd}"
-    if isinstance(nodes[0], Trainable):
-        return Trainable(jnp.stack([n.value for n in nodes])), None
-    for what, values in (("rank", [n.rank for n in nodes]), ("scale", [n.scale for n in nodes])):
-        odd = _odd_layers(values, name, what + " ")
+    for what in ("rank", "scale") if isinstance(nodes[0], LoraWeight) else ():
+        odd = _odd_layers([getattr(n, what) for n in nodes], name, what + " ")
         if odd:
-            return None, f"{path}: its layers must share one {what} (alpha / r); {odd}"
-    a, b = jnp.stack([n.a for n in nodes]), jnp.stack([n.b for n in nodes])
-    return dataclasses.replace(nodes[0], w=w, a=a, b=b, layout=STACKED), None
+            return None, f"{path}: its layers must share one {what}; {odd}"
+    stacked = jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *nodes)
+    if isinstance(stacked, LoraWeight):
+        stacked = dataclasses.replace(stacked, w=w, layout=STACKED)
+    return stacked, None
 
 
 def _odd_layers(values: list[Any], name: Callable[[int], str], what: str) -> str | None:

@@ -649,21 +649,40 @@ def test_from_peft_names_the_layer_whose_rank_or_alpha_differs(tmp_path):
     edit_peft(tmp_path, config=patterns, tensors=rank_4)
     text = from_peft_error(tmp_path, params, SCAN_NAMES)
     assert text.splitlines()[1:] == [
-        "  params/layers/up/kernel: its layers must share one rank (alpha / r); rank 2 in 2 "
-        "layers, but rank 4 in layers.1.up"
+        "  params/layers/up/kernel: its layers must share one rank; rank 2 in 2 layers, but "
+        "rank 4 in layers.1.up"
     ]
     ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
     alphas = lambda c: {**c, "alpha_pattern": {r"layers\.2\.up": 3, "up": 6}}
     edit_peft(tmp_path, config=alphas)
     text = from_peft_error(tmp_path, params, SCAN_NAMES)
     assert text.splitlines()[1:] == [
-        "  params/layers/up/kernel: its layers must share one scale (alpha / r); scale 3.0 in "
-        "2 layers, but scale 1.5 in layers.2.up"
+        "  params/layers/up/kernel: its layers must share one scale; scale 3.0 in 2 layers, "
+        "but scale 1.5 in layers.2.up"
     ]
     # The same per-layer patterns, equal across the layers, read back as one stack.
     alphas = lambda c: {**c, "alpha_pattern": {rf"layers\.{i}\.up": 6 for i in range(3)}}
     edit_peft(tmp_path, config=alphas)
     assert_trees_equal(ll.from_peft(tmp_path, params, SCAN_NAMES), tree)
+
+
+def test_from_peft_refuses_a_stack_of_adapters_and_trained_weights(tmp_path):
+    params, tree = scanned_tree()
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+
+    def trained_layer_1(tensors):
+        tensors = drop_layer(tensors, "layers.1.up")
+        tensors["base_model.model.layers.1.up.weight"] = np.ones((12, 8), np.float32)
+        return tensors
+
+    edit_peft(tmp_path, tensors=trained_layer_1)
+    text = from_peft_error(tmp_path, params, SCAN_NAMES)
+    assert text.splitlines()[1:] == [
+        "  params/layers/up/kernel: its layers must all be adapters or all trained in full; "
+        "LoraWeight in 2 layers, but Trainable in layers.1.up",
+        "  params/layers/up/bias: stacks 3 layers, but 1 of their modules have no tensors: "
+        "layers.1.up (expected every layer)",
+    ]
 
 
 def test_from_peft_refuses_a_layer_template_on_a_leaf_without_axes(tmp_path):
