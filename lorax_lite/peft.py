@@ -94,7 +94,8 @@ class Piece(NamedTuple):
         path: the leaf's path.
         layer: the index along the leaf's leading (layer) axis, or None for the whole leaf.
         module: the PyTorch module name (the template filled in with ``layer``).
-        value: a 2-D `LoraWeight` (``w`` None for a layer) or an array.
+        value: what `to_peft` writes, a 2-D `LoraWeight` (``w`` None for a layer) or an
+            array; None in `from_peft`'s lookup of base leaves by module.
     """
 
     path: str

@@ -693,3 +693,14 @@ def test_from_peft_refuses_a_layer_template_on_a_leaf_without_axes(tmp_path):
     assert text.splitlines()[1:] == [
         "  step: the name map gives the per-layer template 'step.{layer}', but the leaf has no axes"
     ]
+
+
+def test_the_command_line_exports_scanned_layers_with_a_json_template_map(tmp_path):
+    from lorax_lite.cli import main
+
+    params, tree = scanned_tree()
+    ll.save_adapter(tmp_path / "adapter", tree, SCAN_CONFIG)
+    (tmp_path / "names.json").write_text(json.dumps(SCAN_NAMES))
+    args = ["export-peft", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "peft")]
+    assert main([*args, "--name-map", str(tmp_path / "names.json")]) == 0
+    assert_trees_equal(ll.from_peft(tmp_path / "peft", params, SCAN_NAMES), tree)
