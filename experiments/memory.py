@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,4", help="batch sizes whose compiled bytes are listed")
     p.add_argument("--quant-block", type=int, default=64, help="NF4 block size")
     p.add_argument("--budget-gib", type=float, default=8.0)
-    p.add_argument("--max-batch", type=int, default=512, help="stop the search here")
+    p.add_argument("--max-batch", type=int, default=64, help="stop the search here")
     p.add_argument("--remat", default="off,on", help="remat settings to compile: off, on")
     p.add_argument("--rss-batch", type=int, default=4)
     p.add_argument("--rss-steps", type=int, default=2, help="0: no measured runs")
@@ -294,9 +294,12 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for row in results["compiled"]:
         peaks = " | ".join(mib(row["compiled"][str(b)]["peak"]) for b in batches)
+        largest = row["largest_batch"]
+        if largest == a["max_batch"]:
+            largest = f">= {largest} (the search's limit)"
         lines.append(
             f"| {row['variant']} | {'on' if row['remat'] else 'off'} | {peaks} | "
-            f"{row['largest_batch']} | {mib(row['largest_batch_peak'])} | "
+            f"{largest} | {mib(row['largest_batch_peak'])} | "
             f"{mib(row['next_batch_peak'])} |"
         )
     if results["measured"]:
