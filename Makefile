@@ -141,7 +141,7 @@ clean:
 	rm -rf $(VENV) .venv-oldest .venv-jax011 .pytest_cache .ruff_cache
 
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
-.PHONY: bench-cpu bench-quant routing-bench param-arithmetic
+.PHONY: bench-cpu bench-quant routing-bench param-arithmetic memory
 bench-cpu: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
 		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,full,materialized,inline \
@@ -159,3 +159,7 @@ routing-bench: $(VENV)/.experiments
 
 param-arithmetic: $(VENV)/.experiments
 	$(PY) -m experiments.param_arithmetic
+
+# Fine-tuning memory of SmolLM2-135M: full, LoRA, bf16 base, QLoRA (bytes, not timings).
+memory: $(VENV)/.llm-data
+	$(PY) -m experiments.memory

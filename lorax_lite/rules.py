@@ -60,6 +60,12 @@ def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Arra
     """
     on_right = isinstance(rhs, LoraValue)
     lora, x = (rhs, lhs) if on_right else (lhs, rhs)
+    # One buffer for both products. Without the barrier XLA may fuse x's producer (a
+    # norm, an activation) into each product's input separately and compute it twice:
+    # under `route` the adapter path's input is batched per example, so it has another
+    # shape than the base product's, and the producer was duplicated (experiments/bench/
+    # NOTES.md, routing).
+    x = jax.lax.optimization_barrier(x)
     base = views.bind(eqn, (x, lora.w) if on_right else (lora.w, x))
     dot = views.dot(eqn)
     (contract_l, contract_r), (batch_l, batch_r) = dot.contract, dot.batch

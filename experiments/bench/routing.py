@@ -117,21 +117,42 @@ def _random_factors(template: Any, key: jax.Array) -> Any:
     return jax.tree_util.tree_unflatten(treedef, nodes)
 
 
+def programs(setup: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple]]:
+    """``{variant: (jitted function, its arguments on the benchmark batch)}``."""
+    model, tokens = setup["model"], setup["tokens"]
+    first = next(iter(setup["trees"].values()))
+    return {
+        "base": (jax.jit(model.apply), (setup["params"], tokens)),
+        "single": (jax.jit(ll.lora(model.apply)), (first, tokens)),
+        "routed": (jax.jit(ll.route(model.apply)), (setup["adapters"], setup["ids"], tokens)),
+    }
+
+
 def forwards(setup: dict[str, Any]) -> dict[str, Callable[..., Any]]:
-    """One jitted call per variant; called with no arguments, each runs on the benchmark batch.
+    """One call per variant; called with no arguments, each runs on the benchmark batch.
 
     ``single`` also takes another adapter tree of the same shapes (no recompilation).
     """
-    model, tokens = setup["model"], setup["tokens"]
-    base = jax.jit(model.apply)
-    single = jax.jit(ll.lora(model.apply))
-    routed = jax.jit(ll.route(model.apply))
-    first = next(iter(setup["trees"].values()))
+    (base, base_args), (single, single_args), (routed, routed_args) = programs(setup).values()
     return {
-        "base": lambda: base(setup["params"], tokens),
-        "single": lambda tree=first: single(tree, tokens),
-        "routed": lambda: routed(setup["adapters"], setup["ids"], tokens),
+        "base": lambda: base(*base_args),
+        "single": lambda tree=single_args[0]: single(tree, *single_args[1:]),
+        "routed": lambda: routed(*routed_args),
     }
+
+
+def compiled_costs(setup: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """XLA's cost analysis of each compiled forward: flops and bytes accessed.
+
+    Counted by the compiler, not timed, so other programs' load cannot move them: where
+    the routed forward's time goes beyond one adapter's shows up here as extra traffic.
+    """
+    costs = {}
+    for name, (fn, fn_args) in programs(setup).items():
+        analysis = fn.lower(*fn_args).compile().cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis  # older JAX
+        costs[name] = {key: float(analysis[key]) for key in ("flops", "bytes accessed")}
+    return costs
 
 
 def check_routing(setup: dict[str, Any], single: Callable, routed_out: Any, count: int) -> float:
@@ -244,6 +265,16 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['routing_max_abs_diff']:.2e} (adapters move the logits by up to "
         f"{result['adapter_effect_max_abs']:.2e}).",
         "",
+        "XLA's cost analysis of the compiled forwards (counted, not timed):",
+        "",
+        "| variant | GFLOP | MB accessed | bytes over single |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {c['flops'] / 1e9:.3f} | {c['bytes accessed'] / 1e6:.1f} | "
+            f"{c['bytes accessed'] / result['costs']['single']['bytes accessed']:.3f}x |"
+            for name, c in result["costs"].items()
+        ),
+        "",
         f"Command: `{result['command']}`  ",
         f"Commit: {result['commit']}"
         + (f" (tracked files changed: {', '.join(result['dirty'])})" if result["dirty"] else "")
@@ -274,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "first_call_s": first,
         "routing_max_abs_diff": gap,
         "adapter_effect_max_abs": effect,
+        "costs": compiled_costs(setup),
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         **summarize(times, args.batch * args.seq),
