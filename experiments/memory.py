@@ -345,19 +345,25 @@ def plot(results: dict[str, Any], path: str) -> None:
     left.set_title("state, from the trees")
     left.legend()
     left.tick_params(axis="x", rotation=30)
-    for remat in sorted({r["remat"] for r in results["compiled"]}):
-        sel = [r for r in results["compiled"] if r["remat"] == remat]
-        right.plot(
-            [r["variant"] for r in sel],
-            [r["largest_batch"] for r in sel],
-            "o-",
+    settings = sorted({r["remat"] for r in results["compiled"]})
+    width = 0.8 / len(settings)
+    for k, remat in enumerate(settings):
+        sel = {r["variant"]: r for r in results["compiled"] if r["remat"] == remat}
+        peaks = [sel[n]["compiled"][batch]["peak"] / GIB if n in sel else 0 for n in names]
+        right.bar(
+            np.arange(len(names)) + k * width,
+            peaks,
+            width,
             label=f"remat {'on' if remat else 'off'}",
         )
-    right.set_title(f"largest batch within {results['args']['budget_gib']:g} GiB")
-    right.set_ylabel(f"examples of {results['args']['seq']} tokens")
+    right.set_xticks(np.arange(len(names)) + width * (len(settings) - 1) / 2, names)
+    right.set_title(f"compiled step's peak, batch {batch} x {results['args']['seq']} tokens")
+    right.set_ylabel("GiB")
     right.legend()
     right.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"{results['model']}: fine-tuning memory (compiled step at batch {batch})")
+    fig.suptitle(
+        f"{results['model']}: fine-tuning memory (AdamW, LoRA rank {results['args']['rank']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
