@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from .checkpoint import base_of
 from .config import LoraConfig
+from .decompose import INITS as RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
@@ -102,12 +103,19 @@ def to_peft(
 
     Raises:
         ValueError: listing every leaf that the name map does not map and every
-            adapter whose layout PEFT cannot express.
+            adapter whose layout PEFT cannot express; for adapters initialized with
+            ``init="pissa"``/``"olora"`` (their base is a residual, not the original).
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query"}
         >>> ll.to_peft("/tmp/peft", lora_params, config, names)  # doctest: +SKIP
     """
+    if config.init in RESIDUAL_INITS:
+        raise ValueError(
+            f"to_peft: these adapters were initialized with init={config.init!r}, which "
+            "replaced each adapted base weight by its residual W - s*A0@B0, and a PEFT "
+            "adapter is read onto the original weights; export ll.merge(tree) instead"
+        )
     resolve = resolve_name_map(name_map)
     nodes = named_leaves(tree, is_leaf=is_lora_node)
     adapters = [(p, n) for p, n in nodes if isinstance(n, LoraWeight) and n.a is not None]
