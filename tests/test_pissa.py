@@ -8,6 +8,7 @@ are checked against numpy's float64 SVD and QR, the randomized SVD against the e
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,36 @@ def test_config_round_trips_the_init():
     config = ll.LoraConfig(init="pissa", pissa_niter=np.int64(4))
     assert config.pissa_niter == 4 and type(config.pissa_niter) is int
     assert ll.LoraConfig.from_dict(config.to_dict()) == config
+
+
+PEFT = all(importlib.util.find_spec(m) for m in ("torch", "peft"))
+
+
+@pytest.mark.skipif(not PEFT, reason="needs torch and peft (make interop)")
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_init_matches_peft(init):
+    """PEFT's PiSSA/OLoRA init of a torch Linear: our A, B are its lora_A^T, lora_B^T
+    (up to the sign of each singular/QR pair) and our residual its base weight^T."""
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 9, bias=False))
+    w = model[0].weight.detach().numpy().T.copy()  # (in, out), as a Flax kernel
+    rank, alpha = 3, 6
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], init_lora_weights=init)
+    peft_model = peft.get_peft_model(model, config)
+    layer = peft_model.base_model.model[0]
+    peft_a = layer.lora_A["default"].weight.detach().numpy().T
+    peft_b = layer.lora_B["default"].weight.detach().numpy().T
+    peft_residual = layer.base_layer.weight.detach().numpy().T
+
+    ours = ll.init(
+        {"k": jnp.asarray(w)},
+        ll.LoraConfig(rank=rank, alpha=alpha, targets="k", init=init),
+        key=jax.random.key(0),
+    )["k"]
+    np.testing.assert_allclose(np.asarray(ours.w), peft_residual, atol=1e-5)
+    np.testing.assert_allclose(np.abs(np.asarray(ours.a)), np.abs(peft_a), atol=1e-5)
+    np.testing.assert_allclose(np.abs(np.asarray(ours.b)), np.abs(peft_b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours.a) @ np.asarray(ours.b), peft_a @ peft_b, atol=1e-5)
