@@ -80,6 +80,7 @@ def init(
     problems += [
         f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
     ]
+    problems += _residual_init_problems(named, config, targeted)
     layouts = {}
     for path, leaf in named:
         if path in targeted:
@@ -116,6 +117,22 @@ def init(
         return Trainable(leaf) if path in trained else leaf
 
     return _quantized(jax.tree_util.tree_map(wrap, params), quantize)
+
+
+def _residual_init_problems(
+    named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]
+) -> list[str]:
+    """PiSSA and OLoRA decompose each weight's values: a problem for each targeted leaf
+    that has none (a ``jax.ShapeDtypeStruct``, e.g. a stand-in for a quantized weight)."""
+    if config.init not in decompose.INITS:
+        return []
+    return [
+        f"{path}: init={config.init!r} decomposes the weight's values, found a "
+        f"{type(leaf).__name__}; pass the float weights (for a quantized base, its "
+        "dequantized weights, with quantize= to quantize the residual)"
+        for path, leaf in named
+        if path in targeted and not isinstance(leaf, jax.Array | np.ndarray)
+    ]
 
 
 def _quantized(tree: Any, spec: str | Mapping[str, Any] | None) -> Any:

@@ -235,3 +235,34 @@ def test_scanned_expert_stack_equals_the_merged_layers(quantized):
     for layer in merged:
         h = h + np.tanh(np.stack([h[t] @ layer[e] for t, e in enumerate(groups)]))
     np.testing.assert_allclose(np.asarray(out, np.float64), h, rtol=1e-5, atol=1e-5)
+
+
+@JIT
+def test_ragged_dot_general_with_other_axis_orders(jit):
+    """``ragged_dot_general`` on rows laid out ``(d_in, m)`` and experts ``(E, d_out, d_in)``:
+    the factors' dimension numbers follow the weight's; float64 reference per row."""
+    n_experts, d_in, d_out, m = 3, 6, 4, 9
+    numbers = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (2,)), ((), ())),
+        lhs_ragged_dimensions=(1,),
+        rhs_group_dimensions=(0,),
+    )
+
+    def layer(x, w, sizes):
+        return lax.ragged_dot_general(x, w, sizes, numbers)
+
+    x, sizes = normal((d_in, m), 14), jnp.asarray([3, 0, 6], jnp.int32)
+    params = {"w": normal((n_experts, d_out, d_in), 15)}
+    fn = lambda p, x, sizes: layer(x, p["w"], sizes)
+    tree = ll.init(
+        params, ll.LoraConfig(rank=2, targets="w"), key=jax.random.key(7), fn=fn, args=(x, sizes)
+    )
+    tree = randomize_b(tree, jax.random.key(8))
+    assert tree["w"].layout == ll.Layout((0,), (2,), (1,))
+    apply = ll.lora(fn, strict=True)
+    out = (jax.jit(apply) if jit else apply)(tree, x, sizes)
+    merged = dense_reference(tree["w"])  # (E, d_out, d_in)
+    groups = np.repeat(np.arange(n_experts), np.asarray(sizes))
+    rows = np.asarray(x, np.float64).T
+    expected = np.stack([merged[e] @ rows[t] for t, e in enumerate(groups)])
+    np.testing.assert_allclose(np.asarray(out, np.float64), expected, rtol=1e-5, atol=1e-5)

@@ -283,3 +283,15 @@ def test_init_matches_peft(init):
     np.testing.assert_allclose(np.abs(np.asarray(ours.a)), np.abs(peft_a), atol=1e-5)
     np.testing.assert_allclose(np.abs(np.asarray(ours.b)), np.abs(peft_b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ours.a) @ np.asarray(ours.b), peft_a @ peft_b, atol=1e-5)
+
+
+def test_init_refuses_weights_without_values():
+    """Shape stand-ins (how experiments.models.llama_gguf.init_lora initializes adapters
+    over a quantized GGUF base) have no values to decompose: every such leaf is named."""
+    params = {"q": jax.ShapeDtypeStruct((8, 4), jnp.float32), "k": jnp.ones((8, 4))}
+    config = ll.LoraConfig(rank=2, targets=("q", "k"), init="olora")
+    with pytest.raises(ValueError, match=r"q: init='olora' decomposes the weight's values") as e:
+        ll.init(params, config, key=jax.random.key(0))
+    assert "ShapeDtypeStruct" in str(e.value) and "\n  k:" not in str(e.value)
+    kaiming = ll.init(params, dataclasses.replace(config, init="kaiming"), key=jax.random.key(0))
+    assert kaiming["q"].a.shape == (8, 2)
