@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .config import AXIS_ROLES, LoraConfig
-from .decompose import INITS as RESIDUAL_INITS
+from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import named_leaves, path_str, unflatten
 from .weight import Layout, LoraWeight, Trainable, is_lora_node

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from .weight import Layout, LoraWeight
 
-INITS = ("pissa", "olora")
+RESIDUAL_INITS = ("pissa", "olora")
 """The `LoraConfig.init` values that change the base weight."""
 OVERSAMPLE = 10  # extra random directions of the randomized SVD (Halko et al.'s default)
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -68,7 +68,7 @@ def residual_init(
         q, r = jnp.linalg.qr(jnp.swapaxes(matrix, -1, -2))
         a, b = jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
     else:
-        raise ValueError(f"residual_init: init must be one of {INITS}, got {init!r}")
+        raise ValueError(f"residual_init: init must be one of {RESIDUAL_INITS}, got {init!r}")
     a_shape, b_shape = layout.factor_shapes(w.shape, rank)
     a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
     delta = LoraWeight(w, a, b, scale, layout).delta(jnp.float32)

@@ -98,7 +98,7 @@ def init(
         if path in targeted:
             rank, alpha = config.rank_for(path), config.alpha_for(path)
             scale, layout = config.scale_for(rank, alpha), layouts[path]
-            if config.init in decompose.INITS:
+            if config.init in decompose.RESIDUAL_INITS:
                 a, b, leaf = decompose.residual_init(
                     leaf,
                     layout,
@@ -124,7 +124,7 @@ def _residual_init_problems(
 ) -> list[str]:
     """PiSSA and OLoRA decompose each weight's values: a problem for each targeted leaf
     that has none (a ``jax.ShapeDtypeStruct``, e.g. a stand-in for a quantized weight)."""
-    if config.init not in decompose.INITS:
+    if config.init not in decompose.RESIDUAL_INITS:
         return []
     return [
         f"{path}: init={config.init!r} decomposes the weight's values, found a "

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from .checkpoint import base_of
 from .config import LoraConfig
-from .decompose import INITS as RESIDUAL_INITS
+from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
