@@ -76,6 +76,11 @@ $(VENV)/.llm-data: $(VENV)/.experiments
 demo: $(VENV)/.demo-data
 	$(PY) -m experiments.demo
 
+# LoRA, LoRA+, PiSSA and OLoRA on the demo's task (one seed, a short run).
+.PHONY: variants
+variants: $(VENV)/.demo-data
+	$(PY) -m experiments.variants
+
 # Alpha/r vs rsLoRA across ranks, and adapter dropout, on the demo's task.
 .PHONY: alpha-dropout
 alpha-dropout: $(VENV)/.demo-data

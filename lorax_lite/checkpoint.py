@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .config import AXIS_ROLES, LoraConfig
+from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import named_leaves, path_str, unflatten
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
@@ -678,6 +679,14 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
         problems += _fingerprint_problems(info, named, misfits)
     if problems:
         hint = "\n(check_base=False loads onto a different base with the same shapes)"
+        if info["config"].get("init") in RESIDUAL_INITS:
+            hint += (
+                f"\nThis adapter was initialized with init={info['config']['init']!r}: its "
+                "base is the residual W - s*A0@B0 that ll.init put in the tree, not the "
+                "original weights. Load it onto that residual base (save "
+                "ll.partition(tree)[1] beside the adapter; ll.init with the same config "
+                "and key rebuilds it on the same JAX and device), or use ll.merge(tree)."
+            )
         raise ValueError(
             f"Cannot load the adapter {path} onto this base:\n  " + "\n  ".join(problems) + hint
         )

@@ -17,6 +17,7 @@ from .targets import pattern_matches
 
 Spec = str | Callable[[str, Any], bool]
 AXIS_ROLES = ("stack", "in", "out")
+INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,13 @@ class LoraConfig:
         alpha_pattern: ``{regex: alpha}``; the longest matching regex wins.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
         init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"``
-            (std ``1/r``) for ``A``; ``B`` always starts at zero.
+            (std ``1/r``) for ``A``, with ``B`` at zero; or ``"pissa"`` (``A``, ``B``
+            from the top-``r`` singular vectors and values of ``W``) or ``"olora"``
+            (from a QR decomposition of ``W``), which replace the base by the residual
+            ``W - s A B`` so the model is unchanged at step 0 (see `lorax_lite.decompose`).
+        pissa_niter: with ``init="pissa"``: None for the exact SVD, or the number of
+            power iterations of a randomized SVD (faster on large weights; PEFT's
+            ``"pissa_niter_[n]"``).
         dtype: dtype of the ``A`` and ``B`` factors, whatever the base dtype.
         train: regexes of leaves trained in full (a new head, layer norms).
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of
@@ -62,7 +69,8 @@ class LoraConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    pissa_niter: int | None = None
     dtype: str = "float32"
     train: tuple[str, ...] = ()
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -77,6 +85,8 @@ class LoraConfig:
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         object.__setattr__(self, "use_rslora", bool(self.use_rslora))
         object.__setattr__(self, "rank", int(self.rank))
+        if self.pissa_niter is not None:
+            object.__setattr__(self, "pissa_niter", int(self.pissa_niter))
         object.__setattr__(self, "alpha", _as_float(self.alpha))
         object.__setattr__(self, "dropout", _as_float(self.dropout))
         object.__setattr__(self, "rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
@@ -199,8 +209,13 @@ def _validate(config: LoraConfig) -> list[str]:
         problems.append(f"use_rslora must be True or False, got {config.use_rslora!r}")
     if not _is_float_dtype(config.dtype):
         problems.append(f"dtype must be a floating dtype such as 'float32', got {config.dtype!r}")
-    if config.init not in ("kaiming", "gaussian"):
-        problems.append(f"init must be 'kaiming' or 'gaussian', got {config.init!r}")
+    if config.init not in INITS:
+        problems.append(f"init must be one of {INITS}, got {config.init!r}")
+    if config.pissa_niter is not None:
+        if not is_number(config.pissa_niter, numbers.Integral) or config.pissa_niter < 0:
+            problems.append(f"pissa_niter must be None or an int >= 0, got {config.pissa_niter!r}")
+        elif config.init != "pissa":
+            problems.append(f"pissa_niter is for init='pissa', not init={config.init!r}")
     if config.bias not in ("none", "all", "lora_only"):
         problems.append(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}")
     if not config.targets:

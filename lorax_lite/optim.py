@@ -1,43 +1,89 @@
-"""`optimizer`: an optax transform that updates only the adapters and trained leaves."""
+"""`optimizer`: an optax transform that updates only the adapters and trained leaves,
+optionally with LoRA+ (a larger learning rate for ``B``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax
 import optax
 
 from .params import trainable_mask
+from .weight import LoraWeight, is_node
 
 
-def labels(tree: Any) -> Any:
-    """``"train"`` at every ``a``, ``b`` and `Trainable` value, ``"freeze"`` elsewhere."""
-    return jax.tree_util.tree_map(lambda m: "train" if m else "freeze", trainable_mask(tree))
+def labels(tree: Any, *, separate_b: bool = False) -> Any:
+    """``"train"`` at every ``a``, ``b`` and `Trainable` value, ``"freeze"`` elsewhere.
+
+    With ``separate_b``, every ``b`` is labelled ``"train_b"`` instead (LoRA+).
+    """
+    marks = jax.tree_util.tree_map(lambda m: "train" if m else "freeze", trainable_mask(tree))
+    if not separate_b:
+        return marks
+
+    def relabel(node):
+        if isinstance(node, LoraWeight) and node.b is not None:
+            return dataclasses.replace(node, b="train_b")
+        return node
+
+    return jax.tree_util.tree_map(relabel, marks, is_leaf=is_node)
 
 
-def optimizer(tx: optax.GradientTransformation, tree: Any = None) -> optax.GradientTransformation:
+def optimizer(
+    tx: optax.GradientTransformation,
+    tree: Any = None,
+    *,
+    b_lr_ratio: float | None = None,
+) -> optax.GradientTransformation:
     """Wraps ``tx`` so that frozen leaves get zero updates and no optimizer state.
 
     Built on ``optax.multi_transform`` with ``optax.set_to_zero`` for frozen leaves.
     The labels are computed from the tree passed to ``init``/``update``, so the
     same optimizer works on the full LoRA tree and on its trainable partition.
 
+    LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): with
+    ``b_lr_ratio``, every ``B`` factor gets its own copy of ``tx`` (its own state)
+    whose updates are scaled by the ratio, ``optax.chain(tx, optax.scale(ratio))``.
+    For optimizers whose update is proportional to the learning rate (SGD, momentum,
+    Adam, AdamW with its decoupled weight decay, Lion, schedules of these) that is
+    ``B`` trained at ``ratio`` times ``A``'s learning rate. ``A`` and `Trainable`
+    leaves keep ``tx``'s rate. Unlike PEFT, 1-D trained leaves (biases) keep ``A``'s
+    rate and embedding adapters get no rate of their own.
+
     Args:
         tx: the optimizer for the trainable leaves, e.g. ``optax.adamw(1e-3)``.
         tree: optional LoRA tree; when given, it is checked to contain something trainable.
+        b_lr_ratio: LoRA+ ratio ``lr_B / lr_A`` (the paper suggests 2 to 16; PEFT's
+            ``loraplus_lr_ratio``); ``None`` trains ``A`` and ``B`` alike.
 
     Returns:
-        An ``optax.GradientTransformation``.
+        An ``optax.GradientTransformation``. With ``b_lr_ratio`` its state holds one
+        inner state for ``"train"`` (``A``, `Trainable`) and one for ``"train_b"``.
 
     Raises:
-        ValueError: if ``tree`` has no trainable leaf.
+        ValueError: if ``tree`` has no trainable leaf, or ``b_lr_ratio`` is not a
+            finite number > 0.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from lorax_lite.weight import LoraWeight
         >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
         >>> state = optimizer(optax.adam(1e-3)).init(lp)
+        >>> state = optimizer(optax.adam(1e-4), lp, b_lr_ratio=16).init(lp)
     """
     if tree is not None and not any(jax.tree_util.tree_leaves(trainable_mask(tree))):
         raise ValueError("optimizer: the tree has no trainable leaf; did you call ll.init?")
-    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    if b_lr_ratio is None:
+        return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    is_number = isinstance(b_lr_ratio, numbers.Real) and not isinstance(b_lr_ratio, bool)
+    if not is_number or not 0 < b_lr_ratio < math.inf:
+        raise ValueError(f"optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
+    transforms = {
+        "train": tx,
+        "train_b": optax.chain(tx, optax.scale(float(b_lr_ratio))),
+        "freeze": optax.set_to_zero(),
+    }
+    return optax.multi_transform(transforms, lambda t: labels(t, separate_b=True))

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import decompose
 from .config import LoraConfig
 from .quant import is_quantized, quantize_array
 from .targets import (
@@ -52,6 +53,9 @@ def init(
     Returns:
         The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
         and fully trained leaves (``config.train``, biases) wrapped in `Trainable`.
+        With ``init="pissa"``/``"olora"`` each ``w`` is the residual ``W - s A B``
+        (then quantized, with ``quantize``); save it with the adapter (`save_adapter`
+        records its fingerprint and `load_adapter` refuses the original weights).
 
     Raises:
         ValueError: if ``params`` already holds `LoraWeight` or `Trainable` leaves (naming
@@ -76,6 +80,7 @@ def init(
     problems += [
         f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
     ]
+    problems += _residual_init_problems(named, config, targeted)
     layouts = {}
     for path, leaf in named:
         if path in targeted:
@@ -92,15 +97,42 @@ def init(
         path, _ = next(paths)
         if path in targeted:
             rank, alpha = config.rank_for(path), config.alpha_for(path)
-            a, b = init_factors(
-                next(keys), leaf.shape, layouts[path], rank, init=config.init, dtype=config.dtype
-            )
-            return LoraWeight(
-                leaf, a, b, config.scale_for(rank, alpha), layouts[path], config.dropout
-            )
+            scale, layout = config.scale_for(rank, alpha), layouts[path]
+            if config.init in decompose.RESIDUAL_INITS:
+                a, b, leaf = decompose.residual_init(
+                    leaf,
+                    layout,
+                    rank,
+                    scale,
+                    init=config.init,
+                    dtype=config.dtype,
+                    niter=config.pissa_niter,
+                    key=next(keys),
+                )
+            else:
+                a, b = init_factors(
+                    next(keys), leaf.shape, layout, rank, init=config.init, dtype=config.dtype
+                )
+            return LoraWeight(leaf, a, b, scale, layout, config.dropout)
         return Trainable(leaf) if path in trained else leaf
 
     return _quantized(jax.tree_util.tree_map(wrap, params), quantize)
+
+
+def _residual_init_problems(
+    named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]
+) -> list[str]:
+    """PiSSA and OLoRA decompose each weight's values: a problem for each targeted leaf
+    that has none (a ``jax.ShapeDtypeStruct``, e.g. a stand-in for a quantized weight)."""
+    if config.init not in decompose.RESIDUAL_INITS:
+        return []
+    return [
+        f"{path}: init={config.init!r} decomposes the weight's values, found a "
+        f"{type(leaf).__name__}; pass the float weights (for a quantized base, its "
+        "dequantized weights, with quantize= to quantize the residual)"
+        for path, leaf in named
+        if path in targeted and not isinstance(leaf, jax.Array | np.ndarray)
+    ]
 
 
 def _quantized(tree: Any, spec: str | Mapping[str, Any] | None) -> Any:

@@ -42,6 +42,7 @@ from safetensors.numpy import load_file, save_file
 
 from .checkpoint import base_of
 from .config import LoraConfig
+from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
@@ -149,13 +150,20 @@ def to_peft(
     Raises:
         ValueError: listing every leaf that the name map does not map, every adapter
             whose layout PEFT cannot express, every stacked leaf without a ``{layer}``
-            template and every unstacked one with one.
+            template and every unstacked one with one; for adapters initialized with
+            ``init="pissa"``/``"olora"`` (their base is a residual, not the original).
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query",
         ...          "params/layers/self_attn/q_proj": "model.layers.{layer}.self_attn.q_proj"}
         >>> ll.to_peft("/tmp/peft", lora_params, config, names)  # doctest: +SKIP
     """
+    if config.init in RESIDUAL_INITS:
+        raise ValueError(
+            f"to_peft: these adapters were initialized with init={config.init!r}, which "
+            "replaced each adapted base weight by its residual W - s*A0@B0, and a PEFT "
+            "adapter is read onto the original weights; export ll.merge(tree) instead"
+        )
     pieces, problems = _pieces(tree, resolve_name_map(name_map))
     adapters = [p for p in pieces if isinstance(p.value, LoraWeight)]
     problems += _shared_modules(adapters, "adapters")

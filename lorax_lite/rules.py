@@ -7,6 +7,8 @@
 * ``dot_general``: ``x.w + scale * ((drop(x).A).B)``, for any dimension numbers.
 * ``conv_general_dilated``: ``conv(x, w) + scale * (conv(drop(x), A)).B``.
 * ``gather`` (embedding lookup): ``w[i] + scale * A[i] @ B``.
+* ``ragged_dot`` (grouped mixture-of-experts matmul): two ragged dots through the
+  per-expert ``A`` and ``B``, with the same group sizes.
 * structural ops (casts, transposes, reshapes, slices of stacked axes) return a new
   `LoraValue`.
 
@@ -101,6 +103,58 @@ def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Arra
     t = t * jnp.asarray(lora.scale, t.dtype)
     delta = _einsum(t_spec, second[1], out, t, second[0].astype(dtype), **options)
     return base + delta.reshape(base.shape).astype(base.dtype)
+
+
+def ragged_dot(
+    eqn: Any, x: jax.Array, lora: LoraValue, group_sizes: jax.Array, key: jax.Array | None
+) -> jax.Array | None:
+    """``ragged_dot``/``ragged_dot_general`` of grouped rows with a LoRA expert stack.
+
+    The weight's group axis is its stacked axis (one adapter per expert), its
+    contracted axes fan-in, the rest fan-out: ``(E, d_in, d_out)`` with ``A`` of
+    ``(E, d_in, r)`` and ``B`` of ``(E, r, d_out)``. The adapter path is two ragged
+    dots with the same group sizes, ``ragged(ragged(drop(x), A), B)``, so no
+    per-expert ``(E, d_in, d_out)`` delta is formed. Returns None (the evaluator then
+    materializes) for other forms: rows ragged along a contracted axis, batch axes,
+    a ``group_offset``.
+    """
+    view = views.ragged_dot(eqn)
+    (x_contract, w_contract), batch = view.dot.contract, view.dot.batch
+    lora = sorted_groups(lora)
+    stack, fan_in, _ = lora.layout
+    ragged_rows = len(view.lhs_ragged) == 1 and view.lhs_ragged[0] not in x_contract
+    if (
+        view.group_offset is not None
+        or batch != ((), ())
+        or not ragged_rows
+        or stack != view.rhs_group
+        or set(w_contract) != set(fan_in)
+    ):
+        return None
+    base = views.bind(eqn, [x, lora.w, group_sizes])
+    (group,) = stack
+    a_axes, b_axes = factor_axes(lora.layout)
+    options = dict(
+        precision=view.dot.precision, preferred_element_type=view.dot.preferred_element_type
+    )
+    dtype = lora.w.dtype
+    numbers = lax.RaggedDotDimensionNumbers(
+        ((x_contract, tuple(a_axes.index(i) for i in w_contract)), ((), ())),
+        view.lhs_ragged,
+        (a_axes.index(group),),
+    )
+    x = dropout(x, lora.dropout, key)
+    t = lax.ragged_dot_general(x, lora.a.astype(dtype), group_sizes, numbers, **options)
+    t = t * jnp.asarray(lora.scale, t.dtype)
+    # t holds x's free axes in order, then the rank; its rows stay grouped as x's.
+    x_free = [i for i in range(x.ndim) if i not in x_contract]
+    numbers = lax.RaggedDotDimensionNumbers(
+        (((t.ndim - 1,), (b_axes.index(None),)), ((), ())),
+        (x_free.index(view.lhs_ragged[0]),),
+        (b_axes.index(group),),
+    )
+    delta = lax.ragged_dot_general(t, lora.b.astype(t.dtype), group_sizes, numbers, **options)
+    return base + delta.astype(base.dtype)
 
 
 def _merge_free_axes(x, x_spec, x_batch, x_contract, letter) -> tuple[jax.Array, list[str]]:

@@ -252,6 +252,8 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
         out = rules.dot_general(eqn, *invals, ctx.next_key() if lora.dropout else None)
     elif p is prim.conv_general_dilated_p and lora_in == [False, True]:
         out = rules.conv(eqn, *invals, ctx.next_key() if invals[1].dropout else None)
+    elif p.name == views.RAGGED_DOT and lora_in == [False, True, False]:
+        out = rules.ragged_dot(eqn, *invals, ctx.next_key() if invals[1].dropout else None)
     elif p is prim.gather_p and lora_in == [True, False]:
         out = rules.gather(eqn, *invals)
     if out is None:

@@ -33,7 +33,8 @@ PASS_THROUGH = frozenset(
 
 
 class Usage(NamedTuple):
-    """How a weight is first used: ``kind`` is ``"dot"``, ``"conv"`` or ``"gather"``."""
+    """How a weight is first used: ``kind`` is ``"dot"`` (``dot_general``, or
+    ``ragged_dot`` with the expert axis stacked), ``"conv"`` or ``"gather"``."""
 
     kind: str
     layout: Layout
@@ -113,6 +114,15 @@ def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
                         for ax in range(len(t.axes))
                     }
                     _record(found, t, "dot", roles)
+        elif p.name == views.RAGGED_DOT and len(tracked) > 1 and tracked[1]:
+            ragged = views.ragged_dot(eqn)
+            contract, batch = ragged.dot.contract[1], ragged.dot.batch[1]
+            stacked = set(batch) | set(ragged.rhs_group)
+            roles = {
+                ax: "in" if ax in contract else "stack" if ax in stacked else "out"
+                for ax in range(len(tracked[1].axes))
+            }
+            _record(found, tracked[1], "dot", roles)
         elif p is prim.conv_general_dilated_p and tracked[1]:
             out_axis = views.conv(eqn).kernel_spec[0]
             roles = {ax: "out" if ax == out_axis else "in" for ax in range(len(tracked[1].axes))}

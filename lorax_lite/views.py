@@ -270,6 +270,38 @@ class Slice(NamedTuple):
     sizes: tuple[int, ...] | None
 
 
+RAGGED_DOT = "ragged_dot_general"
+"""The name of the primitive ``lax.ragged_dot`` and ``lax.ragged_dot_general`` bind (no
+public primitive object in any supported JAX)."""
+
+
+class RaggedDot(NamedTuple):
+    """``ragged_dot_general``: a `Dot`'s axes, the ragged axes of the left operand and
+    the group (expert) axes of the right one; ``group_offset`` is None unless given."""
+
+    dot: Dot
+    lhs_ragged: tuple[int, ...]
+    rhs_group: tuple[int, ...]
+    group_offset: Any
+
+
+def ragged_dot(eqn: Any) -> RaggedDot:
+    """The view of a ``ragged_dot_general`` equation."""
+    (dims,) = _get(eqn, "ragged_dot_dimension_numbers")
+    try:
+        (contract_l, contract_r), (batch_l, batch_r) = dims.dot_dimension_numbers
+        lhs_ragged, rhs_group = dims.lhs_ragged_dimensions, dims.rhs_group_dimensions
+    except (AttributeError, TypeError, ValueError) as e:
+        raise _error(eqn, f"unreadable ragged_dot_dimension_numbers {dims!r}") from e
+    dot = Dot(
+        (tuple(contract_l), tuple(contract_r)),
+        (tuple(batch_l), tuple(batch_r)),
+        eqn.params.get("precision"),
+        eqn.params.get("preferred_element_type"),
+    )
+    return RaggedDot(dot, tuple(lhs_ragged), tuple(rhs_group), eqn.params.get("group_offset"))
+
+
 def dot(eqn: Any) -> Dot:
     """The view of a ``dot_general`` equation."""
     (dims,) = _get(eqn, "dimension_numbers")

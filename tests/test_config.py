@@ -27,7 +27,10 @@ import lorax_lite as ll
         (dict(dropout=math.nan), "dropout must be in [0, 1), got nan"),
         (dict(alpha=math.inf), "alpha must be a finite number > 0, got inf"),
         (dict(rank=np.float64(4)), "rank must be an int >= 1, got "),
-        (dict(init="xavier"), "init must be 'kaiming' or 'gaussian', got 'xavier'"),
+        (
+            dict(init="xavier"),
+            "init must be one of ('kaiming', 'gaussian', 'pissa', 'olora'), got 'xavier'",
+        ),
         (dict(bias="some"), "bias must be 'none', 'all' or 'lora_only', got 'some'"),
         (dict(targets=()), "targets is empty"),
         (dict(targets=("q", "v"), exclude=("v",)), "patterns both targeted and excluded: ['v']"),

@@ -134,3 +134,135 @@ def test_labels_mark_a_b_and_trainable(lora_params):
 def test_optimizer_refuses_a_tree_with_nothing_to_train():
     with pytest.raises(ValueError, match="no trainable leaf; did you call ll.init"):
         ll.optimizer(optax.adam(1e-3), {"w": jnp.ones((2, 2))})
+
+
+# LoRA+: B at b_lr_ratio times A's learning rate.
+
+
+def _reference_updates(points, grads_seq, make_tx, ratio):
+    """Each leaf's updates from its own optax optimizer (B's at ``ratio`` times the rate),
+    fed the same gradients and parameters step by step."""
+    flat_points = [jax.tree_util.tree_leaves(p) for p in points]
+    flat_grads = [jax.tree_util.tree_leaves(g) for g in grads_seq]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(points[0])
+    per_leaf = []
+    for i, (path, leaf) in enumerate(flat):
+        tx = make_tx(ratio if jax.tree_util.keystr(path).endswith(".b") else 1.0)
+        state, updates = tx.init(leaf), []
+        for grads, params in zip(flat_grads, flat_points):
+            u, state = tx.update(grads[i], state, params[i])
+            updates.append(u)
+        per_leaf.append(updates)
+    return [jax.tree_util.tree_unflatten(treedef, step) for step in zip(*per_leaf)]
+
+
+@pytest.mark.parametrize(
+    "make_tx",
+    [
+        lambda m: optax.adam(1e-2 * m),
+        lambda m: optax.sgd(1e-2 * m, momentum=0.9),
+        lambda m: optax.adamw(1e-2 * m, weight_decay=0.1),
+    ],
+    ids=["adam", "sgd-momentum", "adamw"],
+)
+@JIT
+def test_loraplus_b_updates_equal_a_ratio_times_larger_learning_rate(lora_params, make_tx, jit):
+    """Three steps on the trainable partition: each leaf's update equals that of a
+    separate optax optimizer at lr (A, head) or ratio * lr (B), state carried over."""
+    ratio = 16.0
+    trainable, frozen = ll.partition(lora_params)
+    tx = ll.optimizer(make_tx(1.0), lora_params, b_lr_ratio=ratio)
+    loss = lambda t: loss_of_tree(ll.combine(t, frozen))
+    grads_seq, updates_seq, state, t = [], [], tx.init(trainable), trainable
+    update = jax.jit(tx.update) if jit else tx.update
+    for _ in range(3):
+        grads = jax.grad(loss)(t)
+        updates, state = update(grads, state, t)
+        grads_seq.append(grads)
+        updates_seq.append(updates)
+        t = optax.apply_updates(t, updates)
+    points = [trainable]
+    for updates in updates_seq[:-1]:
+        points.append(optax.apply_updates(points[-1], updates))
+    expected = _reference_updates(points, grads_seq, make_tx, ratio)
+    assert_trees_allclose(updates_seq, expected, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_loraplus_b_update_is_ratio_times_the_plain_one_at_the_first_step(lora_params, name):
+    """At step 0 (fresh state), B's update is ratio times the plain optimizer's (both
+    are linear in the rate); A's and the head's are the same; frozen leaves get zero."""
+    make = {"adam": optax.adam, "sgd": optax.sgd}[name]
+    ratio = 4.0
+    grads = jax.grad(loss_of_tree)(lora_params)
+    plain_tx = ll.optimizer(make(1e-2))
+    plus_tx = ll.optimizer(make(1e-2), b_lr_ratio=ratio)
+    plain, _ = plain_tx.update(grads, plain_tx.init(lora_params), lora_params)
+    plus, _ = plus_tx.update(grads, plus_tx.init(lora_params), lora_params)
+    flat_plain = jax.tree_util.tree_flatten_with_path(plain)[0]
+    flat_plus = jax.tree_util.tree_leaves(plus)
+    marks = labels(lora_params, separate_b=True)
+    flat_marks = jax.tree_util.tree_leaves(marks)
+    assert sorted(set(flat_marks)) == ["freeze", "train", "train_b"]
+    for (path, u_plain), u_plus, mark in zip(flat_plain, flat_plus, flat_marks):
+        u_plain, u_plus = np.asarray(u_plain), np.asarray(u_plus)
+        if mark == "freeze":
+            assert not u_plus.any(), jax.tree_util.keystr(path)
+        elif mark == "train_b":
+            assert u_plain.any()
+            np.testing.assert_allclose(u_plus, ratio * u_plain, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(u_plus, u_plain)
+
+
+def test_loraplus_state_has_one_inner_state_per_group(lora_params):
+    trainable = ll.partition(lora_params)[0]
+    state = ll.optimizer(optax.adam(1e-3), b_lr_ratio=8).init(trainable)
+    size = lambda t: sum(np.size(x) for x in jax.tree_util.tree_leaves(t))
+    n_b = 2 * 8 + 2 * 8  # B of fc1 and fc2
+    n_rest = 6 * 2 + 8 * 2 + (8 * 2 + 2)  # A of fc1 and fc2, the head
+    b_state = state.inner_states["train_b"]
+    assert size(optax.tree_utils.tree_get(b_state, "mu")) == n_b
+    assert size(optax.tree_utils.tree_get(state.inner_states["train"], "mu")) == n_rest
+    assert size(state) == 2 * (n_b + n_rest) + 2  # mu, nu per group and two step counts
+
+
+@pytest.mark.parametrize("ratio", [0, -1.0, float("inf"), float("nan"), True, "16"])
+def test_loraplus_refuses_bad_ratios(lora_params, ratio):
+    with pytest.raises(ValueError, match="b_lr_ratio must be a finite number > 0"):
+        ll.optimizer(optax.adam(1e-3), lora_params, b_lr_ratio=ratio)
+
+
+def test_loraplus_through_train_step_and_a_training_checkpoint(lora_params, tmp_path):
+    """ll.train_step wraps the LoRA+ optimizer once more; two steps equal two manual
+    ones, and a TrainCheckpointer round trip restores the two-group state exactly."""
+    from lorax_lite.checkpoint import TrainCheckpointer
+
+    ratio = 16.0
+    tx = ll.optimizer(optax.adam(1e-2), b_lr_ratio=ratio)
+    init, step = ll.train_step(lambda tree, batch, key: loss_of_tree(tree), tx, donate=False)
+    state = init(lora_params, jax.random.key(0))
+    for _ in range(2):
+        state, _ = step(state, ())
+
+    trainable, frozen = ll.partition(lora_params)
+    manual_state, t = tx.init(trainable), trainable
+    for _ in range(2):
+        grads = jax.grad(lambda t: loss_of_tree(ll.combine(t, frozen)))(t)
+        updates, manual_state = tx.update(grads, manual_state, t)
+        t = optax.apply_updates(t, updates)
+    assert_trees_allclose(state.trainable, t, rtol=1e-5, atol=1e-7)
+    fc1 = lambda tree: tree["params"]["fc1"]["kernel"]
+    moved_b = np.abs(fc1(state.trainable).b - fc1(trainable).b).max()
+    moved_a = np.abs(fc1(state.trainable).a - fc1(trainable).a).max()
+    assert moved_b > 8 * moved_a  # Adam moves entries by ~lr: B by ~16x A's
+
+    with TrainCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(2, state)
+        ckpt.wait()
+        restored = ckpt.restore(init(lora_params, jax.random.key(1))).state
+    assert_trees_equal(restored.opt_state, state.opt_state)
+    assert_trees_equal(restored.trainable, state.trainable)
+    after, _ = step(restored, ())
+    expected, _ = step(state, ())
+    assert_trees_equal(after.trainable, expected.trainable)

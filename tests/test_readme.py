@@ -106,3 +106,28 @@ def test_quantized_base_section_runs_on_the_quickstart(quickstart):
     q_params, x = namespace["q_params"], namespace["x"]
     reference = namespace["model"].apply(ll.merge(q_params), x)
     np.testing.assert_allclose(namespace["out"], reference, rtol=1e-4, atol=1e-5)
+
+
+def test_variants_section_runs_on_the_quickstart(quickstart):
+    """PiSSA leaves the model unchanged at step 0, LoRA+ trains it, and the MoE adapter's
+    output equals each row through its expert's merged weight (float64)."""
+    ns = {k: v for k, v in quickstart.items() if k != "stdout"}
+    title = "LoRA variants: PiSSA, OLoRA, LoRA+ and MoE experts"
+    exec(compile(section_code(title), str(README), "exec"), ns)
+    model, x = ns["model"], ns["x"]
+    np.testing.assert_allclose(ns["start"], model.apply(ns["params"], x), rtol=1e-5, atol=1e-5)
+    kernel = ns["pissa_params"]["params"]["fc1"]["kernel"]
+    assert np.abs(np.asarray(kernel.b)).max() > 0  # PiSSA's B is not zero
+    assert mse(ns, ll.merge(ns["state_plus"].tree)) < 0.1 * mse(ns, ns["params"])
+
+    node = ns["moe_lora"]["experts"]
+    assert node.a.shape == (4, 8, 2) and node.b.shape == (4, 2, 16)
+    merged = np.asarray(node.w, np.float64) + node.scale * np.einsum(
+        "eir,ero->eio", np.asarray(node.a, np.float64), np.asarray(node.b, np.float64)
+    )
+    expert = np.repeat(np.arange(4), np.asarray(ns["sizes"]))
+    rows = np.asarray(x, np.float64)
+    expected = np.stack([rows[t] @ merged[e] for t, e in enumerate(expert)])
+    np.testing.assert_allclose(
+        np.asarray(ns["moe_out"], np.float64), expected, rtol=1e-5, atol=1e-5
+    )

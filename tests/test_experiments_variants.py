@@ -1,0 +1,31 @@
+"""The LoRA variants experiment: its configurations and its --smoke run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import variants
+
+
+def test_each_variant_differs_from_lora_only_where_it_should():
+    args = variants.parse_args([])
+    configs = {v: variants.variant_config(v, args) for v in variants.VARIANTS}
+    assert {v: c.init for v, c in configs.items()} == {
+        "lora": "kaiming", "lora-plus": "kaiming", "pissa": "pissa", "olora": "olora"
+    }  # fmt: skip
+    for config in configs.values():
+        assert (config.rank, config.alpha, config.targets) == (8, 16.0, ("query", "value"))
+
+
+@pytest.mark.slow
+def test_smoke_run_keeps_the_model_at_step_zero_and_reports(tmp_path):
+    argv = ["--smoke", "--steps", "3", "--variants", "lora", "pissa", "--out", str(tmp_path)]
+    results = variants.main(argv)
+    rows = {r["variant"]: r for r in results["rows"]}
+    assert rows["lora"]["step0_max_abs_logit_change"] == 0.0  # B starts at zero
+    assert 0 < rows["pissa"]["step0_max_abs_logit_change"] < 1e-5  # residual + adapter == W
+    saved = json.loads((tmp_path / "variants_smoke.json").read_text())
+    assert [r["variant"] for r in saved["rows"]] == ["lora", "pissa"]
+    assert "one seed" in (tmp_path / "variants_smoke.md").read_text().lower()
