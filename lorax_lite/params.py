@@ -51,7 +51,10 @@ def init(
 
     Returns:
         The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
-        and fully trained leaves (``config.train``, biases) wrapped in `Trainable`.
+        and fully trained leaves (``config.train``, biases) wrapped in `Trainable`. A
+        `QuantizedWeight` already in ``params`` (a GGUF file's blocks) is one weight: a
+        targeted one becomes the ``w`` of its `LoraWeight` as it is, with factors sized
+        by its logical shape; the others stay quantized and frozen.
 
     Raises:
         ValueError: if ``params`` already holds `LoraWeight` or `Trainable` leaves (naming
@@ -59,7 +62,8 @@ def init(
             (``targets``, ``exclude``, ``train``, and ``rank_pattern``, ``alpha_pattern``
             and ``axes`` keys that match no adapted leaf; with the closest paths), ranks
             larger than a weight allows, leaves both adapted and trained in full,
-            weights whose layout is ambiguous.
+            weights whose layout is ambiguous, quantized weights trained in full
+            (their integer codes have no gradient).
 
     Example:
         >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
@@ -68,13 +72,18 @@ def init(
         (4, 2)
     """
     _refuse_lora_nodes(params)
-    named = named_leaves(params)
+    named = named_leaves(params, is_leaf=is_quantized)
     usage = infer_usage(fn, params, args) if fn is not None else None
     targeted, problems = select_targets(named, config, usage)
     trained = _select_trained(named, config, targeted)
     problems += _unmatched_patterns(named, config, targeted)
     problems += [
         f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
+    ]
+    problems += [
+        f"{p}: a QuantizedWeight cannot be trained in full (its codes have no gradient)"
+        for p, leaf in named
+        if p in trained and is_quantized(leaf)
     ]
     layouts = {}
     for path, leaf in named:
@@ -100,7 +109,7 @@ def init(
             )
         return Trainable(leaf) if path in trained else leaf
 
-    return _quantized(jax.tree_util.tree_map(wrap, params), quantize)
+    return _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantize)
 
 
 def _quantized(tree: Any, spec: str | Mapping[str, Any] | None) -> Any:
