@@ -396,13 +396,18 @@ def test_cached_greedy_generation_equals_argmax_of_full_passes(tiny):
 
 def test_cached_decode_logits_equal_the_full_forward(tiny):
     """Prefill 7 tokens, then 5 single-token steps: every step's logits are the full
-    forward pass's at that position."""
+    forward pass's at that position; with ``index``, those at the chosen positions."""
     from experiments.models.llama import init_cache
 
     model = Llama(tiny.config)
     decode = jax.jit(ll.lora(lambda p, t, c, s: model.apply(p, t, c, s, method="decode")))
     full = np.asarray(forward(tiny.config, tiny.quantized, TOKENS))
     cache = init_cache(tiny.config, 2, 16)
+    at = jnp.array([[6, 2], [0, 3]])
+    picked, _ = jax.jit(ll.lora(lambda p, t, c, s, i: model.apply(p, t, c, s, i, method="decode")))(
+        tiny.quantized, TOKENS[:, :7], cache, 0, at
+    )
+    assert_close(picked, np.take_along_axis(full, np.asarray(at)[..., None], axis=1), 1e-5)
     logits, cache = decode(tiny.quantized, TOKENS[:, :7], cache, 0)
     assert_close(logits, full[:, :7], 1e-5)
     for i in range(7, 12):
