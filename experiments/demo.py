@@ -403,9 +403,14 @@ def reload_check(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_in_subprocess(
-    argv: list[str], extra: list[str], result: pathlib.Path, *, smoke: bool
+    argv: list[str],
+    extra: list[str],
+    result: pathlib.Path,
+    *,
+    smoke: bool,
+    module: str = "experiments.demo",
 ) -> dict[str, Any]:
-    """Runs ``python -m experiments.demo argv extra`` and reads the JSON it writes.
+    """Runs ``python -m module argv extra`` and reads the JSON it writes.
 
     Smoke runs compile with XLA's cheap settings: they test code paths, and the
     tiny model's compile time, not its run time, is what the test suite waits for.
@@ -413,7 +418,7 @@ def run_in_subprocess(
     env = dict(os.environ)
     if smoke:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
-    cmd = [sys.executable, "-m", "experiments.demo", *argv, *extra]
+    cmd = [sys.executable, "-m", module, *argv, *extra]
     subprocess.run(cmd, cwd=REPO, check=True, env=env)
     return json.loads(result.read_text())
 

@@ -96,9 +96,7 @@ def build(variant: str, args: argparse.Namespace, remat: bool) -> tuple[Any, Any
         return model, jax.tree_util.tree_map(ll.Trainable, params)
     config = ll.LoraConfig(rank=rank, alpha=2.0 * rank, targets=PROJECTIONS)
     tokens = jnp.zeros((1, 8), jnp.int32)
-    tree = llama_gguf.init_lora(
-        params, config, key=jax.random.key(0), fn=model.apply, args=(tokens,)
-    )
+    tree = ll.init(params, config, key=jax.random.key(0), fn=model.apply, args=(tokens,))
     if variant == "lora-bf16":
         tree = ll.cast_base(tree, jnp.bfloat16)
     if variant == "qlora-nf4":  # the adapted weights only, as QLoRA does

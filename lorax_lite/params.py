@@ -52,7 +52,10 @@ def init(
 
     Returns:
         The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
-        and fully trained leaves (``config.train``, biases) wrapped in `Trainable`.
+        and fully trained leaves (``config.train``, biases) wrapped in `Trainable`. A
+        `QuantizedWeight` already in ``params`` (a GGUF file's blocks) is one weight: a
+        targeted one becomes the ``w`` of its `LoraWeight` as it is, with factors sized
+        by its logical shape; the others stay quantized and frozen.
         With ``init="pissa"``/``"olora"`` each ``w`` is the residual ``W - s A B``
         (then quantized, with ``quantize``); save it with the adapter (`save_adapter`
         records its fingerprint and `load_adapter` refuses the original weights).
@@ -63,7 +66,8 @@ def init(
             (``targets``, ``exclude``, ``train``, and ``rank_pattern``, ``alpha_pattern``
             and ``axes`` keys that match no adapted leaf; with the closest paths), ranks
             larger than a weight allows, leaves both adapted and trained in full,
-            weights whose layout is ambiguous.
+            weights whose layout is ambiguous, quantized weights trained in full
+            (their integer codes have no gradient).
 
     Example:
         >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
@@ -72,7 +76,7 @@ def init(
         (4, 2)
     """
     _refuse_lora_nodes(params)
-    named = named_leaves(params)
+    named = named_leaves(params, is_leaf=is_quantized)
     usage = infer_usage(fn, params, args) if fn is not None else None
     targeted, problems = select_targets(named, config, usage)
     trained = _select_trained(named, config, targeted)
@@ -81,6 +85,11 @@ def init(
         f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
     ]
     problems += _residual_init_problems(named, config, targeted)
+    problems += [
+        f"{p}: a QuantizedWeight cannot be trained in full (its codes have no gradient)"
+        for p, leaf in named
+        if p in trained and is_quantized(leaf)
+    ]
     layouts = {}
     for path, leaf in named:
         if path in targeted:
@@ -116,14 +125,14 @@ def init(
             return LoraWeight(leaf, a, b, scale, layout, config.dropout)
         return Trainable(leaf) if path in trained else leaf
 
-    return _quantized(jax.tree_util.tree_map(wrap, params), quantize)
+    return _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantize)
 
 
 def _residual_init_problems(
     named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]
 ) -> list[str]:
     """PiSSA and OLoRA decompose each weight's values: a problem for each targeted leaf
-    that has none (a ``jax.ShapeDtypeStruct``, e.g. a stand-in for a quantized weight)."""
+    that has none (a `QuantizedWeight` or a ``jax.ShapeDtypeStruct`` stand-in)."""
     if config.init not in decompose.RESIDUAL_INITS:
         return []
     return [

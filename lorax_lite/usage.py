@@ -15,6 +15,7 @@ import jax.extend.core.primitives as prim
 import numpy as np
 
 from . import views
+from .quant import is_quantized
 from .targets import named_leaves
 from .weight import Layout
 
@@ -68,14 +69,19 @@ def split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any], 
 def infer_usage(fn: Callable, params: Any, args: Sequence[Any] = ()) -> dict[str, Usage]:
     """Traces ``fn(params, *args)`` abstractly and reports how each weight is used.
 
+    A `QuantizedWeight` is one weight: ``fn`` is traced with a ``jax.ShapeDtypeStruct``
+    of its logical shape and dtype in its place, as `lora` traces it.
+
     Args:
         fn: the model function, e.g. ``model.apply``.
-        params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+        params: the parameter pytree (arrays, ``jax.ShapeDtypeStruct`` or `QuantizedWeight`).
         args: example arguments after ``params`` (arrays, shape structs or static values).
 
     Returns:
         ``{path: Usage}`` for every leaf reaching a ``dot_general``, a conv or a gather.
     """
+    logical = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x
+    params = jax.tree_util.tree_map(logical, params, is_leaf=is_quantized)
     named = named_leaves(params)
     dynamic, rebuild, _ = split_static(tuple(args))
     closed = jax.make_jaxpr(lambda p, d: fn(p, *rebuild(d)))(params, dynamic)

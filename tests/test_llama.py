@@ -396,13 +396,18 @@ def test_cached_greedy_generation_equals_argmax_of_full_passes(tiny):
 
 def test_cached_decode_logits_equal_the_full_forward(tiny):
     """Prefill 7 tokens, then 5 single-token steps: every step's logits are the full
-    forward pass's at that position."""
+    forward pass's at that position; with ``index``, those at the chosen positions."""
     from experiments.models.llama import init_cache
 
     model = Llama(tiny.config)
     decode = jax.jit(ll.lora(lambda p, t, c, s: model.apply(p, t, c, s, method="decode")))
     full = np.asarray(forward(tiny.config, tiny.quantized, TOKENS))
     cache = init_cache(tiny.config, 2, 16)
+    at = jnp.array([[6, 2], [0, 3]])
+    picked, _ = jax.jit(ll.lora(lambda p, t, c, s, i: model.apply(p, t, c, s, i, method="decode")))(
+        tiny.quantized, TOKENS[:, :7], cache, 0, at
+    )
+    assert_close(picked, np.take_along_axis(full, np.asarray(at)[..., None], axis=1), 1e-5)
     logits, cache = decode(tiny.quantized, TOKENS[:, :7], cache, 0)
     assert_close(logits, full[:, :7], 1e-5)
     for i in range(7, 12):
@@ -481,9 +486,7 @@ def test_chat_prompt_is_chatml_with_the_files_default_system_prompt(tiny):
 def test_lora_on_every_projection_over_the_quantized_stack(tiny):
     model = Llama(tiny.config)
     config = ll.LoraConfig(rank=4, alpha=8.0, targets=PROJECTIONS)
-    tree = llama_gguf.init_lora(
-        tiny.quantized, config, key=jax.random.key(0), fn=model.apply, args=(TOKENS,)
-    )
+    tree = ll.init(tiny.quantized, config, key=jax.random.key(0), fn=model.apply, args=(TOKENS,))
     adapters = [
         x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, ll.LoraWeight))
         if isinstance(x, ll.LoraWeight)
@@ -501,8 +504,8 @@ def test_lora_on_every_projection_over_the_quantized_stack(tiny):
     actual = run(trained, TOKENS)
     assert_close(actual, model.apply(merged, TOKENS), 1e-5)
     assert np.abs(np.asarray(actual - base)).max() > 1e-2
-    with pytest.raises(ValueError, match="cannot be trained in full: .*embed_tokens"):
-        llama_gguf.init_lora(
+    with pytest.raises(ValueError, match="embed_tokens.*: a QuantizedWeight cannot be trained"):
+        ll.init(
             tiny.quantized,
             ll.LoraConfig(rank=4, targets=PROJECTIONS, train=("embed_tokens",)),
             key=jax.random.key(0),

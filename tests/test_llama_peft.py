@@ -42,9 +42,7 @@ def tiny_llama(tmp_path_factory):
 
 def lora_llama(config: LlamaConfig, params: Any, tokens: np.ndarray, *, std: float) -> Any:
     """Rank-8 adapters on every projection of every layer, with a random B."""
-    tree = llama_gguf.init_lora(
-        params, LORA, key=jax.random.key(0), fn=Llama(config).apply, args=(tokens,)
-    )
+    tree = ll.init(params, LORA, key=jax.random.key(0), fn=Llama(config).apply, args=(tokens,))
     return randomize_b(tree, jax.random.key(1), std=std)
 
 

@@ -286,8 +286,8 @@ def test_init_matches_peft(init):
 
 
 def test_init_refuses_weights_without_values():
-    """Shape stand-ins (how experiments.models.llama_gguf.init_lora initializes adapters
-    over a quantized GGUF base) have no values to decompose: every such leaf is named."""
+    """Shape stand-ins have no values to decompose: every such leaf is named (a
+    `QuantizedWeight` already in the tree is refused the same way)."""
     params = {"q": jax.ShapeDtypeStruct((8, 4), jnp.float32), "k": jnp.ones((8, 4))}
     config = ll.LoraConfig(rank=2, targets=("q", "k"), init="olora")
     with pytest.raises(ValueError, match=r"q: init='olora' decomposes the weight's values") as e:

@@ -289,6 +289,47 @@ def test_init_quantizes_in_one_call():
     assert isinstance(w, ll.QuantizedWeight) and (w.kind, w.block, w.axis) == ("int8", 16, -2)
 
 
+def _scanned_model(p, x):
+    """A scan over a stacked (layers, in, out) kernel after a quantized embedding."""
+    h = p["embed"][x]
+    return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, p["layers"]["kernel"])[0]
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "kernel"])
+def test_init_on_a_quantized_tree_equals_init_with_quantize(targets):
+    """A tree that already holds `QuantizedWeight` leaves (a GGUF file's blocks): each is
+    one weight, adapted with factors of its logical shape, its usage traced through a
+    stand-in; the result equals quantizing the float tree in `init` itself."""
+    params = {"embed": heavy_tailed((16, 64)), "layers": {"kernel": heavy_tailed((3, 64, 64))}}
+    quantized = {
+        "embed": quantize_array(params["embed"], kind="nf4", block=32, axis=-1),
+        "layers": {
+            "kernel": quantize_array(params["layers"]["kernel"], kind="nf4", block=32, axis=-2)
+        },
+    }
+    config = ll.LoraConfig(rank=2, targets=targets)
+    ids = jnp.array([[1, 5, 9]])
+    kwargs = dict(key=jax.random.key(0), fn=_scanned_model, args=(ids,))
+    expected = ll.init(params, config, quantize=dict(kind="nf4", block=32), **kwargs)
+    tree = ll.init(quantized, config, **kwargs)
+    expected["embed"] = quantized["embed"]  # `quantize=` leaves plain leaves as they are
+    equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(expected)
+    jax.tree_util.tree_map(equal, tree, expected)
+    node = tree["layers"]["kernel"]
+    assert node.layout == STACKED and node.a.shape == (3, 64, 2) and node.b.shape == (3, 2, 64)
+    out = ll.lora(_scanned_model, strict=True)(tree, ids)
+    _close(out, _scanned_model(ll.merge(tree), ids), 1e-6)
+
+
+def test_init_refuses_to_train_a_quantized_weight_in_full():
+    params = {"embed": quantize_array(heavy_tailed((16, 64)), kind="int8", block=32)}
+    params["dense"] = {"kernel": heavy_tailed((64, 8))}
+    config = ll.LoraConfig(rank=2, targets="dense", train=("embed",))
+    with pytest.raises(ValueError, match="embed: a QuantizedWeight cannot be trained in full"):
+        ll.init(params, config, key=jax.random.key(0))
+
+
 def test_bad_input_names_every_leaf():
     tree = {
         "ok": _lora_node((64, 8), ll.Layout.dense()),

@@ -323,11 +323,14 @@ class Llama(nn.Module):
         return self.head(hidden)
 
     def decode(
-        self, tokens: jax.Array, cache: KVCache, start: jax.Array
+        self, tokens: jax.Array, cache: KVCache, start: jax.Array, index: jax.Array | None = None
     ) -> tuple[jax.Array, KVCache]:
         """Logits of ``tokens`` ``(batch, t)`` at positions ``start ... start + t - 1``,
-        attending to the cache, and the cache with their keys and values written in."""
+        attending to the cache, and the cache with their keys and values written in.
+        With ``index`` ``(batch, k)`` (offsets into ``tokens``), the logits there only."""
         hidden, cache = self._run(tokens, cache, jnp.asarray(start, jnp.int32))
+        if index is not None:
+            hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
         return self.head(hidden), cache
 
     def _run(self, tokens: jax.Array, cache: KVCache | None, start: jax.Array) -> tuple:

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import lorax_lite as ll
 from experiments.data import package_dir
 from experiments.models.llama import LlamaConfig
 from lorax_lite.quant import QuantizedWeight, from_gguf, is_quantized
@@ -300,60 +299,6 @@ def dequantize(tree: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x: x.dequantize() if is_quantized(x) else x, tree, is_leaf=is_quantized
     )
-
-
-def init_lora(
-    params: Any,
-    config: ll.LoraConfig,
-    *,
-    key: jax.Array,
-    fn: Any = None,
-    args: Sequence[Any] = (),
-) -> Any:
-    r"""`lorax_lite.init` over a tree that already holds `QuantizedWeight` leaves (a GGUF
-    file's blocks): the adapted ones become `LoraWeight`\ s whose ``w`` is the quantized
-    weight as it is; the others stay quantized and frozen.
-
-    ``ll.init`` itself splits a `QuantizedWeight` into its codes and scales (and traces
-    ``fn`` with them), so the adapters are initialized on float stand-ins of the same
-    shapes and the quantized weights put back.
-
-    Args:
-        params: the parameter tree, e.g. ``load_params(...)``.
-        config: what to adapt (``ll.init``'s config).
-        key: PRNG key for the adapters.
-        fn, args: the model function and example arguments, as ``ll.init`` takes them
-            (to see the layer axis of the scanned stack).
-
-    Returns:
-        The tree ``ll.init`` would give over the dequantized weights, with the quantized
-        bases kept.
-
-    Raises:
-        ValueError: a quantized leaf that ``config`` trains in full (it has no gradient).
-    """
-    standins = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
-        params,
-        is_leaf=is_quantized,
-    )
-    tree = ll.init(standins, config, key=key, fn=fn, args=args)
-    is_node = lambda x: isinstance(x, ll.LoraWeight | ll.Trainable)
-    named = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]
-    trained = [
-        jax.tree_util.keystr(path)
-        for (path, node), original in zip(named, jax.tree_util.tree_leaves(params, is_quantized))
-        if isinstance(node, ll.Trainable) and is_quantized(original)
-    ]
-    if trained:
-        raise ValueError(f"quantized leaves cannot be trained in full: {', '.join(trained)}")
-
-    def put_back(node: Any, original: Any) -> Any:
-        if isinstance(node, ll.LoraWeight):
-            return dataclasses.replace(node, w=original)
-        return original if is_quantized(original) else node
-
-    return jax.tree_util.tree_map(put_back, tree, params, is_leaf=is_node)
 
 
 class GGUFTokenizer(NamedTuple):
