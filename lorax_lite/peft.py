@@ -12,10 +12,14 @@ Layouts: a PyTorch ``Linear`` weight is ``(out, in)``, and PEFT stores
 ``A.T`` and ``B.T``; an ``Embedding`` adapter is ``lora_embedding_A`` ``(r, vocab)``
 and ``lora_embedding_B`` ``(dim, r)``. Weights of more than two axes (stacked
 layers, convolutions, ``DenseGeneral``) have no PEFT equivalent and are refused.
+A DoRA adapter (``use_dora: true``) adds ``lora_magnitude_vector`` ``(out,)``: PEFT's
+norm of ``W + s B A`` over the input features of each output unit, which is
+lorax_lite's ``m`` (the norm over the fan-in axis of the ``(in, out)`` kernel).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -90,6 +94,11 @@ def to_peft(
     written beside its final name and renamed into place, so a write that fails (a full
     disk) or is killed leaves the previous file whole.
 
+    DoRA adapters write their magnitude ``m`` as ``lora_magnitude_vector`` and set
+    ``use_dora: true`` (PEFT's flag covers every module, so DoRA and plain adapters
+    cannot share a file). PEFT always treats the norm as a constant in its backward
+    pass, whatever ``dora_detach_norm`` is; the forward pass is the same.
+
     Args:
         directory: the output directory (created if missing).
         tree: a LoRA tree, or its trainable partition (base weights are not needed).
@@ -102,7 +111,8 @@ def to_peft(
 
     Raises:
         ValueError: listing every leaf that the name map does not map and every
-            adapter whose layout PEFT cannot express.
+            adapter whose layout PEFT cannot express, or naming the plain adapters of
+            a tree that also holds DoRA ones.
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query"}
@@ -115,6 +125,13 @@ def to_peft(
     modules = {p: resolve(p) for p, _ in [*adapters, *trained]}
     problems = [f"{p}: the name map gives no PyTorch module" for p, m in modules.items() if not m]
     problems += [problem for p, n in adapters if (problem := _layout_problem(p, n))]
+    dora = [p for p, n in adapters if n.m is not None]
+    if dora and len(dora) != len(adapters):
+        plain = [p for p, n in adapters if n.m is None]
+        problems.append(
+            f"DoRA adapters ({', '.join(dora)}) and plain ones ({', '.join(plain)}) in one "
+            "tree: PEFT's use_dora holds for every module of an adapter; export them apart"
+        )
     problems += _shared_modules([p for p, _ in adapters], modules, "adapters")
     targeted = {modules[p] for p, _ in adapters}
     tensors, bias, to_save, trained_problems = _trained_tensors(trained, modules, targeted)
@@ -122,6 +139,7 @@ def to_peft(
     if problems:
         raise ValueError("to_peft cannot export this tree:\n  " + "\n  ".join(problems))
     peft_config = _base_config(config, base_model_name_or_path)
+    peft_config["use_dora"] = bool(dora)
     for path, node in adapters:
         tensors.update(_adapter_tensors(modules[path], path, node))
         _add_patterns(peft_config, config, modules[path], path, node)
@@ -203,7 +221,10 @@ def _adapter_tensors(module: str, path: str, node: LoraWeight) -> dict[str, np.n
         names = ("lora_embedding_A", "lora_embedding_B")
     else:
         names = ("lora_A.weight", "lora_B.weight")
-    return {f"{PREFIX}{module}.{n}": np.ascontiguousarray(x) for n, x in zip(names, (a, b))}
+    tensors = {f"{PREFIX}{module}.{n}": np.ascontiguousarray(x) for n, x in zip(names, (a, b))}
+    if node.m is not None:
+        tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.asarray(node.m)
+    return tensors
 
 
 def _add_patterns(
@@ -276,17 +297,21 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
         params: the base parameter tree whose leaf paths ``name_map`` maps.
         name_map: leaf path -> PyTorch module name, as a dict or a callable.
 
+    With ``use_dora: true`` every adapted module needs its ``lora_magnitude_vector``
+    ``(d_out,)``, read as DoRA's ``m`` (with the norm detached, as PEFT trains);
+    embedding adapters are refused then (lorax_lite's DoRA has no embedding rule).
+
     Returns:
         The LoRA tree: adapted leaves as `LoraWeight` (scale from ``lora_alpha``,
-        ``alpha_pattern`` and ``use_rslora``), trained biases and ``modules_to_save``
-        parameters as `Trainable`.
+        ``alpha_pattern`` and ``use_rslora``; ``m`` with DoRA), trained biases and
+        ``modules_to_save`` parameters as `Trainable`.
 
     Raises:
         FileNotFoundError: if a file is missing (a pickled ``adapter_model.bin`` is
             never read).
         ValueError: naming the file: if it is not UTF-8 JSON or safetensors; listing
             every field of the configuration that is missing, of the wrong type or out
-            of range, or that lorax_lite cannot represent (DoRA, another PEFT type, a
+            of range, or that lorax_lite cannot represent (another PEFT type, a
             base modified by PiSSA/OLoRA/CorDA/LoftQ initialization); listing every
             tensor that maps to no base leaf, has a non-floating dtype, non-finite
             values or a shape that does not fit, and every leaf or tensor that two
@@ -321,8 +346,8 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     return jax.tree_util.tree_map_with_path(rebuild, params, is_leaf=is_quantized)
 
 
-# PEFT options that change what the weights mean; lorax_lite adapters are plain LoRA.
-UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora")
+# PEFT options that change what the weights mean, which lorax_lite does not represent.
+UNSUPPORTED = ("lora_bias", "use_qalora")
 UNSUPPORTED_IF_SET = (
     "layer_replication", "alora_invocation_tokens", "target_parameters", "trainable_token_indices"
 )  # fmt: skip
@@ -351,7 +376,7 @@ def read_peft_config(path: pathlib.Path) -> dict[str, Any]:
     defaults = {
         "lora_dropout": 0.0, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
         "rank_pattern": {}, "alpha_pattern": {}, "target_modules": None,
-        "modules_to_save": None, "init_lora_weights": True,
+        "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
     }  # fmt: skip
     # PEFT writes null for an option left at its default.
     config = {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
@@ -378,7 +403,7 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
     dropout = config["lora_dropout"]
     if not (_is_real(dropout) and 0 <= dropout < 1):
         bad("lora_dropout", "a number in [0, 1)")
-    for flag in ("use_rslora", "fan_in_fan_out"):
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(config[flag], bool):
             bad(flag, "true or false")
     for flag in UNSUPPORTED:
@@ -494,6 +519,7 @@ def _leaves_by_module(
 
 
 ADAPTER_PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _read_tensors(
@@ -535,10 +561,21 @@ def _read_tensors(
                 continue
             a_t, b_t = tensors[key], tensors[f"{module}.{b_name}"]
             found = _factor_problems(module, (a_name, a_t), (b_name, b_t), path, base, peft_config)
-            if found:
+            m_key = f"{module}.{MAGNITUDE}"
+            used.add(m_key)
+            found += _magnitude_problems(module, a_name, tensors.get(m_key), b_t, peft_config)
+            if found or m_key in broken:
                 problems += found
             elif claim(path, f"the adapter of {module}"):
-                built[path] = _lora_weight(base[path], a_t, b_t, module, peft_config)
+                node = _lora_weight(base[path], a_t, b_t, module, peft_config)
+                m = tensors.get(m_key)
+                built[path] = node if m is None else dataclasses.replace(node, m=jnp.asarray(m))
+    problems += [
+        f"{key}: {MAGNITUDE} of a module with no lora_A/lora_B"
+        for key in tensors
+        if key.endswith("." + MAGNITUDE) and key not in used
+    ]
+    used |= {key for key in tensors if key.endswith("." + MAGNITUDE)}
     for key in sorted(set(tensors) - used - broken):
         module, _, param = key.rpartition(".")
         module = module.removesuffix(".base_layer")
@@ -556,6 +593,22 @@ def _read_tensors(
         elif claim(path, key):
             built[path] = Trainable(jnp.asarray(value))
     return built, problems
+
+
+def _magnitude_problems(
+    module: str, a_name: str, m: np.ndarray | None, b_t: np.ndarray, peft_config: dict[str, Any]
+) -> list[str]:
+    """What is wrong with a module's DoRA magnitude (or its absence), if anything."""
+    key = f"{module}.{MAGNITUDE}"
+    if not peft_config["use_dora"]:
+        return [] if m is None else [f"{key}: present, but {CONFIG_NAME} has use_dora false"]
+    if a_name != "lora_A.weight":
+        return [f"{module}: an embedding adapter with use_dora (lorax_lite's DoRA has none)"]
+    if m is None:
+        return [f"{module}: use_dora is true but {MAGNITUDE} is missing"]
+    if m.shape != (b_t.shape[0],):
+        return [f"{key}: shape {m.shape}, expected ({b_t.shape[0]},) (lora_B's d_out)"]
+    return []
 
 
 def _value_problem(x: np.ndarray) -> str | None:

@@ -49,7 +49,8 @@ class LoraValue(NamedTuple):
     def materialize(self) -> jax.Array:
         """``w + scale * A @ B`` (with DoRA, times ``m / norm``), accumulated in float32,
         in ``w``'s dtype."""
-        node = LoraWeight(self.w, self.a, self.b, self.scale, self.layout, m=self.m)
+        node = LoraWeight(self.w, self.a, self.b, self.scale, self.layout, m=self.m,
+                          detach_norm=self.detach_norm)  # fmt: skip
         return node.materialize()
 
     def magnitude_ratio(self) -> jax.Array:

@@ -57,7 +57,6 @@ class Layout(NamedTuple):
         return tuple(shape[i] for i in self.stack + self.fan_out)
 
 
-@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraWeight:
     """A frozen weight ``w`` with a low-rank adapter: ``w + scale * A @ B``.
@@ -69,7 +68,10 @@ class LoraWeight:
     ``m * V / ||V||`` with ``V = w + scale * A @ B``, the norm taken per output unit
     over the fan-in axes; ``m`` has shape ``(stack..., fan_out...)`` and trains with
     ``a`` and ``b``. ``detach_norm`` (static) treats ``||V||`` as a constant when
-    differentiating, as PEFT does.
+    differentiating, as PEFT does. ``dora`` (static, set whenever ``m`` is given) makes
+    ``m`` a pytree child, also where a partition leaves it ``None``; a plain LoRA
+    weight has the children ``w``, ``a``, ``b`` only, as before DoRA existed, so
+    checkpoints of training states written then still restore.
 
     Example:
         >>> w = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), 2.0)
@@ -85,6 +87,10 @@ class LoraWeight:
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     m: jax.Array | None = None
     detach_norm: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    dora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def __post_init__(self):
+        object.__setattr__(self, "dora", bool(self.dora) or self.m is not None)
 
     @property
     def rank(self) -> int:
@@ -103,13 +109,40 @@ class LoraWeight:
     def materialize(self) -> jax.Array:
         """``w + scale * A @ B`` (with DoRA, that times ``m / ||w + scale * A @ B||``),
         accumulated in float32 and cast to ``w.dtype`` (a quantized ``w`` is dequantized
-        first). DoRA's norm is taken of the dense sum here, not from the factors."""
+        first). DoRA's norm is taken of the dense sum here, not from the factors, and
+        is a constant for differentiation if ``detach_norm``, as in `lora`."""
         w = self.w.dequantize() if isinstance(self.w, QuantizedWeight) else self.w
         merged = w.astype(jnp.float32) + self.delta(jnp.float32)
         if self.m is not None:
-            ratio = self.m.astype(jnp.float32) / column_norm(merged, self.layout)
+            norm = column_norm(merged, self.layout)
+            norm = jax.lax.stop_gradient(norm) if self.detach_norm else norm
+            ratio = self.m.astype(jnp.float32) / norm
             merged = merged * to_weight_axes(ratio, self.layout)
         return merged.astype(w.dtype)
+
+
+_STATIC = ("scale", "layout", "dropout", "detach_norm", "dora")
+
+
+def _child_names(node: LoraWeight) -> tuple[str, ...]:
+    return ("w", "a", "b", "m") if node.dora else ("w", "a", "b")
+
+
+def _flatten_with_keys(node: LoraWeight) -> tuple[list, tuple]:
+    children = [(jax.tree_util.GetAttrKey(n), getattr(node, n)) for n in _child_names(node)]
+    return children, tuple(getattr(node, n) for n in _STATIC)
+
+
+def _flatten(node: LoraWeight) -> tuple[list, tuple]:
+    return [getattr(node, n) for n in _child_names(node)], tuple(getattr(node, n) for n in _STATIC)
+
+
+def _unflatten(static: tuple, children: Any) -> LoraWeight:
+    w, a, b, *m = children
+    return LoraWeight(w, a, b, **dict(zip(_STATIC, static)), m=m[0] if m else None)
+
+
+jax.tree_util.register_pytree_with_keys(LoraWeight, _flatten_with_keys, _unflatten, _flatten)
 
 
 def _contract_rank(a: jax.Array, b: jax.Array, n_stack: int) -> jax.Array:

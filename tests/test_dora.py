@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import re
 
 import flax.linen as nn
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
+from safetensors.numpy import load_file, save_file
 
 import lorax_lite as ll
 from lorax_lite.weight import column_norm, factored_norm
@@ -139,6 +141,24 @@ def test_dora_matches_float64_dense_reference(name, detach):
     close(fn(node.materialize(), *args), ref_out, 1e-5, "merged weight")
 
 
+@DETACH
+def test_the_dense_weight_has_the_same_gradients(detach):
+    """`LoraWeight.materialize` (merge, and the fallback of ops with no DoRA rule) takes
+    the norm densely and honours ``detach_norm`` too."""
+    fn, shape, layout, in_shapes = CASES["dense-general"]
+    args = [normal(in_shapes[0], seed=10)]
+    node = dora_node(shape, layout, detach=detach)
+    cot = normal(jax.eval_shape(lambda: fn(node.materialize(), *args)).shape, seed=99)
+    _, ref_grads = reference64(fn, node, node.w, args, cot)
+
+    def dense(a, b, m):
+        return fn(dataclasses.replace(node, a=a, b=b, m=m).materialize(), *args)
+
+    grads = jax.vjp(dense, node.a, node.b, node.m)[1](cot)
+    for what, g, r in zip("ABm", grads, ref_grads):
+        close(g, r, 1e-4, f"gradient of {what}")
+
+
 def test_detached_and_full_gradients_differ():
     """The option changes A's and B's gradients (m's is the same): each test above
     checks the setting it ran with."""
@@ -238,13 +258,13 @@ def test_magnitude_trains_and_is_counted(net):
 
 
 def trained(tree):
-    """Every adapter with a non-zero B and a magnitude moved off ``||w||``."""
+    """Every adapter with a non-zero B and a DoRA magnitude moved off ``||w||``."""
 
     def move(node):
         if not isinstance(node, ll.LoraWeight):
             return node
         b = normal(node.b.shape, seed=node.b.size, scale=0.3)
-        return dataclasses.replace(node, b=b, m=node.m * 1.5)
+        return dataclasses.replace(node, b=b, m=None if node.m is None else node.m * 1.5)
 
     return jax.tree_util.tree_map(move, tree, is_leaf=lambda x: isinstance(x, ll.LoraWeight))
 
@@ -364,3 +384,91 @@ def test_compiled_gradient_forms_no_dense_weight(detach):
         assert len(dora[shape]) == len(lora[shape]), (shape, dora[shape])
         assert all(map(only_of_the_frozen_weight, dora[shape])), dora[shape]
         assert not all(map(only_of_the_frozen_weight, merged[shape])), merged[shape]
+
+
+# ----- checkpoints ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_save_and_load_keep_the_magnitude(net, tmp_path, detach):
+    params, config, tree, ids = net
+    config = dataclasses.replace(config, dora_detach_norm=detach)
+    tree = trained(ll.init(params, config, key=jax.random.key(1), fn=Net().apply, args=(ids,)))
+    ll.save_adapter(tmp_path / "adapter", tree, config)
+    loaded = ll.load_adapter(tmp_path / "adapter", params)
+    for name in ("proj", "out", "conv"):
+        node, saved = loaded["params"][name]["kernel"], tree["params"][name]["kernel"]
+        np.testing.assert_array_equal(node.m, saved.m)
+        assert node.detach_norm is detach
+    np.testing.assert_array_equal(
+        ll.lora(Net().apply)(loaded, ids), ll.lora(Net().apply)(tree, ids)
+    )
+    alone = ll.load_adapter(tmp_path / "adapter")
+    np.testing.assert_array_equal(
+        alone["params"]["out"]["kernel"].m, tree["params"]["out"]["kernel"].m
+    )
+    info = ll.adapter_metadata(tmp_path / "adapter")
+    assert info["config"]["use_dora"] is True
+    assert [e["m"]["shape"] for e in info["adapters"]] == [[8], [16], [2, 8]]
+
+
+# ----- PEFT format (PEFT itself: tests/test_peft.py, make interop) ----------------------
+
+
+def dense_tree(use_dora=True):
+    rng = np.random.default_rng(0)
+    layer = lambda: {"kernel": jnp.asarray(rng.normal(size=(8, 6)), jnp.float32)}
+    params = {"params": {"query": layer(), "value": layer()}}
+    config = ll.LoraConfig(rank=2, alpha=4, targets=("query", "value"), use_dora=use_dora)
+    return params, config, trained(ll.init(params, config, key=jax.random.key(1)))
+
+
+NAMES = {"params/query/kernel": "attn.query", "params/value/kernel": "attn.value"}
+
+
+def test_to_peft_writes_the_magnitude_and_from_peft_reads_it(tmp_path):
+    params, config, tree = dense_tree()
+    ll.to_peft(tmp_path, tree, config, NAMES)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.attn.query.lora_magnitude_vector"
+    np.testing.assert_array_equal(tensors[key], tree["params"]["query"]["kernel"].m)
+    assert tensors["base_model.model.attn.query.lora_B.weight"].shape == (6, 2)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    back = ll.from_peft(tmp_path, params, NAMES)
+    for name in ("query", "value"):
+        node, saved = back["params"][name]["kernel"], tree["params"][name]["kernel"]
+        for field in "abm":
+            np.testing.assert_array_equal(getattr(node, field), getattr(saved, field))
+        assert node.detach_norm and node.scale == saved.scale
+
+
+def test_peft_refusals_name_the_module(tmp_path):
+    params, config, tree = dense_tree()
+    plain = dense_tree(use_dora=False)[2]
+    mixed = {"params": {"query": tree["params"]["query"], "value": plain["params"]["value"]}}
+    with pytest.raises(ValueError, match=r"DoRA adapters \(params/query/kernel\) and plain"):
+        ll.to_peft(tmp_path, mixed, config, NAMES)
+    ll.to_peft(tmp_path, tree, config, NAMES)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["base_model.model.attn.value.lora_magnitude_vector"]
+    tensors["base_model.model.attn.query.lora_magnitude_vector"] = np.ones(5, np.float32)
+    save_file(tensors, weights)
+    with pytest.raises(ValueError) as err:
+        ll.from_peft(tmp_path, params, NAMES)
+    assert "attn.value: use_dora is true but lora_magnitude_vector is missing" in str(err.value)
+    assert "attn.query.lora_magnitude_vector: shape (5,), expected (6,)" in str(err.value)
+    ll.to_peft(tmp_path, plain, config, NAMES)
+    tensors = load_file(weights)
+    tensors["base_model.model.attn.query.lora_magnitude_vector"] = np.ones(6, np.float32)
+    tensors["base_model.model.other.lora_magnitude_vector"] = np.ones(6, np.float32)
+    save_file(tensors, weights)
+    with pytest.raises(ValueError) as err:
+        ll.from_peft(tmp_path, params, NAMES)
+    assert (
+        "attn.query.lora_magnitude_vector: present, but adapter_config.json has use_dora false"
+        in str(err.value)
+    )
+    assert "other.lora_magnitude_vector: lora_magnitude_vector of a module with no lora_A" in str(
+        err.value
+    )
