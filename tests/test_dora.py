@@ -21,6 +21,7 @@ from jax import lax
 from safetensors.numpy import load_file, save_file
 
 import lorax_lite as ll
+from lorax_lite import cli
 from lorax_lite.weight import column_norm, factored_norm
 
 STACKED = ll.Layout((0,), (1,), (2,))
@@ -248,6 +249,9 @@ def test_magnitude_trains_and_is_counted(net):
     plain = ll.init(net[0], config, key=jax.random.key(1), fn=Net().apply, args=(ids,))
     assert ll.count(tree)["trainable"] == ll.count(plain)["trainable"] + magnitudes
     assert ll.summary(tree).startswith(f"trainable params: {ll.count(tree)['trainable']:,}")
+    rows = ll.summary(tree, per_leaf=True).splitlines()
+    conv = next(r for r in rows if r.startswith("params/conv/kernel"))
+    assert conv.split()[-1] == f"{3 * 16 * 2 + 2 * 8 + 8:,}"  # A (3, 16, 2), B (2, 8), m (8,)
 
     tx = ll.optimizer(optax.sgd(0.1), tree)
     state = tx.init(trainable)
@@ -390,7 +394,7 @@ def test_compiled_gradient_forms_no_dense_weight(detach):
 
 
 @pytest.mark.parametrize("detach", [True, False])
-def test_save_and_load_keep_the_magnitude(net, tmp_path, detach):
+def test_save_and_load_keep_the_magnitude(net, tmp_path, detach, capsys):
     params, config, tree, ids = net
     config = dataclasses.replace(config, dora_detach_norm=detach)
     tree = trained(ll.init(params, config, key=jax.random.key(1), fn=Net().apply, args=(ids,)))
@@ -410,6 +414,9 @@ def test_save_and_load_keep_the_magnitude(net, tmp_path, detach):
     info = ll.adapter_metadata(tmp_path / "adapter")
     assert info["config"]["use_dora"] is True
     assert [e["m"]["shape"] for e in info["adapters"]] == [[8], [16], [2, 8]]
+    assert cli.main(["inspect", str(tmp_path / "adapter")]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("params/conv"))
+    assert row.split()[-1] == f"{3 * 16 * 2 + 2 * 8 + 8:,}"  # A, B and m
 
 
 # ----- PEFT format (PEFT itself: tests/test_peft.py, make interop) ----------------------
@@ -472,3 +479,9 @@ def test_peft_refusals_name_the_module(tmp_path):
     assert "other.lora_magnitude_vector: lora_magnitude_vector of a module with no lora_A" in str(
         err.value
     )
+
+
+def test_adapter_sets_refuse_dora_adapters():
+    params, _, tree = dense_tree()
+    with pytest.raises(ValueError, match=r"params/query/kernel: a DoRA adapter"):
+        ll.AdapterSet.from_trees({"one": tree, "two": tree}, base=params)
