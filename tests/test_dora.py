@@ -361,8 +361,9 @@ def test_compiled_gradient_forms_no_dense_weight(detach):
     the adapter (``w + s A B``, its gradient, ``m * V / norm``), for a Dense (272, 1040)
     and a Conv (3, 1040, 13) kernel: only what plain LoRA's step stores, functions of
     the frozen ``w`` alone. The merged reference step does store such arrays. (At these
-    sizes XLA:CPU fuses the square of ``||w_j||^2`` into its sum; at tiny ones, such as
-    (48, 80), it writes the square of the frozen ``w`` out first.)"""
+    sizes the XLA:CPU of jax >= 0.11 fuses the square of ``||w_j||^2`` into its sum; at
+    tiny ones, such as (48, 80), and at every size on jax 0.10, it writes the square of
+    the frozen ``w`` out first: one more buffer of the frozen weight alone.)"""
 
     class UniqueShapes(nn.Module):
         @nn.compact
@@ -384,8 +385,10 @@ def test_compiled_gradient_forms_no_dense_weight(detach):
         return {shape: weight_buffers(hlo, shape) for shape in ((272, 1040), (3, 1040, 13))}
 
     dora, lora, merged = buffers(True), buffers(False), buffers(True, merged=True)
+    squares_fused = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
     for shape in dora:
-        assert len(dora[shape]) == len(lora[shape]), (shape, dora[shape])
+        extra = len(dora[shape]) - len(lora[shape])
+        assert 0 <= extra <= (0 if squares_fused else 1), (shape, dora[shape])
         assert all(map(only_of_the_frozen_weight, dora[shape])), dora[shape]
         assert not all(map(only_of_the_frozen_weight, merged[shape])), merged[shape]
 
