@@ -164,9 +164,9 @@ def _lazy(path: str, node: Any) -> Any:
         return node.value
     if not isinstance(node, LoraWeight):
         return node
-    if node.w is None or node.a is None or node.b is None:
+    if node.w is None or node.a is None or node.b is None or (node.dora and node.m is None):
         raise ValueError(
-            f"{path}: LoraWeight is missing w, a or b (a partition?); "
+            f"{path}: LoraWeight is missing w, a, b or DoRA's m (a partition?); "
             "use ll.combine(trainable, frozen) before calling the model"
         )
     w, a, b, m = _same_varying_axes(node.w, node.a, node.b, node.m)

@@ -253,6 +253,10 @@ def test_magnitude_trains_and_is_counted(net):
     conv = next(r for r in rows if r.startswith("params/conv/kernel"))
     assert conv.split()[-1] == f"{3 * 16 * 2 + 2 * 8 + 8:,}"  # A (3, 16, 2), B (2, 8), m (8,)
 
+    no_m = {"params": {**tree["params"], "conv": {**tree["params"]["conv"]}}}
+    no_m["params"]["conv"]["kernel"] = dataclasses.replace(tree["params"]["conv"]["kernel"], m=None)
+    with pytest.raises(ValueError, match=r"params/conv/kernel: .* DoRA's m \(a partition\?\)"):
+        ll.lora(Net().apply)(no_m, ids)  # not run as plain LoRA
     tx = ll.optimizer(optax.sgd(0.1), tree)
     state = tx.init(trainable)
     loss = lambda t: jnp.sum(ll.lora(Net().apply)(ll.combine(t, frozen), ids) ** 2)
