@@ -152,7 +152,7 @@ llm: $(VENV)/.demo-data $(VENV)/.llm-data
 	$(PY) -m experiments.llm
 
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
-.PHONY: bench-cpu bench-quant routing-bench param-arithmetic memory
+.PHONY: bench-cpu bench-quant bench-dora routing-bench param-arithmetic memory
 bench-cpu: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
 		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,full,materialized,inline \
@@ -164,6 +164,12 @@ bench-quant: $(VENV)/.experiments
 		--heads 4 --vocab 4096 --seq 256 --batch 2 \
 		--variants lora,lora-bf16,lora-int8,lora-int4,lora-nf4 \
 		--steps 5 --warmup 2 --repeats 15 --out experiments/results/bench_quant
+
+# DoRA (norm from the factors) and DoRA the dense way (PEFT's) over the LoRA step, paired.
+bench-dora: $(VENV)/.experiments
+	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
+		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,dora,dora-materialized \
+		--steps 5 --warmup 2 --repeats 15 --out experiments/results/bench_dora
 
 routing-bench: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.routing

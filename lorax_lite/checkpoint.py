@@ -51,9 +51,10 @@ def save_adapter(
 ) -> pathlib.Path:
     """Writes the adapters and fully trained leaves of ``tree``, never the base.
 
-    The directory holds an orbax checkpoint of every ``a``, ``b`` and `Trainable`
-    value, and JSON metadata: the format version, ``config``, each adapter's path,
-    base shape/dtype, rank, scale, axis roles and dropout, the trained paths, a
+    The directory holds an orbax checkpoint of every ``a``, ``b``, DoRA ``m`` and
+    `Trainable` value, and JSON metadata: the format version, ``config``, each adapter's
+    path, base shape/dtype, rank, scale, axis roles, dropout and (DoRA) whether the
+    norm is detached, the trained paths, a
     fingerprint of the base (every leaf's path, shape and dtype, and a hash of a
     strided sample of each adapted weight), checksums of the saved arrays, the
     library and JAX versions, ``metadata``, and a checksum of the metadata itself.
@@ -104,7 +105,7 @@ def save_adapter(
             f"the base; these adapters lack one: {no_base}"
         )
     arrays = {
-        "adapters": [{"a": n.a, "b": n.b} for _, n in adapters],
+        "adapters": [_factors(n) for _, n in adapters],
         "trained": [v for _, v in trained],
     }
     info = {
@@ -284,7 +285,13 @@ def _metadata_digest(info: Mapping[str, Any]) -> str:
     return _json_digest({k: v for k, v in info.items() if k != "sha256"})
 
 
+def _factors(node: LoraWeight) -> dict[str, Any]:
+    """The saved arrays of an adapter: ``a``, ``b``, and DoRA's magnitude ``m``."""
+    return {"a": node.a, "b": node.b, **({} if node.m is None else {"m": node.m})}
+
+
 def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
+    dora = {} if node.m is None else {"m": _array_entry(node.m), "detach_norm": node.detach_norm}
     return {
         "path": path,
         # The base weight's shape and dtype only: it is never copied to the host whole
@@ -297,6 +304,7 @@ def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
         "dropout": float(node.dropout),
         "a": _array_entry(node.a),
         "b": _array_entry(node.b),
+        **dora,
     }
 
 
@@ -500,19 +508,31 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
             f"{field}.layout: expected one role of {AXIS_ROLES} per axis of the shape "
             f"{shape}, 'in' and 'out' among them, found {_shown(layout)}"
         )
-    for factor in ("a", "b"):
+    factors = _saved_factors(entry)
+    for factor in factors:
         problems += _array_entry_problems(
             entry.get(factor, _MISSING), f"{field}.{factor}", floating=True, named=False
         )
+    if "m" in entry and not isinstance(entry.get("detach_norm"), bool):
+        problems.append(
+            f"{field}.detach_norm: expected true or false, found "
+            f"{_shown(entry.get('detach_norm', _MISSING))}"
+        )
     if problems:
         return problems
-    expected = Layout.from_roles(tuple(layout)).factor_shapes(tuple(shape), rank)
+    layout = Layout.from_roles(tuple(layout))
+    expected = (*layout.factor_shapes(tuple(shape), rank), layout.magnitude_shape(tuple(shape)))
     return [
         f"{field}.{factor}.shape: expected {list(want)} (rank {rank} on a {shape} weight), "
         f"found {entry[factor]['shape']}"
-        for factor, want in zip(("a", "b"), expected)
+        for factor, want in zip(factors, expected)
         if tuple(entry[factor]["shape"]) != want
     ]
+
+
+def _saved_factors(entry: dict[str, Any]) -> tuple[str, ...]:
+    """The arrays an adapter entry describes: ``a``, ``b``, and ``m`` for DoRA."""
+    return ("a", "b", "m") if "m" in entry else ("a", "b")
 
 
 def _array_entry_problems(
@@ -697,12 +717,17 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     def rebuild(key_path, leaf):
         name = path_str(key_path)
         if name in adapted:
-            entry, ab = adapted[name]
-            layout = Layout.from_roles(tuple(entry["layout"]))
-            return LoraWeight(leaf, ab["a"], ab["b"], entry["scale"], layout, entry["dropout"])
+            return _rebuilt_adapter(leaf, *adapted[name])
         return Trainable(trained[name]) if name in trained else leaf
 
     return jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_quantized)
+
+
+def _rebuilt_adapter(w: Any, entry: dict[str, Any], arrays: dict[str, Any]) -> LoraWeight:
+    """The `LoraWeight` of a saved entry and its restored arrays, on the base ``w``."""
+    layout = Layout.from_roles(tuple(entry["layout"]))
+    dora = {"m": arrays["m"], "detach_norm": entry["detach_norm"]} if "m" in entry else {}
+    return LoraWeight(w, arrays["a"], arrays["b"], entry["scale"], layout, entry["dropout"], **dora)
 
 
 def _shape_problems(info: dict[str, Any], named: dict[str, Any]) -> dict[str, str]:
@@ -764,8 +789,8 @@ def _restore_arrays(
     for entry in info["adapters"]:
         layout = Layout.from_roles(tuple(entry["layout"]))
         base = None if named is None else named[entry["path"]]
-        a_sharding, b_sharding = factor_shardings(base, layout)
-        adapters.append({"a": target(entry["a"], a_sharding), "b": target(entry["b"], b_sharding)})
+        shardings = dict(zip(("a", "b", "m"), factor_shardings(base, layout)))
+        adapters.append({f: target(entry[f], shardings[f]) for f in _saved_factors(entry)})
     trained = [
         target(e, _same_shape_sharding(None if named is None else named[e["path"]]))
         for e in info["trained"]
@@ -785,7 +810,7 @@ def _check_checksums(path: pathlib.Path, info: dict[str, Any], restored: dict[st
     saved = [
         (f"{e['path']} ({f})", e[f], ab[f])
         for e, ab in zip(info["adapters"], restored["adapters"])
-        for f in ("a", "b")
+        for f in _saved_factors(e)
     ]
     saved += [(e["path"], e, v) for e, v in zip(info["trained"], restored["trained"])]
     bad = [name for name, entry, value in saved if _array_entry(value)["sha256"] != entry["sha256"]]
@@ -796,12 +821,12 @@ def _check_checksums(path: pathlib.Path, info: dict[str, Any], restored: dict[st
         )
 
 
-def factor_shardings(base: Any, layout: Layout) -> tuple[Any, Any]:
-    """Shardings for ``A`` and ``B`` derived from the base weight's sharding.
+def factor_shardings(base: Any, layout: Layout) -> tuple[Any, Any, Any]:
+    """Shardings for ``A``, ``B`` and DoRA's ``m`` derived from the base weight's sharding.
 
     A `NamedSharding` carries over axis by axis: ``A`` takes the weight's spec of
-    the stacked and fan-in axes (rank axis unsharded), ``B`` that of the stacked and
-    fan-out axes. A single-device base gives single-device factors; other
+    the stacked and fan-in axes (rank axis unsharded), ``B`` and ``m`` that of the
+    stacked and fan-out axes. A single-device base gives single-device factors; other
     multi-device shardings give factors replicated on the same devices.
     """
     sharding = getattr(base, "sharding", None)
@@ -811,13 +836,14 @@ def factor_shardings(base: Any, layout: Layout) -> tuple[Any, Any]:
         stack = pick(layout.stack)
         a_spec = PartitionSpec(*stack, *pick(layout.fan_in), None)
         b_spec = PartitionSpec(*stack, None, *pick(layout.fan_out))
-        return NamedSharding(sharding.mesh, a_spec), NamedSharding(sharding.mesh, b_spec)
+        m_spec = PartitionSpec(*stack, *pick(layout.fan_out))
+        return tuple(NamedSharding(sharding.mesh, s) for s in (a_spec, b_spec, m_spec))
     if sharding is None or isinstance(sharding, SingleDeviceSharding):
         single = _same_shape_sharding(base)
-        return single, single
+        return single, single, single
     devices = sorted(sharding.device_set, key=lambda d: d.id)
     replicated = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec())
-    return replicated, replicated
+    return replicated, replicated, replicated
 
 
 def _same_shape_sharding(base: Any) -> Any:
@@ -830,10 +856,7 @@ def _adapters_only(info: dict[str, Any], arrays: dict[str, Any]) -> dict[str, An
     """A nested dict of the adapters and trained values alone, keyed by path components."""
     flat: dict[str, Any] = {}
     for entry, ab in zip(info["adapters"], arrays["adapters"]):
-        layout = Layout.from_roles(tuple(entry["layout"]))
-        flat[entry["path"]] = LoraWeight(
-            None, ab["a"], ab["b"], entry["scale"], layout, entry["dropout"]
-        )
+        flat[entry["path"]] = _rebuilt_adapter(None, entry, ab)
     for entry, value in zip(info["trained"], arrays["trained"]):
         flat[entry["path"]] = Trainable(value)
     return unflatten(flat)

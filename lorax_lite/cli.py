@@ -117,7 +117,7 @@ def inspect_command(args: argparse.Namespace) -> None:
     rows = [("path", "weight shape", "dtype", "rank", "scale", "axes", "adapter params")]
     n_adapter = 0
     for e in info["adapters"]:
-        size = int(np.prod(e["a"]["shape"]) + np.prod(e["b"]["shape"]))
+        size = int(sum(np.prod(e[f]["shape"]) for f in ("a", "b", "m") if f in e))  # m: DoRA
         n_adapter += size
         rows.append(
             (e["path"], str(tuple(e["shape"])), e["dtype"], str(e["rank"]), f"{e['scale']:g}",
@@ -142,7 +142,7 @@ def inspect_command(args: argparse.Namespace) -> None:
 
 def _inspect_peft(path: pathlib.Path) -> None:
     config = _read_json(path / CONFIG_NAME, "a PEFT adapter_config.json", dict)
-    keys = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias")
+    keys = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias")
     print(f"PEFT adapter {path}: " + ", ".join(f"{k}={config.get(k)!r}" for k in keys))
     print(f"target_modules: {config.get('target_modules')}")
     tensors = _read_safetensors(path / WEIGHTS_NAME)

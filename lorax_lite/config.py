@@ -18,6 +18,7 @@ from .targets import pattern_matches
 Spec = str | Callable[[str, Any], bool]
 AXIS_ROLES = ("stack", "in", "out")
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+_FLAGS = ("use_rslora", "use_dora", "dora_detach_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,15 @@ class LoraConfig:
         axes: ``{regex: roles}`` naming each axis of a matching weight ``"stack"``,
             ``"in"`` or ``"out"``, for weights of more than two dimensions when
             ``init`` is not given the function that uses them.
+        use_dora: DoRA: each adapted weight becomes ``m * V / ||V||`` with
+            ``V = w + s A B``, the norm per output unit over the fan-in axes and a
+            trainable magnitude ``m`` starting at ``||w||``. `lora` takes the norm from
+            the factors, never forming ``V``. Matmul (Dense, DenseGeneral, einsum) and
+            conv kernels only: an embedding lookup of a DoRA weight raises.
+        dora_detach_norm: treat ``||V||`` as a constant in the backward pass (default
+            True): PEFT detaches it, and the DoRA paper (section 4.3) does so to save
+            the memory its gradient needs, at little cost in accuracy; ``m`` and the
+            direction still get gradients. False differentiates through the norm too.
 
     Example:
         >>> config = LoraConfig(rank=8, alpha=16, targets=("query", "value"))
@@ -75,6 +85,8 @@ class LoraConfig:
     train: tuple[str, ...] = ()
     bias: Literal["none", "all", "lora_only"] = "none"
     axes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    dora_detach_norm: bool = True
 
     def __post_init__(self):
         problems = _normalize_containers(self)
@@ -83,7 +95,8 @@ class LoraConfig:
             raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
         # NumPy scalars and dtypes pass validation; plain Python values keep it JSON-ready.
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
-        object.__setattr__(self, "use_rslora", bool(self.use_rslora))
+        for flag in _FLAGS:
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
         object.__setattr__(self, "rank", int(self.rank))
         if self.pissa_niter is not None:
             object.__setattr__(self, "pissa_niter", int(self.pissa_niter))
@@ -205,8 +218,9 @@ def _validate(config: LoraConfig) -> list[str]:
         check_alpha(f"alpha_pattern[{pattern!r}]", value)
     if not is_number(config.dropout, numbers.Real) or not 0 <= config.dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
-    if not isinstance(config.use_rslora, bool | np.bool_):
-        problems.append(f"use_rslora must be True or False, got {config.use_rslora!r}")
+    for flag in _FLAGS:
+        if not isinstance(getattr(config, flag), bool | np.bool_):
+            problems.append(f"{flag} must be True or False, got {getattr(config, flag)!r}")
     if not _is_float_dtype(config.dtype):
         problems.append(f"dtype must be a floating dtype such as 'float32', got {config.dtype!r}")
     if config.init not in INITS:

@@ -511,6 +511,9 @@ def _stack_lora(path: str, column: list[Any], loras: list[LoraWeight], base_leaf
     if len(layouts) > 1 or w is None:
         why = f"layouts differ: {layouts}" if w is not None else "no base weight (pass base=)"
         return None, None, None, None, [f"{path}: {why}"]
+    if any(x.dora for x in loras):
+        why = "a DoRA adapter (use_dora): its magnitude and norm do not stack or route"
+        return None, None, None, None, [f"{path}: {why}; merge it first (ll.merge)"]
     full = max(x.rank for x in loras)
     dtype = jnp.result_type(*(x.a.dtype for x in loras))
     a_full, b_full = first.layout.factor_shapes(tuple(w.shape), full)

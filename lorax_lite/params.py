@@ -25,7 +25,15 @@ from .targets import (
     to_predicate,
 )
 from .usage import Usage, infer_usage
-from .weight import Layout, LoraWeight, Trainable, init_factors, is_lora_node, is_node
+from .weight import (
+    Layout,
+    LoraWeight,
+    Trainable,
+    column_norm,
+    init_factors,
+    is_lora_node,
+    is_node,
+)
 
 
 def init(
@@ -125,7 +133,8 @@ def init(
             return LoraWeight(leaf, a, b, scale, layout, config.dropout)
         return Trainable(leaf) if path in trained else leaf
 
-    return _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantize)
+    tree = _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantize)
+    return with_magnitudes(tree, config.dora_detach_norm) if config.use_dora else tree
 
 
 def _residual_init_problems(
@@ -142,6 +151,22 @@ def _residual_init_problems(
         for path, leaf in named
         if path in targeted and not isinstance(leaf, jax.Array | np.ndarray)
     ]
+
+
+def with_magnitudes(tree: Any, detach_norm: bool) -> Any:
+    """DoRA: gives every `LoraWeight` a magnitude ``m = ||w + s A B||`` per output unit
+    over the fan-in axes (``||w||`` at init, where ``B = 0``; a quantized base's
+    dequantized weights), so that the model starts unchanged."""
+
+    def add(node):
+        if not isinstance(node, LoraWeight):
+            return node
+        w = node.w.dequantize() if is_quantized(node.w) else node.w
+        merged = w.astype(jnp.float32) + node.delta(jnp.float32)
+        m = column_norm(merged, node.layout).astype(node.a.dtype)
+        return dataclasses.replace(node, m=m, detach_norm=detach_norm)
+
+    return jax.tree_util.tree_map(add, tree, is_leaf=is_node)
 
 
 def _quantized(tree: Any, spec: str | Mapping[str, Any] | None) -> Any:
@@ -259,6 +284,11 @@ def _layout_for(
             "axes are ambiguous; pass fn= and args= to init, or set "
             "LoraConfig(axes={pattern: ('stack'|'in'|'out', ...)})"
         )
+    if config.use_dora and usage is not None and path in usage and usage[path].kind == "gather":
+        return None, (
+            f"{path}: use_dora needs a matmul or conv kernel (a norm per output unit); "
+            "this weight is an embedding table (looked up by gather): exclude it"
+        )
     rank = config.rank_for(path)
     d_in = int(np.prod([leaf.shape[i] for i in layout.fan_in]))
     d_out = int(np.prod([leaf.shape[i] for i in layout.fan_out]))
@@ -268,17 +298,17 @@ def _layout_for(
 
 
 def trainable_mask(tree: Any) -> Any:
-    """A tree of bools shaped like ``tree``: True at ``a``, ``b`` and `Trainable` values."""
+    """A tree of bools shaped like ``tree``: True at ``a``, ``b``, DoRA's ``m`` and
+    `Trainable` values."""
 
     def mark(node):
         if isinstance(node, LoraWeight):
-            return LoraWeight(
-                _mark_present(node.w, False),
-                _mark_present(node.a, True),
-                _mark_present(node.b, True),
-                node.scale,
-                node.layout,
-                node.dropout,
+            return dataclasses.replace(
+                node,
+                w=_mark_present(node.w, False),
+                a=_mark_present(node.a, True),
+                b=_mark_present(node.b, True),
+                m=_mark_present(node.m, True),
             )
         if isinstance(node, Trainable):
             return Trainable(_mark_present(node.value, True))
@@ -294,7 +324,7 @@ def _mark_present(x: Any, flag: bool) -> bool | None:
 def partition(tree: Any) -> tuple[Any, Any]:
     """Splits ``tree`` into ``(trainable, frozen)`` with ``None`` holes.
 
-    ``trainable`` holds every ``a``, ``b`` and `Trainable` value; ``frozen`` holds
+    ``trainable`` holds every ``a``, ``b``, DoRA ``m`` and `Trainable` value; ``frozen`` holds
     every base weight and untouched leaf. `combine` is the exact inverse.
 
     Example:
@@ -425,6 +455,7 @@ def unmerge(merged: Any, tree: Any) -> Any:
     it holds only the factors (a trainable partition), the base is recovered as
     ``merged - scale * A @ B`` in float32 (exact up to rounding of the base dtype).
     Fully trained leaves and the holes of a partition take their merged values.
+    A DoRA weight needs its base in ``tree``: the merged weight does not determine it.
 
     Args:
         merged: the output of `merge`.
@@ -432,6 +463,9 @@ def unmerge(merged: Any, tree: Any) -> Any:
 
     Returns:
         A full LoRA tree shaped like the output of `init`.
+
+    Raises:
+        ValueError: naming every DoRA weight whose base ``tree`` lacks.
     """
 
     def restore(node, value):
@@ -439,12 +473,21 @@ def unmerge(merged: Any, tree: Any) -> Any:
             if node.w is not None:
                 return node
             base = value.astype(jnp.float32) - node.delta(jnp.float32)
-            return LoraWeight(
-                base.astype(value.dtype), node.a, node.b, node.scale, node.layout, node.dropout
-            )
+            return dataclasses.replace(node, w=base.astype(value.dtype))
         return Trainable(value) if isinstance(node, Trainable) else value
 
     hole_or_node = lambda x: x is None or is_lora_node(x)
+    dora = [
+        p
+        for p, node in named_leaves(tree, is_leaf=hole_or_node)
+        if isinstance(node, LoraWeight) and node.w is None and node.m is not None
+    ]
+    if dora:
+        raise ValueError(
+            "unmerge: a DoRA weight m * V / ||V|| fixes only V's direction, so its base "
+            "cannot be recovered from the merged weight and the factors; pass the full tree "
+            f"(with w) for: {dora}"
+        )
     return jax.tree_util.tree_map(restore, tree, merged, is_leaf=hole_or_node)
 
 

@@ -20,6 +20,12 @@ Layouts: a PyTorch ``Linear`` weight is ``(out, in)``, and PEFT stores
 and ``lora_embedding_B`` ``(dim, r)``. Weights with more than one fan-in or fan-out
 axis (convolutions, ``DenseGeneral``) or stacked along another axis have no PEFT
 equivalent and are refused.
+
+DoRA: a DoRA adapter (``use_dora: true``) adds ``lora_magnitude_vector`` ``(out,)``:
+PEFT's norm of ``W + s B A`` over the input features of each output unit, which is
+lorax_lite's ``m`` (the norm over the fan-in axis of the ``(in, out)`` kernel). The ``m``
+of a stacked leaf, ``(n_layer, out)``, is unstacked and stacked back with its layers,
+one vector per layer's module.
 """
 
 from __future__ import annotations
@@ -136,6 +142,12 @@ def to_peft(
     too in lorax_lite, while PEFT's acts on the lookup only: export adapters of untied
     weights for the same outputs.
 
+    DoRA adapters write their magnitude ``m`` as ``lora_magnitude_vector`` (layer ``i`` of
+    a stacked leaf writes ``m[i]``) and set ``use_dora: true`` (PEFT's flag covers every
+    module, so DoRA and plain adapters cannot share a file). PEFT always treats the norm as
+    a constant in its backward pass, whatever ``dora_detach_norm`` is; the forward pass is
+    the same.
+
     Args:
         directory: the output directory (created if missing).
         tree: a LoRA tree, or its trainable partition (base weights are not needed).
@@ -151,7 +163,8 @@ def to_peft(
         ValueError: listing every leaf that the name map does not map, every adapter
             whose layout PEFT cannot express, every stacked leaf without a ``{layer}``
             template and every unstacked one with one; for adapters initialized with
-            ``init="pissa"``/``"olora"`` (their base is a residual, not the original).
+            ``init="pissa"``/``"olora"`` (their base is a residual, not the original);
+            naming the plain adapters of a tree that also holds DoRA ones.
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query",
@@ -166,6 +179,8 @@ def to_peft(
         )
     pieces, problems = _pieces(tree, resolve_name_map(name_map))
     adapters = [p for p in pieces if isinstance(p.value, LoraWeight)]
+    dora, dora_problems = _dora_mix(adapters)
+    problems += dora_problems
     problems += _shared_modules(adapters, "adapters")
     targeted = {p.module for p in adapters}
     trained = [p for p in pieces if not isinstance(p.value, LoraWeight)]
@@ -174,6 +189,7 @@ def to_peft(
     if problems:
         raise ValueError("to_peft cannot export this tree:\n  " + "\n  ".join(problems))
     peft_config = _base_config(config, base_model_name_or_path)
+    peft_config["use_dora"] = dora
     for piece in adapters:
         tensors.update(_adapter_tensors(piece))
         _add_patterns(peft_config, config, piece)
@@ -249,6 +265,20 @@ def _unstack(path: str, module: str, value: Any) -> list[Piece]:
     return [Piece(path, i, module.replace(LAYER, str(i)), layer(i)) for i in range(count)]
 
 
+def _dora_mix(adapters: list[Piece]) -> tuple[bool, list[str]]:
+    """Whether the adapters are DoRA ones, and a problem naming the leaves if DoRA and plain
+    adapters mix (PEFT's ``use_dora`` holds for every module of an adapter)."""
+    is_dora = {p.path: p.value.m is not None for p in adapters}  # one entry per leaf
+    dora = [path for path, flag in is_dora.items() if flag]
+    plain = [path for path, flag in is_dora.items() if not flag]
+    if not (dora and plain):
+        return bool(dora), []
+    return True, [
+        f"DoRA adapters ({', '.join(dora)}) and plain ones ({', '.join(plain)}) in one "
+        "tree: PEFT's use_dora holds for every module of an adapter; export them apart"
+    ]
+
+
 def _replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], Any]) -> None:
     """Writes ``path`` through a temporary file beside it, then renames it into place, so a
     failed or killed write leaves the previous file whole (and no temporary file)."""
@@ -303,7 +333,11 @@ def _adapter_tensors(piece: Piece) -> dict[str, np.ndarray]:
         names = ("lora_embedding_A", "lora_embedding_B")
     else:
         names = ("lora_A.weight", "lora_B.weight")
-    return {f"{PREFIX}{piece.module}.{n}": np.ascontiguousarray(x) for n, x in zip(names, (a, b))}
+    module = piece.module
+    tensors = {f"{PREFIX}{module}.{n}": np.ascontiguousarray(x) for n, x in zip(names, (a, b))}
+    if piece.value.m is not None:
+        tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = np.asarray(piece.value.m)
+    return tensors
 
 
 def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
@@ -378,6 +412,11 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     one rank and one alpha (PEFT's ``rank_pattern``/``alpha_pattern`` may name layers,
     as long as they agree across the layers of one leaf).
 
+    With ``use_dora: true`` every adapted module needs its ``lora_magnitude_vector``
+    ``(d_out,)``, read as DoRA's ``m`` (with the norm detached, as PEFT trains; the
+    layers' vectors of a stacked leaf are stacked into ``m`` of ``(n_layer, d_out)``);
+    embedding adapters are refused then (lorax_lite's DoRA has no embedding rule).
+
     Args:
         directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
         params: the base parameter tree whose leaf paths ``name_map`` maps.
@@ -386,18 +425,19 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
 
     Returns:
         The LoRA tree: adapted leaves as `LoraWeight` (scale from ``lora_alpha``,
-        ``alpha_pattern`` and ``use_rslora``), trained biases and ``modules_to_save``
-        parameters as `Trainable`.
+        ``alpha_pattern`` and ``use_rslora``; ``m`` with DoRA), trained biases and
+        ``modules_to_save`` parameters as `Trainable`.
 
     Raises:
         FileNotFoundError: if a file is missing (a pickled ``adapter_model.bin`` is
             never read).
         ValueError: naming the file: if it is not UTF-8 JSON or safetensors; listing
             every field of the configuration that is missing, of the wrong type or out
-            of range, or that lorax_lite cannot represent (DoRA, another PEFT type, a
+            of range, or that lorax_lite cannot represent (another PEFT type, a
             base modified by PiSSA/OLoRA/CorDA/LoftQ initialization); listing every
             tensor that maps to no base leaf, has a non-floating dtype, non-finite
-            values or a shape that does not fit, every leaf or tensor that two
+            values or a shape that does not fit, every DoRA magnitude that is missing
+            (with ``use_dora``), misshapen or stray, every leaf or tensor that two
             modules or two tensors would share, and every stacked leaf with layers
             missing or layers of different ranks or alphas (naming those layers).
 
@@ -433,8 +473,8 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     return jax.tree_util.tree_map_with_path(rebuild, params, is_leaf=is_quantized)
 
 
-# PEFT options that change what the weights mean; lorax_lite adapters are plain LoRA.
-UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora")
+# PEFT options that change what the weights mean, which lorax_lite does not represent.
+UNSUPPORTED = ("lora_bias", "use_qalora")
 UNSUPPORTED_IF_SET = (
     "layer_replication", "alora_invocation_tokens", "target_parameters", "trainable_token_indices"
 )  # fmt: skip
@@ -463,7 +503,7 @@ def read_peft_config(path: pathlib.Path) -> dict[str, Any]:
     defaults = {
         "lora_dropout": 0.0, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
         "rank_pattern": {}, "alpha_pattern": {}, "target_modules": None,
-        "modules_to_save": None, "init_lora_weights": True,
+        "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
     }  # fmt: skip
     # PEFT writes null for an option left at its default.
     config = {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
@@ -490,7 +530,7 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
     dropout = config["lora_dropout"]
     if not (_is_real(dropout) and 0 <= dropout < 1):
         bad("lora_dropout", "a number in [0, 1)")
-    for flag in ("use_rslora", "fan_in_fan_out"):
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(config[flag], bool):
             bad(flag, "true or false")
     for flag in UNSUPPORTED:
@@ -620,6 +660,7 @@ def _leaves_by_module(
 
 
 ADAPTER_PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
+MAGNITUDE = "lora_magnitude_vector"
 
 
 def _read_tensors(
@@ -663,11 +704,23 @@ def _read_tensors(
                 continue
             a_t, b_t = tensors[key], tensors[f"{module}.{b_name}"]
             found = _factor_problems(module, (a_name, a_t), (b_name, b_t), piece, base, peft_config)
-            if found:
+            m_key = f"{module}.{MAGNITUDE}"
+            used.add(m_key)
+            found += _magnitude_problems(module, a_name, tensors.get(m_key), b_t, peft_config)
+            if found or m_key in broken:
                 problems += found
             elif claim(piece, f"the adapter of {module}"):
                 w = base[piece.path] if piece.layer is None else None
-                built[piece.path, piece.layer] = _lora_weight(w, a_t, b_t, module, peft_config)
+                node = _lora_weight(w, a_t, b_t, module, peft_config)
+                m = tensors.get(m_key)
+                node = node if m is None else dataclasses.replace(node, m=jnp.asarray(m))
+                built[piece.path, piece.layer] = node
+    problems += [
+        f"{key}: {MAGNITUDE} of a module with no lora_A/lora_B"
+        for key in tensors
+        if key.endswith("." + MAGNITUDE) and key not in used
+    ]
+    used |= {key for key in tensors if key.endswith("." + MAGNITUDE)}
     for key in sorted(set(tensors) - used - broken):
         module, _, param = key.rpartition(".")
         module = module.removesuffix(".base_layer")
@@ -749,6 +802,22 @@ def _odd_layers(values: list[Any], name: Callable[[int], str], what: str) -> str
         return None
     odd = [f"{what}{v} in {name(i)}" for i, v in enumerate(values) if v != common]
     return f"{what}{common} in {n} layers, but {', '.join(odd)}"
+
+
+def _magnitude_problems(
+    module: str, a_name: str, m: np.ndarray | None, b_t: np.ndarray, peft_config: dict[str, Any]
+) -> list[str]:
+    """What is wrong with a module's DoRA magnitude (or its absence), if anything."""
+    key = f"{module}.{MAGNITUDE}"
+    if not peft_config["use_dora"]:
+        return [] if m is None else [f"{key}: present, but {CONFIG_NAME} has use_dora false"]
+    if a_name != "lora_A.weight":
+        return [f"{module}: an embedding adapter with use_dora (lorax_lite's DoRA has none)"]
+    if m is None:
+        return [f"{module}: use_dora is true but {MAGNITUDE} is missing"]
+    if m.shape != (b_t.shape[0],):
+        return [f"{key}: shape {m.shape}, expected ({b_t.shape[0]},) (lora_B's d_out)"]
+    return []
 
 
 def _value_problem(x: np.ndarray) -> str | None:

@@ -19,7 +19,7 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
     Args:
         tree: a tree from `lorax_lite.init`.
         per_leaf: add a table of every adapted or trained leaf: path, shape, layout
-            roles, rank, trainable parameters.
+            roles, rank, trainable parameters (``A``, ``B`` and DoRA's ``m``).
 
     Returns:
         The text; its first line reads (for float32 parameters)
@@ -73,7 +73,8 @@ def _leaf_row(node: LoraWeight | Trainable) -> tuple[str, str, str, str]:
         rank = str(node.a.shape[-1])
     else:
         rank = "-" if node.b is None else str(node.b.shape[len(node.layout.stack)])
-    return shape, ",".join(node.layout.roles()), rank, f"{size(node.a) + size(node.b):,}"
+    trained = size(node.a) + size(node.b) + size(node.m)  # m: DoRA's magnitude
+    return shape, ",".join(node.layout.roles()), rank, f"{trained:,}"
 
 
 def _bytes(n: float) -> str:

@@ -12,6 +12,12 @@
 * structural ops (casts, transposes, reshapes, slices of stacked axes) return a new
   `LoraValue`.
 
+A DoRA value (with a magnitude ``m``) scales the products' output units by
+``m / ||w + scale * A @ B||``, the norm taken from the factors (`weight.factored_norm`).
+``m`` follows the structural ops like a factor with the axes ``(stack..., fan_out...)``;
+an op that changes the fan-in extent (a slice of rows) would change the norm, and
+falls back to the dense weight.
+
 A rule returns ``None`` when it does not apply; the evaluator then materializes.
 """
 
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import views
-from .weight import Layout, LoraWeight
+from .weight import Layout, LoraWeight, factored_norm
 
 
 class LoraValue(NamedTuple):
@@ -39,10 +45,31 @@ class LoraValue(NamedTuple):
     layout: Layout
     dropout: float
     path: str
+    m: jax.Array | None = None
+    detach_norm: bool = True
 
     def materialize(self) -> jax.Array:
-        """``w + scale * A @ B``, accumulated in float32, in ``w``'s dtype."""
-        return LoraWeight(self.w, self.a, self.b, self.scale, self.layout).materialize()
+        """``w + scale * A @ B`` (with DoRA, times ``m / norm``), accumulated in float32,
+        in ``w``'s dtype."""
+        node = LoraWeight(self.w, self.a, self.b, self.scale, self.layout, m=self.m,
+                          detach_norm=self.detach_norm)  # fmt: skip
+        return node.materialize()
+
+    def magnitude_ratio(self) -> jax.Array:
+        """DoRA's ``m / ||w + scale * A @ B||``, float32, ``(stack..., fan_out...)``; the
+        norm from the factors, a constant for differentiation if ``detach_norm``."""
+        norm = factored_norm(self.w, self.a, self.b, self.scale, self.layout)
+        if self.detach_norm:
+            norm = lax.stop_gradient(norm)
+        return self.m.astype(jnp.float32) / norm
+
+    def map_m(self, fn: Any) -> LoraValue:
+        """The value with ``fn`` applied to ``m`` (nothing to do without DoRA)."""
+        return self if self.m is None else self._replace(m=fn(self.m))
+
+    def fan_in_size(self) -> int:
+        """The number of fan-in entries per output unit (what DoRA's norm sums over)."""
+        return math.prod(self.w.shape[i] for i in self.layout.fan_in)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -62,13 +89,6 @@ def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Arra
     """
     on_right = isinstance(rhs, LoraValue)
     lora, x = (rhs, lhs) if on_right else (lhs, rhs)
-    # One buffer for both products. Without the barrier XLA may fuse x's producer (a
-    # norm, an activation) into each product's input separately and compute it twice:
-    # under `route` the adapter path's input is batched per example, so it has another
-    # shape than the base product's, and the producer was duplicated (experiments/bench/
-    # NOTES.md, routing).
-    x = jax.lax.optimization_barrier(x)
-    base = views.bind(eqn, (x, lora.w) if on_right else (lora.w, x))
     dot = views.dot(eqn)
     (contract_l, contract_r), (batch_l, batch_r) = dot.contract, dot.batch
     x_contract, w_contract = (contract_l, contract_r) if on_right else (contract_r, contract_l)
@@ -82,10 +102,30 @@ def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Arra
     w_spec = [s or next(letters) for s in w_spec]
     rank = next(letters)
     batch = [x_spec[i] for i in x_batch]
+    x_free = [s for s in x_spec if s not in w_spec]
+    w_free = [s for i, s in enumerate(w_spec) if i not in (*w_contract, *w_batch)]
+    out = batch + (x_free + w_free if on_right else w_free + x_free)
+    ratio = None
+    if lora.m is not None:
+        # DoRA scales the weight's output units: the product's output where they are
+        # free, its input where they are contracted (``x @ W.T``).
+        m_spec = [w_spec[i] for i in lora.layout.stack + lora.layout.fan_out]
+        if set(m_spec) <= set(out):
+            ratio = (lora.magnitude_ratio(), m_spec, out)
+        elif set(m_spec) <= set(x_spec):
+            x = _scaled(x, _spread(lora.magnitude_ratio(), m_spec, x_spec))
+        else:
+            return None
+    # One buffer for both products. Without the barrier XLA may fuse x's producer (a
+    # norm, an activation) into each product's input separately and compute it twice:
+    # under `route` the adapter path's input is batched per example, so it has another
+    # shape than the base product's, and the producer was duplicated (experiments/bench/
+    # NOTES.md, routing).
+    x = jax.lax.optimization_barrier(x)
+    base = views.bind(eqn, (x, lora.w) if on_right else (lora.w, x))
     x = dropout(x, lora.dropout, key)
     x, x_spec = _merge_free_axes(x, x_spec, x_batch, x_contract, next(letters))
     x_free = [s for s in x_spec if s not in w_spec]
-    w_free = [s for i, s in enumerate(w_spec) if i not in (*w_contract, *w_batch)]
     out = batch + (x_free + w_free if on_right else w_free + x_free)
 
     stack, fan_in, fan_out = lora.layout
@@ -102,7 +142,21 @@ def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Arra
     t = _einsum(x_spec, first[1], t_spec, x, first[0].astype(dtype), **options)
     t = t * jnp.asarray(lora.scale, t.dtype)
     delta = _einsum(t_spec, second[1], out, t, second[0].astype(dtype), **options)
-    return base + delta.reshape(base.shape).astype(base.dtype)
+    y = base + delta.reshape(base.shape).astype(base.dtype)
+    return y if ratio is None else _scaled(y, _spread(*ratio))
+
+
+def _spread(x: jax.Array, spec: list[str], target: list[str]) -> jax.Array:
+    """``x`` (axes named by ``spec``) transposed and given size-1 axes to broadcast
+    against an array whose axes are named by ``target``."""
+    order = sorted(range(len(spec)), key=lambda k: target.index(spec[k]))
+    x = jnp.transpose(x, order)
+    return jnp.expand_dims(x, tuple(k for k, s in enumerate(target) if s not in spec))
+
+
+def _scaled(y: jax.Array, ratio: jax.Array) -> jax.Array:
+    """``y * ratio`` computed in float32 (DoRA's ``m / norm``), in ``y``'s dtype."""
+    return (y.astype(jnp.float32) * ratio).astype(y.dtype)
 
 
 def ragged_dot(
@@ -195,7 +249,11 @@ def conv(eqn: Any, x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
     y = y * jnp.asarray(lora.scale, y.dtype)
     feature = view.out_feature
     delta = jnp.moveaxis(jnp.tensordot(y, lora.b.astype(y.dtype), ((feature,), (0,))), -1, feature)
-    return base + delta.astype(base.dtype)
+    out = base + delta.astype(base.dtype)
+    if lora.m is None:
+        return out
+    spec = list(range(out.ndim))  # the ratio's one axis is the output feature axis
+    return _scaled(out, _spread(lora.magnitude_ratio(), [feature], spec))
 
 
 def gather(eqn: Any, lora: LoraValue, indices: jax.Array) -> Any:
@@ -219,7 +277,14 @@ def gather(eqn: Any, lora: LoraValue, indices: jax.Array) -> Any:
     if set(indexed) <= set(stack):
         a = _gather_factor(view, lora.a, a_axes, indices, base.ndim)
         b = _gather_factor(view, lora.b, b_axes, indices, base.ndim)
+        lora = lora.map_m(lambda m: _gather_factor(view, m, stack + fan_out, indices, base.ndim))
         return lora._replace(w=base, a=a, b=b, layout=_gathered_layout(lora.layout, dims, base))
+    if lora.m is not None:
+        raise ValueError(
+            f"{lora.path}: a DoRA weight (use_dora) is looked up by gather (an embedding "
+            f"table, shape {tuple(shape)}), which has no norm per output unit; exclude it "
+            "from the targets or adapt it without DoRA"
+        )
     if set(indexed) <= set(fan_in):
         rows, rows_axes, other, other_axes = lora.a, a_axes, lora.b, b_axes
     elif set(indexed) <= set(fan_out):
@@ -246,6 +311,11 @@ def factor_axes(layout: Layout) -> tuple[tuple, tuple]:
     """The weight axis each axis of ``A`` and ``B`` stands for (``None`` for the rank)."""
     stack, fan_in, fan_out = layout
     return (*stack, *fan_in, None), (*stack, None, *fan_out)
+
+
+def magnitude_axes(layout: Layout) -> tuple[int, ...]:
+    """The weight axis each axis of a DoRA magnitude ``m`` stands for."""
+    return layout.stack + layout.fan_out
 
 
 def _gather_factor(view, factor, axes, indices, out_ndim) -> jax.Array:
@@ -310,7 +380,8 @@ def slice_any(eqn: Any, lora: LoraValue, *starts: Any) -> LoraValue:
     w = views.bind(eqn, [lora.w, *starts])
     a = _slice_factor(view, lora.a, a_axes, starts)
     b = _slice_factor(view, lora.b, b_axes, starts)
-    return lora._replace(w=w, a=a, b=b)
+    m_axes = magnitude_axes(lora.layout)
+    return lora.map_m(lambda m: _slice_factor(view, m, m_axes, starts))._replace(w=w, a=a, b=b)
 
 
 def _slice_factor(view: views.Slice, factor, axes, starts) -> jax.Array:
@@ -341,8 +412,9 @@ def split(eqn: Any, lora: LoraValue) -> list[LoraValue]:
         return lax.split(factor, sizes, axis=axes.index(axis))
 
     ws = lax.split(lora.w, sizes, axis=axis)
-    parts = zip(ws, pieces(lora.a, a_axes), pieces(lora.b, b_axes))
-    return [lora._replace(w=w, a=a, b=b) for w, a, b in parts]
+    ms = [None] * len(sizes) if lora.m is None else pieces(lora.m, magnitude_axes(lora.layout))
+    parts = zip(ws, pieces(lora.a, a_axes), pieces(lora.b, b_axes), ms)
+    return [lora._replace(w=w, a=a, b=b, m=m) for w, a, b, m in parts]
 
 
 def squeeze(eqn: Any, lora: LoraValue) -> LoraValue:
@@ -351,6 +423,8 @@ def squeeze(eqn: Any, lora: LoraValue) -> LoraValue:
     a_axes, b_axes = factor_axes(lora.layout)
     a = jnp.squeeze(lora.a, tuple(k for k, i in enumerate(a_axes) if i in gone))
     b = jnp.squeeze(lora.b, tuple(k for k, i in enumerate(b_axes) if i in gone))
+    m_axes = magnitude_axes(lora.layout)
+    lora = lora.map_m(lambda m: jnp.squeeze(m, tuple(k for k, i in enumerate(m_axes) if i in gone)))
     renumber = lambda axes: tuple(i - sum(d < i for d in gone) for i in axes if i not in gone)
     layout = Layout(*(renumber(g) for g in lora.layout))
     w = views.bind(eqn, [lora.w])
@@ -363,6 +437,7 @@ def rev(eqn: Any, lora: LoraValue) -> LoraValue:
     a_axes, b_axes = factor_axes(lora.layout)
     flip = lambda f, axes: lax.rev(f, tuple(k for k, i in enumerate(axes) if i in flipped))
     w = views.bind(eqn, [lora.w])
+    lora = lora.map_m(lambda m: flip(m, magnitude_axes(lora.layout)))
     return lora._replace(w=w, a=flip(lora.a, a_axes), b=flip(lora.b, b_axes))
 
 
@@ -379,6 +454,7 @@ def broadcast(eqn: Any, lora: LoraValue) -> LoraValue:
 
     a_axes, b_axes = factor_axes(lora.layout)
     moved = lambda axes: tuple(kept[i] for i in axes)
+    lora = lora.map_m(lambda m: expand(m, magnitude_axes(lora.layout)))
     layout = Layout(new + moved(lora.layout.stack), *(moved(g) for g in lora.layout[1:]))
     w = views.bind(eqn, [lora.w])
     return lora._replace(w=w, a=expand(lora.a, a_axes), b=expand(lora.b, b_axes), layout=layout)
@@ -391,8 +467,10 @@ def sorted_groups(lora: LoraValue) -> LoraValue:
     n = len(stack)
     a_perm = order(stack, 0) + order(fan_in, n) + [n + len(fan_in)]
     b_perm = order(stack, 0) + [n] + order(fan_out, n + 1)
+    m_perm = order(stack, 0) + order(fan_out, n)
     permute = lambda f, perm: f if perm == sorted(perm) else jnp.transpose(f, perm)
     layout = Layout(*(tuple(sorted(g)) for g in lora.layout))
+    lora = lora.map_m(lambda m: permute(m, m_perm))
     return lora._replace(a=permute(lora.a, a_perm), b=permute(lora.b, b_perm), layout=layout)
 
 
@@ -421,6 +499,7 @@ def reshape(eqn: Any, lora: LoraValue) -> LoraValue | None:
     rank = lora.a.shape[-1]
     a = lora.a.reshape(dims_of("stack") + dims_of("in") + [rank])
     b = lora.b.reshape(dims_of("stack") + [rank] + dims_of("out"))
+    lora = lora.map_m(lambda m: m.reshape(dims_of("stack") + dims_of("out")))
     return lora._replace(w=views.bind(eqn, [lora.w]), a=a, b=b, layout=layout)
 
 

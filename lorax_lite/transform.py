@@ -164,13 +164,13 @@ def _lazy(path: str, node: Any) -> Any:
         return node.value
     if not isinstance(node, LoraWeight):
         return node
-    if node.w is None or node.a is None or node.b is None:
+    if node.w is None or node.a is None or node.b is None or (node.dora and node.m is None):
         raise ValueError(
-            f"{path}: LoraWeight is missing w, a or b (a partition?); "
+            f"{path}: LoraWeight is missing w, a, b or DoRA's m (a partition?); "
             "use ll.combine(trainable, frozen) before calling the model"
         )
-    w, a, b = _same_varying_axes(node.w, node.a, node.b)
-    return LoraValue(w, a, b, node.scale, node.layout, node.dropout, path)
+    w, a, b, m = _same_varying_axes(node.w, node.a, node.b, node.m)
+    return LoraValue(w, a, b, node.scale, node.layout, node.dropout, path, m, node.detach_norm)
 
 
 def _varying_axes(x: jax.Array) -> frozenset:
@@ -231,22 +231,22 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
         return views.bind(eqn, invals)
     out = None
     if p in _STRUCTURAL:
-        out = _STRUCTURAL[p](eqn, invals[0])
+        out = _same_norm(invals[0], _STRUCTURAL[p](eqn, invals[0]))
     elif p.name == "split":  # no public primitive object either
-        out = rules.split(eqn, invals[0])
+        out = _same_norm(invals[0], rules.split(eqn, invals[0]))
     elif p.name in _PER_COMPONENT and lora_in == [True]:
         one = (
             (lambda x: views.bind(eqn, [x])[0])
             if p.multiple_results
             else (lambda x: views.bind(eqn, [x]))
         )
-        lora = invals[0]
+        lora = invals[0].map_m(one)
         out = lora._replace(w=one(lora.w), a=one(lora.a), b=one(lora.b))
         out = [out] if p.multiple_results else out
     elif p in _ON_W_ONLY and lora_in[0]:
         out = invals[0]._replace(w=views.bind(eqn, [invals[0].w]))
     elif p in _SLICES and lora_in[0] and not any(lora_in[1:]):
-        out = rules.slice_any(eqn, *invals)
+        out = _same_norm(invals[0], rules.slice_any(eqn, *invals))
     elif p is prim.dot_general_p and sum(lora_in) == 1:
         lora = invals[lora_in.index(True)]
         out = rules.dot_general(eqn, *invals, ctx.next_key() if lora.dropout else None)
@@ -259,6 +259,17 @@ def _apply(eqn: Any, invals: list[Any], ctx: _Context) -> Any:
     if out is None:
         out = views.bind(eqn, [_dense(x, p.name, ctx) for x in invals])
     return out
+
+
+def _same_norm(before: LoraValue, after: Any) -> Any:
+    """A structural rule's result, or None (the dense fallback) where it would change a
+    DoRA weight's norm: an op that cuts or repeats fan-in entries (slicing rows, say)
+    acts on ``m * V / ||V||`` with the norm of the whole weight, which the cut value
+    could not recompute."""
+    if before.m is None or after is None:
+        return after
+    pieces = after if isinstance(after, list) else [after]
+    return after if all(v.fan_in_size() == before.fan_in_size() for v in pieces) else None
 
 
 def _dequantized(x: Any) -> Any:
@@ -292,16 +303,22 @@ def _dense(x: Any, primitive: str, ctx: _Context) -> Any:
 
 
 def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
-    """LoRA values as ``(w, a, b)`` tuples (to pass through control flow), and back."""
+    """LoRA values as ``(w, a, b, m)`` tuples (to pass through control flow), and back."""
     meta = [
-        v._replace(w=None, a=None, b=None) if isinstance(v, LoraValue) else None for v in values
+        v._replace(w=None, a=None, b=None, m=None) if isinstance(v, LoraValue) else None
+        for v in values
     ]
-    flat = [(v.w, v.a, v.b) if m else v for v, m in zip(values, meta)]
+    flat = [(v.w, v.a, v.b, v.m) if m else v for v, m in zip(values, meta)]
 
     def rebuild(arrays: Sequence[Any]) -> list[Any]:
-        return [m._replace(w=x[0], a=x[1], b=x[2]) if m else x for x, m in zip(arrays, meta)]
+        return [_rebuilt(m, x) if m else x for x, m in zip(arrays, meta)]
 
     return flat, rebuild
+
+
+def _rebuilt(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
+    """A LoRA value from its static part and its ``(w, a, b, m)`` arrays."""
+    return meta._replace(w=parts[0], a=parts[1], b=parts[2], m=parts[3])
 
 
 def _remat(view: views.Remat, invals: list[Any], ctx: _Context) -> list[Any]:
@@ -362,7 +379,10 @@ def _unstacked(v: Any, ctx: _Context) -> tuple[Any, Any]:
     if isinstance(v.w, QuantizedWeight) and v.w.ndim + v.w.axis == 0:
         v = _dequantized(v)
     down = lambda axes: tuple(i - 1 for i in axes)
-    return (v.w, v.a, v.b), v._replace(layout=Layout(down(stack[1:]), down(fan_in), down(fan_out)))
+    meta = v._replace(w=None, a=None, b=None, m=None)
+    return (v.w, v.a, v.b, v.m), meta._replace(
+        layout=Layout(down(stack[1:]), down(fan_in), down(fan_out))
+    )
 
 
 def _scan(view: views.Scan, invals: list[Any], ctx: _Context) -> list[Any]:
@@ -376,7 +396,7 @@ def _scan(view: views.Scan, invals: list[Any], ctx: _Context) -> list[Any]:
 
     def body(carry, sliced):
         x_slices, step_key = sliced
-        x_vals = [m._replace(w=x[0], a=x[1], b=x[2]) if m else x for x, m in zip(x_slices, metas)]
+        x_vals = [_rebuilt(m, x) if m else x for x, m in zip(x_slices, metas)]
         inputs = [*consts, *carry, *x_vals]
         outs = evaluate(view.body.jaxpr, view.body.consts, inputs, ctx.child(step_key))
         outs = [_dense(x, "scan output", ctx) for x in outs]

@@ -1,4 +1,5 @@
-"""`LoraWeight`, the pytree node that carries a frozen weight and its adapter."""
+"""`LoraWeight`, the pytree node that carries a frozen weight and its adapter (and,
+for DoRA, its trainable magnitude)."""
 
 from __future__ import annotations
 
@@ -50,14 +51,27 @@ class Layout(NamedTuple):
         stack = dims(self.stack)
         return stack + dims(self.fan_in) + (rank,), stack + (rank,) + dims(self.fan_out)
 
+    def magnitude_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of a DoRA magnitude ``m``: ``(stack..., fan_out...)``, one entry per
+        output unit of each stacked weight."""
+        return tuple(shape[i] for i in self.stack + self.fan_out)
 
-@jax.tree_util.register_dataclass
+
 @dataclasses.dataclass(frozen=True)
 class LoraWeight:
     """A frozen weight ``w`` with a low-rank adapter: ``w + scale * A @ B``.
 
     ``w`` is frozen; ``a`` and ``b`` train. ``scale``, ``layout`` and ``dropout``
     are static metadata. After `partition`, ``w`` or ``a``/``b`` may be ``None``.
+
+    With a magnitude ``m`` (DoRA, ``LoraConfig(use_dora=True)``) the weight is
+    ``m * V / ||V||`` with ``V = w + scale * A @ B``, the norm taken per output unit
+    over the fan-in axes; ``m`` has shape ``(stack..., fan_out...)`` and trains with
+    ``a`` and ``b``. ``detach_norm`` (static) treats ``||V||`` as a constant when
+    differentiating, as PEFT does. ``dora`` (static, set whenever ``m`` is given) makes
+    ``m`` a pytree child, also where a partition leaves it ``None``; a plain LoRA
+    weight has the children ``w``, ``a``, ``b`` only, as before DoRA existed, so
+    checkpoints of training states written then still restore.
 
     Example:
         >>> w = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), 2.0)
@@ -71,6 +85,12 @@ class LoraWeight:
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     layout: Layout = dataclasses.field(default=Layout.dense(), metadata=dict(static=True))
     dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    m: jax.Array | None = None
+    detach_norm: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    dora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def __post_init__(self):
+        object.__setattr__(self, "dora", bool(self.dora) or self.m is not None)
 
     @property
     def rank(self) -> int:
@@ -87,11 +107,42 @@ class LoraWeight:
         return self.scale * dense
 
     def materialize(self) -> jax.Array:
-        """``w + scale * A @ B``, accumulated in float32 and cast to ``w.dtype`` (a
-        quantized ``w`` is dequantized first)."""
+        """``w + scale * A @ B`` (with DoRA, that times ``m / ||w + scale * A @ B||``),
+        accumulated in float32 and cast to ``w.dtype`` (a quantized ``w`` is dequantized
+        first). DoRA's norm is taken of the dense sum here, not from the factors, and
+        is a constant for differentiation if ``detach_norm``, as in `lora`."""
         w = self.w.dequantize() if isinstance(self.w, QuantizedWeight) else self.w
         merged = w.astype(jnp.float32) + self.delta(jnp.float32)
+        if self.m is not None:
+            norm = column_norm(merged, self.layout)
+            norm = jax.lax.stop_gradient(norm) if self.detach_norm else norm
+            ratio = self.m.astype(jnp.float32) / norm
+            merged = merged * to_weight_axes(ratio, self.layout)
         return merged.astype(w.dtype)
+
+
+_STATIC = ("scale", "layout", "dropout", "detach_norm", "dora")
+
+
+def _child_names(node: LoraWeight) -> tuple[str, ...]:
+    return ("w", "a", "b", "m") if node.dora else ("w", "a", "b")
+
+
+def _flatten_with_keys(node: LoraWeight) -> tuple[list, tuple]:
+    children = [(jax.tree_util.GetAttrKey(n), getattr(node, n)) for n in _child_names(node)]
+    return children, tuple(getattr(node, n) for n in _STATIC)
+
+
+def _flatten(node: LoraWeight) -> tuple[list, tuple]:
+    return [getattr(node, n) for n in _child_names(node)], tuple(getattr(node, n) for n in _STATIC)
+
+
+def _unflatten(static: tuple, children: Any) -> LoraWeight:
+    w, a, b, *m = children
+    return LoraWeight(w, a, b, **dict(zip(_STATIC, static)), m=m[0] if m else None)
+
+
+jax.tree_util.register_pytree_with_keys(LoraWeight, _flatten_with_keys, _unflatten, _flatten)
 
 
 def _contract_rank(a: jax.Array, b: jax.Array, n_stack: int) -> jax.Array:
@@ -99,6 +150,50 @@ def _contract_rank(a: jax.Array, b: jax.Array, n_stack: int) -> jax.Array:
     stack = tuple(range(n_stack))
     dims = (((a.ndim - 1,), (n_stack,)), (stack, stack))
     return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST)
+
+
+def column_norm(v: jax.Array, layout: Layout) -> jax.Array:
+    """``||v||`` per output unit over the fan-in axes, in float32, shaped
+    ``(stack..., fan_out...)`` in the layout's order: DoRA's initial magnitude."""
+    squares = jnp.sum(jnp.square(v.astype(jnp.float32)), axis=layout.fan_in)
+    kept = sorted(layout.stack + layout.fan_out)  # the summed array's axes, in weight order
+    return jnp.sqrt(jnp.transpose(squares, [kept.index(i) for i in layout.stack + layout.fan_out]))
+
+
+def to_weight_axes(x: jax.Array, layout: Layout) -> jax.Array:
+    """A ``(stack..., fan_out...)`` array laid out to broadcast against the weight: its
+    axes in the weight's order, with size-1 axes at the fan-in positions."""
+    axes = layout.stack + layout.fan_out
+    x = jnp.transpose(x, sorted(range(len(axes)), key=axes.__getitem__))
+    return jnp.expand_dims(x, tuple(sorted(layout.fan_in)))
+
+
+def factored_norm(
+    w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Layout
+) -> jax.Array:
+    """``||w + scale * A @ B||`` per output unit over the fan-in axes, from the factors.
+
+    ``||w_j||^2 + 2 scale <(A^T w)_j, B_j> + scale^2 B_j^T (A^T A) B_j``: an
+    ``(r, fan_out)`` product ``A^T w`` and an ``(r, r)`` Gram matrix per stacked
+    weight, never the ``fan_in x fan_out`` sum. Float32, shaped ``(stack..., fan_out...)``.
+    """
+    f32, hi = jnp.float32, jax.lax.Precision.HIGHEST
+    letters = iter("abcdefghijklmnopqtuvwxyz")  # r and s name the rank axes
+    w_spec = [next(letters) for _ in range(w.ndim)]
+    pick = lambda axes: "".join(w_spec[i] for i in axes)
+    stack, fan_in, fan_out = (pick(axes) for axes in layout)
+    a_spec, b_spec = f"{stack}{fan_in}r", f"{stack}r{fan_out}"
+    einsum = lambda spec, *xs: jnp.einsum(spec, *xs, precision=hi, preferred_element_type=f32)
+    a, b = a.astype(f32), b.astype(f32)
+    w_squared = jnp.square(column_norm(w, layout))
+    a_t_w = einsum(f"{a_spec},{''.join(w_spec)}->{b_spec}", a.astype(w.dtype), w)
+    gram = einsum(f"{a_spec},{stack}{fan_in}s->{stack}rs", a, a)
+    gram_b = einsum(f"{stack}rs,{stack}s{fan_out}->{b_spec}", gram, b)
+    cross = jnp.sum(a_t_w * b, axis=len(layout.stack))
+    low_rank = jnp.sum(gram_b * b, axis=len(layout.stack))
+    squared = w_squared + 2 * scale * cross + scale**2 * low_rank
+    # Rounding can take a (near) zero norm's square below zero.
+    return jnp.sqrt(jnp.maximum(squared, 0.0))
 
 
 @jax.tree_util.register_dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -45,7 +46,7 @@ def randomize_b(tree: Any, key: jax.Array, std: float = 0.5) -> Any:
         k = next(keys)
         if isinstance(node, ll.LoraWeight):
             b = std * jax.random.normal(k, node.b.shape, node.b.dtype)
-            node = ll.LoraWeight(node.w, node.a, b, node.scale, node.layout, node.dropout)
+            node = dataclasses.replace(node, b=b)
         out.append(node)
     return jax.tree_util.tree_unflatten(treedef, out)
 

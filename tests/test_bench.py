@@ -282,3 +282,29 @@ def test_abstract_lora_tree_allocates_no_weights():
     kernel = tree["params"]["h"]["attn"]["c_attn"]["kernel"]
     assert kernel.a.shape == (48, 1600, 4) and kernel.b.shape == (48, 4, 4800)
     assert kernel.w.dtype == jnp.float32
+
+
+def test_dora_variants_start_at_the_lora_loss_and_agree_with_each_other():
+    """``dora`` (factored norm) and ``dora-materialized`` (dense m V / ||V||) compute the
+    same loss and gradients; at init (B = 0, m = ||w||) both equal plain LoRA's loss."""
+    args = train_step.parse_args(["--small"])
+    config = train_step.model_config(args)
+    parts = {v: train_step._train_parts(v, args) for v in ("lora", "dora", "dora-materialized")}
+    tokens = train_step._tokens(config, args)
+    losses, grads = {}, {}
+    for variant, (loss, trainable, frozen, _) in parts.items():
+        if variant != "lora":  # non-zero B, so that the norm moves off ||w||
+            bump = lambda n: dataclasses.replace(n, b=n.b + 0.05) if n.m is not None else n
+            trainable = jax.tree_util.tree_map(
+                bump, trainable, is_leaf=lambda n: isinstance(n, ll.LoraWeight)
+            )
+            losses[variant], grads[variant] = jax.jit(jax.value_and_grad(loss))(
+                trainable, frozen, tokens
+            )
+        losses[variant + " at init"] = float(jax.jit(loss)(*parts[variant][1:3], tokens))
+    assert losses["dora at init"] == pytest.approx(losses["lora at init"], rel=1e-6)
+    assert float(losses["dora"]) == pytest.approx(float(losses["dora-materialized"]), rel=1e-5)
+    assert abs(float(losses["dora"]) - losses["dora at init"]) > 1e-3
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(g)])
+    got, expected = flat(grads["dora"]), flat(grads["dora-materialized"])
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()

@@ -1,5 +1,6 @@
 """The PEFT format: round trips, PEFT's key names and shapes, and (optionally) PEFT itself."""
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -188,9 +189,9 @@ def test_from_peft_refuses_pickle_and_unsupported_variants(tmp_path):
         ll.from_peft(tmp_path, base_params(), NAMES)
     save_file({}, tmp_path / WEIGHTS)
     (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "use_dora": True, "r": 2, "lora_alpha": 2})
+        json.dumps({"peft_type": "LORA", "lora_bias": True, "r": 2, "lora_alpha": 2})
     )
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="lora_bias"):
         ll.from_peft(tmp_path, base_params(), NAMES)
 
 
@@ -266,6 +267,89 @@ def test_peft_bert_with_the_exported_adapter_matches_lorax_lite(tmp_path):
     np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=1e-4)
 
 
+def _tiny_bert():
+    """A random 2-layer transformers BertModel and the experiments' Flax BERT with its
+    weights, and a batch."""
+    import torch
+    import transformers
+
+    from experiments.models import bert
+
+    hf_config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, hidden_act="gelu",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    torch_model = transformers.BertModel(hf_config, add_pooling_layer=False).eval()
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    config = bert.BertConfig.from_hf(hf_config.to_dict())
+    params = {"params": bert.from_torch(state, config)}
+    ids = np.random.default_rng(0).integers(0, 40, size=(2, 7)).astype(np.int32)
+    return torch_model, bert.BertEncoder(config), params, ids, np.ones((2, 7), bool)
+
+
+def _peft_output(peft_model, ids, mask):
+    import torch
+
+    with torch.no_grad():
+        ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+        return peft_model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.numpy()
+
+
+@pytest.mark.skipif(not INTEROP, reason="needs torch, transformers and peft (make interop)")
+def test_peft_dora_export_matches_lorax_lite(tmp_path):
+    """A trained DoRA adapter (non-zero B, m moved off ||W||) loaded by PEFT's
+    DoRA layers gives lorax_lite's output."""
+    import peft
+
+    from experiments.models.bert_peft import peft_name_map
+
+    torch_model, model, params, ids, mask = _tiny_bert()
+    config = ll.LoraConfig(rank=2, alpha=4, targets=("query", "value"), use_dora=True)
+    tree = randomize_b(ll.init(params, config, key=KEY), jax.random.key(1))
+    grow = lambda n: dataclasses.replace(n, m=n.m * 1.3)
+    tree = jax.tree_util.tree_map(
+        lambda n: grow(n) if isinstance(n, ll.LoraWeight) else n, tree, is_leaf=is_lora_node
+    )
+    expected = ll.lora(model.apply)(tree, ids, mask)
+    ll.to_peft(tmp_path, tree, config, peft_name_map())
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
+    got = _peft_output(peft_model, ids, mask)
+    baseline = model.apply(params, ids, mask)
+    assert np.abs(np.asarray(expected) - np.asarray(baseline)).max() > 1e-2
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not INTEROP, reason="needs torch, transformers and peft (make interop)")
+def test_peft_made_dora_adapter_reads_into_lorax_lite(tmp_path):
+    """PEFT builds the DoRA adapter (random B, its own lora_magnitude_vector, then
+    scaled): from_peft reads it and lorax_lite's output equals PEFT's."""
+    import peft
+    import torch
+
+    from experiments.models.bert_peft import peft_name_map
+
+    torch_model, model, params, ids, mask = _tiny_bert()
+    peft_config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["query", "value"], use_dora=True,
+        init_lora_weights=False,
+    )  # fmt: skip
+    peft_model = peft.get_peft_model(torch_model, peft_config).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.5 * torch.rand_like(p))
+    got = _peft_output(peft_model, ids, mask)
+    peft_model.save_pretrained(str(tmp_path))
+    tree = ll.from_peft(tmp_path, params, peft_name_map())
+    query = tree["params"]["layer_0"]["attention"]["query"]["kernel"]
+    assert query.m.shape == (16,) and query.detach_norm
+    np.testing.assert_allclose(
+        np.asarray(ll.lora(model.apply)(tree, ids, mask)), got, atol=1e-4, rtol=1e-4
+    )
+
+
 # ---------------------------------------------------------------- collisions and bad files
 
 
@@ -334,7 +418,7 @@ BAD_FIELDS = {
     "lora_dropout": (2.0, "lora_dropout: expected a number in [0, 1), found 2.0"),
     "use_rslora": ("yes", 'use_rslora: expected true or false, found "yes"'),
     "fan_in_fan_out": (1, "fan_in_fan_out: expected true or false, found 1"),
-    "use_dora": (True, "use_dora: expected false (lorax_lite adapters are plain LoRA)"),
+    "use_dora": ("yes", 'use_dora: expected true or false, found "yes"'),
     "layer_replication": ([[0, 1]], "layer_replication: expected null"),
     "bias": ("some", 'bias: expected "none", "all" or "lora_only", found "some"'),
     "rank_pattern": ({"query": 0, "(": 2}, 'rank_pattern["query"]: expected an int >= 1'),
@@ -569,6 +653,48 @@ def test_scanned_layers_round_trip_bit_exactly_through_per_layer_modules(tmp_pat
     np.testing.assert_array_equal(np.asarray(apply(back, SCAN_X)), np.asarray(apply(tree, SCAN_X)))
     # The adapters and the trained biases change the output, so the check above has teeth.
     assert np.abs(np.asarray(apply(tree, SCAN_X) - Scanned().apply(params, SCAN_X))).max() > 1e-2
+
+
+def test_dora_adapters_of_scanned_layers_round_trip_bit_exactly_with_m_per_layer(tmp_path):
+    """DoRA's magnitude follows the layers: layer i's lora_magnitude_vector is m[i] (each
+    layer's m moved off ||W_i|| differently, so a whole, shared or misplaced m shows), and
+    from_peft stacks the vectors back into m."""
+    config = dataclasses.replace(SCAN_CONFIG, use_dora=True)
+    params, tree = scanned_tree(config)
+    rng = np.random.default_rng(5)
+
+    def move_m(node):
+        if not isinstance(node, ll.LoraWeight):
+            return node
+        factor = jnp.asarray(1 + 0.2 * rng.standard_normal(node.m.shape), node.m.dtype)
+        return dataclasses.replace(node, m=node.m * factor)
+
+    tree = jax.tree_util.tree_map(move_m, tree, is_leaf=is_lora_node)
+    up = tree["params"]["layers"]["up"]["kernel"]
+    assert up.layout.stack == (0,) and up.m.shape == (3, 12)
+    ll.to_peft(tmp_path, tree, config, SCAN_NAMES)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(tmp_path / WEIGHTS)
+    magnitude = "lora_magnitude_vector"
+    np.testing.assert_array_equal(
+        tensors[f"base_model.model.embed.{magnitude}"], tree["params"]["embed"]["kernel"].m
+    )
+    for proj, d_out in (("up", 12), ("down", 8)):
+        m = np.asarray(tree["params"]["layers"][proj]["kernel"].m)
+        assert not np.array_equal(m[0], m[1])
+        for i in range(3):
+            vector = tensors[f"base_model.model.layers.{i}.{proj}.{magnitude}"]
+            assert vector.shape == (d_out,)
+            np.testing.assert_array_equal(vector, m[i])
+    assert sum(k.endswith(magnitude) for k in tensors) == 7
+    back = ll.from_peft(tmp_path, params, SCAN_NAMES)
+    assert_trees_equal(back, tree)  # m included: DoRA nodes flatten it
+    assert back["params"]["layers"]["up"]["kernel"].m.shape == (3, 12)
+    apply = jax.jit(ll.lora(Scanned().apply))
+    np.testing.assert_array_equal(np.asarray(apply(back, SCAN_X)), np.asarray(apply(tree, SCAN_X)))
+    # m changes the output, so the check above has teeth.
+    unmoved = scanned_tree(config)[1]
+    assert np.abs(np.asarray(apply(tree, SCAN_X) - apply(unmoved, SCAN_X))).max() > 1e-2
 
 
 def test_scanned_layers_are_written_as_peft_s_per_layer_modules(tmp_path):

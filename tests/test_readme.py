@@ -131,3 +131,21 @@ def test_variants_section_runs_on_the_quickstart(quickstart):
     np.testing.assert_allclose(
         np.asarray(ns["moe_out"], np.float64), expected, rtol=1e-5, atol=1e-5
     )
+
+
+def test_dora_section_trains_on_the_quickstart(quickstart):
+    """The DoRA block continues the quickstart: m has one entry per output unit, it
+    trains, and the trained model fits."""
+    namespace = {k: v for k, v in quickstart.items() if k != "stdout"}
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        exec(compile(section_code("DoRA (weight-decomposed LoRA)"), str(README), "exec"), namespace)
+    assert stdout.getvalue().startswith("(64,)")
+    tree = namespace["dora_params"]
+    fc1 = tree["params"]["fc1"]["kernel"]
+    w = np.asarray(fc1.w, np.float64)
+    assert np.abs(np.asarray(fc1.m) - np.sqrt((w**2).sum(axis=0))).max() > 1e-3  # m trained
+    assert float(namespace["loss"]) < 0.05
+    merged = namespace["model"].apply(ll.merge(tree), namespace["x"])
+    lazy = ll.lora(namespace["model"].apply)(tree, namespace["x"])
+    np.testing.assert_allclose(merged, lazy, rtol=1e-4, atol=1e-5)

@@ -14,6 +14,11 @@ Train variants (``--mode train``):
   full          full fine-tuning of the same model, ``optax.adamw`` on every parameter.
   materialized  the same LoRA computed the naive way: ``model.apply(ll.merge(tree))``.
   inline        a hand-written inline LoRA GPT (``x@W + s*(x@A)@B`` in Flax; the yardstick).
+  dora          ``lora`` with ``use_dora=True`` (DoRA, the norm from the factors); the
+                Markdown adds its step time over ``lora``'s against target 10 (<= 1.3x).
+  dora-materialized
+                the same DoRA the naive way, as PEFT computes it: ``model.apply(ll.merge(tree))``
+                forms ``m * V / ||V||`` densely every step.
   lora-bf16, lora-int8, lora-int4, lora-int4-asym, lora-nf4
                 ``lora`` over a frozen base stored otherwise: ``ll.cast_base(tree, bfloat16)``,
                 or ``ll.quantize(kind=..., block=--quant-block, also=--quantize-also)`` of the
@@ -61,7 +66,9 @@ QUANT_TARGETS = {"lora-int4": (0.3, 1.25), "lora-nf4": (0.3, 1.25)}
 # A quantized-base worker refuses to be timed if its first loss differs from the same model's
 # over the dequantized float base by more than this (relative): it would time a wrong step.
 LOSS_TOLERANCE = 1e-5
-TRAIN_VARIANTS = ("lora", "full", "materialized", "inline")
+# ../shared/BENCHMARKS.md target 10: the DoRA step's time over the LoRA step's.
+DORA_TARGET = 1.3
+TRAIN_VARIANTS = ("lora", "full", "materialized", "inline", "dora", "dora-materialized")
 TRAIN_VARIANTS += tuple(f"lora-{storage}" for storage in BASE_STORAGE)
 TRAIN_VARIANTS += ("peft", "peft-eager", "torch-full")
 INFERENCE_VARIANTS = ("base", "merged", "unmerged")
@@ -190,12 +197,16 @@ def _cast_floats(tree: Any, dtype: str) -> Any:
     return jax.tree_util.tree_map(cast, tree)
 
 
-def _lora_tree(args: argparse.Namespace, model: Any, params: Any, tokens: Any) -> Any:
+def _lora_tree(
+    args: argparse.Namespace, model: Any, params: Any, tokens: Any, *, use_dora: bool = False
+) -> Any:
     import jax
 
     import lorax_lite as ll
 
-    config = ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets=LORA_TARGETS)
+    config = ll.LoraConfig(
+        rank=args.rank, alpha=args.alpha, targets=LORA_TARGETS, use_dora=use_dora
+    )
     return ll.init(params, config, key=jax.random.key(2), fn=model.apply, args=(tokens,))
 
 
@@ -336,11 +347,12 @@ def _train_parts(variant: str, args: argparse.Namespace) -> tuple[Callable, Any,
             frozen,
             ll.optimizer(optax.adamw(args.lr)),
         )
-    if variant in ("lora", "materialized"):
-        trainable, frozen = ll.partition(_lora_tree(args, model, params, tokens))
-        if variant == "lora":
+    if variant in ("lora", "materialized", "dora", "dora-materialized"):
+        tree = _lora_tree(args, model, params, tokens, use_dora=variant.startswith("dora"))
+        trainable, frozen = ll.partition(tree)
+        if variant in ("lora", "dora"):
             loss = loss_of(ll.lora(model.apply))
-        else:  # the naive way: form w + s*A@B, then run the plain model
+        else:  # the naive way: form w + s*A@B (m * V / ||V|| for DoRA), then the plain model
             loss = loss_of(lambda p, t: model.apply(ll.merge(p), t))
         return (
             lambda tr, fr, t: loss(ll.combine(tr, fr), t),
@@ -932,6 +944,15 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
     ]
     if result.get("base_storage"):
         lines += ["", *base_storage_markdown(args, result["base_storage"])]
+    dora = result["ratios"].get(f"dora/{ref}")
+    if dora:
+        met = "met" if dora["median"] <= DORA_TARGET else "missed"
+        cpu = _ratio_text(result["cpu_ratios"].get(f"dora/{ref}"), False)
+        lines += [
+            "",
+            f"DoRA step / LoRA step: {_ratio_text(dora, False)} wall clock, {cpu} CPU time "
+            f"(target <= {DORA_TARGET:g}x: {met}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
