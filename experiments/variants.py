@@ -1,16 +1,17 @@
-"""LoRA variants on the demo task (``make variants``): plain LoRA, LoRA+, PiSSA, OLoRA.
+"""LoRA variants on the demo task (``make variants``): LoRA, LoRA+, PiSSA, OLoRA, DoRA.
 
 all-MiniLM-L6-v2 on Rotten Tomatoes, as in `experiments.demo`: rank-8 adapters on every
 query and value projection plus the head, the same split, batches, AdamW schedule and
-seed for every variant. Only the adapters' init (``LoraConfig.init``) or the learning
-rate of ``B`` (LoRA+, ``ll.optimizer(..., b_lr_ratio=...)``) differ. One seed, a short
+seed for every variant. Only the adapters' init (``LoraConfig.init``), the learning
+rate of ``B`` (LoRA+, ``ll.optimizer(..., b_lr_ratio=...)``) or the magnitude (DoRA,
+``LoraConfig(use_dora=True)``) differ. One seed, a short
 run: a sanity check of each variant on a real model, not a comparison of methods.
 
 Results go to ``experiments/results/variants.{json,md,png}``; ``--smoke`` runs the same
 code on generated snippets and a tiny random BERT in seconds.
 
 Usage:
-    python -m experiments.variants [--steps 120] [--variants lora lora-plus pissa olora]
+    python -m experiments.variants [--steps 120] [--variants lora lora-plus pissa olora dora]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from experiments import demo
 from experiments.outputs import write_outputs
 from experiments.provenance import begin, command, end, run_line
 
-VARIANTS = ("lora", "lora-plus", "pissa", "olora")
+VARIANTS = ("lora", "lora-plus", "pissa", "olora", "dora")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_TASK = "all-MiniLM-L6-v2 on Rotten Tomatoes"
 SMOKE_TASK = "a tiny random BERT on generated snippets (--smoke)"
@@ -61,10 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def variant_config(variant: str, args: argparse.Namespace) -> ll.LoraConfig:
-    """The demo's LoRA configuration, with PiSSA's or OLoRA's init for those variants."""
+    """The demo's LoRA configuration, with PiSSA's or OLoRA's init or DoRA for those."""
     config = demo.lora_config(args)
     init = variant if variant in ("pissa", "olora") else "kaiming"
-    return dataclasses.replace(config, init=init)
+    return dataclasses.replace(config, init=init, use_dora=variant == "dora")
 
 
 def run_variant(variant: str, task: demo.Task, args: argparse.Namespace) -> dict[str, Any]:
