@@ -46,6 +46,7 @@ from experiments.data import rotten_tomatoes
 from experiments.models import bert
 from experiments.outputs import write_outputs
 from experiments.provenance import begin, command, end, run_line
+from experiments.requirements import check_installed
 
 VARIANTS = ("lora", "head", "full")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -546,17 +547,9 @@ DATA_ARGS = (
 
 def check_packages() -> None:
     """Exits with a clear message if a package of the real run is missing."""
-    try:
-        bert.minilm_dir()
-        rotten_tomatoes.corpus_path()
-        for module in ("tokenizers", "matplotlib"):
-            if importlib.util.find_spec(module) is None:
-                raise ModuleNotFoundError(
-                    f"The `{module}` package is not installed. Run `make demo`, which installs "
-                    f"it, or `pip install {module}`."
-                )
-    except ModuleNotFoundError as err:
-        raise SystemExit(str(err)) from err
+    check_installed(
+        "demo", ("tokenizers", "matplotlib"), (bert.minilm_dir, rotten_tomatoes.corpus_path)
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -58,6 +58,7 @@ from experiments.models import llama_gguf
 from experiments.models.llama import KVCache, Llama, forward, generate, init_cache
 from experiments.outputs import write_outputs
 from experiments.provenance import begin, command, end, run_line
+from experiments.requirements import check_installed
 
 ROWS = ("zero-shot", "lora", "qlora-gguf", "qlora-nf4", "full")
 TRAINED = ("lora", "qlora-gguf", "qlora-nf4", "full")
@@ -717,17 +718,11 @@ def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 def check_packages() -> None:
     """Exits with a clear message if a package of the real run is missing."""
-    try:
-        llama_gguf.smollm2_path()
-        rotten_tomatoes.corpus_path()
-        for module in ("gguf", "tokenizers", "matplotlib"):
-            if importlib.util.find_spec(module) is None:
-                raise ModuleNotFoundError(
-                    f"The `{module}` package is not installed. Run `make llm`, which installs "
-                    f"it, or `pip install {module}`."
-                )
-    except ModuleNotFoundError as err:
-        raise SystemExit(str(err)) from err
+    check_installed(
+        "llm",
+        ("gguf", "tokenizers", "matplotlib"),
+        (llama_gguf.smollm2_path, rotten_tomatoes.corpus_path),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
