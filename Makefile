@@ -76,7 +76,7 @@ $(VENV)/.llm-data: $(VENV)/.experiments
 demo: $(VENV)/.demo-data
 	$(PY) -m experiments.demo
 
-# LoRA, LoRA+, PiSSA and OLoRA on the demo's task (one seed, a short run).
+# LoRA, LoRA+, PiSSA, OLoRA and DoRA on the demo's task (one seed, a short run).
 .PHONY: variants
 variants: $(VENV)/.demo-data
 	$(PY) -m experiments.variants
