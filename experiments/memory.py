@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
-from experiments import provenance
+from experiments import demo, provenance
 from experiments.models import llama_gguf
 from experiments.models.llama import Llama
 from experiments.outputs import write_outputs
@@ -77,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    args.remat = tuple(r == "on" for r in args.remat.split(",") if r)
+    settings = [r for r in args.remat.split(",") if r]
+    if set(settings) - {"off", "on"}:
+        p.error(f"--remat takes off and/or on, got {args.remat!r}")
+    args.remat = tuple(r == "on" for r in settings)
     args.batches = tuple(int(b) for b in args.batches.split(",") if b)
     return args
 
@@ -216,11 +218,6 @@ def compile_variant(variant: str, args: argparse.Namespace, remat: bool) -> dict
 # ----- measured peak RSS (a fresh process per variant) --------------------------------
 
 
-def rss() -> int:
-    """Peak resident bytes of this process so far (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     """Builds the variant, runs ``args.rss_steps`` steps; peak RSS before and after."""
     model, tree = build(variant, args, remat=False)
@@ -228,12 +225,12 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     state = step.init(tree, jax.random.key(0))
     del tree
     tokens = tokens_of(args.rss_batch, args.seq, model.config.vocab_size)
-    loaded = rss()
+    loaded = demo.peak_rss_bytes()
     losses = []
     for _ in range(args.rss_steps):
         state, metrics = step.step(state, tokens)
         losses.append(float(metrics["loss"]))
-    return dict(variant=variant, rss_loaded=loaded, rss_peak=rss(), losses=losses)
+    return dict(variant=variant, rss_loaded=loaded, rss_peak=demo.peak_rss_bytes(), losses=losses)
 
 
 def measure_rss(variant: str, argv: list[str]) -> dict[str, Any]:

@@ -82,12 +82,12 @@ class LoraWeight:
     w: jax.Array | QuantizedWeight | None
     a: jax.Array | None
     b: jax.Array | None
-    scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
-    layout: Layout = dataclasses.field(default=Layout.dense(), metadata=dict(static=True))
-    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    scale: float = 1.0
+    layout: Layout = Layout.dense()
+    dropout: float = 0.0
     m: jax.Array | None = None
-    detach_norm: bool = dataclasses.field(default=True, metadata=dict(static=True))
-    dora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    detach_norm: bool = True
+    dora: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dora", bool(self.dora) or self.m is not None)
@@ -121,6 +121,7 @@ class LoraWeight:
         return merged.astype(w.dtype)
 
 
+# The pytree's static data (the registration below; the children are `_child_names`).
 _STATIC = ("scale", "layout", "dropout", "detach_norm", "dora")
 
 
