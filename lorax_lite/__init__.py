@@ -11,11 +11,9 @@ from .multi import combine_adapters as combine_adapters
 from .multi import route as route
 from .multi import vmap_train_step as vmap_train_step
 from .optim import optimizer as optimizer
-from .params import combine as combine
 from .params import count as count
 from .params import init as init
 from .params import merge as merge
-from .params import partition as partition
 from .params import quantize as quantize
 from .params import unmerge as unmerge
 from .peft import from_peft as from_peft
@@ -23,9 +21,7 @@ from .peft import to_peft as to_peft
 from .quant import QuantizedWeight as QuantizedWeight
 from .report import summary as summary
 from .train import NonFiniteError as NonFiniteError
-from .train import TrainState as TrainState
 from .train import TrainStep as TrainStep
-from .train import cast_base as cast_base
 from .train import fit as fit
 from .train import place as place
 from .train import pmap_train_step as pmap_train_step
@@ -36,12 +32,15 @@ from .train import train_step as train_step
 from .train import unreplicate as unreplicate
 from .transform import MaterializationError as MaterializationError
 from .transform import lora as lora
+from .trees import TrainState as TrainState
+from .trees import cast_base as cast_base
+from .trees import combine as combine
+from .trees import partition as partition
+from .version import __version__ as __version__
 from .views import UnsupportedEquationError as UnsupportedEquationError
 from .weight import Layout as Layout
 from .weight import LoraWeight as LoraWeight
 from .weight import Trainable as Trainable
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterSet",

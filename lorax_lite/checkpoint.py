@@ -33,12 +33,13 @@ from .config import AXIS_ROLES, LoraConfig
 from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import named_leaves, path_str, unflatten
+from .trees import base_of, content_hash, dtype_name, fingerprint, host_array, storage
+from .version import __version__
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
 FORMAT = "lorax_lite.adapter"
 FORMAT_VERSION = 1
 # Each targeted base leaf is fingerprinted from about this many evenly strided elements.
-HASH_SAMPLES = 4096
 
 
 def save_adapter(
@@ -297,7 +298,7 @@ def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
         # The base weight's shape and dtype only: it is never copied to the host whole
         # (the fingerprint holds its cheap content hash).
         "shape": list(node.w.shape),
-        "dtype": _dtype_name(node.w),
+        "dtype": dtype_name(node.w),
         "rank": node.rank,
         "scale": float(node.scale),
         "layout": list(node.layout.roles()),
@@ -310,74 +311,13 @@ def _adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
 
 def _array_entry(x: Any) -> dict[str, Any]:
     """Shape, dtype and a SHA-256 checksum of the bytes of ``x``."""
-    host = _on_host(x)
+    host = host_array(x)
     digest = hashlib.sha256(np.ascontiguousarray(host).tobytes()).hexdigest()
     return {"shape": list(host.shape), "dtype": str(host.dtype), "sha256": digest}
 
 
-def _on_host(x: Any) -> np.ndarray:
-    """``x`` as a NumPy array; one spanning processes is gathered from all of them (a
-    collective: every process must make the same calls in the same order)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
-
-
 def _versions() -> dict[str, str]:
-    from . import __version__
-
     return {"lorax_lite": __version__, "jax": jax.__version__, "orbax": ocp.__version__}
-
-
-def base_of(tree: Any) -> Any:
-    """The plain base tree: each `LoraWeight` replaced by ``w``, each `Trainable` unwrapped."""
-
-    def unwrap(node):
-        if isinstance(node, LoraWeight):
-            return node.w
-        return node.value if isinstance(node, Trainable) else node
-
-    return jax.tree_util.tree_map(unwrap, tree, is_leaf=is_lora_node)
-
-
-def fingerprint(base: Any, hashed: list[str]) -> dict[str, Any]:
-    """Path, shape and dtype of every leaf of ``base``, a content hash of the ``hashed``
-    (of the stored codes and scales for a quantized leaf), and each quantized leaf's
-    storage (`storage`)."""
-    leaves = dict(named_leaves(base, is_leaf=is_quantized))
-    return {
-        "leaves": {p: [list(np.shape(x)), _dtype_name(x)] for p, x in leaves.items()},
-        "hashes": {p: content_hash(leaves[p]) for p in hashed},
-        "quantized": {p: storage(x) for p, x in leaves.items() if is_quantized(x)},
-    }
-
-
-def storage(x: Any) -> str:
-    """How a base leaf is stored: ``"nf4 (block 64, axis -2)"``, or ``"float"``."""
-    return f"{x.kind} (block {x.block}, axis {x.axis})" if is_quantized(x) else "float"
-
-
-def _dtype_name(x: Any) -> str:
-    return str(x.dtype) if hasattr(x, "dtype") else str(np.asarray(x).dtype)
-
-
-def content_hash(x: Any) -> str:
-    """A cheap hash of an array: shape, dtype and an evenly strided sample of its elements.
-
-    The sample is taken with one stride per axis, so a sharded array is never
-    gathered whole. Two different weights (a fine-tuned base, another seed) differ
-    in the sample unless they agree on every sampled element.
-    """
-    if is_quantized(x):
-        parts = [content_hash(a) for a in (x.data, x.scales, x.offsets) if a is not None]
-        text = "|".join([storage(x), *parts]).encode()
-        return hashlib.sha256(text).hexdigest()[:32]
-    shape = tuple(np.shape(x))
-    per_axis = math.ceil(HASH_SAMPLES ** (1 / max(len(shape), 1)))
-    index = tuple(slice(None, None, max(1, math.ceil(d / per_axis))) for d in shape)
-    sample = np.ascontiguousarray(_on_host(x[index] if shape else x))
-    header = f"{shape}|{sample.dtype}|".encode()
-    return hashlib.sha256(header + sample.tobytes()).hexdigest()[:32]
 
 
 def adapter_metadata(path: str | pathlib.Path) -> dict[str, Any]:
@@ -760,7 +700,7 @@ def _fingerprint_problems(
     for path, (shape, dtype) in saved.items():
         if path in reported or path not in named:
             continue
-        found = (tuple(np.shape(named[path])), _dtype_name(named[path]))
+        found = (tuple(np.shape(named[path])), dtype_name(named[path]))
         stored = (quantized.get(path, "float"), storage(named[path]))
         if found != (tuple(shape), dtype):
             problems.append(f"{path}: saved base {(tuple(shape), dtype)}, this base {found}")

@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .checkpoint import content_hash
-from .params import combine
 from .quant import QuantizedWeight, quantize_array
 from .targets import path_str
-from .train import TrainState, TrainStep, train_step
+from .train import TrainStep, train_step
 from .transform import lora
+from .trees import TrainState, base_leaf, combine, content_hash
 from .weight import Layout, LoraWeight, Trainable, is_lora_node, is_node
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -264,7 +263,7 @@ class AdapterSet:
                 f"the base values of leaves trained in full are unknown: {missing}; "
                 "pass base=params to AdapterSet.from_trees"
             )
-        return jax.tree_util.tree_unflatten(treedef, [_base_leaf(x) for x in nodes])
+        return jax.tree_util.tree_unflatten(treedef, [base_leaf(x) for x in nodes])
 
     def add(self, name: str, tree: Any) -> AdapterSet:
         """A new set with ``tree`` (a LoRA tree or trainable partition) added as ``name``.
@@ -310,7 +309,7 @@ class AdapterSet:
     def _base_tree(self) -> Any:
         """The plain base tree, with ``None`` where base values are unknown."""
         _, nodes, treedef = _flatten(self.frozen)
-        return jax.tree_util.tree_unflatten(treedef, [_base_leaf(x) for x in nodes])
+        return jax.tree_util.tree_unflatten(treedef, [base_leaf(x) for x in nodes])
 
 
 def _as_index(which: Any, n: int) -> int | jax.Array:
@@ -329,12 +328,6 @@ def _as_index(which: Any, n: int) -> int | jax.Array:
 
 def _leaves(tree: Any) -> list[Any]:
     return jax.tree_util.tree_leaves(tree)
-
-
-def _base_leaf(node: Any) -> Any:
-    if isinstance(node, LoraWeight):
-        return node.w
-    return node.value if isinstance(node, Trainable) else node
 
 
 def _stacked_ranks(stacked: Any) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import optax
 
-from .params import trainable_mask
+from .trees import trainable_mask
 from .weight import LoraWeight, is_node
 
 

@@ -1,4 +1,4 @@
-"""The parameter transform: init, partition/combine, merge/unmerge, and counts."""
+"""The parameter transform: init, merge/unmerge, quantize, and counts."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .targets import (
     pattern_matches,
     to_predicate,
 )
+from .trees import trainable_mask
 from .usage import Usage, infer_usage
 from .weight import (
     Layout,
@@ -295,57 +296,6 @@ def _layout_for(
     if rank > min(d_in, d_out):
         return None, f"{path}: rank {rank} > min(d_in={d_in}, d_out={d_out}) of shape {leaf.shape}"
     return layout, None
-
-
-def trainable_mask(tree: Any) -> Any:
-    """A tree of bools shaped like ``tree``: True at ``a``, ``b``, DoRA's ``m`` and
-    `Trainable` values."""
-
-    def mark(node):
-        if isinstance(node, LoraWeight):
-            return dataclasses.replace(
-                node,
-                w=_mark_present(node.w, False),
-                a=_mark_present(node.a, True),
-                b=_mark_present(node.b, True),
-                m=_mark_present(node.m, True),
-            )
-        if isinstance(node, Trainable):
-            return Trainable(_mark_present(node.value, True))
-        return False
-
-    return jax.tree_util.tree_map(mark, tree, is_leaf=is_node)
-
-
-def _mark_present(x: Any, flag: bool) -> bool | None:
-    return None if x is None else flag
-
-
-def partition(tree: Any) -> tuple[Any, Any]:
-    """Splits ``tree`` into ``(trainable, frozen)`` with ``None`` holes.
-
-    ``trainable`` holds every ``a``, ``b``, DoRA ``m`` and `Trainable` value; ``frozen`` holds
-    every base weight and untouched leaf. `combine` is the exact inverse.
-
-    Example:
-        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
-        >>> trainable, frozen = partition(lp)
-        >>> trainable["k"].w is None and frozen["k"].a is None
-        True
-    """
-    mask = trainable_mask(tree)
-    trainable = jax.tree_util.tree_map(lambda m, x: x if m else None, mask, tree)
-    frozen = jax.tree_util.tree_map(lambda m, x: None if m else x, mask, tree)
-    return trainable, frozen
-
-
-def combine(*trees: Any) -> Any:
-    """Fills the ``None`` holes of the first tree from the others (inverse of `partition`)."""
-
-    def first(*xs):
-        return next((x for x in xs if x is not None), None)
-
-    return jax.tree_util.tree_map(first, *trees, is_leaf=lambda x: x is None)
 
 
 def merge(

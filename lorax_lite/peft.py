@@ -46,11 +46,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .checkpoint import base_of
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
+from .trees import base_of
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
 CONFIG_NAME = "adapter_config.json"

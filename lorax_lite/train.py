@@ -25,39 +25,13 @@ from tqdm.auto import tqdm
 
 from .distributed import is_main_process
 from .optim import optimizer
-from .params import combine, partition
 from .quant import QuantizedWeight
 from .targets import named_leaves
-from .weight import LoraWeight, Trainable, is_lora_node
+from .trees import TrainState, combine, partition
 
 logger = logging.getLogger("lorax_lite")
 
 LossFn = Callable[[Any, Any, jax.Array], Any]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class TrainState:
-    """Everything a training step reads and writes, as a pytree.
-
-    Attributes:
-        step: the number of steps taken (int32 scalar).
-        trainable: the trainable partition (adapters ``a``/``b`` and `Trainable` values).
-        frozen: the frozen partition (base weights); never updated, never donated.
-        opt_state: the optimizer state, for the trainable partition only.
-        key: the PRNG key; step ``t`` draws dropout with ``fold_in(key, t)``.
-    """
-
-    step: jax.Array
-    trainable: Any
-    frozen: Any
-    opt_state: Any
-    key: jax.Array
-
-    @property
-    def tree(self) -> Any:
-        """The full LoRA tree, ``combine(trainable, frozen)``."""
-        return combine(self.trainable, self.frozen)
 
 
 class TrainStep(NamedTuple):
@@ -624,47 +598,6 @@ def _place_batch(batch: Any, sharding: NamedSharding) -> Any:
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree_util.tree_map(put, batch)
-
-
-def cast_base(tree: Any, dtype: Any) -> Any:
-    """The frozen base weights cast to ``dtype`` (e.g. ``jnp.bfloat16``); adapters untouched.
-
-    Casts ``LoraWeight.w`` and plain float leaves; ``a``, ``b``, `Trainable` values and
-    integer leaves keep their dtype. A `QuantizedWeight` keeps its codes, scales and
-    offsets bit for bit: only the dtype it dequantizes to becomes ``dtype``. Given a
-    `TrainState`, casts its ``frozen`` part only, so the optimizer state stays as it
-    is. The model computes in whatever dtype its operations promote to (a bf16 base
-    against float32 activations gives float32).
-
-    Args:
-        tree: a LoRA tree, its frozen partition, or a `TrainState`.
-        dtype: the dtype for the base.
-
-    Returns:
-        The same structure with the base in ``dtype``.
-
-    Example:
-        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
-        >>> cast_base(lp, jnp.bfloat16)["k"].w.dtype, cast_base(lp, jnp.bfloat16)["k"].a.dtype
-        (dtype(bfloat16), dtype('float32'))
-    """
-    if isinstance(tree, TrainState):
-        return dataclasses.replace(tree, frozen=cast_base(tree.frozen, dtype))
-
-    def cast_float(x: Any) -> Any:
-        if isinstance(x, QuantizedWeight):
-            return dataclasses.replace(x, dtype=np.dtype(dtype))
-        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
-            return x.astype(dtype)
-        return x
-
-    def cast(node: Any) -> Any:
-        if isinstance(node, LoraWeight):
-            return dataclasses.replace(node, w=None if node.w is None else cast_float(node.w))
-        return node if isinstance(node, Trainable) else cast_float(node)
-
-    is_node = lambda x: is_lora_node(x) or isinstance(x, QuantizedWeight)
-    return jax.tree_util.tree_map(cast, tree, is_leaf=is_node)
 
 
 def fit(

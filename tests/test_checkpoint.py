@@ -19,7 +19,8 @@ from helpers import assert_trees_equal, randomize_b
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_lite as ll
-from lorax_lite.checkpoint import TrainCheckpointer, adapter_metadata, content_hash
+from lorax_lite.checkpoint import TrainCheckpointer, adapter_metadata
+from lorax_lite.trees import content_hash
 
 KEY = jax.random.key(0)
 CONFIG = ll.LoraConfig(

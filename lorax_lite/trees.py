@@ -1,0 +1,201 @@
+"""Tree surgery on LoRA trees: the trainable/frozen partition, the base under the adapters.
+
+`partition` and `combine` split a LoRA tree into what trains and what stays frozen and put it
+back together; a `TrainState` carries that partition through training. `base_of` recovers the
+plain base, `cast_base` changes its dtype, and `fingerprint`/`content_hash` identify it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from .quant import QuantizedWeight, is_quantized
+from .targets import named_leaves
+from .weight import LoraWeight, Trainable, is_lora_node, is_node
+
+HASH_SAMPLES = 4096
+
+
+def trainable_mask(tree: Any) -> Any:
+    """A tree of bools shaped like ``tree``: True at ``a``, ``b``, DoRA's ``m`` and
+    `Trainable` values."""
+
+    def mark(node):
+        if isinstance(node, LoraWeight):
+            return dataclasses.replace(
+                node,
+                w=_mark_present(node.w, False),
+                a=_mark_present(node.a, True),
+                b=_mark_present(node.b, True),
+                m=_mark_present(node.m, True),
+            )
+        if isinstance(node, Trainable):
+            return Trainable(_mark_present(node.value, True))
+        return False
+
+    return jax.tree_util.tree_map(mark, tree, is_leaf=is_node)
+
+
+def _mark_present(x: Any, flag: bool) -> bool | None:
+    return None if x is None else flag
+
+
+def partition(tree: Any) -> tuple[Any, Any]:
+    """Splits ``tree`` into ``(trainable, frozen)`` with ``None`` holes.
+
+    ``trainable`` holds every ``a``, ``b``, DoRA ``m`` and `Trainable` value; ``frozen`` holds
+    every base weight and untouched leaf. `combine` is the exact inverse.
+
+    Example:
+        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
+        >>> trainable, frozen = partition(lp)
+        >>> trainable["k"].w is None and frozen["k"].a is None
+        True
+    """
+    mask = trainable_mask(tree)
+    trainable = jax.tree_util.tree_map(lambda m, x: x if m else None, mask, tree)
+    frozen = jax.tree_util.tree_map(lambda m, x: None if m else x, mask, tree)
+    return trainable, frozen
+
+
+def combine(*trees: Any) -> Any:
+    """Fills the ``None`` holes of the first tree from the others (inverse of `partition`)."""
+
+    def first(*xs):
+        return next((x for x in xs if x is not None), None)
+
+    return jax.tree_util.tree_map(first, *trees, is_leaf=lambda x: x is None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a training step reads and writes, as a pytree.
+
+    Attributes:
+        step: the number of steps taken (int32 scalar).
+        trainable: the trainable partition (adapters ``a``/``b`` and `Trainable` values).
+        frozen: the frozen partition (base weights); never updated, never donated.
+        opt_state: the optimizer state, for the trainable partition only.
+        key: the PRNG key; step ``t`` draws dropout with ``fold_in(key, t)``.
+    """
+
+    step: jax.Array
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    key: jax.Array
+
+    @property
+    def tree(self) -> Any:
+        """The full LoRA tree, ``combine(trainable, frozen)``."""
+        return combine(self.trainable, self.frozen)
+
+
+def base_leaf(node: Any) -> Any:
+    """The base under a node: ``w`` of a `LoraWeight`, the value of a `Trainable`, else the node."""
+    if isinstance(node, LoraWeight):
+        return node.w
+    return node.value if isinstance(node, Trainable) else node
+
+
+def base_of(tree: Any) -> Any:
+    """The plain base tree: each `LoraWeight` replaced by ``w``, each `Trainable` unwrapped."""
+    return jax.tree_util.tree_map(base_leaf, tree, is_leaf=is_lora_node)
+
+
+def cast_base(tree: Any, dtype: Any) -> Any:
+    """The frozen base weights cast to ``dtype`` (e.g. ``jnp.bfloat16``); adapters untouched.
+
+    Casts ``LoraWeight.w`` and plain float leaves; ``a``, ``b``, `Trainable` values and
+    integer leaves keep their dtype. A `QuantizedWeight` keeps its codes, scales and
+    offsets bit for bit: only the dtype it dequantizes to becomes ``dtype``. Given a
+    `TrainState`, casts its ``frozen`` part only, so the optimizer state stays as it
+    is. The model computes in whatever dtype its operations promote to (a bf16 base
+    against float32 activations gives float32).
+
+    Args:
+        tree: a LoRA tree, its frozen partition, or a `TrainState`.
+        dtype: the dtype for the base.
+
+    Returns:
+        The same structure with the base in ``dtype``.
+
+    Example:
+        >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
+        >>> cast_base(lp, jnp.bfloat16)["k"].w.dtype, cast_base(lp, jnp.bfloat16)["k"].a.dtype
+        (dtype(bfloat16), dtype('float32'))
+    """
+    if isinstance(tree, TrainState):
+        return dataclasses.replace(tree, frozen=cast_base(tree.frozen, dtype))
+
+    def cast_float(x: Any) -> Any:
+        if isinstance(x, QuantizedWeight):
+            return dataclasses.replace(x, dtype=np.dtype(dtype))
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    def cast(node: Any) -> Any:
+        if isinstance(node, LoraWeight):
+            return dataclasses.replace(node, w=None if node.w is None else cast_float(node.w))
+        return node if isinstance(node, Trainable) else cast_float(node)
+
+    is_node = lambda x: is_lora_node(x) or isinstance(x, QuantizedWeight)
+    return jax.tree_util.tree_map(cast, tree, is_leaf=is_node)
+
+
+def fingerprint(base: Any, hashed: list[str]) -> dict[str, Any]:
+    """Path, shape and dtype of every leaf of ``base``, a content hash of the ``hashed``
+    (of the stored codes and scales for a quantized leaf), and each quantized leaf's
+    storage (`storage`)."""
+    leaves = dict(named_leaves(base, is_leaf=is_quantized))
+    return {
+        "leaves": {p: [list(np.shape(x)), dtype_name(x)] for p, x in leaves.items()},
+        "hashes": {p: content_hash(leaves[p]) for p in hashed},
+        "quantized": {p: storage(x) for p, x in leaves.items() if is_quantized(x)},
+    }
+
+
+def storage(x: Any) -> str:
+    """How a base leaf is stored: ``"nf4 (block 64, axis -2)"``, or ``"float"``."""
+    return f"{x.kind} (block {x.block}, axis {x.axis})" if is_quantized(x) else "float"
+
+
+def dtype_name(x: Any) -> str:
+    return str(x.dtype) if hasattr(x, "dtype") else str(np.asarray(x).dtype)
+
+
+def content_hash(x: Any) -> str:
+    """A cheap hash of an array: shape, dtype and an evenly strided sample of its elements.
+
+    The sample is taken with one stride per axis, so a sharded array is never
+    gathered whole. Two different weights (a fine-tuned base, another seed) differ
+    in the sample unless they agree on every sampled element.
+    """
+    if is_quantized(x):
+        parts = [content_hash(a) for a in (x.data, x.scales, x.offsets) if a is not None]
+        text = "|".join([storage(x), *parts]).encode()
+        return hashlib.sha256(text).hexdigest()[:32]
+    shape = tuple(np.shape(x))
+    per_axis = math.ceil(HASH_SAMPLES ** (1 / max(len(shape), 1)))
+    index = tuple(slice(None, None, max(1, math.ceil(d / per_axis))) for d in shape)
+    sample = np.ascontiguousarray(host_array(x[index] if shape else x))
+    header = f"{shape}|{sample.dtype}|".encode()
+    return hashlib.sha256(header + sample.tobytes()).hexdigest()[:32]
+
+
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array; one spanning processes is gathered from all of them (a
+    collective: every process must make the same calls in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
