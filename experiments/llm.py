@@ -79,7 +79,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, LoRA")
     parser.add_argument("--nf4-block", type=int, default=64, help="entries per NF4 block")
     parser.add_argument("--full-lr", type=float, default=2e-5, help="peak learning rate, full")
-    parser.add_argument("--full-steps", type=int, default=3, help="steps of the full row")
+    parser.add_argument(
+        "--full-steps",
+        type=int,
+        default=30,
+        help="steps of the full row (fewer than --steps: timed only)",
+    )
     # The split is the demo's: its validation and test sizes cut the same shuffled order.
     parser.add_argument("--n-validation", type=int, default=200, help="validation snippets")
     parser.add_argument("--n-test", type=int, default=1000, help="test snippets")
