@@ -495,7 +495,7 @@ def test_fit_stops_after_too_many_nonfinite_steps_in_a_row():
     init, step = ll.train_step(worker.loss_fn, optax.adam(3e-2))
     batches = [worker.batch(0), *(bad_batch(i) for i in range(1, 9))]
     state = init(lora_tree(), jax.random.key(1))
-    with pytest.raises(ll.train.NonFiniteError) as err:
+    with pytest.raises(ll.NonFiniteError) as err:
         ll.fit(step, state, batches, steps=9, log_every=4, max_consecutive_nonfinite=3)
     assert str(err.value).startswith(
         "fit: steps 2 to 4 (3 in a row, max_consecutive_nonfinite=3) had a NaN or inf loss "
@@ -514,3 +514,22 @@ def test_fit_stops_after_too_many_nonfinite_steps_in_a_row():
     assert sum(h["skipped"] for h in history) == 8
     with pytest.raises(ValueError, match="max_consecutive_nonfinite must be None or an int >= 1"):
         ll.fit(step, fresh(), batches, steps=1, max_consecutive_nonfinite=0)
+
+
+@pytest.mark.parametrize("donate", [True, False])
+def test_vmap_train_step_lowers_with_the_base_beside_the_stacked_state(donate):
+    """``step.lower`` as for every other step: the stacked state (adapter axis first) is
+    donated as asked, the frozen base is one unbatched argument beside it, never donated."""
+    leaves = jax.tree_util.tree_leaves
+    adapters = ll.AdapterSet.from_trees({"a": lora_tree(), "b": lora_tree()})
+    init, step = ll.vmap_train_step(worker.loss_fn, optax.adam(1e-2), donate=donate)
+    state = init(adapters, jax.random.split(jax.random.key(1), 2))
+    stacked_in, frozen_in, _ = step.lower(state, worker.batch(0)).args_info[0]
+    assert [x.shape for x in leaves(frozen_in)] == [x.shape for x in leaves(state.frozen)]
+    assert not any(x.donated for x in leaves(frozen_in))
+    trainable_in = leaves(stacked_in.trainable)
+    assert [x.shape for x in trainable_in] == [x.shape for x in leaves(state.trainable)]
+    assert {x.shape[0] for x in trainable_in} == {2}
+    assert [x.donated for x in leaves(stacked_in)] == [donate] * len(leaves(stacked_in))
+    new, metrics = step(state, worker.batch(0))  # lowering consumed nothing
+    assert metrics["loss"].shape == (2,) and new.frozen is state.frozen

@@ -1,0 +1,562 @@
+"""Stacked adapter storage: many adapters of one frozen base in one `AdapterSet`.
+
+`AdapterSet` stores the adapters of one base stacked on a leading adapter axis, so that
+choosing one under ``jax.jit`` is an index, not a new program. Building a set aligns the
+adapters leaf by leaf (zero-padding ranks where they differ) and checks that they were all
+made from the same base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .quant import QuantizedWeight, is_quantized, quantize_array
+from .targets import path_str
+from .trees import base_leaf, combine, content_hash, dtype_name, storage
+from .weight import LoraWeight, Trainable, is_lora_node, is_node
+
+
+def _is_node(x: Any) -> bool:
+    """`LoraWeight`, `Trainable`, ``None`` holes and `QuantizedWeight` (one frozen leaf)."""
+    return x is None or is_node(x)
+
+
+def flat_nodes(tree: Any) -> tuple[list[str], list[Any], Any]:
+    """Paths, nodes (`LoraWeight`, `Trainable`, arrays, ``None`` holes) and the treedef."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
+    return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterSet:
+    """Named adapters of one frozen base, stacked on a leading adapter axis.
+
+    Immutable: `add` and `remove` return new sets. Adapter ``i`` is ``names[i]``;
+    index ``-1`` is the base model (no adapter). Where adapters differ in rank at a
+    leaf, their factors are zero-padded to the largest rank (zero columns of ``A``,
+    zero rows of ``B``: the delta is unchanged), with a warning and a record in
+    `padding`; an adapter that does not adapt a leaf others adapt gets zero factors
+    there. Where their scales differ, the set keeps each adapter's own scale and
+    applies it on selection. A set is a pytree: pass it to a jitted function and
+    select with an index array, and switching adapters of the same shapes does not
+    recompile. The base may be quantized (`ll.quantize`): each `QuantizedWeight` is one
+    shared frozen leaf, kept quantized, and the adapters' bases are compared by its
+    kind, block and stored arrays.
+
+    Attributes:
+        frozen: the shared base: ``LoraWeight(w, None, None)`` at adapted leaves,
+            ``Trainable(base value or None)`` at leaves trained in full, other
+            leaves as they are.
+        stacked: every adapter's trainable partition stacked on a leading axis:
+            ``LoraWeight(None, a, b)`` with ``a`` of shape ``(n, *A.shape)``,
+            ``Trainable(values)``, ``None`` holes elsewhere.
+        names: the adapter names, in stacking order.
+        ranks: ``ranks[i][k]``: adapter ``i``'s rank at the ``k``-th adapted leaf of
+            `lora_paths` (``0``: not adapted there).
+        scales: ``scales[i][k]``: its scale there.
+
+    Example:
+        >>> adapters = AdapterSet.from_trees({"math": tree_math, "code": tree_code})
+        ...                                                       # doctest: +SKIP
+        >>> y = ll.lora(fn)(adapters.select("code"), x)  # doctest: +SKIP
+    """
+
+    frozen: Any
+    stacked: Any
+    names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))
+    ranks: tuple[tuple[int, ...], ...] = dataclasses.field(metadata=dict(static=True))
+    scales: tuple[tuple[float, ...], ...] = dataclasses.field(metadata=dict(static=True))
+
+    @classmethod
+    def from_trees(cls, adapters: Mapping[str, Any], *, base: Any = None) -> AdapterSet:
+        """A set of LoRA trees made from one base (e.g. by `ll.init` with any configs).
+
+        Args:
+            adapters: ``{name: tree}``; each tree is a full LoRA tree or its trainable
+                partition, all with the same structure (they may adapt different
+                leaves, with different ranks and scales, but the same layouts).
+            base: the plain parameter tree the adapters were made from. Needed when
+                every tree is a partition (no base weights), and to know the base values
+                of leaves trained in full (for the base model, ``-1``, and combinations);
+                otherwise the base weights are taken from the first tree that has them.
+                Over a quantized base (`ll.quantize`), ``base`` may hold the float
+                weights: each is quantized like the adapters' and must give the same
+                codes and scales (the set keeps the adapters' `QuantizedWeight`).
+
+        Returns:
+            The set, adapters in the mapping's order.
+
+        Raises:
+            ValueError: naming every problem: no adapters, structures that differ,
+                layouts or shapes that disagree, leaves trained in full in some
+                adapters only, base weights missing or different (another shape,
+                dtype, quantization or content).
+        """
+        if not adapters:
+            raise ValueError("AdapterSet.from_trees: no adapters given")
+        out = _build(list(adapters.items()), base)
+        _warn_padding(out.padding, {})
+        return out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def lora_paths(self) -> tuple[str, ...]:
+        """The paths of the adapted leaves, in the order of `ranks` and `scales`."""
+        paths, nodes, _ = flat_nodes(self.frozen)
+        return tuple(p for p, x in zip(paths, nodes) if isinstance(x, LoraWeight))
+
+    @property
+    def padding(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """``{name: {path: (rank, stacked rank)}}`` for every leaf padded with zeros."""
+        paths, stacked_ranks = self.lora_paths, _stacked_ranks(self.stacked)
+        out = {}
+        for name, ranks in zip(self.names, self.ranks):
+            padded = {p: (r, full) for p, r, full in zip(paths, ranks, stacked_ranks) if r < full}
+            if padded:
+                out[name] = padded
+        return out
+
+    def index(self, name: str) -> int:
+        """The stacking index of adapter ``name``.
+
+        Raises:
+            KeyError: for an unknown name, listing the known ones.
+        """
+        if name not in self.names:
+            raise KeyError(f"no adapter named {name!r}; the set holds {list(self.names)}")
+        return self.names.index(name)
+
+    def select(self, which: str | int | jax.Array) -> Any:
+        """One adapter as a full LoRA tree (padded rank, set scale), for `ll.lora(fn)`.
+
+        Args:
+            which: a name, or an integer index (a Python int or an integer array, e.g.
+                traced under ``jax.jit``); ``-1`` selects the base model (zero adapter
+                delta). A traced index cannot be checked: one outside ``[-1, len(self))``
+                gives NaN factors, so the outputs it touches are NaN, never another
+                adapter's.
+
+        Returns:
+            A LoRA tree with the structure of ``combine(stacked, frozen)`` minus the
+            adapter axis: every index gives the same shapes, so a jitted function of
+            the set and an index array compiles once.
+
+        Raises:
+            KeyError: for an unknown name.
+            IndexError: for a concrete index outside ``[-1, len(self))``.
+            TypeError: for an index that is not an integer scalar.
+            ValueError: for ``-1`` when the base values of leaves trained in full
+                are unknown (pass ``base=`` to `from_trees`).
+        """
+        index = self.index(which) if isinstance(which, str) else _as_index(which, len(self))
+        return combine(self._pick(index), self.frozen)
+
+    def _pick(self, index: int | jax.Array) -> Any:
+        """The trainable partition of adapter ``index`` (``-1``: zero delta, base values)."""
+        always = isinstance(index, int) and index >= 0
+        if isinstance(index, int):
+            ok, fill = index >= 0, 0.0
+        else:  # traced: -1 gives the base, anything else outside the set NaN
+            ok = (index >= 0) & (index < len(self))
+            fill = jnp.where(index == -1, 0.0, jnp.nan)
+        j = index if always else jnp.clip(index, 0, len(self) - 1)
+        gains = iter(self._gains())
+        missing = []
+
+        def pick(path, node, base):
+            if isinstance(node, LoraWeight):
+                b, gain = node.b[j], next(gains)
+                if gain is not None:
+                    b = b * jnp.asarray(gain, b.dtype)[j]
+                if not always:
+                    b = jnp.where(ok, b, jnp.asarray(fill, b.dtype))
+                return dataclasses.replace(node, a=node.a[j], b=b)
+            if isinstance(node, Trainable):
+                if always:
+                    return Trainable(node.value[j])
+                if base.value is None:
+                    missing.append(path_str(path))
+                    return Trainable(node.value[j])
+                value = jnp.where(index == -1, base.value, node.value[j])
+                return Trainable(jnp.where(ok | (index == -1), value, fill).astype(value.dtype))
+            return None
+
+        out = jax.tree_util.tree_map_with_path(pick, self.stacked, self.frozen, is_leaf=_is_node)
+        if missing:
+            raise ValueError(
+                "the base model (index -1) needs the base values of leaves trained in full, "
+                f"unknown for {missing}; pass base=params to AdapterSet.from_trees"
+            )
+        return out
+
+    def _gains(self) -> list[np.ndarray | None]:
+        """Per adapted leaf, each adapter's scale over the set's (None where all are 1)."""
+        set_scales = [x.scale for x in jax.tree_util.tree_leaves(self.frozen, is_leaf=_is_node)
+                      if isinstance(x, LoraWeight)]  # fmt: skip
+        gains = []
+        for k, set_scale in enumerate(set_scales):
+            gain = np.array([s[k] / set_scale for s in self.scales], np.float32)
+            gains.append(None if (gain == 1.0).all() else gain)
+        return gains
+
+    def get(self, name: str) -> Any:
+        """Adapter ``name`` as it was added: its own ranks and scales, a full LoRA tree.
+
+        Leaves it did not adapt are plain base weights again; the dropout rate is
+        the set's (the first adapter's at each leaf).
+        """
+        return jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(self.frozen, is_leaf=_is_node),
+            self._adapter_nodes(self.index(name)),
+        )
+
+    def _adapter_nodes(self, i: int) -> list[Any]:
+        _, stacked, _ = flat_nodes(self.stacked)
+        _, frozen, _ = flat_nodes(self.frozen)
+        lora_k, out = 0, []
+        for node, base in zip(stacked, frozen):
+            if isinstance(node, LoraWeight):
+                rank, scale = self.ranks[i][lora_k], self.scales[i][lora_k]
+                lora_k += 1
+                if rank == 0:
+                    out.append(base.w)
+                    continue
+                a, b = adapter_factors(node, i, rank)
+                out.append(LoraWeight(base.w, a, b, scale, node.layout, node.dropout))
+            elif isinstance(node, Trainable):
+                out.append(Trainable(node.value[i]))
+            else:
+                out.append(base)
+        return out
+
+    def base(self) -> Any:
+        """The plain base parameter tree (every adapter disabled), for ``fn`` itself.
+
+        Raises:
+            ValueError: when the base values of leaves trained in full are unknown.
+        """
+        paths, nodes, _ = flat_nodes(self.frozen)
+        missing = [p for p, x in zip(paths, nodes) if isinstance(x, Trainable) and x.value is None]
+        if missing:
+            raise ValueError(
+                f"the base values of leaves trained in full are unknown: {missing}; "
+                "pass base=params to AdapterSet.from_trees"
+            )
+        return self._base_tree()
+
+    def add(self, name: str, tree: Any) -> AdapterSet:
+        """A new set with ``tree`` (a LoRA tree or trainable partition) added as ``name``.
+
+        Raises:
+            ValueError: if ``name`` is taken, or as `from_trees`.
+        """
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already in the set")
+        entries = [(n, self.get(n)) for n in self.names] + [(name, tree)]
+        out = _build(entries, self._base_tree())
+        _warn_padding(out.padding, self.padding)
+        return out
+
+    def remove(self, name: str) -> AdapterSet:
+        """A new set without adapter ``name`` (ranks re-padded to the remaining maximum).
+
+        Raises:
+            KeyError: for an unknown name.
+            ValueError: when removing the last adapter (use `base` for the base model).
+        """
+        self.index(name)
+        if len(self) == 1:
+            raise ValueError(f"cannot remove {name!r}, the only adapter; use .base()")
+        entries = [(n, self.get(n)) for n in self.names if n != name]
+        return _build(entries, self._base_tree())
+
+    def with_trainable(self, stacked: Any) -> AdapterSet:
+        """The same set with new stacked factors, e.g. ``state.trainable`` after training.
+
+        Raises:
+            ValueError: if the structure or any shape differs from `stacked`'s.
+        """
+        old, new = jax.tree_util.tree_structure(self.stacked), jax.tree_util.tree_structure(stacked)
+        bad = [] if old == new else [f"structure {new} != {old}"]
+        if not bad:
+            pairs = zip(flat_nodes(self.stacked)[0], _leaves(self.stacked), _leaves(stacked))
+            bad = [f"{p}: {y.shape} != {x.shape}" for p, x, y in pairs if x.shape != y.shape]
+        if bad:
+            raise ValueError("with_trainable: stacked factors do not match:\n  " + "\n  ".join(bad))
+        return dataclasses.replace(self, stacked=stacked)
+
+    def _base_tree(self) -> Any:
+        """The plain base tree, with ``None`` where base values are unknown."""
+        return jax.tree_util.tree_map(base_leaf, self.frozen, is_leaf=is_node)
+
+
+def _as_index(which: Any, n: int) -> int | jax.Array:
+    """A Python int for a concrete index (checked against ``[-1, n)``), else the tracer."""
+    if isinstance(which, jax.core.Tracer):
+        if jnp.ndim(which) != 0 or not jnp.issubdtype(jnp.result_type(which), jnp.integer):
+            raise TypeError(f"adapter index must be an integer scalar, got {which.aval}")
+        return which
+    arr = np.asarray(which)
+    if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"adapter index must be a name or an integer scalar, got {which!r}")
+    if not -1 <= int(arr) < n:
+        raise IndexError(f"adapter index {int(arr)} outside [-1, {n})")
+    return int(arr)
+
+
+def adapter_factors(node: LoraWeight, i: int, rank: int) -> tuple[jax.Array, jax.Array]:
+    """Adapter ``i``'s own factors at a stacked node: ``A`` and ``B`` trimmed to ``rank``."""
+    a = node.a[i][..., :rank]
+    b = jax.lax.slice_in_dim(node.b[i], 0, rank, axis=len(node.layout.stack))
+    return a, b
+
+
+def _leaves(tree: Any) -> list[Any]:
+    return jax.tree_util.tree_leaves(tree)
+
+
+def _stacked_ranks(stacked: Any) -> list[int]:
+    nodes = jax.tree_util.tree_leaves(stacked, is_leaf=_is_node)
+    return [x.a.shape[-1] for x in nodes if isinstance(x, LoraWeight)]
+
+
+def _warn_padding(padding: dict, before: dict) -> None:
+    """Warns about the (adapter, leaf) pairs padded now that were not padded before."""
+    new = [
+        f"{name}: {path} rank {r} -> {full}" + (" (not adapted: zero factors)" if r == 0 else "")
+        for name, leaves in padding.items()
+        for path, (r, full) in leaves.items()
+        if before.get(name, {}).get(path) != (r, full)
+    ]
+    if new:
+        warnings.warn(
+            "AdapterSet: zero-padded adapter factors to a common rank (exact: the deltas "
+            "are unchanged; see .padding):\n  " + "\n  ".join(new),
+            stacklevel=3,
+        )
+
+
+def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
+    """Aligns the adapters node by node, checks that they share one base, and stacks them."""
+    paths, treedef, by_name, base_nodes = _align(entries, base)
+    base_nodes = _quantized_like_adapters(paths, by_name, base_nodes)
+    problems = _base_problems(paths, by_name, base_nodes)
+    if problems:
+        raise ValueError(
+            "AdapterSet: the adapters were not made from the same base:\n  " + "\n  ".join(problems)
+        )
+    columns = []
+    for k, path in enumerate(paths):
+        try:
+            columns.append(_stack_node(path, [nodes[k] for _, nodes in by_name], base_nodes[k]))
+        except _Unstackable as err:
+            problems += err.args
+    if problems:
+        raise ValueError("AdapterSet:\n  " + "\n  ".join(problems))
+    unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
+    adapted = [c for c in columns if c.ranks is not None]
+    by_adapter = lambda field: tuple(
+        tuple(getattr(c, field)[i] for c in adapted) for i in range(len(entries))
+    )
+    return AdapterSet(
+        unflatten([c.frozen for c in columns]),
+        unflatten([c.stacked for c in columns]),
+        tuple(name for name, _ in entries),
+        by_adapter("ranks"),
+        by_adapter("scales"),
+    )
+
+
+def _align(entries: list[tuple[str, Any]], base: Any) -> tuple[list[str], Any, list, list]:
+    """The paths and treedef of the first adapter, ``(name, nodes)`` of every adapter and
+    the nodes of ``base`` (``None`` each without one).
+
+    Raises:
+        ValueError: naming every adapter (and the base) whose structure differs from the
+            first adapter's.
+    """
+    problems = []
+    flat = [(name, *flat_nodes(tree)) for name, tree in entries]
+    paths, treedef = flat[0][1], flat[0][3]
+    for name, p, _, t in flat[1:]:
+        if t != treedef:
+            diff = sorted(set(p) ^ set(paths)) or ["(same paths, different containers)"]
+            problems.append(f"adapter {name!r}: structure differs from {entries[0][0]!r} at {diff}")
+    base_nodes = [None] * len(paths)
+    if base is not None:
+        base_paths, base_nodes, base_def = flat_nodes(base)
+        if base_def != treedef:
+            problems.append(f"base: structure differs at {sorted(set(base_paths) ^ set(paths))}")
+    if problems:
+        raise ValueError("AdapterSet:\n  " + "\n  ".join(problems))
+    return paths, treedef, [(name, nodes) for name, _, nodes, _ in flat], base_nodes
+
+
+def _quantized_like_adapters(
+    paths: list[str], adapters: list[tuple[str, list]], base: list
+) -> list[Any]:
+    """``base`` with each float weight the adapters hold quantized replaced by their
+    `QuantizedWeight` where it quantizes to the same codes and scales (else by its own
+    quantization, which `_base_problems` then reports as different values)."""
+    out = list(base)
+    for k, path in enumerate(paths):
+        held = (_weight(nodes[k]) for _, nodes in adapters)
+        ours = next((x for x in held if isinstance(x, QuantizedWeight)), None)
+        x = base[k]
+        if ours is None or _is_node(x):
+            continue
+        try:
+            again = quantize_array(x, kind=ours.kind, block=ours.block, axis=ours.axis, path=path)
+        except (TypeError, ValueError):
+            continue  # another shape or dtype: `_base_problems` names it
+        out[k] = ours if _mismatch(again, ours) is None else again
+    return out
+
+
+def _weight(node: Any) -> Any:
+    """A node's base weight: ``w`` of a `LoraWeight`, the node itself otherwise."""
+    return node.w if isinstance(node, LoraWeight) else node
+
+
+def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: list) -> list[str]:
+    """Every leaf where an adapter's base weight differs from ``base``'s or the first one's.
+
+    Weights are compared by shape, dtype, quantization (kind, block, axis) and the
+    `content_hash` (a strided sample) of every stored array, so a large base is never
+    read whole.
+    """
+    problems = []
+    for k, path in enumerate(paths):
+        # Values trained in full are the adapter's own, not the base: skip them.
+        seen = [("base", base[k])] + [(name, _weight(nodes[k])) for name, nodes in adapters]
+        seen = [(who, x) for who, x in seen if x is not None and not is_lora_node(x)]
+        if not seen:
+            continue
+        ref_name, ref = seen[0]
+        for who, x in seen[1:]:
+            why = _mismatch(x, ref)
+            if why:
+                problems.append(
+                    f"{path}: {who!r} has another base weight than {ref_name!r} ({why})"
+                )
+    return problems
+
+
+def _mismatch(x: Any, ref: Any) -> str | None:
+    """How weight ``x`` differs from ``ref`` (shape, dtype and storage, then the
+    `content_hash` of what it stores), or None."""
+    if x is ref:
+        return None
+    got, want = _describe(x), _describe(ref)
+    if got != want:
+        return f"{got} vs {want}"
+    return None if content_hash(x) == content_hash(ref) else "same shape, different values"
+
+
+def _describe(x: Any) -> str:
+    """Shape, dtype and, for a `QuantizedWeight`, its `storage`."""
+    text = f"{tuple(np.shape(x))} {dtype_name(x)}"
+    return f"{text} quantized {storage(x)}" if is_quantized(x) else text
+
+
+class _Column(NamedTuple):
+    """One leaf stacked across the adapters.
+
+    Attributes:
+        frozen: the shared base node (``LoraWeight(w, None, None)`` where adapted).
+        stacked: the adapters' trainable nodes stacked on a leading axis (``None``:
+            nothing trains here).
+        ranks: at an adapted leaf, each adapter's rank (``0``: not adapted); else None.
+        scales: at an adapted leaf, each adapter's scale; else None.
+    """
+
+    frozen: Any
+    stacked: Any
+    ranks: list[int] | None = None
+    scales: list[float] | None = None
+
+
+class _Unstackable(Exception):
+    """Why one leaf cannot be stacked, one problem per argument; `_build` lists them all."""
+
+
+def _stack_node(path: str, column: list[Any], base: Any) -> _Column:
+    """Leaf ``path`` (``column``: each adapter's node there) stacked over the adapters.
+
+    Raises:
+        _Unstackable: naming what differs between the adapters at this leaf.
+    """
+    loras = [x for x in column if isinstance(x, LoraWeight)]
+    trained = [x for x in column if isinstance(x, Trainable)]
+    if loras and trained:
+        raise _Unstackable(f"{path}: adapted in some adapters, trained in others")
+    if loras:
+        return _stack_lora(path, column, loras, base)
+    if trained:
+        if len(trained) != len(column):
+            raise _Unstackable(f"{path}: trained in full in some adapters only")
+        shapes = {tuple(x.value.shape) for x in trained}
+        if len(shapes) > 1:
+            raise _Unstackable(f"{path}: trained values of shapes {sorted(shapes)}")
+        return _Column(Trainable(base), Trainable(jnp.stack([x.value for x in trained])))
+    plain = base if base is not None else next((x for x in column if x is not None), None)
+    if plain is None:
+        raise _Unstackable(f"{path}: no base value (pass base=)")
+    return _Column(plain, None)
+
+
+def _stack_lora(path: str, column: list[Any], loras: list[LoraWeight], base: Any) -> _Column:
+    """An adapted leaf: factors zero-padded to the largest rank (zero factors where an
+    adapter does not adapt it) and stacked."""
+    first = loras[0]
+    layouts = sorted({x.layout for x in loras})
+    w = base
+    for x in column:
+        w = x.w if w is None and isinstance(x, LoraWeight) else w
+        w = x if w is None and isinstance(x, jax.Array | np.ndarray | QuantizedWeight) else w
+    if len(layouts) > 1 or w is None:
+        why = f"layouts differ: {layouts}" if w is not None else "no base weight (pass base=)"
+        raise _Unstackable(f"{path}: {why}")
+    if any(x.dora for x in loras):
+        why = "a DoRA adapter (use_dora): its magnitude and norm do not stack or route"
+        raise _Unstackable(f"{path}: {why}; merge it first (ll.merge)")
+    full = max(x.rank for x in loras)
+    dtype = jnp.result_type(*(x.a.dtype for x in loras))
+    a_full, b_full = first.layout.factor_shapes(tuple(w.shape), full)
+    n_stack = len(first.layout.stack)
+    a_list, b_list, ranks, scales, problems = [], [], [], [], []
+    for x in column:
+        if not isinstance(x, LoraWeight):
+            a_list.append(jnp.zeros(a_full, dtype))
+            b_list.append(jnp.zeros(b_full, dtype))
+            ranks.append(0)
+            scales.append(first.scale)
+            continue
+        want = first.layout.factor_shapes(tuple(w.shape), x.rank)
+        if (tuple(x.a.shape), tuple(x.b.shape)) != want:
+            got = (tuple(x.a.shape), tuple(x.b.shape))
+            problems.append(f"{path}: factor shapes {got}, expected {want} for {w.shape}")
+            continue
+        pad = full - x.rank
+        a_list.append(jnp.pad(x.a.astype(dtype), [(0, 0)] * (x.a.ndim - 1) + [(0, pad)]))
+        b_pad = [(0, 0)] * x.b.ndim
+        b_pad[n_stack] = (0, pad)
+        b_list.append(jnp.pad(x.b.astype(dtype), b_pad))
+        ranks.append(x.rank)
+        scales.append(x.scale)
+    if problems:
+        raise _Unstackable(*problems)
+    meta = dict(scale=first.scale, layout=first.layout, dropout=first.dropout)
+    stacked = LoraWeight(None, jnp.stack(a_list), jnp.stack(b_list), **meta)
+    return _Column(LoraWeight(w, None, None, **meta), stacked, ranks, scales)

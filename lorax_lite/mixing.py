@@ -1,0 +1,210 @@
+"""Adapter mixing: one adapter made from a weighted combination of several.
+
+`combine_adapters` combines the adapters of an `AdapterSet` leaf by leaf: ``cat`` (exact,
+the ranks add up), ``linear`` (PEFT's, same rank, approximate) or ``svd`` (the weighted sum
+re-factored at a chosen rank), reporting each leaf's error against the exact weighted sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .adapter_set import AdapterSet, adapter_factors, flat_nodes
+from .weight import Layout, LoraWeight, Trainable
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class Combined(NamedTuple):
+    """The result of `combine_adapters`.
+
+    Attributes:
+        tree: a full LoRA tree (scale 1: the weights and scales are in the factors).
+        errors: ``{path: relative Frobenius error}`` of each combined delta against
+            the weighted sum of the adapters' deltas (``0`` for ``cat``, exact).
+    """
+
+    tree: Any
+    errors: dict[str, jax.Array]
+
+
+def combine_adapters(
+    adapters: AdapterSet | Mapping[str, Any],
+    weights: Mapping[str, float],
+    *,
+    method: str = "cat",
+    rank: int | None = None,
+) -> Combined:
+    """One adapter from a weighted combination of several over the same base.
+
+    The target is ``sum_i weight_i * delta_i`` at each leaf (``delta = scale * A @ B``).
+
+    * ``"cat"``: concatenate the factors along the rank, the weight and scale applied
+      to ``B``: exactly the target, rank ``sum_i r_i``. Serving this tree runs all the
+      adapters at once on the forward path, without merging them into the base.
+    * ``"linear"``: ``A = sum_i sign(w_i) c_i A_i``, ``B = sum_i c_i B_i`` with
+      ``c_i = sqrt(|w_i| scale_i)`` (PEFT's ``linear``, extended to negative weights);
+      same rank, not the target in general (cross terms), see ``errors``.
+    * ``"svd"``: the target summed densely in float32, re-factored by truncated SVD
+      to ``rank``, the singular values split as ``sqrt`` between ``A`` and ``B``.
+
+    Leaves trained in full combine as task vectors: ``base + sum_i w_i (v_i - base)``.
+
+    Args:
+        adapters: an `AdapterSet`, or ``{name: tree}`` to make one.
+        weights: ``{name: weight}`` of the adapters to combine.
+        method: ``"cat"``, ``"linear"`` or ``"svd"``.
+        rank: the rank for ``"svd"`` (default: the largest input rank at each leaf),
+            capped at ``min(d_in, d_out)``.
+
+    Returns:
+        `Combined` ``(tree, errors)``; merge the tree with `ll.merge` for export.
+
+    Raises:
+        ValueError: for an unknown method or name, a bad rank, ``"linear"`` over
+            different ranks, or leaves trained in full without base values (naming
+            every such leaf).
+
+    Example:
+        >>> tree, errors = combine_adapters(adapters, {"a": 0.7, "b": 0.3}, method="svd",
+        ...                                 rank=8)  # doctest: +SKIP
+    """
+    if not isinstance(adapters, AdapterSet):
+        adapters = AdapterSet.from_trees(adapters)
+    _check_combination(adapters, weights, method, rank)
+    chosen = [(adapters.index(n), float(w)) for n, w in weights.items()]
+    paths, stacked, treedef = flat_nodes(adapters.stacked)
+    _, frozen, _ = flat_nodes(adapters.frozen)
+    out, errors, problems, lora_k = [], {}, [], 0
+    for path, node, base in zip(paths, stacked, frozen):
+        if isinstance(node, LoraWeight):
+            parts = _parts(adapters, node, lora_k, chosen)
+            lora_k += 1
+            if not parts:
+                out.append(base.w)
+                continue
+            if method == "linear" and len({r for _, _, r in parts}) > 1:
+                problems.append(f"{path}: ranks {[r for _, _, r in parts]} differ")
+                out.append(None)
+                continue
+            a, b, errors[path] = _COMBINERS[method](parts, node.layout, rank)
+            out.append(LoraWeight(base.w, a, b, 1.0, node.layout, node.dropout))
+        elif isinstance(node, Trainable):
+            if base.value is None:
+                problems.append(f"{path}: trained in full, base value unknown (pass base=)")
+            out.append(_task_vector(node.value, base.value, chosen))
+        else:
+            out.append(base)
+    if problems:
+        raise ValueError(f"combine_adapters(method={method!r}):\n  " + "\n  ".join(problems))
+    return Combined(jax.tree_util.tree_unflatten(treedef, out), errors)
+
+
+def _check_combination(
+    adapters: AdapterSet, weights: Mapping[str, float], method: str, rank: int | None
+) -> None:
+    problems = []
+    if method not in _COMBINERS:
+        problems.append(f"method must be one of {sorted(_COMBINERS)}, got {method!r}")
+    if not weights:
+        problems.append("no weights given")
+    unknown = [n for n in weights if n not in adapters.names]
+    if unknown:
+        problems.append(f"unknown adapters {unknown}; the set holds {list(adapters.names)}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        problems.append(f"rank must be a positive int or None, got {rank!r}")
+    if problems:
+        raise ValueError("combine_adapters: " + "; ".join(problems))
+
+
+def _parts(adapters: AdapterSet, node: LoraWeight, k: int, chosen: list) -> list[tuple]:
+    """``(weight * scale, (A, B) trimmed to the adapter's rank, rank)`` per chosen adapter."""
+    parts = []
+    for i, weight in chosen:
+        r = adapters.ranks[i][k]
+        if r:
+            parts.append((weight * adapters.scales[i][k], adapter_factors(node, i, r), r))
+    return parts
+
+
+def _task_vector(values: jax.Array, base: jax.Array | None, chosen: list) -> Trainable:
+    if base is None:
+        return Trainable(None)
+    total = base.astype(jnp.float32)
+    for i, weight in chosen:
+        total = total + weight * (values[i].astype(jnp.float32) - base.astype(jnp.float32))
+    return Trainable(total.astype(base.dtype))
+
+
+def _as_matrices(a: jax.Array, b: jax.Array, layout: Layout) -> tuple[jax.Array, jax.Array]:
+    """``A`` as ``(S, d_in, r)`` and ``B`` as ``(S, r, d_out)`` (S: stacked entries)."""
+    n_stack = len(layout.stack)
+    stack = math.prod(a.shape[:n_stack])
+    return a.reshape(stack, -1, a.shape[-1]), b.reshape(stack, b.shape[n_stack], -1)
+
+
+def _from_matrices(
+    a: jax.Array, b: jax.Array, like_a: jax.Array, like_b: jax.Array, layout: Layout
+) -> tuple[jax.Array, jax.Array]:
+    """The inverse of `_as_matrices` at a new rank, in the factors' dtype."""
+    n_stack, rank = len(layout.stack), a.shape[-1]
+    a = a.reshape(*like_a.shape[:-1], rank).astype(like_a.dtype)
+    b = b.reshape(*like_b.shape[:n_stack], rank, *like_b.shape[n_stack + 1 :])
+    return a, b.astype(like_b.dtype)
+
+
+def _target(parts: list[tuple], layout: Layout) -> jax.Array:
+    """``sum_i w_i s_i A_i @ B_i`` as ``(S, d_in, d_out)`` in float32."""
+    total = 0.0
+    for coef, (a, b), _ in parts:
+        a, b = _as_matrices(a.astype(jnp.float32), b.astype(jnp.float32), layout)
+        total = total + coef * jnp.matmul(a, b, precision=_HIGHEST)
+    return total
+
+
+def _relative_error(target: jax.Array, a: jax.Array, b: jax.Array, layout: Layout) -> jax.Array:
+    a, b = _as_matrices(a.astype(jnp.float32), b.astype(jnp.float32), layout)
+    norm = jnp.linalg.norm(target)
+    residual = jnp.linalg.norm(target - jnp.matmul(a, b, precision=_HIGHEST))
+    return jnp.where(norm > 0, residual / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _combine_cat(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
+    n_stack = len(layout.stack)
+    a = jnp.concatenate([a for _, (a, _), _ in parts], axis=-1)
+    bs = [(coef * b.astype(jnp.float32)).astype(b.dtype) for coef, (_, b), _ in parts]
+    return a, jnp.concatenate(bs, axis=n_stack), jnp.zeros((), jnp.float32)
+
+
+def _combine_linear(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
+    a_sum, b_sum = 0.0, 0.0
+    for coef, (a, b), _ in parts:
+        c = math.sqrt(abs(coef))
+        a_sum = a_sum + math.copysign(c, coef) * a.astype(jnp.float32)
+        b_sum = b_sum + c * b.astype(jnp.float32)
+    like_a, like_b = parts[0][1]
+    a, b = a_sum.astype(like_a.dtype), b_sum.astype(like_b.dtype)
+    return a, b, _relative_error(_target(parts, layout), a, b, layout)
+
+
+def _combine_svd(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
+    target = _target(parts, layout)
+    keep = min(rank or max(r for _, _, r in parts), target.shape[1], target.shape[2])
+    u, s, vt = jnp.linalg.svd(target, full_matrices=False)
+    root = jnp.sqrt(s[:, :keep])
+    a = u[:, :, :keep] * root[:, None, :]
+    b = root[:, :, None] * vt[:, :keep, :]
+    a, b = _from_matrices(a, b, *parts[0][1], layout)
+    return a, b, _relative_error(target, a, b, layout)
+
+
+_COMBINERS: dict[str, Callable] = {
+    "cat": _combine_cat,
+    "linear": _combine_linear,
+    "svd": _combine_svd,
+}
