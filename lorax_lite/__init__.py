@@ -1,6 +1,5 @@
 """lorax_lite: small, functional LoRA fine-tuning for JAX."""
 
-from .checkpoint import TrainCheckpointer as TrainCheckpointer
 from .checkpoint import adapter_metadata as adapter_metadata
 from .checkpoint import load_adapter as load_adapter
 from .checkpoint import save_adapter as save_adapter
@@ -30,6 +29,7 @@ from .train import shard_batch as shard_batch
 from .train import sharded_train_step as sharded_train_step
 from .train import train_step as train_step
 from .train import unreplicate as unreplicate
+from .train_checkpoint import TrainCheckpointer as TrainCheckpointer
 from .transform import MaterializationError as MaterializationError
 from .transform import lora as lora
 from .trees import TrainState as TrainState

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
 from collections import Counter
@@ -46,6 +45,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from .atomic import replace_file
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
@@ -199,10 +199,8 @@ def to_peft(
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(
-        directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"})
-    )
-    _replace_atomically(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    replace_file(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    replace_file(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return directory
 
 
@@ -277,19 +275,6 @@ def _dora_mix(adapters: list[Piece]) -> tuple[bool, list[str]]:
         f"DoRA adapters ({', '.join(dora)}) and plain ones ({', '.join(plain)}) in one "
         "tree: PEFT's use_dora holds for every module of an adapter; export them apart"
     ]
-
-
-def _replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], Any]) -> None:
-    """Writes ``path`` through a temporary file beside it, then renames it into place, so a
-    failed or killed write leaves the previous file whole (and no temporary file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _shared_modules(pieces: list[Piece], what: str) -> list[str]:
