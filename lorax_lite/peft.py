@@ -51,7 +51,14 @@ from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .trees import base_of
-from .weight import Layout, LoraWeight, Trainable, is_lora_node
+from .weight import (
+    Layout,
+    LoraWeight,
+    Trainable,
+    alpha_from_scale,
+    is_lora_node,
+    scale_from_alpha,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -331,7 +338,7 @@ def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
     rank = node.rank
     alpha = config.alpha_for(piece.path)
     if not math.isclose(config.scale_for(rank, alpha), node.scale, rel_tol=1e-6):
-        alpha = node.scale * (math.sqrt(rank) if config.use_rslora else rank)
+        alpha = alpha_from_scale(node.scale, rank, rslora=config.use_rslora)
     key = re.escape(piece.module)
     if rank != config.rank:
         peft_config["rank_pattern"][key] = rank
@@ -895,7 +902,7 @@ def _lora_weight(
     alphas = peft_config["alpha_pattern"]
     pattern = _pattern_key(alphas, module)
     alpha = peft_config["lora_alpha"] if pattern is None else alphas[pattern]
-    scale = alpha / (math.sqrt(rank) if peft_config["use_rslora"] else rank)
+    scale = scale_from_alpha(alpha, rank, rslora=peft_config["use_rslora"])
     dropout = float(peft_config["lora_dropout"])
     return LoraWeight(w, jnp.asarray(a_t.T), jnp.asarray(b_t.T), scale, Layout.dense(), dropout)
 
