@@ -1,7 +1,6 @@
 """lorax_lite: small, functional LoRA fine-tuning for JAX."""
 
 from .adapter_set import AdapterSet as AdapterSet
-from .checkpoint import TrainCheckpointer as TrainCheckpointer
 from .checkpoint import adapter_metadata as adapter_metadata
 from .checkpoint import load_adapter as load_adapter
 from .checkpoint import save_adapter as save_adapter
@@ -30,6 +29,7 @@ from .step import pmap_train_step as pmap_train_step
 from .step import sharded_train_step as sharded_train_step
 from .step import train_step as train_step
 from .step import vmap_train_step as vmap_train_step
+from .train_checkpoint import TrainCheckpointer as TrainCheckpointer
 from .transform import MaterializationError as MaterializationError
 from .transform import lora as lora
 from .trees import TrainState as TrainState

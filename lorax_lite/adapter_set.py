@@ -20,7 +20,7 @@ import numpy as np
 
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
-from .trees import base_leaf, combine, content_hash, dtype_name, storage
+from .trees import base_of, combine, content_hash, dtype_name, storage
 from .weight import LoraWeight, Trainable, is_lora_node, is_node
 
 
@@ -298,7 +298,7 @@ class AdapterSet:
 
     def _base_tree(self) -> Any:
         """The plain base tree, with ``None`` where base values are unknown."""
-        return jax.tree_util.tree_map(base_leaf, self.frozen, is_leaf=is_node)
+        return base_of(self.frozen)
 
 
 def _as_index(which: Any, n: int) -> int | jax.Array:

@@ -25,15 +25,17 @@ import pathlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .checkpoint import _adapter_location, adapter_metadata, load_adapter, path_conflicts
+from .atomic import current, replace_file
+from .checkpoint import adapter_metadata, load_adapter
 from .config import LoraConfig
+from .metadata import path_conflicts
 from .params import merge
 from .peft import CONFIG_NAME, WEIGHTS_NAME, default_name_map, to_peft
 from .targets import named_leaves, unflatten
@@ -110,7 +112,7 @@ def inspect_command(args: argparse.Namespace) -> None:
         _inspect_peft(path)
         return
     info = adapter_metadata(path)
-    path = _adapter_location(path.absolute())
+    path = current(path.absolute())
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
     print(f"adapter checkpoint {path} (format {info['format_version']}; saved with {versions})")
     print("config: " + json.dumps(info["config"], sort_keys=True))
@@ -166,7 +168,10 @@ def merge_command(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.base}: the tensor names are not leaf paths: {conflicts}")
     tree = load_adapter(args.adapter, unflatten(flat), check_base=not args.no_check_base)
     merged = {path: np.asarray(x) for path, x in named_leaves(merge(tree))}
-    _write_atomically(args.out, lambda tmp: save_file(merged, tmp))
+    if args.out.is_dir():
+        raise ValueError(f"the output {args.out} is a directory; name a file")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(args.out, lambda tmp: save_file(merged, tmp))
     print(f"wrote {len(merged)} merged tensors to {args.out}")
 
 
@@ -215,21 +220,6 @@ def _refuse_overwriting_inputs(out: pathlib.Path, inputs: dict[str, pathlib.Path
             raise ValueError(
                 f"the output {out} would overwrite the input {flag} {path}; write it elsewhere"
             )
-
-
-def _write_atomically(out: pathlib.Path, write: Callable[[str], None]) -> None:
-    """Calls ``write`` on a temporary file beside ``out``, then renames it to ``out``."""
-    if out.is_dir():
-        raise ValueError(f"the output {out} is a directory; name a file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .targets import pattern_matches
+from .weight import scale_from_alpha
 
 Spec = str | Callable[[str, Any], bool]
 AXIS_ROLES = ("stack", "in", "out")
@@ -117,7 +118,7 @@ class LoraConfig:
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
-        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+        return scale_from_alpha(alpha, rank, rslora=self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; raises ``TypeError`` if a target is a callable."""

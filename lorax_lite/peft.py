@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 import re
 from collections import Counter
@@ -46,12 +45,20 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from .atomic import replace_file
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .trees import base_of
-from .weight import Layout, LoraWeight, Trainable, is_lora_node
+from .weight import (
+    Layout,
+    LoraWeight,
+    Trainable,
+    alpha_from_scale,
+    is_lora_node,
+    scale_from_alpha,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -199,10 +206,8 @@ def to_peft(
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(
-        directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"})
-    )
-    _replace_atomically(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    replace_file(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+    replace_file(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
     return directory
 
 
@@ -279,19 +284,6 @@ def _dora_mix(adapters: list[Piece]) -> tuple[bool, list[str]]:
     ]
 
 
-def _replace_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], Any]) -> None:
-    """Writes ``path`` through a temporary file beside it, then renames it into place, so a
-    failed or killed write leaves the previous file whole (and no temporary file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _shared_modules(pieces: list[Piece], what: str) -> list[str]:
     """A problem for each PyTorch module that several of ``pieces`` map to."""
     owners: dict[str, list[str]] = {}
@@ -346,7 +338,7 @@ def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
     rank = node.rank
     alpha = config.alpha_for(piece.path)
     if not math.isclose(config.scale_for(rank, alpha), node.scale, rel_tol=1e-6):
-        alpha = node.scale * (math.sqrt(rank) if config.use_rslora else rank)
+        alpha = alpha_from_scale(node.scale, rank, rslora=config.use_rslora)
     key = re.escape(piece.module)
     if rank != config.rank:
         peft_config["rank_pattern"][key] = rank
@@ -910,7 +902,7 @@ def _lora_weight(
     alphas = peft_config["alpha_pattern"]
     pattern = _pattern_key(alphas, module)
     alpha = peft_config["lora_alpha"] if pattern is None else alphas[pattern]
-    scale = alpha / (math.sqrt(rank) if peft_config["use_rslora"] else rank)
+    scale = scale_from_alpha(alpha, rank, rslora=peft_config["use_rslora"])
     dropout = float(peft_config["lora_dropout"])
     return LoraWeight(w, jnp.asarray(a_t.T), jnp.asarray(b_t.T), scale, Layout.dense(), dropout)
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from .quant import QuantizedWeight, is_quantized
 from .targets import named_leaves
-from .weight import LoraWeight, Trainable, is_lora_node, is_node
+from .weight import LoraWeight, Trainable, is_node
 
 HASH_SAMPLES = 4096
 
@@ -109,7 +109,7 @@ def base_leaf(node: Any) -> Any:
 
 def base_of(tree: Any) -> Any:
     """The plain base tree: each `LoraWeight` replaced by ``w``, each `Trainable` unwrapped."""
-    return jax.tree_util.tree_map(base_leaf, tree, is_leaf=is_lora_node)
+    return jax.tree_util.tree_map(base_leaf, tree, is_leaf=is_node)
 
 
 def cast_base(tree: Any, dtype: Any) -> Any:
@@ -149,7 +149,6 @@ def cast_base(tree: Any, dtype: Any) -> Any:
             return dataclasses.replace(node, w=None if node.w is None else cast_float(node.w))
         return node if isinstance(node, Trainable) else cast_float(node)
 
-    is_node = lambda x: is_lora_node(x) or isinstance(x, QuantizedWeight)
     return jax.tree_util.tree_map(cast, tree, is_leaf=is_node)
 
 

@@ -221,6 +221,25 @@ def is_node(x: Any) -> bool:
     return is_lora_node(x) or isinstance(x, QuantizedWeight)
 
 
+def scale_from_alpha(alpha: float, rank: int, *, rslora: bool) -> float:
+    """The adapter's scale ``s``: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
+
+    Example:
+        >>> scale_from_alpha(16, 4, rslora=False), scale_from_alpha(16, 4, rslora=True)
+        (4.0, 8.0)
+    """
+    return alpha / _rank_divisor(rank, rslora)
+
+
+def alpha_from_scale(scale: float, rank: int, *, rslora: bool) -> float:
+    """The ``alpha`` whose adapter of ``rank`` has ``scale`` (inverse of `scale_from_alpha`)."""
+    return scale * _rank_divisor(rank, rslora)
+
+
+def _rank_divisor(rank: int, rslora: bool) -> float:
+    return math.sqrt(rank) if rslora else rank
+
+
 def init_factors(
     key: jax.Array, shape: tuple[int, ...], layout: Layout, rank: int, *, init: str, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
-from lorax_lite.checkpoint import TrainCheckpointer
+from lorax_lite.train_checkpoint import TrainCheckpointer
 
 CONFIG = ll.LoraConfig(rank=2, alpha=4, dropout=0.1, targets=("hidden", "out"), train=("head",))
 

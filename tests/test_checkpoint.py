@@ -19,7 +19,8 @@ from helpers import assert_trees_equal, randomize_b
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_lite as ll
-from lorax_lite.checkpoint import TrainCheckpointer, adapter_metadata
+from lorax_lite.checkpoint import adapter_metadata
+from lorax_lite.train_checkpoint import TrainCheckpointer
 from lorax_lite.trees import content_hash
 
 KEY = jax.random.key(0)
@@ -610,3 +611,46 @@ def test_a_corrupted_step_metadata_file_raises_naming_the_directory(tmp_path):
     with pytest.raises(ValueError, match="_CHECKPOINT_METADATA file\\) is corrupted") as err:
         TrainCheckpointer(tmp_path / "ckpt")
     assert str(tmp_path / "ckpt") in str(err.value)
+
+
+# Saving without recombining: a (trainable, frozen) pair or a TrainState.
+
+
+def test_a_partition_pair_or_a_train_state_saves_what_the_full_tree_saves(tmp_path):
+    tree = lora_tree()
+    trainable, frozen = ll.partition(tree)
+    state = ll.TrainState(jnp.zeros((), jnp.int32), trainable, frozen, (), jax.random.key(3))
+    for name, saved in [("full", tree), ("pair", (trainable, frozen)), ("state", state)]:
+        ll.save_adapter(tmp_path / name, saved, CONFIG, metadata={"task": "demo"})
+        assert_trees_equal(ll.load_adapter(tmp_path / name, base_params()), tree)
+    full = adapter_metadata(tmp_path / "full")
+    assert adapter_metadata(tmp_path / "pair") == full  # same fingerprint, entries, checksum
+    assert adapter_metadata(tmp_path / "state") == full
+
+
+def test_a_lora_tree_that_is_a_2_tuple_is_not_taken_for_a_pair(tmp_path):
+    """Two full LoRA trees of one structure in a tuple (two towers) save as one tree of
+    both, and their own partition pair saves the same adapter."""
+    towers = (lora_tree(), lora_tree())
+    ll.save_adapter(tmp_path / "towers", towers, CONFIG)
+    info = adapter_metadata(tmp_path / "towers")
+    one = [e["path"] for e in adapter_metadata_of(tmp_path, lora_tree())["adapters"]]
+    assert [e["path"] for e in info["adapters"]] == [f"{i}/{p}" for i in (0, 1) for p in one]
+    assert_trees_equal(ll.load_adapter(tmp_path / "towers", (base_params(), base_params())), towers)
+    ll.save_adapter(tmp_path / "towers_pair", ll.partition(towers), CONFIG)
+    assert adapter_metadata(tmp_path / "towers_pair") == info
+
+
+def test_pairs_that_are_not_a_partition_are_refused_naming_the_adapters(tmp_path):
+    trainable, frozen = ll.partition(lora_tree())
+    other = ll.init(base_params(), ll.LoraConfig(rank=1, targets="dense"), key=KEY)
+    for not_a_pair in [(frozen, trainable), (trainable, ll.partition(other)[1])]:
+        with pytest.raises(ValueError, match=r"\(trainable, frozen\) pair .* lack one: .*dense"):
+            ll.save_adapter(tmp_path / "a", not_a_pair, CONFIG)
+    assert os.listdir(tmp_path) == []
+
+
+def adapter_metadata_of(tmp_path, tree):
+    """The metadata `save_adapter` writes for ``tree``."""
+    ll.save_adapter(tmp_path / "probe", tree, CONFIG, overwrite=True)
+    return adapter_metadata(tmp_path / "probe")

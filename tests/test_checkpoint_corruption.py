@@ -16,7 +16,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import lorax_lite as ll
-from lorax_lite.checkpoint import TrainCheckpointer
+from lorax_lite.train_checkpoint import TrainCheckpointer
 
 CONFIG = ll.LoraConfig(
     rank=2, alpha=6, targets=("dense", "qkv"), train=("head",), axes={"qkv": ("in", "out", "out")}

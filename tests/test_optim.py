@@ -236,7 +236,7 @@ def test_loraplus_refuses_bad_ratios(lora_params, ratio):
 def test_loraplus_through_train_step_and_a_training_checkpoint(lora_params, tmp_path):
     """ll.train_step wraps the LoRA+ optimizer once more; two steps equal two manual
     ones, and a TrainCheckpointer round trip restores the two-group state exactly."""
-    from lorax_lite.checkpoint import TrainCheckpointer
+    from lorax_lite.train_checkpoint import TrainCheckpointer
 
     ratio = 16.0
     tx = ll.optimizer(optax.adam(1e-2), b_lr_ratio=ratio)
