@@ -6,20 +6,21 @@ import dataclasses
 import functools
 import math
 import numbers
-import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
 
-from .targets import pattern_matches
+from .targets import Spec, from_serial, most_specific, to_predicate, to_serial
 from .weight import scale_from_alpha
 
-Spec = str | Callable[[str, Any], bool]
 AXIS_ROLES = ("stack", "in", "out")
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 _FLAGS = ("use_rslora", "use_dora", "dora_detach_norm")
+SEQUENCE_OPTIONS = ("targets", "exclude", "train")
+MAPPING_OPTIONS = ("rank_pattern", "alpha_pattern", "axes")
+PATTERN_OPTIONS = SEQUENCE_OPTIONS + MAPPING_OPTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,17 @@ class LoraConfig:
             the ``/``-joined leaf path (``"query"`` matches ``.../query/kernel``), a
             callable ``(path, leaf) -> bool``, or ``"all-linear"``: every float kernel
             that ``fn`` uses as a matmul weight, embeddings excluded, when `init` is
-            given ``fn``/``args``; without them, every leaf named ``kernel``.
-        exclude: regexes of leaves never adapted, even when a target matches them.
-        rank_pattern: ``{regex: rank}``; the longest matching regex wins (regexes
-            match whole path components, as in ``targets``).
-        alpha_pattern: ``{regex: alpha}``; the longest matching regex wins.
+            given ``fn``/``args``; without them, every leaf named ``kernel``. Every
+            pattern option (``targets``, ``exclude``, ``train`` and the keys of
+            ``rank_pattern``, ``alpha_pattern`` and ``axes``) takes these specs, and the
+            predicate objects of `lorax_lite.targets` (``Regex``, ``AllLinear``,
+            ``AnyOf``, ``AllOf``, ``Not``), which `to_dict` can serialize; a plain
+            callable it cannot.
+        exclude: patterns of leaves never adapted, even when a target matches them.
+        rank_pattern: ``{pattern: rank}``; the longest matching regex wins (regexes
+            match whole path components, as in ``targets``); a key that is no regex
+            (another predicate) ranks below every regex; ties go to the first key.
+        alpha_pattern: ``{pattern: alpha}``, chosen as in ``rank_pattern``.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
         init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"``
             (std ``1/r``) for ``A``, with ``B`` at zero; or ``"pissa"`` (``A``, ``B``
@@ -50,12 +57,13 @@ class LoraConfig:
             power iterations of a randomized SVD (faster on large weights; PEFT's
             ``"pissa_niter_[n]"``).
         dtype: dtype of the ``A`` and ``B`` factors, whatever the base dtype.
-        train: regexes of leaves trained in full (a new head, layer norms).
+        train: patterns of leaves trained in full (a new head, layer norms).
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of
             adapted modules train).
-        axes: ``{regex: roles}`` naming each axis of a matching weight ``"stack"``,
+        axes: ``{pattern: roles}`` naming each axis of a matching weight ``"stack"``,
             ``"in"`` or ``"out"``, for weights of more than two dimensions when
-            ``init`` is not given the function that uses them.
+            ``init`` is not given the function that uses them; chosen as in
+            ``rank_pattern``.
         use_dora: DoRA: each adapted weight becomes ``m * V / ||V||`` with
             ``V = w + s A B``, the norm per output unit over the fan-in axes and a
             trainable magnitude ``m`` starting at ``||w||``. `lora` takes the norm from
@@ -76,16 +84,16 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: Spec | tuple[Spec, ...] = "all-linear"
-    exclude: tuple[str, ...] = ()
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    exclude: Spec | tuple[Spec, ...] = ()
+    rank_pattern: Mapping[Spec, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[Spec, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
     pissa_niter: int | None = None
     dtype: str = "float32"
-    train: tuple[str, ...] = ()
+    train: Spec | tuple[Spec, ...] = ()
     bias: Literal["none", "all", "lora_only"] = "none"
-    axes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    axes: Mapping[Spec, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
     dora_detach_norm: bool = True
 
@@ -108,24 +116,34 @@ class LoraConfig:
             self, "alpha_pattern", {k: _as_float(v) for k, v in self.alpha_pattern.items()}
         )
 
-    def rank_for(self, path: str) -> int:
-        """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``)."""
-        return most_specific(self.rank_pattern, path, self.rank)
+    def rank_for(self, path: str, leaf: Any = None) -> int:
+        """The rank of the adapter at ``path`` (``rank_pattern`` first, then ``rank``);
+        ``leaf``, the weight there, is what callable patterns see."""
+        return most_specific(self.rank_pattern, path, leaf, self.rank)
 
-    def alpha_for(self, path: str) -> float:
-        """The alpha of the adapter at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
-        return most_specific(self.alpha_pattern, path, self.alpha)
+    def alpha_for(self, path: str, leaf: Any = None) -> float:
+        """The alpha of the adapter at ``path`` (``alpha_pattern`` first, then ``alpha``);
+        ``leaf``, the weight there, is what callable patterns see."""
+        return most_specific(self.alpha_pattern, path, leaf, self.alpha)
 
     def scale_for(self, rank: int, alpha: float) -> float:
         """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA."""
         return scale_from_alpha(alpha, rank, rslora=self.use_rslora)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; raises ``TypeError`` if a target is a callable."""
-        if any(callable(t) for t in self.targets):
-            raise TypeError("A LoraConfig with callable targets cannot be serialized.")
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        """A JSON-ready dict: patterns in their serial form (`lorax_lite.targets.to_serial`);
+        a pattern mapping with a key whose serial form is not a string becomes a list of
+        ``[key, value]`` pairs.
+
+        Raises:
+            TypeError: naming the option, if a pattern is a plain callable (it has no
+                serial form; a regex or a predicate object of `lorax_lite.targets` has).
+        """
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = _serial(field.name, value) if field.name in PATTERN_OPTIONS else value
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
@@ -144,7 +162,36 @@ class LoraConfig:
                 f"Invalid LoraConfig: unknown fields {', '.join(unknown)}; expected some of "
                 f"{fields}"
             )
-        return cls(**dict(data))
+        decoded = {k: _decoded(k, v) if k in PATTERN_OPTIONS else v for k, v in data.items()}
+        return cls(**decoded)
+
+
+def _serial(name: str, value: tuple | dict) -> list | dict:
+    """A pattern option's JSON-ready form (see `LoraConfig.to_dict`)."""
+    try:
+        if isinstance(value, tuple):
+            return [to_serial(spec) for spec in value]
+        pairs = [[to_serial(k), list(v) if isinstance(v, tuple) else v] for k, v in value.items()]
+    except TypeError as err:
+        raise TypeError(
+            f"LoraConfig.to_dict: callable {name} cannot be serialized: {err}"
+        ) from None
+    return dict(pairs) if all(isinstance(k, str) for k, _ in pairs) else pairs
+
+
+def _decoded(name: str, value: Any) -> Any:
+    """Inverse of `_serial`; a value it cannot read stays as it is, for the config's
+    validation to name."""
+    try:
+        if name in SEQUENCE_OPTIONS and isinstance(value, list):
+            return [from_serial(spec) for spec in value]
+        if isinstance(value, list):  # [key, value] pairs
+            return {from_serial(k): v for k, v in value}
+        if isinstance(value, Mapping):
+            return {from_serial(k): v for k, v in value.items()}
+    except (TypeError, ValueError):
+        pass
+    return value
 
 
 def _is_float_dtype(dtype: Any) -> bool:
@@ -160,21 +207,12 @@ def _as_float(value: Any) -> float:
     return float(str(value)) if isinstance(value, np.floating) else float(value)
 
 
-def most_specific(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
-    """The value of the longest regex in ``patterns`` matching ``path``, else ``default``.
-
-    Regexes match whole path components, as targets do (see `pattern_matches`).
-    """
-    hits = [p for p in patterns if pattern_matches(p, path)]
-    return patterns[max(hits, key=len)] if hits else default
-
-
 def _normalize_containers(config: LoraConfig) -> list[str]:
     """Turns pattern sequences into tuples and pattern dicts into dicts, in place; a problem
     for each field that is neither (the field is then emptied, so validation goes on)."""
     problems = []
     put = functools.partial(object.__setattr__, config)
-    for name in ("targets", "exclude", "train"):
+    for name in SEQUENCE_OPTIONS:
         value = getattr(config, name)
         if isinstance(value, str) or callable(value):
             put(name, (value,))
@@ -183,7 +221,7 @@ def _normalize_containers(config: LoraConfig) -> list[str]:
         else:
             problems.append(f"{name} must be a regex or a sequence of regexes, got {value!r}")
             put(name, ("all-linear",) if name == "targets" else ())
-    for name in ("rank_pattern", "alpha_pattern", "axes"):
+    for name in MAPPING_OPTIONS:
         value = getattr(config, name)
         if not isinstance(value, Mapping):
             problems.append(f"{name} must be a dict {{regex: value}}, got {value!r}")
@@ -250,19 +288,15 @@ def _validate(config: LoraConfig) -> list[str]:
 
 
 def _pattern_problems(config: LoraConfig) -> list[str]:
-    """A problem for each pattern that is no string or no valid regex."""
-    problems = [
-        f"targets must be regexes or callables, got {t!r}"
-        for t in config.targets
-        if not (isinstance(t, str) or callable(t))
-    ]
-    regexes = [t for t in config.targets if isinstance(t, str) and t != "all-linear"]
-    regexes += [*config.exclude, *config.train, *config.rank_pattern, *config.alpha_pattern]
-    regexes += list(config.axes)
-    problems += [f"pattern {p!r} must be a string" for p in regexes if not isinstance(p, str)]
-    for pattern in filter(lambda p: isinstance(p, str), regexes):
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            problems.append(f"pattern {pattern!r} is not a valid regex: {err}")
+    """A problem for each pattern `lorax_lite.targets.to_predicate` refuses: no string,
+    predicate or callable, or a regex that does not compile."""
+    problems = []
+    for name in PATTERN_OPTIONS:
+        for spec in getattr(config, name):
+            try:
+                to_predicate(spec)
+            except TypeError as err:
+                problems.append(f"{name} must be regexes or callables, got {spec!r}: {err}")
+            except ValueError as err:
+                problems.append(f"{name}: {err}")
     return problems

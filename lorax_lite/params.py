@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -14,20 +14,10 @@ import numpy as np
 from . import decompose
 from .config import LoraConfig
 from .quant import is_quantized, quantize_array
-from .targets import (
-    closest_paths,
-    is_adaptable,
-    is_bias,
-    module_of,
-    named_leaves,
-    path_str,
-    pattern_matches,
-    to_predicate,
-)
+from .targets import Spec, named_leaves, no_match, path_str, select, to_predicate
 from .trees import trainable_mask
-from .usage import Usage, infer_usage
+from .usage import infer_usage
 from .weight import (
-    Layout,
     LoraWeight,
     Trainable,
     column_norm,
@@ -87,35 +77,19 @@ def init(
     _refuse_lora_nodes(params)
     named = named_leaves(params, is_leaf=is_quantized)
     usage = infer_usage(fn, params, args) if fn is not None else None
-    targeted, problems = select_targets(named, config, usage)
-    trained = _select_trained(named, config, targeted)
-    problems += _unmatched_patterns(named, config, targeted)
-    problems += [
-        f"{p}: both adapted and trained in full (in `train`)" for p in targeted if p in trained
-    ]
-    problems += _residual_init_problems(named, config, targeted)
-    problems += [
-        f"{p}: a QuantizedWeight cannot be trained in full (its codes have no gradient)"
-        for p, leaf in named
-        if p in trained and is_quantized(leaf)
-    ]
-    layouts = {}
-    for path, leaf in named:
-        if path in targeted:
-            layout, problem = _layout_for(path, leaf, config, usage)
-            layouts[path] = layout
-            problems += [problem] if problem else []
+    adapted, trained, problems = select(named, config, usage)
+    problems += _residual_init_problems(named, config, adapted)
     if problems:
         raise ValueError("lorax_lite.init found problems:\n  " + "\n  ".join(problems))
 
     paths = iter(named)
-    keys = iter(jax.random.split(key, max(len(targeted), 1)))
+    keys = iter(jax.random.split(key, max(len(adapted), 1)))
 
     def wrap(leaf):
         path, _ = next(paths)
-        if path in targeted:
-            rank, alpha = config.rank_for(path), config.alpha_for(path)
-            scale, layout = config.scale_for(rank, alpha), layouts[path]
+        if path in adapted:
+            layout, rank, alpha = adapted[path]
+            scale = config.scale_for(rank, alpha)
             if config.init in decompose.RESIDUAL_INITS:
                 a, b, leaf = decompose.residual_init(
                     leaf,
@@ -139,7 +113,7 @@ def init(
 
 
 def _residual_init_problems(
-    named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]
+    named: list[tuple[str, Any]], config: LoraConfig, targeted: Collection[str]
 ) -> list[str]:
     """PiSSA and OLoRA decompose each weight's values: a problem for each targeted leaf
     that has none (a `QuantizedWeight` or a ``jax.ShapeDtypeStruct`` stand-in)."""
@@ -176,61 +150,6 @@ def _quantized(tree: Any, spec: str | Mapping[str, Any] | None) -> Any:
     return quantize(tree, **({"kind": spec} if isinstance(spec, str) else dict(spec)))
 
 
-def select_targets(
-    named: list[tuple[str, Any]], config: LoraConfig, usage: dict[str, Usage] | None
-) -> tuple[list[str], list[str]]:
-    """The paths to adapt, and a problem message for each target that selects nothing."""
-    linear = None if usage is None else [p for p, u in usage.items() if u.kind == "dot"]
-    adaptable = [(p, x) for p, x in named if is_adaptable(p, x)]
-    chosen, problems = [], []
-    for spec in config.targets:
-        predicate = to_predicate(spec, linear_paths=linear)
-        hits = [p for p, x in named if predicate(p, x)]
-        kept = [p for p, x in adaptable if p in hits and not _excluded(p, config)]
-        if kept:
-            chosen += [p for p in kept if p not in chosen]
-            continue
-        if hits and not any(is_adaptable(p, x) for p, x in named if p in hits):
-            problems.append(
-                f"target {spec!r} names only leaves that take no adapter ({', '.join(hits[:3])}); "
-                "adapters go on float arrays of rank >= 2 not named 'bias' or 'scale'"
-            )
-        elif hits:
-            excluded = [p for p, _ in adaptable if p in hits]
-            problems.append(f"target {spec!r} matches only excluded leaves ({', '.join(excluded)})")
-        else:
-            problems.append(no_match("target", spec, "adaptable leaf", [p for p, _ in adaptable]))
-    return chosen, problems
-
-
-def no_match(kind: str, pattern: Any, what: str, paths: list[str]) -> str:
-    """The message for a pattern that selects nothing, with the closest of ``paths``."""
-    near = closest_paths(pattern if isinstance(pattern, str) else "", paths)
-    return f"{kind} {pattern!r} matches no {what}; closest: {near}"
-
-
-def _unmatched_patterns(
-    named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]
-) -> list[str]:
-    """A problem for each ``exclude``, ``train``, ``rank_pattern``, ``alpha_pattern`` and
-    ``axes`` pattern that changes nothing (a typo would otherwise pass silently)."""
-    paths = [p for p, _ in named]
-    adaptable = [p for p, x in named if is_adaptable(p, x)]
-    groups = (
-        ("exclude", config.exclude, "adaptable leaf", adaptable),
-        ("train", config.train, "leaf", paths),
-        ("rank_pattern key", config.rank_pattern, "adapted leaf", targeted),
-        ("alpha_pattern key", config.alpha_pattern, "adapted leaf", targeted),
-        ("axes key", config.axes, "adapted leaf", targeted),
-    )
-    return [
-        no_match(kind, pattern, what, candidates)
-        for kind, patterns, what, candidates in groups
-        for pattern in patterns
-        if not any(pattern_matches(pattern, p) for p in candidates)
-    ]
-
-
 def _refuse_lora_nodes(params: Any) -> None:
     """Raises naming every `LoraWeight` and `Trainable` already in ``params``: `init` would
     wrap their parts (``w``, ``a``, ``b``) in adapters of their own."""
@@ -245,57 +164,6 @@ def _refuse_lora_nodes(params: Any) -> None:
             "the base parameters (ll.merge(tree) folds the adapters in) or train the tree "
             "as it is:\n  " + "\n  ".join(nodes)
         )
-
-
-def _excluded(path: str, config: LoraConfig) -> bool:
-    return any(pattern_matches(p, path) for p in config.exclude)
-
-
-def _select_trained(named: list[tuple[str, Any]], config: LoraConfig, targeted: list[str]) -> set:
-    trained = {p for p, _ in named if any(pattern_matches(t, p) for t in config.train)}
-    adapted_modules = {module_of(p) for p in targeted}
-    for path, leaf in named:
-        if is_bias(path, leaf) and (
-            config.bias == "all"
-            or (config.bias == "lora_only" and module_of(path) in adapted_modules)
-        ):
-            trained.add(path)
-    return trained
-
-
-def _layout_for(
-    path: str, leaf: Any, config: LoraConfig, usage: dict[str, Usage] | None
-) -> tuple[Layout | None, str | None]:
-    """The layout of one targeted leaf, or a problem message."""
-    roles = next((r for pat, r in config.axes.items() if pattern_matches(pat, path)), None)
-    if roles is not None:
-        if len(roles) != leaf.ndim:
-            return (
-                None,
-                f"{path}: axes override {roles} has {len(roles)} roles for shape {leaf.shape}",
-            )
-        layout = Layout.from_roles(roles)
-    elif usage is not None and path in usage:
-        layout = usage[path].layout
-    elif leaf.ndim == 2:
-        layout = Layout.dense()
-    else:
-        return None, (
-            f"{path}: shape {leaf.shape} has {leaf.ndim} axes and its fan-in/fan-out/stacked "
-            "axes are ambiguous; pass fn= and args= to init, or set "
-            "LoraConfig(axes={pattern: ('stack'|'in'|'out', ...)})"
-        )
-    if config.use_dora and usage is not None and path in usage and usage[path].kind == "gather":
-        return None, (
-            f"{path}: use_dora needs a matmul or conv kernel (a norm per output unit); "
-            "this weight is an embedding table (looked up by gather): exclude it"
-        )
-    rank = config.rank_for(path)
-    d_in = int(np.prod([leaf.shape[i] for i in layout.fan_in]))
-    d_out = int(np.prod([leaf.shape[i] for i in layout.fan_out]))
-    if rank > min(d_in, d_out):
-        return None, f"{path}: rank {rank} > min(d_in={d_in}, d_out={d_out}) of shape {leaf.shape}"
-    return layout, None
 
 
 def merge(
@@ -467,7 +335,7 @@ def quantize(
     kind: str,
     block: int = 64,
     axis: int | None = None,
-    also: str | Sequence[str] = (),
+    also: Spec | Sequence[Spec] = (),
 ) -> Any:
     """Quantizes the frozen base of a LoRA tree (QLoRA): each `LoraWeight`'s ``w``.
 
@@ -501,12 +369,15 @@ def quantize(
         'nf4'
     """
     named = named_leaves(tree, is_leaf=is_node)
-    plain = [p for p, x in named if not is_node(x) or is_quantized(x)]
+    plain = [(p, x) for p, x in named if not is_node(x) or is_quantized(x)]
     extra, problems = set(), []
-    for pattern in (also,) if isinstance(also, str) else tuple(also):
-        hits = [p for p in plain if pattern_matches(pattern, p)]
+    for pattern in (also,) if isinstance(also, str) or callable(also) else tuple(also):
+        predicate = to_predicate(pattern)
+        hits = [p for p, x in plain if predicate(p, x)]
         extra |= set(hits)
-        problems += [] if hits else [no_match("also", pattern, "frozen leaf", plain)]
+        problems += (
+            [] if hits else [no_match("also", pattern, "frozen leaf", [p for p, _ in plain])]
+        )
     out = {}
     for path, node in named:
         weight = node.w if isinstance(node, LoraWeight) else node if path in extra else None

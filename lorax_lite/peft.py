@@ -336,7 +336,7 @@ def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
     """Records the module's rank and alpha where they differ from the config's defaults."""
     node = piece.value
     rank = node.rank
-    alpha = config.alpha_for(piece.path)
+    alpha = config.alpha_for(piece.path, piece.value.w)
     if not math.isclose(config.scale_for(rank, alpha), node.scale, rel_tol=1e-6):
         alpha = alpha_from_scale(node.scale, rank, rslora=config.use_rslora)
     key = re.escape(piece.module)

@@ -1,13 +1,16 @@
 """LoraConfig: validation messages, per-leaf rank/alpha, scale, serialization."""
 
+import dataclasses
 import json
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lorax_lite as ll
+from lorax_lite.targets import AllLinear, AllOf, AnyOf, Not, Regex
 
 
 @pytest.mark.parametrize(
@@ -155,3 +158,75 @@ def test_rank_pattern_matches_whole_components_like_targets():
     assert config.rank_for("attn/query/kernel") == 2
     assert config.rank_for("attn/query_proj/kernel") == 4
     assert config.alpha_for("attn/query_proj/kernel") == 16.0
+
+
+def test_predicate_objects_round_trip_through_json():
+    config = ll.LoraConfig(
+        rank=3,
+        targets=(AnyOf("q", "v"), "k", AllLinear()),
+        exclude=Not("layer_[0-3]"),
+        train=(Regex("head"),),
+        rank_pattern={AllOf("layer_1", "q"): 2, "v": 4},
+        alpha_pattern={"q": 8.0},
+        axes={Regex("w"): ("in", "out", "out")},
+    )
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["targets"] == [{"any": [{"regex": "q"}, {"regex": "v"}]}, "k", {"all_linear": True}]
+    assert data["rank_pattern"] == [[{"all": [{"regex": "layer_1"}, {"regex": "q"}]}, 2], ["v", 4]]
+    assert data["alpha_pattern"] == {"q": 8.0}  # string keys keep the JSON object form
+    assert ll.LoraConfig.from_dict(data) == config
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("targets", lambda path, leaf: True),
+        ("exclude", (AnyOf("q", lambda path, leaf: True),)),
+        ("train", lambda path, leaf: True),
+        ("rank_pattern", {lambda path, leaf: True: 2}),
+        ("alpha_pattern", {Not(lambda path, leaf: True): 2.0}),
+        ("axes", {lambda path, leaf: True: ("in", "out")}),
+    ],
+)
+def test_callable_in_any_pattern_option_refuses_to_serialize_naming_it(option, value):
+    config = ll.LoraConfig(**{"targets": "q", option: value})
+    with pytest.raises(TypeError) as info:
+        config.to_dict()
+    text = str(info.value)
+    assert f"LoraConfig.to_dict: callable {option} cannot be serialized: Function(" in text
+    assert "has no serial form; name the leaves with regexes or with the predicates" in text
+
+
+def test_save_adapter_with_a_callable_target_explains_and_writes_nothing(tmp_path):
+    params = {"fc": {"kernel": jnp.ones((4, 3))}}
+    config = ll.LoraConfig(rank=2, targets=lambda path, leaf: path.startswith("fc/"))
+    tree = ll.init(params, config, key=jax.random.key(0))
+    with pytest.raises(TypeError, match="callable targets cannot be serialized"):
+        ll.save_adapter(tmp_path / "adapter", tree, config)
+    assert not (tmp_path / "adapter").exists()
+    ll.save_adapter(tmp_path / "adapter", tree, dataclasses.replace(config, targets=Regex("fc")))
+    assert ll.adapter_metadata(tmp_path / "adapter")["config"]["targets"] == [{"regex": "fc"}]
+
+
+def test_any_pattern_option_reports_a_value_that_is_no_pattern():
+    with pytest.raises(ValueError) as info:
+        ll.LoraConfig(rank_pattern={3: 2}, axes={"((": ("in", "out")})
+    text = str(info.value)
+    assert "rank_pattern must be regexes or callables, got 3: pattern 3 must be a string" in text
+    assert "axes: pattern '((' is not a valid regex" in text
+
+
+def test_rank_pattern_prefers_the_longest_regex_then_other_predicates_then_order():
+    config = ll.LoraConfig(
+        rank=4,
+        rank_pattern={
+            AnyOf("layer_1"): 1,
+            Regex("query"): 2,
+            lambda path, leaf: leaf is not None and leaf.ndim == 3: 3,
+            Not("query"): 5,
+        },
+    )
+    assert config.rank_for("layer_1/query/kernel") == 2  # a regex beats a predicate
+    assert config.rank_for("layer_1/value/kernel") == 1  # the first of the predicates
+    assert config.rank_for("layer_0/value/kernel", jnp.zeros((2, 2, 2))) == 3
+    assert config.rank_for("layer_0/value/kernel") == 5

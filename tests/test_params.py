@@ -190,6 +190,14 @@ def test_merge_with_axes_override_and_no_fn():
     assert_merged_matches_reference(ll.merge(lp), lp)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_axes_longest_matching_key_wins_whatever_the_order(reverse):
+    params = {"proj": {"kernel": jnp.ones((2, 3, 5))}}
+    axes = [("proj", ("stack", "in", "out")), ("proj/kernel", ("in", "in", "out"))]
+    config = ll.LoraConfig(rank=2, targets="proj", axes=dict(axes[::-1] if reverse else axes))
+    assert ll.init(params, config, key=KEY)["proj"]["kernel"].layout == ll.Layout((), (0, 1), (2,))
+
+
 def test_merge_unwraps_trainable_and_keeps_dtypes(mlp):
     _, params = mlp
     params = to_dtype(params, jnp.bfloat16)

@@ -1,5 +1,8 @@
 """Leaf naming and target selection: which leaves a pattern adapts."""
 
+import dataclasses
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,14 @@ from flax import nnx
 
 import lorax_lite as ll
 from lorax_lite.targets import (
+    AllLinear,
+    AllOf,
+    AnyOf,
+    Function,
+    Not,
+    Regex,
     closest_paths,
+    from_serial,
     is_adaptable,
     is_bias,
     leaf_name,
@@ -18,6 +28,7 @@ from lorax_lite.targets import (
     path_str,
     pattern_matches,
     to_predicate,
+    to_serial,
 )
 
 KEY = jax.random.key(0)
@@ -157,3 +168,115 @@ def test_nnx_split_state_paths(with_fn):
     all_linear = ll.init(state, ll.LoraConfig(rank=2), key=KEY, **trace)
     assert adapted_paths(all_linear) == ["query/kernel/value", "query_proj/kernel/value"]
     np.testing.assert_array_equal(ll.lora(apply)(lp, x), apply(state, x))
+
+
+def two_d(path, leaf):
+    return leaf.ndim == 2
+
+
+SERIALIZABLE = [
+    Regex("query"),
+    AllLinear(),
+    AnyOf("query", "value"),
+    AllOf("layer_1", Not("query"), AllLinear()),
+    Not(AnyOf()),
+]
+
+
+def test_predicates_print_as_they_were_built():
+    assert repr(to_predicate("q|v")) == "Regex('q|v')"
+    assert repr(to_predicate("all-linear")) == "AllLinear()"
+    assert repr(to_predicate("all-linear", linear_paths=["a/kernel", "b/kernel"])) == (
+        "AllLinear(2 traced)"
+    )
+    assert repr(AllOf("layer_1", Not("query"))) == "AllOf(Regex('layer_1'), Not(Regex('query')))"
+    assert repr(to_predicate(two_d)) == f"Function({__name__}.two_d)"
+
+
+def test_predicates_are_frozen_hashable_and_equal_by_value():
+    assert to_predicate("query") == Regex("query") and to_predicate(Regex("q")) == Regex("q")
+    assert AnyOf("q", "v") == AnyOf(Regex("q"), "v") != AllOf("q", "v")
+    assert Function(two_d) == to_predicate(two_d) != Function(lambda p, x: True)
+    assert len({Regex("q"), Regex("q"), AnyOf("q"), AllOf("q"), Not("q"), AllLinear()}) == 5
+    assert {AnyOf("q", "v"): 1}[AnyOf("q", "v")] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Regex("q").pattern = "v"
+
+
+def test_combinations_select_and_all_linear_is_bound_inside_them():
+    leaf = jnp.zeros((2, 2))
+    both = AllOf("layer_1", Not("query"))
+    assert both("layer_1/value/kernel", leaf)
+    assert not both("layer_1/query/kernel", leaf) and not both("layer_0/value/kernel", leaf)
+    assert AnyOf("query", two_d)("head/kernel", leaf) and not AnyOf()("head/kernel", leaf)
+    traced = to_predicate(AnyOf(Not("all-linear")), linear_paths=["fc/kernel"])
+    assert traced == AnyOf(Not(AllLinear(frozenset({"fc/kernel"}))))
+    assert traced("emb/embedding", leaf) and not traced("fc/kernel", leaf)
+
+
+@pytest.mark.parametrize("predicate", SERIALIZABLE, ids=repr)
+def test_serial_form_round_trips_through_json(predicate):
+    assert from_serial(json.loads(json.dumps(to_serial(predicate)))) == predicate
+
+
+def test_strings_serialize_as_themselves_and_callables_not_at_all():
+    assert to_serial("query") == "query" and from_serial("query") == "query"
+    assert to_serial(Regex("query")) == {"regex": "query"}
+    for spec in (two_d, AnyOf("query", two_d)):
+        with pytest.raises(TypeError, match=r"Function\(.*two_d\) has no serial form"):
+            to_serial(spec)
+    for data in (3, {"regex": 3}, {"any": "q"}, {"regex": "q", "not": "v"}, {"xor": []}):
+        with pytest.raises(ValueError, match="is no pattern: expected a regex string or one of"):
+            from_serial(data)
+
+
+def test_to_predicate_refuses_what_is_no_pattern():
+    with pytest.raises(TypeError, match="pattern 3 must be a string"):
+        to_predicate(3)
+    with pytest.raises(ValueError, match="pattern 'q\\(' is not a valid regex"):
+        AnyOf("v", "q(")
+
+
+def test_every_pattern_option_takes_predicates_and_callables():
+    exclude_proj = lambda path, leaf: leaf.shape == (5, 6) and "proj" in path
+    config = ll.LoraConfig(
+        rank=2,
+        alpha=2.0,
+        targets=AnyOf("query", Regex("fc1"), "query_proj"),
+        exclude=exclude_proj,
+        train=AllOf("ln", Not("bias")),
+        rank_pattern={Function(lambda path, leaf: leaf.shape[1] == 3): 1},
+        alpha_pattern={Not("fc1"): 4.0},
+    )
+    lp = ll.init(linen_params(), config, key=KEY)
+    assert adapted_paths(lp) == ["params/fc1/kernel", "params/query/kernel"]
+    fc1, query = lp["params"]["fc1"]["kernel"], lp["params"]["query"]["kernel"]
+    assert (fc1.rank, fc1.scale, query.rank, query.scale) == (1, 2.0, 2, 2.0)
+    assert isinstance(lp["params"]["ln"]["scale"], ll.Trainable)
+    assert isinstance(lp["params"]["ln"]["bias"], jax.Array)
+    params = {"moe": {"w": jnp.ones((4, 3, 5))}}
+    roles = ll.LoraConfig(rank=2, targets="moe", axes={AnyOf(two_d, "w"): ("stack", "in", "out")})
+    assert ll.init(params, roles, key=KEY)["moe"]["w"].layout == ll.Layout((0,), (1,), (2,))
+
+
+def test_predicates_that_select_nothing_are_named_in_the_error():
+    config = ll.LoraConfig(
+        rank=2,
+        targets=("fc1", AllOf("fc1", "query")),
+        exclude=AnyOf("query_porj"),
+        rank_pattern={Function(two_d): 1, Regex("quer"): 1},
+    )
+    with pytest.raises(ValueError) as info:
+        ll.init(linen_params(), config, key=KEY)
+    lines = [line.strip() for line in str(info.value).splitlines()[1:]]
+    assert len(lines) == 3, info.value
+    assert lines[0].startswith(
+        "target AllOf(Regex('fc1'), Regex('query')) matches no adaptable leaf; closest: ["
+    )
+    assert lines[1].startswith(
+        "exclude AnyOf(Regex('query_porj')) matches no adaptable leaf; "
+        "closest: ['params/query_proj/kernel'"
+    )
+    assert lines[2] == (
+        "rank_pattern key Regex('quer') matches no adapted leaf; closest: ['params/fc1/kernel']"
+    )
