@@ -111,7 +111,11 @@ class Cond(NamedTuple):
 
 
 def call(eqn: Any) -> Call:
-    """The view of a call-like equation (``jit``/``pjit``/``closed_call``)."""
+    """The view of a call-like equation (``jit``/``closed_call``).
+
+    ``jit``'s ``jaxpr`` is a closed jaxpr on jax 0.10, a jaxpr without constants on
+    newer versions; ``closed_call`` holds a closed ``call_jaxpr``.
+    """
     for name in ("jaxpr", "call_jaxpr"):
         if name in eqn.params:
             inner = eqn.params[name]
