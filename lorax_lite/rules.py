@@ -1,7 +1,9 @@
 """Per-primitive rules for a weight carried lazily as ``w + scale * A @ B``.
 
 `LoraValue` is what `lorax_lite.transform` keeps in its environment in place of a
-`LoraWeight`. Each rule returns the equation's output without forming the dense
+`LoraWeight`. `RULES` maps a first-order primitive's name to its rule, each called
+the one way the evaluator calls every rule, ``rule(eqn, operands, ctx)``, and
+returning the equation's outputs as a list without forming the dense
 ``w + scale * A @ B``:
 
 * ``dot_general``: ``x.w + scale * ((drop(x).A).B)``, for any dimension numbers.
@@ -9,8 +11,8 @@
 * ``gather`` (embedding lookup): ``w[i] + scale * A[i] @ B``.
 * ``ragged_dot`` (grouped mixture-of-experts matmul): two ragged dots through the
   per-expert ``A`` and ``B``, with the same group sizes.
-* structural ops (casts, transposes, reshapes, slices of stacked axes) return a new
-  `LoraValue`.
+* structural ops (casts, transposes, reshapes, slices, splits, broadcasts) and
+  copies, placements and sharding constraints return a new `LoraValue`.
 
 A DoRA value (with a magnitude ``m``) scales the products' output units by
 ``m / ||w + scale * A @ B||``, the norm taken from the factors (`weight.factored_norm`).
@@ -19,19 +21,26 @@ an op that changes the fan-in extent (a slice of rows) would change the norm, an
 falls back to the dense weight.
 
 A rule returns ``None`` when it does not apply; the evaluator then materializes.
+A quantized operand reaches a first-order rule dequantized (inside the compiled
+function). The functions named after the primitives (`dot_general`, `reshape`...)
+compute one equation each; `RULES` calls them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import string
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core.primitives as prim
 import jax.numpy as jnp
 from jax import lax
 
 from . import views
+from .quant import QuantizedWeight
 from .weight import Layout, LoraWeight, factored_norm
 
 
@@ -70,6 +79,35 @@ class LoraValue(NamedTuple):
     def fan_in_size(self) -> int:
         """The number of fan-in entries per output unit (what DoRA's norm sums over)."""
         return math.prod(self.w.shape[i] for i in self.layout.fan_in)
+
+
+def dequantized(x: Any) -> Any:
+    """``x`` with a quantized weight (itself, or a LoRA weight's base) dequantized."""
+    if isinstance(x, QuantizedWeight):
+        return x.dequantize()
+    if isinstance(x, LoraValue) and isinstance(x.w, QuantizedWeight):
+        return x._replace(w=x.w.dequantize())
+    return x
+
+
+class Context:
+    """What every rule is called with besides the equation and its operands: the
+    dropout key, strictness, and the ``(primitive, path)`` pairs already warned
+    about by this wrapped function."""
+
+    def __init__(self, key: jax.Array | None, strict: bool, warned: set[tuple[str, str]]):
+        self.key, self.strict, self.warned, self.sites = key, strict, warned, 0
+
+    def next_key(self) -> jax.Array | None:
+        """A fresh key for the next adapter site or nested block (None without dropout)."""
+        if self.key is None:
+            return None
+        self.sites += 1
+        return jax.random.fold_in(self.key, self.sites)
+
+    def child(self, key: jax.Array | None) -> Context:
+        """The context of a nested block (a loop body, a branch) drawing from ``key``."""
+        return Context(key, self.strict, self.warned)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -269,7 +307,7 @@ def gather(eqn: Any, lora: LoraValue, indices: jax.Array) -> Any:
     indexed = tuple(dims.start_index_map)
     shape, sizes = lora.w.shape, view.slice_sizes
     whole = all(sizes[i] == (1 if i in indexed else shape[i]) for i in range(len(shape)))
-    if getattr(dims, "operand_batching_dims", ()) or not whole:
+    if dims.operand_batching_dims or not whole:
         return None
     stack, fan_in, fan_out = lora.layout
     a_axes, b_axes = factor_axes(lora.layout)
@@ -532,3 +570,114 @@ def _cut(shape: tuple[int, ...], products: list[int]) -> list[tuple[int, ...]] |
         return None
     groups[-1] += list(shape[i:])
     return [tuple(g) for g in groups]
+
+
+# ----- the registry: primitive name -> rule -----------------------------------------
+
+Rule = Callable[[Any, list[Any], Context], list[Any] | None]
+"""The one calling convention of every rule: ``rule(eqn, operands, ctx)`` returns the
+equation's outputs as a list, or ``None`` where it has no low-rank form (the
+evaluator then materializes the weight)."""
+
+
+def _which_lazy(operands: list[Any]) -> tuple[bool, ...]:
+    return tuple(isinstance(x, LoraValue) for x in operands)
+
+
+def _first_order(rule: Rule) -> Rule:
+    """``rule`` on dequantized operands; an equation left with no LoRA operand (a plain
+    quantized weight) binds as it is."""
+
+    @functools.wraps(rule)
+    def run(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
+        operands = [dequantized(x) for x in operands]
+        if not any(_which_lazy(operands)):
+            return views.bind_results(eqn, operands)
+        return rule(eqn, operands, ctx)
+
+    return run
+
+
+def _listed(out: Any) -> list[Any] | None:
+    return out if out is None or isinstance(out, list) else [out]
+
+
+def _product(op: Callable, *patterns: tuple[bool, ...], keyed: bool = True) -> Rule:
+    """The rule of a product ``op(eqn, *operands[, key])`` whose LoRA operands sit as
+    one of ``patterns`` says; ``keyed``: each site draws its own dropout key."""
+
+    @_first_order
+    def rule(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
+        lazy = _which_lazy(operands)
+        if lazy not in patterns:
+            return None
+        if not keyed:
+            return _listed(op(eqn, *operands))
+        key = ctx.next_key() if operands[lazy.index(True)].dropout else None
+        return _listed(op(eqn, *operands, key))
+
+    return rule
+
+
+def _structural(op: Callable) -> Rule:
+    """The rule of a structural op ``op(eqn, lora, *others)`` of the first operand,
+    the only lazy one: the result stays lazy."""
+
+    @_first_order
+    def rule(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
+        if any(_which_lazy(operands)[1:]):
+            return None
+        return _listed(_same_norm(operands[0], op(eqn, *operands)))
+
+    return rule
+
+
+def _same_norm(before: LoraValue, after: Any) -> Any:
+    """A structural rule's result, or None (the dense fallback) where it would change a
+    DoRA weight's norm: an op that cuts or repeats fan-in entries (slicing rows, say)
+    acts on ``m * V / ||V||`` with the norm of the whole weight, which the cut value
+    could not recompute."""
+    if before.m is None or after is None:
+        return after
+    pieces = after if isinstance(after, list) else [after]
+    return after if all(v.fan_in_size() == before.fan_in_size() for v in pieces) else None
+
+
+@_first_order
+def _per_component(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
+    """A cast of placement, type or differentiability of one operand: applied to w, A,
+    B (and m) alike."""
+    if len(operands) != 1:
+        return None
+    one = lambda x: views.bind_results(eqn, [x])[0]
+    lora = operands[0].map_m(one)
+    return [lora._replace(w=one(lora.w), a=one(lora.a), b=one(lora.b))]
+
+
+@_first_order
+def _on_w_only(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
+    """A sharding constraint: it places the weight; the small factors stay as they are."""
+    (lora,) = operands
+    return [lora._replace(w=views.bind(eqn, [lora.w]))]
+
+
+RULES: dict[str, Rule] = {
+    prim.dot_general_p.name: _product(dot_general, (True, False), (False, True)),
+    prim.conv_general_dilated_p.name: _product(conv, (False, True)),
+    views.RAGGED_DOT: _product(ragged_dot, (False, True, False)),
+    prim.gather_p.name: _product(gather, (True, False), keyed=False),
+    prim.convert_element_type_p.name: _structural(convert),
+    prim.transpose_p.name: _structural(transpose),
+    prim.reshape_p.name: _structural(reshape),
+    prim.squeeze_p.name: _structural(squeeze),
+    prim.rev_p.name: _structural(rev),
+    prim.broadcast_in_dim_p.name: _structural(broadcast),
+    prim.slice_p.name: _structural(slice_any),
+    prim.dynamic_slice_p.name: _structural(slice_any),
+    "split": _structural(split),  # no public primitive object
+    prim.sharding_constraint_p.name: _on_w_only,
+    # ``pvary`` (varying over shard_map axes) has no public primitive object either.
+    **dict.fromkeys(("copy", "device_put", "stop_gradient", "pvary"), _per_component),
+}
+"""The first-order rules, by primitive name; `lorax_lite.transform` adds the
+higher-order ones (calls, ``remat``, custom derivatives, loops, ``cond``)."""

@@ -21,15 +21,13 @@ from .weight import Layout
 
 # Primitives that pass a weight through unchanged (up to dtype or placement).
 PASS_THROUGH = frozenset(
-    p
-    for p in (
+    {
         prim.convert_element_type_p,
         prim.copy_p,
         prim.sharding_constraint_p,
         prim.reduce_precision_p,
-        getattr(prim, "device_put_p", None),
-    )
-    if p is not None
+        prim.device_put_p,
+    }
 )
 
 
@@ -139,10 +137,7 @@ def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
             _record(found, first, "gather", roles)
         else:
             for region in views.regions(eqn) or ():
-                inner = [
-                    _sliced(tracked[i]) if sliced else tracked[i]
-                    for i, sliced in zip(region.operands, region.sliced)
-                ]
+                inner = region.inputs(tracked, slice_one=_sliced)
                 _walk(region.jaxpr, _bind(region.jaxpr.invars, inner), found)
 
 

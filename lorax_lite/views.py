@@ -15,7 +15,7 @@ to each, so that a walker recurses into calls, ``remat``, custom derivatives,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -43,12 +43,8 @@ def _get(eqn: Any, *names: str) -> tuple[Any, ...]:
 
 # ----- higher-order primitives ------------------------------------------------------------
 
-CALLS = frozenset(
-    p
-    for p in (getattr(prim, "jit_p", None), getattr(prim, "pjit_p", None), prim.closed_call_p)
-    if p is not None
-)
-"""The call primitives (``jit``, ``pjit`` where it exists, ``closed_call``)."""
+CALLS = frozenset({prim.jit_p, prim.closed_call_p})
+"""The call primitives (``jit``, ``closed_call``)."""
 _CUSTOM = (prim.custom_jvp_call_p, prim.custom_vjp_call_p)
 
 
@@ -115,7 +111,11 @@ class Cond(NamedTuple):
 
 
 def call(eqn: Any) -> Call:
-    """The view of a call-like equation (``jit``/``pjit``/``closed_call``)."""
+    """The view of a call-like equation (``jit``/``closed_call``).
+
+    ``jit``'s ``jaxpr`` is a closed jaxpr on jax 0.10, a jaxpr without constants on
+    newer versions; ``closed_call`` holds a closed ``call_jaxpr``.
+    """
     for name in ("jaxpr", "call_jaxpr"):
         if name in eqn.params:
             inner = eqn.params[name]
@@ -138,8 +138,9 @@ def custom(eqn: Any) -> Custom:
 def scan(eqn: Any) -> Scan:
     """The view of a ``scan`` equation, in either spelling.
 
-    jax <= 0.11 counts ``num_consts`` and ``num_carry``; jax 0.12 groups the operands
-    in a flat tree ``ft_in`` of three children (consts, carry, scanned inputs).
+    jax 0.10 counts ``num_consts`` and ``num_carry``; newer versions (0.11.2, 0.12)
+    group the operands in a flat tree ``ft_in`` of three children (consts, carry,
+    scanned inputs).
     """
     body, length, reverse, unroll = _get(eqn, "jaxpr", "length", "reverse", "unroll")
     if "num_consts" in eqn.params and "num_carry" in eqn.params:
@@ -181,11 +182,24 @@ def cond(eqn: Any) -> Cond:
 class Region(NamedTuple):
     """A sub-jaxpr of an equation: ``operands[i]`` is the index of the equation
     operand bound to the jaxpr's ``i``-th input, and ``sliced[i]`` says whether the
-    region sees one slice of it along its leading axis (a scanned input)."""
+    region sees one slice of it along its leading axis (a scanned input); ``consts``
+    are the values of the jaxpr's constants."""
 
     jaxpr: Any  # Jaxpr
     operands: tuple[int, ...]
     sliced: tuple[bool, ...]
+    consts: Sequence[Any] = ()
+
+    def inputs(
+        self, operands: Sequence[Any], slice_one: Callable[[Any], Any] | None = None
+    ) -> list[Any]:
+        """The values bound to the jaxpr's inputs, given the equation's operands (in
+        a loop, their values at this step); ``slice_one``, if given, maps a scanned
+        operand to what one step sees of it."""
+        return [
+            slice_one(operands[i]) if sliced and slice_one else operands[i]
+            for i, sliced in zip(self.operands, self.sliced)
+        ]
 
 
 def regions(eqn: Any) -> list[Region] | None:
@@ -196,29 +210,35 @@ def regions(eqn: Any) -> list[Region] | None:
             (a parameter holds a jaxpr), or one whose parameters it cannot read.
     """
     p, n = eqn.primitive, len(eqn.invars)
-    whole = lambda jaxpr, ops: Region(jaxpr, tuple(ops), (False,) * len(ops))
+
+    def whole(body: Any, ops: Sequence[int]) -> Region:
+        """A region run on the given operands as they are; ``body`` a (closed) jaxpr."""
+        consts = getattr(body, "consts", ())
+        return Region(getattr(body, "jaxpr", body), tuple(ops), (False,) * len(ops), consts)
+
     if p in CALLS:
-        return [whole(call(eqn).body, range(n))]
+        view = call(eqn)
+        return [Region(view.body, tuple(range(n)), (False,) * n, view.consts)]
     if p is prim.remat_p:
         return [whole(remat(eqn).body, range(n))]
     if p in _CUSTOM:
-        return [whole(custom(eqn).body.jaxpr, range(n))]
+        return [whole(custom(eqn).body, range(n))]
     if p is prim.scan_p:
         view = scan(eqn)
         fixed = view.n_consts + view.n_carry
-        return [Region(view.body.jaxpr, tuple(range(n)), tuple(i >= fixed for i in range(n)))]
+        sliced = tuple(i >= fixed for i in range(n))
+        return [Region(view.body.jaxpr, tuple(range(n)), sliced, view.body.consts)]
     if p is prim.while_p:
         view = while_loop(eqn)
         carry = range(view.cond_nconsts + view.body_nconsts, n)
         return [
-            whole(view.cond.jaxpr, [*range(view.cond_nconsts), *carry]),
-            whole(view.body.jaxpr, range(view.cond_nconsts, n)),
+            whole(view.cond, [*range(view.cond_nconsts), *carry]),
+            whole(view.body, range(view.cond_nconsts, n)),
         ]
     if p is prim.cond_p:
-        return [whole(b.jaxpr, range(1, n)) for b in cond(eqn).branches]
+        return [whole(b, range(1, n)) for b in cond(eqn).branches]
     if p.name == "shard_map":  # no public primitive object; the body sees per-shard blocks
-        (body,) = _get(eqn, "jaxpr")
-        return [whole(getattr(body, "jaxpr", body), range(n))]
+        return [whole(_get(eqn, "jaxpr")[0], range(n))]
     if any(_holds_jaxpr(v) for v in eqn.params.values()):
         raise _error(eqn, "a higher-order primitive lorax_lite does not enter")
     return None
@@ -289,23 +309,20 @@ def ragged_dot(eqn: Any) -> RaggedDot:
     """The view of a ``ragged_dot_general`` equation."""
     (dims,) = _get(eqn, "ragged_dot_dimension_numbers")
     try:
-        (contract_l, contract_r), (batch_l, batch_r) = dims.dot_dimension_numbers
+        dot = _dot(eqn, dims.dot_dimension_numbers)
         lhs_ragged, rhs_group = dims.lhs_ragged_dimensions, dims.rhs_group_dimensions
     except (AttributeError, TypeError, ValueError) as e:
         raise _error(eqn, f"unreadable ragged_dot_dimension_numbers {dims!r}") from e
-    dot = Dot(
-        (tuple(contract_l), tuple(contract_r)),
-        (tuple(batch_l), tuple(batch_r)),
-        eqn.params.get("precision"),
-        eqn.params.get("preferred_element_type"),
-    )
     return RaggedDot(dot, tuple(lhs_ragged), tuple(rhs_group), eqn.params.get("group_offset"))
 
 
 def dot(eqn: Any) -> Dot:
     """The view of a ``dot_general`` equation."""
-    (dims,) = _get(eqn, "dimension_numbers")
-    (contract_l, contract_r), (batch_l, batch_r) = dims
+    return _dot(eqn, _get(eqn, "dimension_numbers")[0])
+
+
+def _dot(eqn: Any, dimension_numbers: Any) -> Dot:
+    (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
     return Dot(
         (tuple(contract_l), tuple(contract_r)),
         (tuple(batch_l), tuple(batch_r)),
@@ -396,7 +413,10 @@ def split(eqn: Any) -> Split:
 
 def bind(eqn: Any, operands: Sequence[Any]) -> Any:
     """Binds ``eqn``'s primitive with its own parameters to other operands."""
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    # jax >= 0.10 returns the parameters alone; older versions (subfuns, parameters).
-    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    return eqn.primitive.bind(*subfuns, *operands, **params)
+    return eqn.primitive.bind(*operands, **eqn.primitive.get_bind_params(eqn.params))
+
+
+def bind_results(eqn: Any, operands: Sequence[Any]) -> list[Any]:
+    """`bind`'s results as a list, whether the primitive has one result or several."""
+    out = bind(eqn, operands)
+    return list(out) if eqn.primitive.multiple_results else [out]

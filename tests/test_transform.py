@@ -864,3 +864,46 @@ def test_fn_is_traced_once_per_input_shapes_and_dtypes():
     assert len(calls) == 4
     jax.jit(apply)(weight, X())  # jit traces the wrapper with the same shapes: cached
     assert len(calls) == 4
+
+
+# ----- the registry of rules ----------------------------------------------------------
+
+
+def test_the_registry_has_a_rule_for_each_primitive_the_design_lists():
+    from jax.extend.core import primitives as prim
+
+    from lorax_lite.transform import RULES
+
+    listed = [
+        prim.dot_general_p, prim.conv_general_dilated_p, prim.gather_p,
+        prim.convert_element_type_p, prim.transpose_p, prim.reshape_p, prim.copy_p,
+        prim.squeeze_p, prim.rev_p, prim.broadcast_in_dim_p, prim.slice_p,
+        prim.dynamic_slice_p, prim.sharding_constraint_p, prim.device_put_p,
+        prim.jit_p, prim.closed_call_p, prim.remat_p, prim.custom_jvp_call_p,
+        prim.custom_vjp_call_p, prim.cond_p, prim.while_p, prim.scan_p,
+    ]  # fmt: skip
+    # Primitives with no public object, named as the equations JAX traces name them.
+    experts, sizes = jnp.ones((2, 5, 4)), jnp.array([1, 2])
+    unnamed = lambda x: (lax.ragged_dot(x, experts, sizes), jnp.split(x, [1], axis=0))
+    traced = {e.primitive.name for e in jax.make_jaxpr(unnamed)(X()).jaxpr.eqns}
+    assert {"ragged_dot_general", "split"} <= traced
+    missing = ({p.name for p in listed} | {"ragged_dot_general", "split"}) - set(RULES)
+    assert not missing, missing
+
+
+def test_a_primitive_without_a_rule_takes_the_materializing_fallback():
+    from jax.extend.core import Primitive
+
+    from lorax_lite.transform import RULES
+
+    double = Primitive("lorax_test_double")
+    double.def_impl(lambda x: 2 * x)
+    double.def_abstract_eval(lambda x: x)
+    assert double.name not in RULES
+    weight = lora_weight((5, 4))
+    fn = lambda w, x: x @ double.bind(w)
+    with pytest.warns(UserWarning, match=r"'lorax_test_double' has no low-rank rule.*args\[0\]"):
+        out = ll.lora(fn)(weight, X())
+    assert_trees_allclose(out, X() @ (2 * ll.merge(weight)))
+    with pytest.raises(ll.MaterializationError, match="'lorax_test_double'"):
+        ll.lora(fn, strict=True)(weight, X())

@@ -131,3 +131,17 @@ def test_an_unknown_higher_order_primitive_is_refused_not_skipped():
         views.regions(eqn.replace(primitive=mystery))
     dot = first(lambda x: x @ W[0], "dot_general", X)
     assert views.regions(dot) is None
+
+
+def test_region_inputs_are_the_operands_bound_with_scanned_ones_sliced():
+    eqn = first(scan_everything, "scan", W, X, GAINS)
+    (region,) = views.regions(eqn)
+    assert list(region.consts) == list(views.scan(eqn).body.consts)
+    inputs = region.inputs(eqn.invars, slice_one=lambda v: v.aval.shape[1:])
+    assert inputs[-2:] == [(5, 5), ()] and inputs[:-2] == eqn.invars[:-2]
+    fn = lambda x, n: lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, c[1] @ W[0]), (0, x))
+    eqn = first(fn, "while", X, 3)
+    cond_consts, body_consts, carry = views.while_loop(eqn).split(eqn.invars)
+    cond_region, body_region = views.regions(eqn)
+    assert cond_region.inputs(eqn.invars) == [*cond_consts, *carry]
+    assert body_region.inputs(eqn.invars) == [*body_consts, *carry]
