@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -602,21 +602,65 @@ def _listed(out: Any) -> list[Any] | None:
     return out if out is None or isinstance(out, list) else [out]
 
 
-def _product(op: Callable, *patterns: tuple[bool, ...], keyed: bool = True) -> Rule:
+def _product(
+    op: Callable, *patterns: tuple[bool, ...], keyed: bool = True, recompute: bool = True
+) -> Rule:
     """The rule of a product ``op(eqn, *operands[, key])`` whose LoRA operands sit as
-    one of ``patterns`` says; ``keyed``: each site draws its own dropout key."""
+    one of ``patterns`` says; ``keyed``: each site draws its own dropout key.
 
-    @_first_order
+    With a quantized operand and ``recompute``, the product runs under `jax.checkpoint`
+    with the codes as its inputs: the backward pass dequantizes the weight again instead
+    of keeping it in float as a residual (per layer, under a scan), so a quantized base
+    saves memory without the user's remat. ``recompute=False`` where the product's
+    derivative does not read the weight (a gather's).
+    """
+
     def rule(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
         lazy = _which_lazy(operands)
-        if lazy not in patterns:
+        if any(lazy) and lazy not in patterns:
             return None
-        if not keyed:
-            return _listed(op(eqn, *operands))
-        key = ctx.next_key() if operands[lazy.index(True)].dropout else None
-        return _listed(op(eqn, *operands, key))
+        dropout = keyed and any(lazy) and operands[lazy.index(True)].dropout
+        key = ctx.next_key() if dropout else None
+
+        def run(operands: list[Any]) -> list[Any]:
+            operands = [dequantized(x) for x in operands]
+            if not any(lazy):  # a plain quantized weight, now dequantized
+                return views.bind_results(eqn, operands)
+            return _listed(op(eqn, *operands, key) if keyed else op(eqn, *operands))
+
+        if not (recompute and any(map(_has_quantized, operands))):
+            return run(operands)
+        flat, rebuild = flatten_values(operands)
+        return jax.checkpoint(lambda flat: run(rebuild(flat)))(flat)
 
     return rule
+
+
+def _has_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedWeight) or (
+        isinstance(x, LoraValue) and isinstance(x.w, QuantizedWeight)
+    )
+
+
+def flatten_values(
+    values: Sequence[Any],
+) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
+    """LoRA values as ``(w, a, b, m)`` tuples (to pass through a traced function), and back."""
+    meta = [
+        v._replace(w=None, a=None, b=None, m=None) if isinstance(v, LoraValue) else None
+        for v in values
+    ]
+    flat = [(v.w, v.a, v.b, v.m) if m else v for v, m in zip(values, meta)]
+
+    def rebuild(arrays: Sequence[Any]) -> list[Any]:
+        return [rebuilt_value(m, x) if m else x for x, m in zip(arrays, meta)]
+
+    return flat, rebuild
+
+
+def rebuilt_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
+    """A LoRA value from its static part and its ``(w, a, b, m)`` arrays."""
+    return meta._replace(w=parts[0], a=parts[1], b=parts[2], m=parts[3])
 
 
 def _structural(op: Callable) -> Rule:
@@ -665,7 +709,7 @@ RULES: dict[str, Rule] = {
     prim.dot_general_p.name: _product(dot_general, (True, False), (False, True)),
     prim.conv_general_dilated_p.name: _product(conv, (False, True)),
     views.RAGGED_DOT: _product(ragged_dot, (False, True, False)),
-    prim.gather_p.name: _product(gather, (True, False), keyed=False),
+    prim.gather_p.name: _product(gather, (True, False), keyed=False, recompute=False),
     prim.convert_element_type_p.name: _structural(convert),
     prim.transpose_p.name: _structural(transpose),
     prim.reshape_p.name: _structural(reshape),

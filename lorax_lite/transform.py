@@ -211,25 +211,6 @@ def materialize(x: Any, use: str, ctx: Context) -> Any:
 # (a scan over layers slices a quantized stack layer by layer)
 
 
-def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
-    """LoRA values as ``(w, a, b, m)`` tuples (to pass through control flow), and back."""
-    meta = [
-        v._replace(w=None, a=None, b=None, m=None) if isinstance(v, LoraValue) else None
-        for v in values
-    ]
-    flat = [(v.w, v.a, v.b, v.m) if m else v for v, m in zip(values, meta)]
-
-    def rebuild(arrays: Sequence[Any]) -> list[Any]:
-        return [_rebuilt(m, x) if m else x for x, m in zip(arrays, meta)]
-
-    return flat, rebuild
-
-
-def _rebuilt(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
-    """A LoRA value from its static part and its ``(w, a, b, m)`` arrays."""
-    return meta._replace(w=parts[0], a=parts[1], b=parts[2], m=parts[3])
-
-
 def _dense_outputs(
     region: views.Region, inputs: Sequence[Any], ctx: Context, key: Any, use: str
 ) -> list[Any]:
@@ -248,7 +229,7 @@ def _call(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 def _remat(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """Keeps ``jax.checkpoint`` around the block, with the factors as its inputs."""
     view, (region,) = views.remat(eqn), views.regions(eqn)
-    flat, rebuild = _flatten(region.inputs(operands))
+    flat, rebuild = rules.flatten_values(region.inputs(operands))
     block = lambda flat, key: _dense_outputs(region, rebuild(flat), ctx, key, "remat output")
     remat = jax.checkpoint(block, prevent_cse=view.prevent_cse, policy=view.policy)
     return remat(flat, ctx.next_key())
@@ -269,7 +250,7 @@ def _custom_derivative(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]
     view, (region,) = views.custom(eqn), views.regions(eqn)
     inputs = region.inputs(operands)
     n_closed = view.n_closed if view.vjp else 0
-    closed, (flat, rebuild) = inputs[:n_closed], _flatten(inputs[n_closed:])
+    closed, (flat, rebuild) = inputs[:n_closed], rules.flatten_values(inputs[n_closed:])
     name = eqn.primitive.name
 
     def forward(flat):
@@ -319,7 +300,7 @@ def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 
     def body(carry, sliced):
         x_slices, step_key = sliced
-        x_vals = [_rebuilt(m, x) if m else x for x, m in zip(x_slices, metas)]
+        x_vals = [rules.rebuilt_value(m, x) if m else x for x, m in zip(x_slices, metas)]
         inputs = region.inputs([*consts, *carry, *x_vals])
         outs = _dense_outputs(region, inputs, ctx, step_key, "scan output")
         return outs[: len(init)], outs[len(init) :]
@@ -333,7 +314,7 @@ def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 def _cond(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """``lax.switch`` again (operand 0 picks the branch), the factors as operands."""
     branches = views.regions(eqn)
-    flat, rebuild = _flatten(branches[0].inputs(operands))
+    flat, rebuild = rules.flatten_values(branches[0].inputs(operands))
 
     def branch_fn(region):
         return lambda flat, key: _dense_outputs(region, rebuild(flat), ctx, key, "cond output")

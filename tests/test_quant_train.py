@@ -380,3 +380,38 @@ def test_vmap_train_step_over_a_quantized_base_equals_solo_training(kind):
         moved = trained.get(name)["mid"]["kernel"].b - trees[name]["mid"]["kernel"].b
         assert np.abs(moved).max() > 1e-3
     assert_trees_equal(host(state.frozen), host(adapters.frozen))
+
+
+# --- memory of the backward pass -----------------------------------------------------------
+
+
+def test_a_scanned_quantized_base_keeps_no_float_weight_per_layer_for_the_backward():
+    # Without remat, the gradient of ``x @ dequantize(q)`` would keep each layer's
+    # dequantized float weight as a residual; ll.lora recomputes it in the backward, so
+    # the compiled gradient's temporaries match those over a float base.
+    n_layers, d = 8, 512
+
+    def model(params, x):
+        def layer(h, w):
+            return jnp.tanh(h @ w), None
+
+        return (jax.lax.scan(layer, x, params["w"])[0] ** 2).sum()
+
+    key = jax.random.key(0)
+    params = {"w": jax.random.normal(key, (n_layers, d, d)) / np.sqrt(d)}
+    x = jnp.ones((32, d))
+    config = ll.LoraConfig(rank=4, alpha=8, targets=("w",))
+    tree = ll.init(params, config, key=key, fn=model, args=(x,))
+    apply = ll.lora(model)
+
+    def temp_bytes(tree):
+        trainable, frozen = ll.partition(tree)
+        grad = jax.grad(lambda t, f, x: apply(ll.combine(t, f), x))
+        analysis = jax.jit(grad).lower(trainable, frozen, x).compile().memory_analysis()
+        if analysis is None:
+            pytest.skip("this backend reports no memory analysis")
+        return analysis.temp_size_in_bytes
+
+    one_weight = d * d * 4
+    float_base, nf4_base = temp_bytes(tree), temp_bytes(ll.quantize(tree, kind="nf4", block=64))
+    assert nf4_base < float_base + n_layers * one_weight / 2, (nf4_base, float_base)
