@@ -21,7 +21,7 @@ from experiments.models.gpt import (
     make_config,
     random_params,
 )
-from tests.helpers import dense_reference
+from helpers import dense_reference
 
 
 def test_small_run_writes_a_sane_table_and_json(tmp_path):

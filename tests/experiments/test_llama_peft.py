@@ -233,7 +233,6 @@ def smollm2():
     return config, params, model, llama_gguf.encode(tokenizer, PROSE)[None]
 
 
-@pytest.mark.slow
 @needs_interop
 def test_smollm2_transformers_gives_our_logits(smollm2):
     config, params, model, ids = smollm2
@@ -243,14 +242,12 @@ def test_smollm2_transformers_gives_our_logits(smollm2):
     assert (np.asarray(ours).argmax(-1) == reference.argmax(-1)).mean() > 0.99
 
 
-@pytest.mark.slow
 @needs_interop
 def test_smollm2_exported_adapter_gives_our_logits_in_peft(smollm2, tmp_path):
     config, params, model, ids = smollm2
     check_exported_adapter_in_peft(tmp_path, config, params, model, ids[:, :64], std=0.02)
 
 
-@pytest.mark.slow
 @needs_interop
 def test_smollm2_adapter_trained_in_peft_imports(smollm2, tmp_path):
     config, params, model, ids = smollm2

@@ -19,11 +19,11 @@ from experiments import llm
 from experiments.data import rotten_tomatoes
 from experiments.models import llama_gguf
 from experiments.models.llama import forward
-from tests.helpers import randomize_b
+from helpers import randomize_b
 
 pytest.importorskip("gguf", reason="the gguf package writes the tiny GGUF file")
 pytest.importorskip("tokenizers", reason="the GGUF tokenizer is built with tokenizers")
-from tests.test_llama import write_tiny_gguf  # noqa: E402  (needs gguf)
+from test_llama import write_tiny_gguf  # noqa: E402  (needs gguf)
 
 
 @pytest.fixture(scope="module")
