@@ -10,12 +10,13 @@ import sys
 import time
 
 import checkpoint_worker as worker
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import assert_trees_equal, randomize_b
+from helpers import randomize_b
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_lite as ll
@@ -56,7 +57,9 @@ def test_round_trip_equals_the_original_tree(tmp_path):
     tree = lora_tree()
     ll.save_adapter(tmp_path / "adapter", tree, CONFIG, metadata={"task": "demo"})
     loaded = ll.load_adapter(tmp_path / "adapter", base_params())
-    assert_trees_equal(loaded, tree)  # structure includes scale, layout and dropout
+    chex.assert_trees_all_equal(
+        loaded, tree, strict=True
+    )  # structure includes scale, layout and dropout
     qkv = loaded["params"]["qkv"]["kernel"]
     assert qkv.rank == 3 and qkv.scale == pytest.approx(2.0) and qkv.w.dtype == jnp.bfloat16
     info = adapter_metadata(tmp_path / "adapter")
@@ -71,7 +74,7 @@ def test_loading_a_lora_tree_uses_its_base(tmp_path):
     tree = lora_tree()
     ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
     other = ll.init(base_params(), CONFIG, key=jax.random.key(9))  # other factors, same base
-    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", other), tree)
+    chex.assert_trees_all_equal(ll.load_adapter(tmp_path / "adapter", other), tree, strict=True)
 
 
 def test_size_on_disk_follows_the_adapter_not_the_base(tmp_path):
@@ -390,7 +393,7 @@ def test_a_failed_overwrite_keeps_the_old_adapter(tmp_path, monkeypatch, failure
         for part in ("metadata['lr']: numpy.float32 0.1", "metadata['steps'][1]: numpy.int64 2"):
             assert part in str(err.value)
         assert "metadata: key 3 (int) is not a string, as JSON keys are" in str(err.value)
-    assert_trees_equal(ll.load_adapter(path, base_params()), old)
+    chex.assert_trees_all_equal(ll.load_adapter(path, base_params()), old, strict=True)
     assert adapter_metadata(path)["user"] == {"version": 1}
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directory left behind
 
@@ -424,7 +427,9 @@ def _overwrite_in_a_subprocess(path, seed, kill_after=None, **kwargs):
 def _recovers_and_cleans_up(path):
     """The next overwrite succeeds and leaves no temporary sibling behind."""
     ll.save_adapter(path, worker.big_adapter(3), worker.BIG_CONFIG, overwrite=True)
-    assert_trees_equal(ll.load_adapter(path, worker.big_base()), worker.big_adapter(3))
+    chex.assert_trees_all_equal(
+        ll.load_adapter(path, worker.big_base()), worker.big_adapter(3), strict=True
+    )
     assert os.listdir(path.parent) == [path.name]
 
 
@@ -447,7 +452,9 @@ def test_sigkill_at_each_step_of_an_overwrite_leaves_a_complete_adapter(
     proc = _overwrite_in_a_subprocess(path, 2, kill_after)
     assert proc.wait(timeout=120) == -signal.SIGKILL
     assert sorted(os.listdir(tmp_path)) == sorted(left)
-    assert_trees_equal(ll.load_adapter(path, worker.big_base()), worker.big_adapter(survivor))
+    chex.assert_trees_all_equal(
+        ll.load_adapter(path, worker.big_base()), worker.big_adapter(survivor), strict=True
+    )
     assert adapter_metadata(path)["adapters"][0]["path"] == "dense_0/kernel"
     _recovers_and_cleans_up(path)
 
@@ -472,7 +479,7 @@ def test_sigkill_while_writing_an_overwrite_leaves_a_complete_adapter(tmp_path):
     loaded = ll.load_adapter(path, worker.big_base())
     factor = np.asarray(loaded["dense_0"]["kernel"].a)
     assert factor[0, 0] in (1, 2)
-    assert_trees_equal(loaded, worker.big_adapter(int(factor[0, 0])))
+    chex.assert_trees_all_equal(loaded, worker.big_adapter(int(factor[0, 0])), strict=True)
     _recovers_and_cleans_up(path)
 
 
@@ -554,7 +561,9 @@ def test_metadata_without_a_checksum_still_loads(tmp_path):
     tree = lora_tree()
     ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
     _edit_metadata(tmp_path / "adapter", _delete("sha256"))  # as written before the checksum
-    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", base_params()), tree)
+    chex.assert_trees_all_equal(
+        ll.load_adapter(tmp_path / "adapter", base_params()), tree, strict=True
+    )
 
 
 # Training checkpoints: the errors say what is wrong.

@@ -18,6 +18,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from helpers import randomize_b
 from safetensors.numpy import save_file
 
 import lorax_lite as ll
@@ -26,7 +27,6 @@ from experiments.data import package_dir, rotten_tomatoes
 from experiments.models import bert
 from lorax_lite.targets import named_leaves
 from lorax_lite.weight import is_lora_node
-from helpers import randomize_b
 
 DATA = pathlib.Path(__file__).parent / "data"
 TINY = bert.BertConfig(

@@ -12,6 +12,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import randomize_b
 from scipy.special import log_softmax
 
 import lorax_lite as ll
@@ -19,7 +20,6 @@ from experiments import llm
 from experiments.data import rotten_tomatoes
 from experiments.models import llama_gguf
 from experiments.models.llama import forward
-from helpers import randomize_b
 
 pytest.importorskip("gguf", reason="the gguf package writes the tiny GGUF file")
 pytest.importorskip("tokenizers", reason="the GGUF tokenizer is built with tokenizers")
