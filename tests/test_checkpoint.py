@@ -10,12 +10,13 @@ import sys
 import time
 
 import checkpoint_worker as worker
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import assert_trees_equal, randomize_b
+from helpers import randomize_b
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_lite as ll
@@ -58,7 +59,9 @@ def test_round_trip_equals_the_original_tree(tmp_path):
     tree = lora_tree()
     ll.save_adapter(tmp_path / "adapter", tree, CONFIG, metadata={"task": "demo"})
     loaded = ll.load_adapter(tmp_path / "adapter", base_params())
-    assert_trees_equal(loaded, tree)  # structure includes scale, layout and dropout
+    chex.assert_trees_all_equal(
+        loaded, tree, strict=True
+    )  # structure includes scale, layout and dropout
     qkv = loaded["params"]["qkv"]["kernel"]
     assert qkv.rank == 3 and qkv.scale == pytest.approx(2.0) and qkv.w.dtype == jnp.bfloat16
     info = adapter_metadata(tmp_path / "adapter")
@@ -73,7 +76,7 @@ def test_loading_a_lora_tree_uses_its_base(tmp_path):
     tree = lora_tree()
     ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
     other = ll.init(base_params(), CONFIG, key=jax.random.key(9))  # other factors, same base
-    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", other), tree)
+    chex.assert_trees_all_equal(ll.load_adapter(tmp_path / "adapter", other), tree, strict=True)
 
 
 def test_size_on_disk_follows_the_adapter_not_the_base(tmp_path):
@@ -392,7 +395,7 @@ def test_a_failed_overwrite_keeps_the_old_adapter(tmp_path, monkeypatch, failure
         for part in ("metadata['lr']: numpy.float32 0.1", "metadata['steps'][1]: numpy.int64 2"):
             assert part in str(err.value)
         assert "metadata: key 3 (int) is not a string, as JSON keys are" in str(err.value)
-    assert_trees_equal(ll.load_adapter(path, base_params()), old)
+    chex.assert_trees_all_equal(ll.load_adapter(path, base_params()), old, strict=True)
     assert adapter_metadata(path)["user"] == {"version": 1}
     assert sorted(os.listdir(tmp_path)) == ["adapter"]  # no temporary directory left behind
 
@@ -426,7 +429,9 @@ def _overwrite_in_a_subprocess(path, seed, kill_after=None, **kwargs):
 def _recovers_and_cleans_up(path):
     """The next overwrite succeeds and leaves no temporary sibling behind."""
     ll.save_adapter(path, worker.big_adapter(3), worker.BIG_CONFIG, overwrite=True)
-    assert_trees_equal(ll.load_adapter(path, worker.big_base()), worker.big_adapter(3))
+    chex.assert_trees_all_equal(
+        ll.load_adapter(path, worker.big_base()), worker.big_adapter(3), strict=True
+    )
     assert os.listdir(path.parent) == [path.name]
 
 
@@ -449,7 +454,9 @@ def test_sigkill_at_each_step_of_an_overwrite_leaves_a_complete_adapter(
     proc = _overwrite_in_a_subprocess(path, 2, kill_after)
     assert proc.wait(timeout=120) == -signal.SIGKILL
     assert sorted(os.listdir(tmp_path)) == sorted(left)
-    assert_trees_equal(ll.load_adapter(path, worker.big_base()), worker.big_adapter(survivor))
+    chex.assert_trees_all_equal(
+        ll.load_adapter(path, worker.big_base()), worker.big_adapter(survivor), strict=True
+    )
     assert adapter_metadata(path)["adapters"][0]["path"] == "dense_0/kernel"
     _recovers_and_cleans_up(path)
 
@@ -474,7 +481,7 @@ def test_sigkill_while_writing_an_overwrite_leaves_a_complete_adapter(tmp_path):
     loaded = ll.load_adapter(path, worker.big_base())
     factor = np.asarray(loaded["dense_0"]["kernel"].a)
     assert factor[0, 0] in (1, 2)
-    assert_trees_equal(loaded, worker.big_adapter(int(factor[0, 0])))
+    chex.assert_trees_all_equal(loaded, worker.big_adapter(int(factor[0, 0])), strict=True)
     _recovers_and_cleans_up(path)
 
 
@@ -556,7 +563,9 @@ def test_metadata_without_a_checksum_still_loads(tmp_path):
     tree = lora_tree()
     ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
     _edit_metadata(tmp_path / "adapter", _delete("sha256"))  # as written before the checksum
-    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", base_params()), tree)
+    chex.assert_trees_all_equal(
+        ll.load_adapter(tmp_path / "adapter", base_params()), tree, strict=True
+    )
 
 
 # Training checkpoints: the errors say what is wrong.
@@ -622,7 +631,9 @@ def test_a_partition_pair_or_a_train_state_saves_what_the_full_tree_saves(tmp_pa
     state = ll.TrainState(jnp.zeros((), jnp.int32), trainable, frozen, (), jax.random.key(3))
     for name, saved in [("full", tree), ("pair", (trainable, frozen)), ("state", state)]:
         ll.save_adapter(tmp_path / name, saved, CONFIG, metadata={"task": "demo"})
-        assert_trees_equal(ll.load_adapter(tmp_path / name, base_params()), tree)
+        chex.assert_trees_all_equal(
+            ll.load_adapter(tmp_path / name, base_params()), tree, strict=True
+        )
     full = adapter_metadata(tmp_path / "full")
     assert adapter_metadata(tmp_path / "pair") == full  # same fingerprint, entries, checksum
     assert adapter_metadata(tmp_path / "state") == full
@@ -636,7 +647,9 @@ def test_a_lora_tree_that_is_a_2_tuple_is_not_taken_for_a_pair(tmp_path):
     info = adapter_metadata(tmp_path / "towers")
     one = [e["path"] for e in adapter_metadata_of(tmp_path, lora_tree())["adapters"]]
     assert [e["path"] for e in info["adapters"]] == [f"{i}/{p}" for i in (0, 1) for p in one]
-    assert_trees_equal(ll.load_adapter(tmp_path / "towers", (base_params(), base_params())), towers)
+    chex.assert_trees_all_equal(
+        ll.load_adapter(tmp_path / "towers", (base_params(), base_params())), towers, strict=True
+    )
     ll.save_adapter(tmp_path / "towers_pair", ll.partition(towers), CONFIG)
     assert adapter_metadata(tmp_path / "towers_pair") == info
 

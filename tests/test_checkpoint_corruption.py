@@ -7,11 +7,12 @@ import pathlib
 import shutil
 import tempfile
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_equal, randomize_b
+from helpers import randomize_b
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -96,7 +97,9 @@ def loads_identically_or_raises_value_error(load, check):
 def load_adapter(directory, tree):
     loads_identically_or_raises_value_error(
         lambda: ll.load_adapter(directory, base_params()),
-        lambda loaded: assert_trees_equal(loaded, tree),  # scale, layout, dropout included
+        lambda loaded: chex.assert_trees_all_equal(
+            loaded, tree, strict=True
+        ),  # scale, layout, dropout included
     )
 
 
@@ -107,9 +110,10 @@ def restore_step(directory, _):
 
     def check(restored):
         as_data = lambda x: jax.random.key_data(x) if x.dtype == train_state()["key"].dtype else x
-        assert_trees_equal(
+        chex.assert_trees_all_equal(
             jax.tree_util.tree_map(as_data, restored.state),
             jax.tree_util.tree_map(as_data, train_state()),
+            strict=True,
         )
         assert (restored.step, restored.data) == (3, DATA)
 

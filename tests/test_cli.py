@@ -5,11 +5,12 @@ import os
 import pathlib
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_equal, dense_reference, randomize_b
+from helpers import dense_reference, randomize_b
 from safetensors.numpy import load_file, save_file
 
 import lorax_lite as ll
@@ -67,7 +68,7 @@ def test_merge_writes_the_merged_weights(files, capsys):
     np.testing.assert_array_equal(
         merged["params/head/bias"], np.asarray(tree["params"]["head"]["bias"].value)
     )
-    assert_trees_equal(unflatten(merged), ll.merge(tree))
+    chex.assert_trees_all_equal(unflatten(merged), ll.merge(tree), strict=True)
 
 
 def test_merge_refuses_another_base_unless_told(files, capsys):
@@ -96,7 +97,7 @@ def test_export_peft_with_a_name_map_and_inspect_it(files, capsys):
     assert tensors["base_model.model.encoder.q.lora_A.weight"].shape == (2, 8)
     assert tensors["base_model.model.encoder.v.lora_B.weight"].shape == (4, 2)
     jax_base = jax.tree_util.tree_map(jnp.asarray, base_params())
-    assert_trees_equal(ll.from_peft(tmp_path / "peft", jax_base, names), tree)
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path / "peft", jax_base, names), tree, strict=True)
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "peft")]) == 0
     out = capsys.readouterr().out
@@ -157,7 +158,9 @@ def test_merge_never_writes_into_its_adapter(files, capsys):
     assert main(_merge_args(tmp_path, tmp_path / "adapter" / "merged.safetensors")) == 2
     assert "would overwrite the input --adapter" in capsys.readouterr().err
     assert _snapshot(tmp_path) == before
-    assert_trees_equal(ll.load_adapter(tmp_path / "adapter", base_params()), tree)
+    chex.assert_trees_all_equal(
+        ll.load_adapter(tmp_path / "adapter", base_params()), tree, strict=True
+    )
 
 
 @pytest.mark.parametrize("out", ["adapter", "adapter/adapter", "names"])

@@ -6,10 +6,10 @@ import socket
 import subprocess
 import sys
 
+import chex
 import jax
 import numpy as np
 import train_worker as worker
-from helpers import assert_trees_allclose
 
 import lorax_lite as ll
 from lorax_lite import distributed
@@ -59,7 +59,7 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
     start, state, losses = single_process_run()
     expected = {**worker.trainable_arrays(state), "losses": losses}
     for out in outs:  # each process's copy of the adapters, and the losses fit recorded
-        assert_trees_allclose(dict(np.load(out)), expected, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(dict(np.load(out)), expected, rtol=1e-5, atol=1e-6)
     # Only process 0 shows the progress bar and logs warnings.
     assert "two-process" in results[0][1] and "ran out after 0 of 1" in results[0][1]
     assert "two-process" not in results[1][1] and "ran out" not in results[1][1]
@@ -69,12 +69,12 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
         assert f"saved {shared / 'adapter'}" in out
     assert sorted(p.name for p in shared.iterdir()) == ["adapter", "ckpt"]
     loaded = ll.load_adapter(shared / "adapter", worker.lora_tree())  # the base fingerprint too
-    assert_trees_allclose(loaded, state.tree, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(loaded, state.tree, rtol=1e-5, atol=1e-6)
     with ll.TrainCheckpointer(shared / "ckpt") as ckpt:
         assert ckpt.all_steps() == [worker.STEPS]
         restored = ckpt.restore(start)
     assert restored.data == {"position": worker.STEPS} and int(restored.state.step) == worker.STEPS
-    assert_trees_allclose(
+    chex.assert_trees_all_close(
         (restored.state.trainable, restored.state.opt_state),
         (state.trainable, state.opt_state),
         rtol=1e-5,

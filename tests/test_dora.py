@@ -7,7 +7,6 @@ reference that forms ``V`` densely (and, for ``detach_norm``, stops its gradient
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import re
 
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import UniqueShapes, normal, producers_of_shape
 from jax import lax
 from safetensors.numpy import load_file, save_file
 
@@ -26,10 +26,6 @@ from lorax_lite.weight import column_norm, factored_norm
 
 STACKED = ll.Layout((0,), (1,), (2,))
 DETACH = pytest.mark.parametrize("detach", [True, False], ids=["detached", "through-norm"])
-
-
-def normal(shape, seed=0, scale=1.0):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
 
 
 def _conv(w, x):
@@ -337,12 +333,6 @@ def test_slicing_fan_in_falls_back_to_the_dense_weight():
 # ----- nothing of the weight's shape in the compiled gradient -------------------------
 
 
-def producers_of_shape(hlo, shape, ops):
-    shapes = "|".join(",".join(map(str, d)) for d in set(itertools.permutations(shape)))
-    pattern = re.compile(rf"= [a-z0-9]+\[({shapes})\](\{{[^}}]*\}})? ({'|'.join(ops)})\(")
-    return [line.strip() for line in hlo.splitlines() if pattern.search(line)]
-
-
 def weight_buffers(hlo: str, shape: tuple[int, ...]) -> list[str]:
     """The arrays of ``shape`` (any axis order) that the compiled step stores: results
     of its entry computation's instructions other than parameters (values inside a
@@ -369,13 +359,7 @@ def test_compiled_gradient_forms_no_dense_weight(detach):
     tiny ones, such as (48, 80), and at every size on jax 0.10, it writes the square of
     the frozen ``w`` out first: one more buffer of the frozen weight alone.)"""
 
-    class UniqueShapes(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            h = jnp.tanh(nn.Dense(1040, name="up")(x))
-            return nn.Conv(13, (3,), name="conv")(h)
-
-    module, x = UniqueShapes(), normal((4, 5, 272), 300)
+    module, x = UniqueShapes(1040), normal((4, 5, 272), 300)
     params = module.init(jax.random.key(0), x)
     apply = ll.lora(module.apply, strict=True)
 

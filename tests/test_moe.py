@@ -7,18 +7,17 @@ group sizes. Checked against the merged per-expert weights in float64 numpy.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_allclose, dense_reference, randomize_b
+from helpers import JIT, dense_reference, normal, producers_of_shape, randomize_b, train_step_hlo
 from jax import lax
-from test_transform import producers_of_shape, train_step_hlo
 
 import lorax_lite as ll
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 N_EXPERTS, D_MODEL, D_HIDDEN, N_TOKENS = 3, 5, 7, 12
 EXPERTS = ll.Layout((0,), (1,), (2,))
 
@@ -37,10 +36,6 @@ class MoE(nn.Module):
         h = jnp.tanh(lax.ragged_dot(x[order], up, sizes))
         y = lax.ragged_dot(h, down, sizes)
         return jnp.zeros_like(y).at[order].set(y)
-
-
-def normal(shape, seed):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 X = normal((N_TOKENS, D_MODEL), 1)
@@ -148,7 +143,7 @@ def test_gradients_equal_the_float64_formula_with_empty_groups(sizes, jit):
         want_b[e] = scale * (xs[rows] @ a[e]).T @ cs[rows]
         want_x[rows] = cs[rows] @ merged[e].T
         start += n
-    assert_trees_allclose(
+    chex.assert_trees_all_close(
         (value, ga, gb, gx), (want_y, want_a, want_b, want_x), rtol=1e-5, atol=1e-5
     )
     empty = np.asarray(sizes) == 0
@@ -172,7 +167,7 @@ def test_model_gradients_equal_those_through_the_merged_experts(tree):
         return jnp.sum(MoE().apply(params, X) ** 2)
 
     grads = jax.grad(lora_loss)(trainable)
-    assert_trees_allclose(grads, jax.grad(merged_loss)(trainable), rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(grads, jax.grad(merged_loss)(trainable), rtol=1e-4, atol=1e-6)
     assert all(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(grads))
 
 

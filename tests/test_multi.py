@@ -4,46 +4,21 @@ import functools
 import re
 import warnings
 
-import flax.linen as nn
+import chex
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_allclose, assert_trees_equal, dense_reference, randomize_b
+from helpers import JIT, MLP, Stacked, dense_reference, randomize_b
 
 import lorax_lite as ll
 from lorax_lite.targets import named_leaves
 from lorax_lite.weight import is_lora_node
 
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.tanh(nn.Dense(24, name="fc1")(x))
-        return nn.Dense(6, name="fc2")(x)
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return jnp.tanh(nn.Dense(10, name="fc")(x)), None
-
-
-class Stacked(nn.Module):
-    """Three scanned layers: every kernel has a leading layer (stacked) axis."""
-
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return scan(name="layers")(x, None)[0]
-
-
 X = jnp.asarray(np.random.default_rng(0).normal(size=(7, 10)), jnp.float32)
-MODELS = {"mlp": MLP(), "stacked": Stacked()}
+MODELS = {"mlp": MLP((24, 6), ("fc1", "fc2")), "stacked": Stacked(10)}
 PARAMS = {name: m.init(jax.random.key(0), X) for name, m in MODELS.items()}
 
 
@@ -90,7 +65,7 @@ def test_padding_warns_records_and_get_returns_the_original_bits():
     }
     assert adapters.ranks == ((2, 2), (4, 4))
     for name, tree in trees.items():
-        assert_trees_equal(adapters.get(name), tree)
+        chex.assert_trees_all_equal(adapters.get(name), tree, strict=True)
 
 
 def test_padded_and_rescaled_selection_keeps_outputs_exact():
@@ -100,7 +75,7 @@ def test_padded_and_rescaled_selection_keeps_outputs_exact():
         selected = adapters.select(name)
         assert lora_nodes(selected)[0].rank == 4  # padded
         expected = apply(tree, X)
-        assert_trees_allclose(apply(selected, X), expected, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(apply(selected, X), expected, rtol=1e-6, atol=1e-7)
         # The dense weights agree too (float64 reference of the original adapter).
         for got, want in zip(lora_nodes(selected), lora_nodes(tree)):
             np.testing.assert_allclose(dense_reference(got), dense_reference(want), atol=1e-6)
@@ -111,7 +86,7 @@ def test_not_adapted_leaf_gets_zero_factors_and_comes_back_plain():
     c = adapters.select("c")["params"]["fc2"]["kernel"]
     assert not np.asarray(c.b).any()
     assert adapters.padding["c"]["params/fc2/kernel"] == (0, 4)
-    assert_trees_equal(adapters.get("c"), trees["c"])
+    chex.assert_trees_all_equal(adapters.get("c"), trees["c"], strict=True)
 
 
 def test_add_and_remove_return_new_sets():
@@ -125,7 +100,7 @@ def test_add_and_remove_return_new_sets():
     assert smaller.names == ("a", "c")
     assert smaller.ranks == ((2, 2), (3, 0))
     for name in ("a", "c"):
-        assert_trees_equal(smaller.get(name), trees[name])
+        chex.assert_trees_all_equal(smaller.get(name), trees[name], strict=True)
     with pytest.raises(ValueError, match="already in the set"):
         adapters.add("a", extra)
     with pytest.raises(KeyError, match=r"no adapter named 'z'.*\['a', 'b', 'c'\]"):
@@ -139,11 +114,11 @@ def test_base_and_index_minus_one_are_the_base_model(jit):
     adapters, _ = mixed_set("mlp")
     model = MODELS["mlp"]
     expected = model.apply(PARAMS["mlp"], X)
-    assert_trees_equal(adapters.base(), PARAMS["mlp"])
+    chex.assert_trees_all_equal(adapters.base(), PARAMS["mlp"], strict=True)
     fn = lambda s, i, x: ll.lora(model.apply)(s.select(i), x)
     fn = jax.jit(fn) if jit else fn
-    assert_trees_allclose(fn(adapters, jnp.int32(-1), X), expected, rtol=1e-6, atol=1e-7)
-    assert_trees_allclose(fn(adapters, -1, X), expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(fn(adapters, jnp.int32(-1), X), expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(fn(adapters, -1, X), expected, rtol=1e-6, atol=1e-7)
     with pytest.raises(IndexError, match=r"outside \[-1, 3\)"):
         adapters.select(3)
 
@@ -160,7 +135,7 @@ def test_switching_same_shape_adapters_does_not_recompile():
 
     for name in ("a", "b", "c", "a"):
         out = forward(adapters, jnp.int32(adapters.index(name)), X)
-        assert_trees_allclose(out, apply(trees[name], X), rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_close(out, apply(trees[name], X), rtol=1e-6, atol=1e-7)
     forward(adapters, jnp.int32(-1), X)
     retrained = adapters.with_trainable(jax.tree_util.tree_map(lambda x: x + 1, adapters.stacked))
     forward(retrained, jnp.int32(1), X)
@@ -182,7 +157,7 @@ def test_structure_and_layout_problems_are_listed():
     with pytest.raises(ValueError, match=r"params/fc1/kernel: no base weight"):
         ll.AdapterSet.from_trees({"a": trainable})
     ok = ll.AdapterSet.from_trees({"a": trainable}, base=PARAMS["mlp"])
-    assert_trees_equal(ok.get("a"), mlp)
+    chex.assert_trees_all_equal(ok.get("a"), mlp, strict=True)
 
 
 def test_adapters_of_another_base_are_refused():
@@ -294,8 +269,11 @@ def test_cat_is_the_exact_weighted_sum_of_deltas(model):
     )
     dense = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), dense)
     stacked_forward = ll.lora(MODELS[model].apply, strict=True)  # strict: nothing merged
-    assert_trees_allclose(
-        stacked_forward(combined.tree, X), MODELS[model].apply(dense, X), rtol=1e-5
+    chex.assert_trees_all_close(
+        stacked_forward(combined.tree, X),
+        MODELS[model].apply(dense, X),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -361,8 +339,11 @@ def test_selected_and_combined_adapters_merge_for_export():
         np.testing.assert_allclose(leaf, dense_reference(node), atol=1e-6)
     combined = ll.combine_adapters(adapters, {"a": 0.5, "c": 0.5}, method="svd").tree
     model = MODELS["mlp"]
-    assert_trees_allclose(
-        model.apply(ll.merge(combined), X), ll.lora(model.apply)(combined, X), rtol=1e-5
+    chex.assert_trees_all_close(
+        model.apply(ll.merge(combined), X),
+        ll.lora(model.apply)(combined, X),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -510,7 +491,7 @@ def test_vmapped_training_equals_separate_trainings(batch_axis):
         for batch in batches:
             alone, alone_metrics = SINGLE.step(alone, pick(batch, i))
         np.testing.assert_allclose(metrics["loss"][i], alone_metrics["loss"], rtol=1e-5)
-        assert_trees_allclose(trained.get(name), alone.tree, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(trained.get(name), alone.tree, rtol=1e-5, atol=1e-6)
         moved = lora_nodes(trained.get(name))[0].b - lora_nodes(trees[name])[0].b
         assert np.abs(moved).max() > 1e-3  # it trained
 

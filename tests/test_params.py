@@ -4,13 +4,14 @@ import dataclasses
 import logging
 import math
 
+import chex
 import flax.linen as nn
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_allclose, assert_trees_equal, dense_reference, randomize_b
+from helpers import JIT, MLP, Stacked, dense_reference, randomize_b
 from hypothesis import given, settings
 
 import lorax_lite as ll
@@ -18,19 +19,10 @@ from lorax_lite.targets import named_leaves
 from lorax_lite.weight import is_lora_node
 
 KEY = jax.random.key(0)
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 
 
 def maybe_jit(fn, jit):
     return jax.jit(fn) if jit else fn
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(16, name="fc1")(x))
-        x = nn.relu(nn.Dense(16, name="fc2")(x))
-        return nn.Dense(2, name="head")(x)
 
 
 class Mixed(nn.Module):
@@ -43,19 +35,6 @@ class Mixed(nn.Module):
         h = nn.DenseGeneral(8, axis=(-2, -1), name="out")(q)  # kernel (heads, head_dim, out)
         h = nn.relu(nn.Conv(8, (3,), name="conv")(h))  # kernel (width, in, out)
         return nn.Dense(3, name="head")(h)
-
-
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return jnp.tanh(nn.Dense(8, name="fc")(x)), None
-
-
-class Stacked(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return scan(name="layers")(x, None)[0]
 
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8)), jnp.float32)
@@ -73,7 +52,8 @@ def numpy_init(model, *args, seed=0):
 
 @pytest.fixture(scope="module")
 def mlp():
-    return MLP(), numpy_init(MLP(), X)
+    model = MLP((16, 16, 2), ("fc1", "fc2", "head"), nn.relu)
+    return model, numpy_init(model, X)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +63,7 @@ def mixed():
 
 @pytest.fixture(scope="module")
 def stacked():
-    return Stacked(), numpy_init(Stacked(), X)
+    return Stacked(8), numpy_init(Stacked(8), X)
 
 
 def to_dtype(tree, dtype):
@@ -135,7 +115,7 @@ def test_zero_change_at_init_linen(mlp, mixed, dtype):
         lp = ll.init(params, config, key=KEY, fn=model.apply, args=(x,))
         assert len(lora_nodes(lp)) == len(targets)
         merged = ll.merge(lp)
-        assert_trees_equal(merged, params)
+        chex.assert_trees_all_equal(merged, params, strict=True)
         apply = jax.jit(model.apply)
         np.testing.assert_array_equal(apply(merged, x), apply(params, x))
 
@@ -279,7 +259,7 @@ def test_unmerge_gives_back_the_base_bit_for_bit(mixed, dtype, source):
     for path, node in lora_nodes(lp).items():  # control: merging changed every base
         assert np.any(np.asarray(merged_leaves[path]) != np.asarray(node.w)), path
     restored = ll.unmerge(merged, lp if source == "tree" else ll.partition(lp)[0])
-    assert_trees_equal(restored, lp)
+    chex.assert_trees_all_equal(restored, lp, strict=True)
 
 
 def test_unmerge_from_trainable_partition_recovers_base(mixed):
@@ -289,7 +269,7 @@ def test_unmerge_from_trainable_partition_recovers_base(mixed):
     trainable, _ = ll.partition(lp)
     restored = ll.unmerge(ll.merge(lp), trainable)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(lp)
-    assert_trees_allclose(restored, lp, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(restored, lp, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- init choices
@@ -571,8 +551,8 @@ def count_nodes(tree):
 @given(tree=TREES)
 def test_partition_combine_round_trip(tree):
     trainable, frozen = ll.partition(tree)
-    assert_trees_equal(ll.combine(trainable, frozen), tree)
-    assert_trees_equal(ll.combine(frozen, trainable), tree)
+    chex.assert_trees_all_equal(ll.combine(trainable, frozen), tree, strict=True)
+    chex.assert_trees_all_equal(ll.combine(frozen, trainable), tree, strict=True)
     n_lora, n_train, n_plain = count_nodes(tree)
     flat = jax.tree_util.tree_flatten_with_path(trainable)[0]
     names = [jax.tree_util.keystr(path).rsplit(".", 1)[-1] for path, _ in flat]
@@ -588,6 +568,6 @@ def test_partition_combine_under_jit(mixed, jit):
     config = ll.LoraConfig(rank=2, targets=MIXED_TARGETS[1:], train=("emb",), bias="all")
     lp = ll.init(params, config, key=KEY, fn=model.apply, args=(IDS,))
     trainable, frozen = maybe_jit(ll.partition, jit)(lp)
-    assert_trees_equal(maybe_jit(ll.combine, jit)(trainable, frozen), lp)
+    chex.assert_trees_all_equal(maybe_jit(ll.combine, jit)(trainable, frozen), lp, strict=True)
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     assert n_trainable == ll.count(lp)["trainable"]

@@ -6,13 +6,14 @@ import importlib.util
 import json
 import pathlib
 
+import chex
 import flax.linen as nn
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_trees_allclose, assert_trees_equal, randomize_b
+from helpers import randomize_b
 from hypothesis import HealthCheck, given, settings
 from safetensors.numpy import load_file, save_file
 
@@ -70,7 +71,7 @@ def test_round_trip_equals_the_original(tmp_path, rslora):
     config = ll.LoraConfig(**{**CONFIG.to_dict(), "use_rslora": rslora})
     tree = lora_tree(config)
     ll.to_peft(tmp_path, tree, config, NAMES)
-    assert_trees_equal(ll.from_peft(tmp_path, base_params(), NAMES), tree)
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path, base_params(), NAMES), tree, strict=True)
 
 
 def test_keys_shapes_and_values_are_peft_s(tmp_path):
@@ -125,7 +126,12 @@ def test_callable_name_map_and_default_name_map(tmp_path):
     ll.to_peft(tmp_path, tree, config, default_name_map)
     keys = set(load_file(tmp_path / WEIGHTS))
     assert "base_model.model.layer_0.query.lora_A.weight" in keys
-    assert_trees_allclose(ll.from_peft(tmp_path, base_params(), default_name_map), tree)
+    chex.assert_trees_all_close(
+        ll.from_peft(tmp_path, base_params(), default_name_map),
+        tree,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_layouts_peft_cannot_express_and_unmapped_leaves_raise(tmp_path):
@@ -221,7 +227,7 @@ def test_experiments_bert_name_map_gives_peft_s_bert_module_names(tmp_path):
     assert {k: v.shape for k, v in tensors.items()} == expected
     peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert peft_config["target_modules"] == sorted(modules)
-    assert_trees_equal(ll.from_peft(tmp_path, params, peft_name_map()), tree)
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path, params, peft_name_map()), tree, strict=True)
 
 
 INTEROP = all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft"))
@@ -586,7 +592,9 @@ def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         ll.to_peft(tmp_path, lora_tree(ll.LoraConfig(rank=1, targets="query")), CONFIG, NAMES)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file
-    assert_trees_equal(ll.from_peft(tmp_path, base_params(), NAMES), lora_tree())
+    chex.assert_trees_all_equal(
+        ll.from_peft(tmp_path, base_params(), NAMES), lora_tree(), strict=True
+    )
 
 
 # ---------------------------------------------------------------- scanned (stacked) layers
@@ -647,7 +655,7 @@ def test_scanned_layers_round_trip_bit_exactly_through_per_layer_modules(tmp_pat
     assert up.layout.stack == (0,) and up.a.shape == (3, 8, 2)  # init saw the scan
     ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
     back = ll.from_peft(tmp_path, params, SCAN_NAMES)
-    assert_trees_equal(back, tree)
+    chex.assert_trees_all_equal(back, tree, strict=True)
     assert back["params"]["layers"]["up"]["kernel"].layout == up.layout
     apply = jax.jit(ll.lora(Scanned().apply))
     np.testing.assert_array_equal(np.asarray(apply(back, SCAN_X)), np.asarray(apply(tree, SCAN_X)))
@@ -688,7 +696,7 @@ def test_dora_adapters_of_scanned_layers_round_trip_bit_exactly_with_m_per_layer
             np.testing.assert_array_equal(vector, m[i])
     assert sum(k.endswith(magnitude) for k in tensors) == 7
     back = ll.from_peft(tmp_path, params, SCAN_NAMES)
-    assert_trees_equal(back, tree)  # m included: DoRA nodes flatten it
+    chex.assert_trees_all_equal(back, tree, strict=True)  # m included: DoRA nodes flatten it
     assert back["params"]["layers"]["up"]["kernel"].m.shape == (3, 12)
     apply = jax.jit(ll.lora(Scanned().apply))
     np.testing.assert_array_equal(np.asarray(apply(back, SCAN_X)), np.asarray(apply(tree, SCAN_X)))
@@ -739,7 +747,7 @@ def test_a_callable_name_map_may_return_layer_templates(tmp_path):
     params, tree = scanned_tree()
     names = lambda path: SCAN_NAMES[path.rpartition("/")[0]]  # KeyError: not mapped
     ll.to_peft(tmp_path, tree, SCAN_CONFIG, names)
-    assert_trees_equal(ll.from_peft(tmp_path, params, names), tree)
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path, params, names), tree, strict=True)
 
 
 def drop_layer(tensors, module):
@@ -789,7 +797,7 @@ def test_from_peft_names_the_layer_whose_rank_or_alpha_differs(tmp_path):
     # The same per-layer patterns, equal across the layers, read back as one stack.
     alphas = lambda c: {**c, "alpha_pattern": {rf"layers\.{i}\.up": 6 for i in range(3)}}
     edit_peft(tmp_path, config=alphas)
-    assert_trees_equal(ll.from_peft(tmp_path, params, SCAN_NAMES), tree)
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path, params, SCAN_NAMES), tree, strict=True)
 
 
 def test_from_peft_refuses_a_stack_of_adapters_and_trained_weights(tmp_path):
@@ -829,4 +837,6 @@ def test_the_command_line_exports_scanned_layers_with_a_json_template_map(tmp_pa
     (tmp_path / "names.json").write_text(json.dumps(SCAN_NAMES))
     args = ["export-peft", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "peft")]
     assert main([*args, "--name-map", str(tmp_path / "names.json")]) == 0
-    assert_trees_equal(ll.from_peft(tmp_path / "peft", params, SCAN_NAMES), tree)
+    chex.assert_trees_all_equal(
+        ll.from_peft(tmp_path / "peft", params, SCAN_NAMES), tree, strict=True
+    )

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import dense_reference
-from test_transform import IDS, SEQ, Block, ScanModel
+from helpers import IDS, SEQ, Block, ScanModel, dense_reference
 
 import lorax_lite as ll
 from lorax_lite.decompose import randomized_svd, residual_init

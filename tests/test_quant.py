@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import normal
 from jax import lax
 from scipy.stats import norm
 
@@ -17,10 +18,6 @@ from lorax_lite.quant import KINDS, NF4_CODE, from_gguf, quantize_array
 
 RNG = np.random.default_rng(0)
 STACKED = ll.Layout((0,), (1,), (2,))
-
-
-def normal(shape, seed=0, scale=1.0):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
 
 
 def heavy_tailed(shape, seed=0):

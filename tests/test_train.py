@@ -5,13 +5,13 @@ FSDP memory and fit."""
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import train_worker as worker
-from helpers import assert_trees_allclose, assert_trees_equal
 
 import lorax_lite as ll
 
@@ -130,11 +130,11 @@ def test_one_step_is_the_dense_gradient_step(remat, wrapped):
     plain = ll.train_step(worker.loss_fn, tx).step.lower(state, worker.batch(0)).as_text()
     state, metrics = step(state, worker.batch(0))
     expected, grads = dense_sgd_step(lora_tree(), worker.batch(0), 0.5)
-    assert_trees_allclose(factors(state.trainable), expected)
+    chex.assert_trees_all_close(factors(state.trainable), expected, rtol=1e-5, atol=1e-6)
     # The global norm in float64 (optax.global_norm is deprecated).
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
     np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
-    assert_trees_equal(state.frozen, ll.partition(lora_tree())[1])
+    chex.assert_trees_all_equal(state.frozen, ll.partition(lora_tree())[1], strict=True)
     assert int(state.step) == 1
     np.testing.assert_allclose(metrics["loss"], eval_loss(lora_tree(), worker.batch(0)))
     # remat: the backward pass recomputes the forward behind optimization barriers of its
@@ -147,10 +147,10 @@ def test_one_step_is_the_dense_gradient_step(remat, wrapped):
 def test_every_step_kind_gives_the_same_adapters(kind, reference):
     trainable, frozen, losses, traces = run(kind)
     ref_trainable, _, ref_losses, _ = reference
-    assert_trees_allclose(trainable, ref_trainable, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(trainable, ref_trainable, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     # The base stays bit-identical, and the second step did not trace again.
-    assert_trees_equal(frozen, host(ll.partition(lora_tree())[1]))
+    chex.assert_trees_all_equal(frozen, host(ll.partition(lora_tree())[1]), strict=True)
     assert traces == 1
 
 
@@ -354,7 +354,7 @@ def test_cast_base_keeps_adapters_and_optimizer_in_float32_and_trains():
     assert {x.dtype for x in float_leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {
         jnp.dtype(jnp.float32)
     }
-    assert_trees_equal(state.frozen, ll.partition(tree)[1])
+    chex.assert_trees_all_equal(state.frozen, ll.partition(tree)[1], strict=True)
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0]
     # The bf16 base really is what the model used: its loss differs from the float32 one.
     f32 = eval_loss(lora_tree(), worker.batch(0))
@@ -374,8 +374,10 @@ def test_replicate_unreplicate_and_shard_batch():
     replicated = ll.replicate(tree)
     assert replicated["w"].shape == (8, 2, 3)
     assert len({s.device for s in replicated["w"].addressable_shards}) == 8
-    assert_trees_equal(
-        jax.random.key_data(ll.unreplicate(replicated)["key"]), jax.random.key_data(tree["key"])
+    chex.assert_trees_all_equal(
+        jax.random.key_data(ll.unreplicate(replicated)["key"]),
+        jax.random.key_data(tree["key"]),
+        strict=True,
     )
     np.testing.assert_array_equal(ll.unreplicate(replicated)["w"], tree["w"])
     x = np.arange(16).reshape(8, 2)
@@ -421,7 +423,7 @@ def test_every_step_kind_reports_and_skips_a_nonfinite_batch(kind):
     state, metrics = step(state, bad_batch(1, kind))
     assert bool(metrics["nonfinite"]) and bool(metrics["skipped"])
     assert not np.isfinite(float(metrics["loss"]))
-    assert_trees_equal(trained_parts(kind, state), before)
+    chex.assert_trees_all_equal(trained_parts(kind, state), before, strict=True)
     assert int(np.asarray(state.step).reshape(-1)[0]) == 2  # the step itself is counted
     state, metrics = step(state, host_batch(kind, 2))
     assert not bool(metrics["nonfinite"]) and not bool(metrics["skipped"])
@@ -429,7 +431,9 @@ def test_every_step_kind_reports_and_skips_a_nonfinite_batch(kind):
     expected = init(lora_tree(), jax.random.key(1))
     for i in (0, 2):
         expected, _ = step(expected, host_batch(kind, i))
-    assert_trees_equal(trained_parts(kind, state), trained_parts(kind, expected))
+    chex.assert_trees_all_equal(
+        trained_parts(kind, state), trained_parts(kind, expected), strict=True
+    )
 
 
 def test_without_skipping_a_nonfinite_batch_is_reported_and_applied():
@@ -488,7 +492,7 @@ def test_fit_skips_nonfinite_steps_and_counts_them(caplog):
     )
     clean = [batches[i] for i in (0, 2, 4)]
     expected, _ = ll.fit(step, init(lora_tree(), jax.random.key(1)), clean, steps=3)
-    assert_trees_equal(host(state.trainable), host(expected.trainable))
+    chex.assert_trees_all_equal(host(state.trainable), host(expected.trainable), strict=True)
 
 
 def test_fit_stops_after_too_many_nonfinite_steps_in_a_row():
@@ -505,7 +509,7 @@ def test_fit_stops_after_too_many_nonfinite_steps_in_a_row():
     assert int(err.value.state.step) == 4 and len(err.value.history) == 4
     fresh = lambda: init(lora_tree(), jax.random.key(1))  # steps donate the state
     first, _ = step(fresh(), worker.batch(0))
-    assert_trees_equal(host(err.value.state.trainable), host(first.trainable))
+    chex.assert_trees_all_equal(host(err.value.state.trainable), host(first.trainable), strict=True)
     # A finite step ends a run; None never stops.
     mixed = [bad_batch(1), bad_batch(2), worker.batch(3), bad_batch(4), bad_batch(5)]
     _, history = ll.fit(step, fresh(), mixed, steps=5, max_consecutive_nonfinite=3)

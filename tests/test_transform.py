@@ -8,17 +8,28 @@ leaves) with the same function of the merged weights, ``fn(ll.merge(tree))``.
 
 from __future__ import annotations
 
-import itertools
 import re
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_trees_allclose
+from helpers import (
+    IDS,
+    SEQ,
+    Block,
+    ScanModel,
+    UniqueShapes,
+    assert_trees_close_at_scale,
+    normal,
+    producers_of_shape,
+    train_step_hlo,
+)
+from helpers import JIT as MODES
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -27,18 +38,12 @@ import lorax_lite as ll
 
 DENSE = ll.Layout.dense()
 STACKED = ll.Layout((0,), (1,), (2,))
-MODES = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-
-
-def normal(shape, seed, dtype=jnp.float32) -> jax.Array:
-    """Random data drawn with numpy, so that making test inputs compiles nothing."""
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
 
 
 def lora_weight(shape, layout=DENSE, *, rank=2, scale=0.7, seed=0, dtype=jnp.float32, dropout=0.0):
     """A LoraWeight with random w, A and B (B non-zero, so the adapter shows)."""
     a_shape, b_shape = layout.factor_shapes(shape, rank)
-    w, a, b = normal(shape, seed, dtype), normal(a_shape, seed + 1), normal(b_shape, seed + 2)
+    w, a, b = normal(shape, seed, dtype=dtype), normal(a_shape, seed + 1), normal(b_shape, seed + 2)
     return ll.LoraWeight(w, a, b, scale, layout, dropout)
 
 
@@ -50,7 +55,7 @@ def outputs_and_grads(apply, tree):
     def run(trainable):
         out, vjp = jax.vjp(lambda t: apply(ll.combine(t, frozen)), trainable)
         leaves, treedef = jax.tree_util.tree_flatten(out)
-        cot = [normal(x.shape, 7 + i, x.dtype) for i, x in enumerate(leaves)]
+        cot = [normal(x.shape, 7 + i, dtype=x.dtype) for i, x in enumerate(leaves)]
         return out, vjp(jax.tree_util.tree_unflatten(treedef, cot))[0]
 
     return jax.jit(run)(trainable)
@@ -72,12 +77,12 @@ def assert_matches_merged(case, fn, tree, *args, jit, rtol=1e-5):
     lora_fn = ll.lora(fn, strict=True)
     if jit:
         out, grads = outputs_and_grads(lambda t: lora_fn(t, *args), tree)
-        assert_trees_allclose(grads, ref_grads, rtol=rtol)
+        assert_trees_close_at_scale(grads, ref_grads, rtol=rtol, atol=1e-6)
     else:
         out = lora_fn(tree, *args)
     dtypes = lambda tree: [x.dtype for x in jax.tree_util.tree_leaves(tree)]
     assert dtypes(out) == dtypes(ref_out)
-    assert_trees_allclose(out, ref_out, rtol=rtol)
+    assert_trees_close_at_scale(out, ref_out, rtol=rtol, atol=1e-6)
 
 
 # ----- functions of one weight ----------------------------------------------------------
@@ -406,7 +411,7 @@ def test_while_loop_matches_merged_weight_forward_and_jvp(jit):
     transform = jax.jit if jit else (lambda f: f)
     out = transform(lambda: run(lora_fn))()
     expected = transform(lambda: run(merged))()
-    assert_trees_allclose(out, expected)
+    assert_trees_close_at_scale(out, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", [_custom_jvp_fn, _custom_vjp_fn], ids=["jvp", "vjp"])
@@ -414,13 +419,18 @@ def test_custom_derivative_rules_are_kept(make):
     """Forward lazily (strict passes); gradients by the user's rule (10x the true one),
     which needs the dense weight: a warning, and strict mode refuses to differentiate."""
     layer, weight, x = make(), lora_weight((5, 4)), X()
-    assert_trees_allclose(ll.lora(layer, strict=True)(weight, x), layer(ll.merge(weight), x))
+    chex.assert_trees_all_close(
+        ll.lora(layer, strict=True)(weight, x),
+        layer(ll.merge(weight), x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     _, ref_grads = outputs_and_grads(lambda t: layer(ll.merge(t), x), weight)
     _, true_grads = outputs_and_grads(lambda t: jnp.tanh(x @ ll.merge(t)) * CUSTOM_GAIN, weight)
     assert not np.allclose(ref_grads.a, true_grads.a)  # the rule is not the true derivative
     with pytest.warns(UserWarning, match=r"derivative of custom_[jv]+p_call.*args\[0\]"):
         _, grads = outputs_and_grads(lambda t: ll.lora(layer)(t, x), weight)
-    assert_trees_allclose(grads, ref_grads)
+    chex.assert_trees_all_close(grads, ref_grads, rtol=1e-5, atol=1e-6)
     with pytest.raises(ll.MaterializationError, match="derivative of custom"):
         outputs_and_grads(lambda t: ll.lora(layer, strict=True)(t, x), weight)
 
@@ -456,42 +466,6 @@ class MLP(nn.Module):
         return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
 
 
-class Block(nn.Module):
-    """A transformer block: Embed, LayerNorm, attention projections as DenseGeneral with
-    3-D kernels (two output axes for q/k/v, two contracting axes for the output), a
-    Dense MLP and the embedding tied as the output head."""
-
-    @nn.compact
-    def __call__(self, ids):
-        embed = nn.Embed(11, 8)
-        h = embed(ids)
-        y = nn.LayerNorm()(h)
-        q, k, v = (nn.DenseGeneral((2, 4), name=n)(y) for n in ("query", "key", "value"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0
-        att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits), v)
-        h = h + nn.DenseGeneral(8, axis=(-2, -1), name="out")(att)
-        y = nn.LayerNorm()(h)
-        h = h + nn.Dense(8)(nn.gelu(nn.Dense(16)(y)))
-        return embed.attend(nn.LayerNorm()(h))
-
-
-class Layer(nn.Module):
-    @nn.compact
-    def __call__(self, h, _):
-        return h + nn.Dense(6)(jnp.tanh(nn.Dense(12)(h))), None
-
-
-class ScanModel(nn.Module):
-    """Scan over layers with remat: kernels stacked on a leading axis."""
-
-    @nn.compact
-    def __call__(self, x):
-        layers = nn.scan(
-            nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True}, length=3
-        )
-        return nn.Dense(2)(layers()(x, None)[0])
-
-
 class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -506,9 +480,6 @@ class BF16MLP(nn.Module):
         h = nn.relu(nn.Dense(8, dtype=jnp.bfloat16)(x))
         return nn.Dense(3, dtype=jnp.bfloat16)(h)
 
-
-IDS = lambda: jnp.array([[1, 2, 3, 4], [0, 5, 5, 10]])  # noqa: E731
-SEQ = lambda: normal((2, 4, 6), 200)  # noqa: E731
 
 # name: (module, input factory, LoraConfig kwargs, rtol)
 MODULES = {
@@ -633,30 +604,8 @@ def test_output_dtype_follows_the_model_compute_dtype():
 # ----- no dense weight gradient ------------------------------------------------------
 
 
-class UniqueShapes(nn.Module):
-    """Targeted kernels of shapes found nowhere else: Dense (48, 80), Conv (3, 80, 13)."""
-
-    @nn.compact
-    def __call__(self, x):
-        h = jnp.tanh(nn.Dense(80, name="up")(x))
-        return nn.Conv(13, (3,), name="conv")(h)
-
-
-def producers_of_shape(hlo: str, shape: tuple[int, ...], ops: tuple[str, ...]) -> list[str]:
-    """HLO instructions whose op is one of ``ops`` and whose result has ``shape``'s
-    dimensions in any order (XLA may lay a weight gradient out transposed)."""
-    shapes = "|".join(",".join(map(str, dims)) for dims in set(itertools.permutations(shape)))
-    pattern = re.compile(rf"= [a-z0-9]+\[({shapes})\](\{{[^}}]*\}})? ({'|'.join(ops)})\(")
-    return [line.strip() for line in hlo.splitlines() if pattern.search(line)]
-
-
-def train_step_hlo(loss, trainable, *args) -> str:
-    step = jax.jit(jax.value_and_grad(loss))
-    return step.lower(trainable, *args).compile().as_text()
-
-
 def test_no_dense_weight_gradient_in_the_compiled_train_step():
-    module, x = UniqueShapes(), normal((4, 5, 48), 300)
+    module, x = UniqueShapes(80), normal((4, 5, 48), 300)
     params = jax.jit(module.init)(jax.random.key(0), x)
     tree = lora_tree(module.apply, params, x, targets="kernel")
     trainable, frozen = ll.partition(tree)
@@ -708,7 +657,7 @@ def test_unsupported_use_warns_once_naming_primitive_and_path():
     assert len(messages) == 2, messages  # once per (primitive, path), not per call
     assert any("'reduce_sum'" in m and "params/dense/kernel" in m for m in messages)
     assert any("'mul'" in m and "params/dense/kernel" in m for m in messages)
-    assert_trees_allclose(out, fn(ll.merge(tree), X()))
+    chex.assert_trees_all_close(out, fn(ll.merge(tree), X()), rtol=1e-5, atol=1e-6)
 
 
 def test_strict_mode_raises_materialization_error():
@@ -767,7 +716,7 @@ def test_dropout_keys(jit):
     np.testing.assert_array_equal(flagged(weight, x, deterministic=False, dropout_key=key), same[0])
     with pytest.raises(TypeError, match="deterministic= must be a Python bool"):
         ll.lora(lambda w, x, deterministic: x @ w)(weight, x, deterministic=jnp.array(True))
-    assert_trees_allclose(apply(weight, x), x @ ll.merge(weight))
+    chex.assert_trees_all_close(apply(weight, x), x @ ll.merge(weight), rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_masks_differ_per_site_and_per_scanned_layer():
@@ -789,13 +738,21 @@ def test_grad_and_vmap_over_the_wrapped_function():
     fn = lambda w, x: jnp.tanh(x @ w)
     lora_batched = jax.vmap(ll.lora(fn), in_axes=(None, 0))
     merged_batched = jax.vmap(fn, in_axes=(None, 0))
-    assert_trees_allclose(lora_batched(weight, xs), merged_batched(ll.merge(weight), xs))
+    chex.assert_trees_all_close(
+        lora_batched(weight, xs),
+        merged_batched(ll.merge(weight), xs),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     grad = lambda f: jax.grad(
         lambda a, b: jnp.sum(f(ll.LoraWeight(weight.w, a, b, 0.7), xs) ** 2), (0, 1)
     )
     merged = lambda w, x: merged_batched(ll.merge(w), x)
-    assert_trees_allclose(
-        jax.jit(grad(lora_batched))(weight.a, weight.b), grad(merged)(weight.a, weight.b)
+    chex.assert_trees_all_close(
+        jax.jit(grad(lora_batched))(weight.a, weight.b),
+        grad(merged)(weight.a, weight.b),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -806,7 +763,7 @@ def test_pmap_with_collectives_inside_fn():
     fn = lambda w, x: lax.psum(jnp.tanh(x @ w), "devices")
     out = jax.pmap(ll.lora(fn), in_axes=(None, 0), axis_name="devices")(weight, xs)
     expected = jax.pmap(fn, in_axes=(None, 0), axis_name="devices")(ll.merge(weight), xs)
-    assert_trees_allclose(out, expected)
+    chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def shard_map_fn():
@@ -825,12 +782,19 @@ def test_shard_map_with_psum_inside_fn():
         return jax.jit(shard_map_fn()(f, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
 
     loss = lambda f, w: sharded(f)(w, xs)
-    assert_trees_allclose(loss(ll.lora(fn), weight), loss(fn, ll.merge(weight)))
+    chex.assert_trees_all_close(
+        loss(ll.lora(fn), weight), loss(fn, ll.merge(weight)), rtol=1e-5, atol=1e-6
+    )
     lora_grad = jax.grad(lambda a, b: loss(ll.lora(fn), ll.LoraWeight(weight.w, a, b, 0.7)), (0, 1))
     merged_grad = jax.grad(
         lambda a, b: loss(fn, ll.merge(ll.LoraWeight(weight.w, a, b, 0.7))), (0, 1)
     )
-    assert_trees_allclose(lora_grad(weight.a, weight.b), merged_grad(weight.a, weight.b))
+    chex.assert_trees_all_close(
+        lora_grad(weight.a, weight.b),
+        merged_grad(weight.a, weight.b),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_jit_with_named_sharding_inputs():
@@ -841,7 +805,7 @@ def test_jit_with_named_sharding_inputs():
     fn = lambda w, x: jnp.tanh(x @ w)
     out = jax.jit(ll.lora(fn))(replicated, xs)
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), out.ndim)
-    assert_trees_allclose(out, fn(ll.merge(weight), xs))
+    chex.assert_trees_all_close(out, fn(ll.merge(weight), xs), rtol=1e-5, atol=1e-6)
 
 
 def test_fn_is_traced_once_per_input_shapes_and_dtypes():
@@ -904,6 +868,6 @@ def test_a_primitive_without_a_rule_takes_the_materializing_fallback():
     fn = lambda w, x: x @ double.bind(w)
     with pytest.warns(UserWarning, match=r"'lorax_test_double' has no low-rank rule.*args\[0\]"):
         out = ll.lora(fn)(weight, X())
-    assert_trees_allclose(out, X() @ (2 * ll.merge(weight)))
+    chex.assert_trees_all_close(out, X() @ (2 * ll.merge(weight)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ll.MaterializationError, match="'lorax_test_double'"):
         ll.lora(fn, strict=True)(weight, X())

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import Stacked
 
 from lorax_lite.usage import Usage, infer_usage, split_static
 from lorax_lite.weight import Layout
@@ -59,23 +60,10 @@ def test_conv_2d_hwio():
     assert usage["params/kernel"] == Usage("conv", Layout((), (0, 1, 2), (3,)))
 
 
-class Block(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-        return nn.Dense(16, name="fc")(x), None
-
-
-class Stacked(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
-        return scan(name="layers")(x, None)[0]
-
-
 def test_nn_scan_stacked_kernel():
-    params = shapes_of(Stacked(), X)
+    params = shapes_of(Stacked(16, act=None), X)
     assert params["params"]["layers"]["fc"]["kernel"].shape == (3, 16, 16)
-    usage = infer_usage(Stacked().apply, params, (X,))
+    usage = infer_usage(Stacked(16, act=None).apply, params, (X,))
     assert usage["params/layers/fc/kernel"] == Usage("dot", Layout((0,), (1,), (2,)))
 
 

@@ -14,10 +14,11 @@ import copy
 import importlib.util
 from typing import Any
 
+import chex
 import jax
 import numpy as np
 import pytest
-from helpers import assert_trees_equal, randomize_b
+from helpers import randomize_b
 from safetensors.numpy import load_file, save_file
 from test_llama import N_LAYER, PROJECTIONS, PROSE, TOKENS, Tiny, assert_close
 
@@ -64,7 +65,7 @@ def test_tiny_llama_adapters_round_trip_through_per_layer_peft_modules(tiny_llam
     for key, value in expected.items():
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
     back = ll.from_peft(tmp_path, tiny_llama.quantized, peft_name_map())
-    assert_trees_equal(back, tree)
+    chex.assert_trees_all_equal(back, tree, strict=True)
     actual = forward(tiny_llama.config, back, TOKENS)
     np.testing.assert_array_equal(
         np.asarray(actual), np.asarray(forward(tiny_llama.config, tree, TOKENS))
@@ -233,7 +234,6 @@ def smollm2():
     return config, params, model, llama_gguf.encode(tokenizer, PROSE)[None]
 
 
-@pytest.mark.slow
 @needs_interop
 def test_smollm2_transformers_gives_our_logits(smollm2):
     config, params, model, ids = smollm2
@@ -243,14 +243,12 @@ def test_smollm2_transformers_gives_our_logits(smollm2):
     assert (np.asarray(ours).argmax(-1) == reference.argmax(-1)).mean() > 0.99
 
 
-@pytest.mark.slow
 @needs_interop
 def test_smollm2_exported_adapter_gives_our_logits_in_peft(smollm2, tmp_path):
     config, params, model, ids = smollm2
     check_exported_adapter_in_peft(tmp_path, config, params, model, ids[:, :64], std=0.02)
 
 
-@pytest.mark.slow
 @needs_interop
 def test_smollm2_adapter_trained_in_peft_imports(smollm2, tmp_path):
     config, params, model, ids = smollm2

