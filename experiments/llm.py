@@ -110,7 +110,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         )  # fmt: skip
         args = parser.parse_args(argv)
         if args.gguf is None:
-            parser.error("--smoke needs --gguf (a tiny GGUF file, e.g. tests/experiments/test_llama.py's)")
+            parser.error(
+                "--smoke needs --gguf (a tiny GGUF file, as tests/experiments/test_llama.py writes)"
+            )
     return args
 
 
