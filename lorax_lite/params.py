@@ -14,7 +14,8 @@ import numpy as np
 from . import decompose
 from .config import LoraConfig
 from .quant import is_quantized, quantize_array
-from .targets import Spec, named_leaves, no_match, path_str, select, to_predicate
+from .selection import select
+from .targets import Spec, named_leaves, no_match, path_str, to_predicate
 from .trees import trainable_mask
 from .usage import infer_usage
 from .weight import (
