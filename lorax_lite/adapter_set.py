@@ -21,7 +21,7 @@ import numpy as np
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
 from .trees import base_of, combine, content_hash, dtype_name, storage
-from .weight import LoraWeight, Trainable, is_lora_node, is_node
+from .weight import LoraWeight, Trainable, is_array, is_lora_node, is_node
 
 
 def _is_node(x: Any) -> bool:
@@ -524,7 +524,7 @@ def _stack_lora(path: str, column: list[Any], loras: list[LoraWeight], base: Any
     w = base
     for x in column:
         w = x.w if w is None and isinstance(x, LoraWeight) else w
-        w = x if w is None and isinstance(x, jax.Array | np.ndarray | QuantizedWeight) else w
+        w = x if w is None and (is_array(x) or isinstance(x, QuantizedWeight)) else w
     if len(layouts) > 1 or w is None:
         why = f"layouts differ: {layouts}" if w is not None else "no base weight (pass base=)"
         raise _Unstackable(f"{path}: {why}")

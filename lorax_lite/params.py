@@ -23,6 +23,7 @@ from .weight import (
     Trainable,
     column_norm,
     init_factors,
+    is_array,
     is_lora_node,
     is_node,
 )
@@ -125,7 +126,7 @@ def _residual_init_problems(
         f"{type(leaf).__name__}; pass the float weights (for a quantized base, its "
         "dequantized weights, with quantize= to quantize the residual)"
         for path, leaf in named
-        if path in targeted and not isinstance(leaf, jax.Array | np.ndarray)
+        if path in targeted and not is_array(leaf)
     ]
 
 

@@ -30,7 +30,7 @@ from . import rules, views
 from .quant import QuantizedWeight
 from .rules import Context, LoraValue, dequantized
 from .targets import path_str
-from .weight import Layout, LoraWeight, Trainable, is_node
+from .weight import Layout, LoraWeight, Trainable, is_array, is_node
 
 
 class MaterializationError(TypeError):
@@ -76,7 +76,7 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
         nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
         values = [as_lazy_value(_arg_path(path), node) for path, node in nodes]
         standins = [_standin(v) for v in values]
-        dynamic = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in standins]
+        dynamic = [is_array(x, abstract=True) for x in standins]
         static = tuple(None if d else x for x, d in zip(standins, dynamic))
         # Abstract values keep weak types, shardings and shard_map's varying axes.
         avals = tuple(_aval(x) for x, d in zip(standins, dynamic) if d)

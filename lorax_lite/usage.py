@@ -12,12 +12,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core.primitives as prim
-import numpy as np
 
 from . import views
 from .quant import is_quantized
 from .targets import named_leaves
-from .weight import Layout
+from .weight import Layout, is_array
 
 # Primitives that pass a weight through unchanged (up to dtype or placement).
 PASS_THROUGH = frozenset(
@@ -52,13 +51,13 @@ def split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any], 
     returned as a hashable key so that traces can be cached on them.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    is_array = [isinstance(x, jax.Array | np.ndarray | jax.ShapeDtypeStruct) for x in leaves]
-    static = tuple(None if arr else x for x, arr in zip(leaves, is_array))
-    dynamic = [x for x, arr in zip(leaves, is_array) if arr]
+    arrays = [is_array(x, abstract=True) for x in leaves]
+    static = tuple(None if arr else x for x, arr in zip(leaves, arrays))
+    dynamic = [x for x, arr in zip(leaves, arrays) if arr]
 
     def rebuild(values: Sequence[Any]) -> Any:
         values = iter(values)
-        merged = [next(values) if arr else x for x, arr in zip(leaves, is_array)]
+        merged = [next(values) if arr else x for x, arr in zip(leaves, arrays)]
         return jax.tree_util.tree_unflatten(treedef, merged)
 
     return dynamic, rebuild, (treedef, static)

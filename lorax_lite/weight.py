@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .quant import QuantizedWeight
 
@@ -219,6 +220,12 @@ def is_node(x: Any) -> bool:
     """Whether ``x`` is a node the library keeps whole when walking a tree: a
     `LoraWeight`, a `Trainable` or a `QuantizedWeight` (one frozen leaf)."""
     return is_lora_node(x) or isinstance(x, QuantizedWeight)
+
+
+def is_array(x: Any, *, abstract: bool = False) -> bool:
+    """Whether ``x`` is a JAX or NumPy array (with ``abstract``, or a ``jax.ShapeDtypeStruct``)."""
+    kinds = (jax.Array, np.ndarray) + ((jax.ShapeDtypeStruct,) if abstract else ())
+    return isinstance(x, kinds)
 
 
 def scale_from_alpha(alpha: float, rank: int, *, rslora: bool) -> float:
