@@ -59,7 +59,7 @@ def documented_signatures() -> list[tuple[str, set[str], set[str]]]:
                     if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"
                 }
                 found.append((member, documented, params))
-        attributes = section_names(obj.__doc__ or "", "Attributes")
+        attributes = section_names(inspect.cleandoc(obj.__doc__ or ""), "Attributes")
         if attributes is not None and dataclasses.is_dataclass(obj):
             found.append((name, attributes, {f.name for f in dataclasses.fields(obj)}))
         elif attributes is not None and hasattr(obj, "_fields"):
