@@ -282,7 +282,9 @@ def test_svd_at_full_rank_is_the_weighted_sum(model):
     adapters, trees = mixed_set(model)
     weights = {"a": 1.0, "b": 0.5, "c": -0.5}
     combined = ll.combine_adapters(adapters, weights, method="svd", rank=64)
-    for k, node in enumerate(lora_nodes(combined.tree)):
+    nodes = lora_nodes(combined.tree)
+    assert len(nodes) == len(adapters.lora_paths) > 0
+    for k, node in enumerate(nodes):
         target = weighted_target(adapters, trees, weights, k)
         np.testing.assert_allclose(dense_delta(node), target, rtol=0, atol=2e-5)
         assert float(combined.errors[adapters.lora_paths[k]]) < 1e-5
