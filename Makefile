@@ -177,7 +177,7 @@ routing-bench: $(VENV)/.experiments
 
 # The same on SmolLM2-135M (8 adapters on every linear layer; a smaller batch: the CPU is slow).
 routing-llm: $(VENV)/.experiments $(VENV)/.llm-data
-	nice -n 5 $(PY) -m experiments.bench.routing --model llama --batch 8 --seq 64 --repeats 9 \
+	nice -n 5 $(PY) -m experiments.bench.routing --model llama --batch 8 --seq 64 --repeats 21 \
 		--iters 1 --out experiments/results/routing_llm
 
 param-arithmetic: $(VENV)/.experiments

@@ -290,6 +290,16 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "XLA's cost analysis of the compiled forwards (counted, not timed):",
         "",
+        *(
+            [
+                "XLA counts a loop's body once: for the scanned layers these figures hold one "
+                "layer's products plus everything outside the loop (for `routed`, the factors "
+                "of every layer gathered per example), not whole-forward totals.",
+                "",
+            ]
+            if args["model"] == "llama"
+            else []
+        ),
         "| variant | GFLOP | MB accessed | bytes over single |",
         "|---|---|---|---|",
         *(
