@@ -22,12 +22,16 @@ falls back to the dense weight.
 
 A rule returns ``None`` when it does not apply; the evaluator then materializes.
 A quantized operand reaches a first-order rule dequantized (inside the compiled
-function). The functions named after the primitives (`dot_general`, `reshape`...)
-compute one equation each; `RULES` calls them.
+function); a product with a quantized operand runs under `jax.checkpoint` on the codes
+(`_product`), and a float cast of a quantized weight retypes it (`_cast`), so the backward
+pass dequantizes again instead of keeping each layer's weight in float. The functions
+named after the primitives (`dot_general`, `reshape`...) compute one equation each; `RULES`
+calls them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import string
@@ -676,6 +680,31 @@ def _structural(op: Callable) -> Rule:
     return rule
 
 
+def _cast(rule: Rule) -> Rule:
+    """``rule`` for a cast, except that a float cast of a quantized weight dequantizing to
+    float32 (alone, or the base of a LoRA weight without DoRA) changes the dtype it will
+    dequantize to instead: the weight stays quantized up to its product, which then
+    recomputes it in the backward pass (see `_product`). Exact: dequantizing computes in
+    float32, so casting its float32 result and dequantizing to the new dtype round once alike."""
+
+    def run(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
+        dtype = jnp.dtype(views.new_dtype(eqn))
+        (x,) = operands
+        q = x.w if isinstance(x, LoraValue) and x.m is None else x
+        if not (
+            isinstance(q, QuantizedWeight)
+            and jnp.dtype(q.dtype) == jnp.float32
+            and jnp.issubdtype(dtype, jnp.floating)
+        ):
+            return rule(eqn, operands, ctx)
+        retyped = dataclasses.replace(q, dtype=dtype)
+        if x is q:
+            return [retyped]
+        return [x._replace(w=retyped, a=x.a.astype(dtype), b=x.b.astype(dtype))]
+
+    return run
+
+
 def _same_norm(before: LoraValue, after: Any) -> Any:
     """A structural rule's result, or None (the dense fallback) where it would change a
     DoRA weight's norm: an op that cuts or repeats fan-in entries (slicing rows, say)
@@ -710,7 +739,7 @@ RULES: dict[str, Rule] = {
     prim.conv_general_dilated_p.name: _product(conv, (False, True)),
     views.RAGGED_DOT: _product(ragged_dot, (False, True, False)),
     prim.gather_p.name: _product(gather, (True, False), keyed=False, recompute=False),
-    prim.convert_element_type_p.name: _structural(convert),
+    prim.convert_element_type_p.name: _cast(_structural(convert)),
     prim.transpose_p.name: _structural(transpose),
     prim.reshape_p.name: _structural(reshape),
     prim.squeeze_p.name: _structural(squeeze),

@@ -418,3 +418,53 @@ def test_a_scanned_quantized_base_keeps_no_float_weight_per_layer_for_the_backwa
     one_weight = d * d * 4
     float_base, nf4_base = temp_bytes(tree), temp_bytes(ll.quantize(tree, kind="nf4", block=64))
     assert nf4_base < float_base + n_layers * one_weight / 2, (nf4_base, float_base)
+
+
+def test_a_quantized_base_cast_by_the_model_stays_quantized_up_to_its_product():
+    # A model computing in bfloat16 casts each float32-dequantizing weight; ll.lora retypes
+    # the quantized weight instead of dequantizing it there, so the product still recomputes
+    # it in the backward pass: no bf16 copy of every layer's weight is kept, and values and
+    # gradients equal those over the same weights dequantized to float32 beforehand.
+    n_layers, d = 8, 512
+
+    def model(params, x):
+        def layer(h, w):
+            return jnp.tanh(h @ w.astype(jnp.bfloat16)), None
+
+        h = jax.lax.scan(layer, x.astype(jnp.bfloat16), params["w"])[0]
+        return (h.astype(jnp.float32) ** 2).sum()
+
+    key = jax.random.key(1)
+    params = {"w": jax.random.normal(key, (n_layers, d, d)) / np.sqrt(d)}
+    x = jnp.ones((32, d))
+    config = ll.LoraConfig(rank=4, alpha=8, targets=("w",))
+    tree = ll.init(params, config, key=key, fn=model, args=(x,))
+    tree = jax.tree_util.tree_map(
+        lambda n: dataclasses.replace(n, b=0.01 * jnp.ones_like(n.b)),
+        tree,
+        is_leaf=lambda n: isinstance(n, ll.LoraWeight),
+    )
+    quantized = ll.quantize(tree, kind="nf4", block=64)
+    dequantized = jax.tree_util.tree_map(
+        lambda n: dataclasses.replace(n, w=n.w.dequantize()),
+        quantized,
+        is_leaf=lambda n: isinstance(n, ll.LoraWeight),
+    )
+    apply = ll.lora(model)
+
+    def grad_and_temp_bytes(tree):
+        trainable, frozen = ll.partition(tree)
+        grad = jax.jit(jax.value_and_grad(lambda t, f, x: apply(ll.combine(t, f), x)))
+        analysis = grad.lower(trainable, frozen, x).compile().memory_analysis()
+        return grad(trainable, frozen, x), (analysis and analysis.temp_size_in_bytes)
+
+    (value, grads), quantized_bytes = grad_and_temp_bytes(quantized)
+    (value_ref, grads_ref), float_bytes = grad_and_temp_bytes(dequantized)
+    assert value == value_ref
+    chex.assert_trees_all_equal(grads, grads_ref)
+    if quantized_bytes is not None:
+        one_bf16_weight = d * d * 2
+        assert quantized_bytes < float_bytes - n_layers * one_bf16_weight / 2, (
+            quantized_bytes,
+            float_bytes,
+        )
