@@ -143,7 +143,7 @@ def _full_tree(tree: Any) -> Any:
     """``tree`` as one LoRA tree: a `TrainState` or a ``(trainable, frozen)`` pair is combined
     (the leaves are shared, not copied); anything else is taken as it is."""
     if isinstance(tree, TrainState):
-        return combine(tree.trainable, tree.frozen)
+        return tree.tree
     return combine(*tree) if _is_partition_pair(tree) else tree
 
 

@@ -16,6 +16,7 @@ from .config import LoraConfig
 from .quant import is_quantized, quantize_array
 from .selection import select
 from .targets import Spec, named_leaves, no_match, path_str, to_predicate
+from .transform import lora
 from .trees import trainable_mask
 from .usage import infer_usage
 from .weight import (
@@ -254,8 +255,6 @@ def _all_finite(x: Any) -> bool:
 
 def _probe_deviation(tree: Any, merged: Any, fn: Callable, args: Sequence[Any]) -> None:
     """Logs the largest ``|fn(merged) - lora(fn)(tree)|`` over the outputs."""
-    from .transform import lora  # imported here: transform may come to import params
-
     expected = jax.tree_util.tree_leaves(lora(fn)(tree, *args))
     pairs = zip(jax.tree_util.tree_leaves(fn(merged, *args)), expected)
     diffs = [np.abs(np.asarray(a, np.float64) - np.asarray(e, np.float64)) for a, e in pairs]

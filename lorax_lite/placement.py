@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, is_quantized
 from .targets import named_leaves
 from .trees import TrainState
 from .weight import Layout
@@ -145,7 +145,6 @@ def place(
     base = (
         (lambda x: _fsdp_sharding(x, mesh)) if base_sharding == "fsdp" else (lambda x: replicated)
     )
-    is_quantized = lambda x: isinstance(x, QuantizedWeight)
     shardings = dataclasses.replace(
         jax.tree_util.tree_map(lambda x: replicated, state),
         frozen=jax.tree_util.tree_map(base, state.frozen, is_leaf=is_quantized),

@@ -84,6 +84,7 @@ def train_step(
     Raises:
         ValueError: if ``accum_steps < 1``; at the first step, if a batch leaf's leading
             axis is not divisible by ``accum_steps`` (naming every such leaf).
+        TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
         >>> def loss_fn(tree, batch, key):  # doctest: +SKIP
@@ -138,6 +139,7 @@ def pmap_train_step(
 
     Raises:
         ValueError: if ``accum_steps < 1``.
+        TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
         >>> init, step = ll.pmap_train_step(loss_fn, optax.adam(1e-2))  # doctest: +SKIP
@@ -206,6 +208,7 @@ def sharded_train_step(
     Raises:
         ValueError: if ``data_axis`` is not a mesh axis, ``base_sharding`` is unknown or
             ``accum_steps < 1``.
+        TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
         >>> mesh = jax.make_mesh((8,), ("data",))  # doctest: +SKIP

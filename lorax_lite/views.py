@@ -1,6 +1,6 @@
 """Named views of JAX equations: the one place that reads primitives' parameters.
 
-A primitive's parameters are not a stable API (jax 0.12 replaced scan's
+A primitive's parameters are not a stable API (jax 0.11.2 and 0.12 replaced scan's
 ``num_consts``/``num_carry`` with the flat trees ``ft_in``/``ft_out``). The jaxpr
 walkers (`lorax_lite.usage`, `lorax_lite.transform`) and the rules read equations
 only through the views here, each a small NamedTuple that knows every supported
@@ -49,7 +49,7 @@ _CUSTOM = (prim.custom_jvp_call_p, prim.custom_vjp_call_p)
 
 
 class Call(NamedTuple):
-    """A call (``jit``/``pjit``, ``closed_call``): ``body`` runs on every operand."""
+    """A call (``jit``, ``closed_call``): ``body`` runs on every operand."""
 
     body: Any  # Jaxpr
     consts: Sequence[Any]
