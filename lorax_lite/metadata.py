@@ -130,12 +130,12 @@ def metadata_problems(info: dict[str, Any]) -> list[str]:
     kinds.update(versions=dict, user=dict)
     problems = [
         f"{key}: expected a JSON {'object' if kind is dict else 'array'}, found "
-        f"{shown(info.get(key, _MISSING))}"
+        f"{clipped(info.get(key, _MISSING))}"
         for key, kind in kinds.items()
         if not isinstance(info.get(key), kind)
     ]
     if "sha256" in info and not _is_hex(info["sha256"], 64):
-        problems.append(f"sha256: expected 64 hexadecimal digits, found {shown(info['sha256'])}")
+        problems.append(f"sha256: expected 64 hexadecimal digits, found {clipped(info['sha256'])}")
     if problems:
         return problems
     try:
@@ -151,7 +151,7 @@ def metadata_problems(info: dict[str, Any]) -> list[str]:
         problems += [f"adapters/trained: {p}" for p in path_conflicts(paths)]
     problems += _fingerprint_field_problems(info["base"])
     problems += [
-        f"versions[{k!r}]: expected a version string, found {shown(v)}"
+        f"versions[{k!r}]: expected a version string, found {clipped(v)}"
         for k, v in info["versions"].items()
         if not isinstance(v, str)
     ]
@@ -166,12 +166,12 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
     if len(shape) < 2:
         problems.append(f"{field}.shape: expected at least 2 axes, found {shape}")
     if not _is_int(rank, 1):
-        problems.append(f"{field}.rank: expected an int >= 1, found {shown(rank)}")
+        problems.append(f"{field}.rank: expected an int >= 1, found {clipped(rank)}")
     scale, dropout = entry.get("scale", _MISSING), entry.get("dropout", _MISSING)
     if not _is_finite(scale):
-        problems.append(f"{field}.scale: expected a finite number, found {shown(scale)}")
+        problems.append(f"{field}.scale: expected a finite number, found {clipped(scale)}")
     if not _is_real(dropout) or not 0 <= dropout < 1:
-        problems.append(f"{field}.dropout: expected a number in [0, 1), found {shown(dropout)}")
+        problems.append(f"{field}.dropout: expected a number in [0, 1), found {clipped(dropout)}")
     if not (
         isinstance(layout, list)
         and len(layout) == len(shape)
@@ -180,7 +180,7 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
     ):
         problems.append(
             f"{field}.layout: expected one role of {AXIS_ROLES} per axis of the shape "
-            f"{shape}, 'in' and 'out' among them, found {shown(layout)}"
+            f"{shape}, 'in' and 'out' among them, found {clipped(layout)}"
         )
     factors = saved_factors(entry)
     for factor in factors:
@@ -190,7 +190,7 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
     if "m" in entry and not isinstance(entry.get("detach_norm"), bool):
         problems.append(
             f"{field}.detach_norm: expected true or false, found "
-            f"{shown(entry.get('detach_norm', _MISSING))}"
+            f"{clipped(entry.get('detach_norm', _MISSING))}"
         )
     if problems:
         return problems
@@ -214,19 +214,20 @@ def _array_entry_problems(
 ) -> list[str]:
     """Problems of a ``{path?, shape, dtype, sha256?}`` entry."""
     if not isinstance(entry, dict):
-        return [f"{field}: expected a JSON object, found {shown(entry)}"]
+        return [f"{field}: expected a JSON object, found {clipped(entry)}"]
     get = lambda key: entry.get(key, _MISSING)
     problems = []
     if named and (not isinstance(get("path"), str) or not get("path")):
-        problems.append(f"{field}.path: expected a leaf path, found {shown(get('path'))}")
+        problems.append(f"{field}.path: expected a leaf path, found {clipped(get('path'))}")
     if not _is_shape(get("shape")):
-        problems.append(f"{field}.shape: expected a list of ints >= 0, found {shown(get('shape'))}")
+        found = clipped(get("shape"))
+        problems.append(f"{field}.shape: expected a list of ints >= 0, found {found}")
     if not _is_dtype(get("dtype"), "floating" if floating else "array"):
         kind = "a floating-point dtype name" if floating else "the dtype name of a number or bool"
-        problems.append(f"{field}.dtype: expected {kind}, found {shown(get('dtype'))}")
+        problems.append(f"{field}.dtype: expected {kind}, found {clipped(get('dtype'))}")
     if checksum and not _is_hex(get("sha256"), 64):
         problems.append(
-            f"{field}.sha256: expected 64 hexadecimal digits, found {shown(get('sha256'))}"
+            f"{field}.sha256: expected 64 hexadecimal digits, found {clipped(get('sha256'))}"
         )
     return problems
 
@@ -236,10 +237,10 @@ def _fingerprint_field_problems(base: dict[str, Any]) -> list[str]:
     if not isinstance(leaves, dict) or not isinstance(hashes, dict):
         return [
             "base: expected {'leaves': {path: [shape, dtype]}, 'hashes': {path: hash}}, found "
-            + shown(base)
+            + clipped(base)
         ]
     problems = [
-        f"base.leaves[{path!r}]: expected [shape, dtype name], found {shown(value)}"
+        f"base.leaves[{path!r}]: expected [shape, dtype name], found {clipped(value)}"
         for path, value in leaves.items()
         if not (
             isinstance(value, list)
@@ -250,16 +251,17 @@ def _fingerprint_field_problems(base: dict[str, Any]) -> list[str]:
     ]
     problems += [
         f"base.hashes[{path!r}]: expected 32 hexadecimal digits of a leaf in base.leaves, "
-        f"found {shown(value)}"
+        f"found {clipped(value)}"
         for path, value in hashes.items()
         if path not in leaves or not _is_hex(value, 32)
     ]
     quantized = base.get("quantized", {})  # absent in files written before quantized bases
     if not isinstance(quantized, dict):
-        return [*problems, f"base.quantized: expected {{path: storage}}, found {shown(quantized)}"]
+        found = clipped(quantized)
+        return [*problems, f"base.quantized: expected {{path: storage}}, found {found}"]
     problems += [
         f"base.quantized[{path!r}]: expected the storage of a leaf in base.leaves, found "
-        f"{shown(value)}"
+        f"{clipped(value)}"
         for path, value in quantized.items()
         if path not in leaves or not isinstance(value, str)
     ]
@@ -321,7 +323,7 @@ def _is_hex(value: Any, length: int) -> bool:
     return isinstance(value, str) and len(value) == length and set(value) <= set(string.hexdigits)
 
 
-def shown(value: Any) -> str:
+def clipped(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

@@ -626,16 +626,13 @@ def _product(
         dropout = keyed and any(lazy) and operands[lazy.index(True)].dropout
         key = ctx.next_key() if dropout else None
 
-        def run(operands: list[Any]) -> list[Any]:
-            operands = [dequantized(x) for x in operands]
-            if not any(lazy):  # a plain quantized weight, now dequantized
-                return views.bind_results(eqn, operands)
-            return _listed(op(eqn, *operands, key) if keyed else op(eqn, *operands))
-
+        run = _first_order(
+            lambda eqn, ops, ctx: _listed(op(eqn, *ops, key) if keyed else op(eqn, *ops))
+        )
         if not (recompute and any(map(_has_quantized, operands))):
-            return run(operands)
+            return run(eqn, operands, ctx)
         flat, rebuild = flatten_values(operands)
-        return jax.checkpoint(lambda flat: run(rebuild(flat)))(flat)
+        return jax.checkpoint(lambda flat: run(eqn, rebuild(flat), ctx))(flat)
 
     return rule
 

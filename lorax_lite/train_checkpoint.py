@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
-from .metadata import check_json, json_digest, shown
+from .metadata import check_json, clipped, json_digest
 
 
 class Restored(NamedTuple):
@@ -194,7 +194,7 @@ class TrainCheckpointer:
     def _checked_data(self, step: int, data: Any) -> dict[str, Any]:
         """The restored ``data``, checked against the digest saved with it (if any)."""
         if not isinstance(data, dict):
-            raise TypeError(f"the data of step {step} is not a JSON object: {shown(data)}")
+            raise TypeError(f"the data of step {step} is not a JSON object: {clipped(data)}")
         custom = self._manager.metadata(step).custom_metadata or {}
         digest = custom.get(_DATA_DIGEST) if isinstance(custom, dict) else None
         if digest is not None and digest != json_digest(data):
