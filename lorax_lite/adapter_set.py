@@ -160,10 +160,39 @@ class AdapterSet:
                 are unknown (pass ``base=`` to `from_trees`).
         """
         index = self.index(which) if isinstance(which, str) else _as_index(which, len(self))
-        return combine(self._pick(index), self.frozen)
+        return combine(self._pick(index)[0], self.frozen)
 
-    def _pick(self, index: int | jax.Array) -> Any:
-        """The trainable partition of adapter ``index`` (``-1``: zero delta, base values)."""
+    def per_example(self, ids: jax.Array) -> tuple[Any, Any]:
+        """Each example's adapter, gathered into one LoRA tree, and its ``jax.vmap`` axes.
+
+        What `ll.route` maps the model over. Every selected leaf gets an example axis:
+        at position 1 in the factors of a stacked weight (behind its first stack axis,
+        which a scan over layers slices, so the scan needs no copy of them), at 0
+        elsewhere; the shared base has none.
+
+        Args:
+            ids: an integer vector, one adapter index per example (``-1``: the base
+                model). A traced id cannot be checked: as for `select`, one outside
+                ``[-1, len(self))`` gives its example NaN factors.
+
+        Returns:
+            ``(tree, in_axes)``: ``jax.vmap(f, in_axes=(in_axes, ...))(tree, ...)`` calls
+            ``f`` with ``select(ids[i])``'s tree for example ``i``.
+
+        Raises:
+            ValueError: for ``-1`` among the ids when the base values of leaves trained
+                in full are unknown (pass ``base=`` to `from_trees`).
+        """
+        picked, axes = self._pick(jnp.asarray(ids), examples=True)
+        return combine(picked, self.frozen), axes  # None axes: the base, shared
+
+    def _pick(self, index: int | jax.Array, *, examples: bool = False) -> tuple[Any, Any]:
+        """The trainable partition of adapter ``index`` (``-1``: zero delta, base values),
+        and the example axis of each leaf (``None`` unless ``examples``).
+
+        With ``examples``, ``index`` is a vector of per-example ids and each leaf gets
+        an example axis (see `per_example`).
+        """
         always = isinstance(index, int) and index >= 0
         if isinstance(index, int):
             ok, fill = index >= 0, 0.0
@@ -174,31 +203,53 @@ class AdapterSet:
         gains = iter(self._gains())
         missing = []
 
+        def take(x, axis):
+            """Leaf ``x``'s adapter axis indexed by ``j``, the examples at ``axis``."""
+            if axis == 1:  # x[j] with the examples behind the first stack axis, no copy
+                return x[j[None, :], jnp.arange(x.shape[1])[:, None]]
+            return x[j]
+
+        def spread(v, like, axis):
+            """A per-example vector ``v`` shaped to broadcast against ``like``."""
+            if not examples or np.ndim(v) == 0:
+                return v
+            return jnp.reshape(v, [-1 if k == axis else 1 for k in range(like.ndim)])
+
         def pick(path, node, base):
             if isinstance(node, LoraWeight):
-                b, gain = node.b[j], next(gains)
+                axis = (1 if node.layout.stack else 0) if examples else None
+                a, b, gain = take(node.a, axis), take(node.b, axis), next(gains)
                 if gain is not None:
-                    b = b * jnp.asarray(gain, b.dtype)[j]
+                    b = b * spread(jnp.asarray(gain, b.dtype)[j], b, axis)
                 if not always:
-                    b = jnp.where(ok, b, jnp.asarray(fill, b.dtype))
-                return dataclasses.replace(node, a=node.a[j], b=b)
+                    b = jnp.where(
+                        spread(ok, b, axis), b, spread(jnp.asarray(fill, b.dtype), b, axis)
+                    )
+                return _Pair(
+                    dataclasses.replace(node, a=a, b=b), dataclasses.replace(node, a=axis, b=axis)
+                )
             if isinstance(node, Trainable):
-                if always:
-                    return Trainable(node.value[j])
-                if base.value is None:
-                    missing.append(path_str(path))
-                    return Trainable(node.value[j])
-                value = jnp.where(index == -1, base.value, node.value[j])
-                return Trainable(jnp.where(ok | (index == -1), value, fill).astype(value.dtype))
-            return None
+                axis = 0 if examples else None
+                value = take(node.value, axis)
+                if not always:
+                    if base.value is None:
+                        missing.append(path_str(path))
+                    else:
+                        value = jnp.where(spread(index == -1, value, 0), base.value, value)
+                        keep = spread(ok | (index == -1), value, 0)
+                        value = jnp.where(keep, value, spread(fill, value, 0)).astype(value.dtype)
+                return _Pair(Trainable(value), Trainable(axis))
+            return _Pair(None, None)
 
-        out = jax.tree_util.tree_map_with_path(pick, self.stacked, self.frozen, is_leaf=_is_node)
+        pairs = jax.tree_util.tree_map_with_path(pick, self.stacked, self.frozen, is_leaf=_is_node)
         if missing:
             raise ValueError(
                 "the base model (index -1) needs the base values of leaves trained in full, "
                 f"unknown for {missing}; pass base=params to AdapterSet.from_trees"
             )
-        return out
+        is_pair = lambda x: isinstance(x, _Pair)
+        part = lambda k: jax.tree_util.tree_map(lambda p: p[k], pairs, is_leaf=is_pair)
+        return part(0), part(1)
 
     def _gains(self) -> list[np.ndarray | None]:
         """Per adapted leaf, each adapter's scale over the set's (None where all are 1)."""
@@ -468,6 +519,13 @@ def _describe(x: Any) -> str:
     """Shape, dtype and, for a `QuantizedWeight`, its `storage`."""
     text = f"{tuple(np.shape(x))} {dtype_name(x)}"
     return f"{text} quantized {storage(x)}" if is_quantized(x) else text
+
+
+class _Pair(NamedTuple):
+    """A picked node and its example axes (a pair of trees that `_pick` splits)."""
+
+    node: Any
+    axes: Any
 
 
 class _Column(NamedTuple):

@@ -2,7 +2,8 @@
 
 `route` wraps a model function like `ll.lora` does, taking an `AdapterSet` and one adapter
 id per example: the base product stays one matmul over the batch, the adapter path becomes
-batched matmuls over each example's gathered factors.
+batched matmuls over each example's gathered factors (gathered once, laid out so that a
+scan over layers slices them without a copy).
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
     """
     apply = lora(fn, strict=strict)
 
-    def one_example(adapters, kwargs, index, example, key):
+    def one_example(kwargs, tree, example, key):
         batch_of_one = jax.tree_util.tree_map(lambda x: x[None], example)
-        out = apply(adapters.select(index), *batch_of_one, dropout_key=key, **kwargs)
+        out = apply(tree, *batch_of_one, dropout_key=key, **kwargs)
         return jax.tree_util.tree_map(lambda y: y[0], out)
 
     @functools.wraps(fn)
@@ -70,10 +71,13 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
             raise TypeError(f"routed: expected an AdapterSet, got {type(adapters).__name__}")
         ids = _check_ids(adapter_ids, batch, len(adapters))
         keys = None if dropout_key is None else jax.random.split(dropout_key, ids.shape[0])
-        # The set and the keyword arguments are closed over: unbatched, and kwargs may
-        # hold Python values (flags) that the model branches on.
-        mapped = jax.vmap(functools.partial(one_example, adapters, kwargs))
-        return mapped(ids, batch, keys)
+        # Every example's factors are gathered here, once, not under the map (a gather
+        # per example would write them example-major, and a scan over the layers would
+        # then copy them). The keyword arguments are closed over: kwargs may hold Python
+        # values (flags) that the model branches on.
+        tree, axes = adapters.per_example(ids)
+        mapped = jax.vmap(functools.partial(one_example, kwargs), in_axes=(axes, 0, 0))
+        return mapped(tree, batch, keys)
 
     return routed
 

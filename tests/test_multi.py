@@ -392,6 +392,36 @@ def test_routing_keeps_the_base_weight_unbatched_in_the_compiled_program():
     assert max(hlo_sizes(naive)) >= per_example_weight
 
 
+@pytest.mark.parametrize("model", ["mlp", "stacked"])
+def test_per_example_gives_each_example_its_selected_tree(model):
+    adapters, _ = mixed_set(model)
+    ids = jnp.array([2, 0, -1, 1, 1, -1, 0])
+    tree, axes = adapters.per_example(ids)
+    factor_axes = {a for n in lora_nodes(axes) if isinstance(n, ll.LoraWeight) for a in (n.a, n.b)}
+    assert factor_axes == ({1} if model == "stacked" else {0})  # behind the layer axis
+    for k, i in enumerate(ids.tolist()):
+        take = functools.partial(lambda k, x, axis: x if axis is None else x.take(k, axis), k)
+        example = jax.tree_util.tree_map(take, tree, axes, is_leaf=lambda x: x is None)
+        chex.assert_trees_all_equal(example, adapters.select(i))
+
+
+def test_routing_gathers_scanned_factors_without_a_layout_copy():
+    """The gathered factors of scanned layers are laid out for the scan: the routed
+    program moves about 0.6x the bytes of a per-example select under ``jax.vmap``
+    (whose example-major gathers the scan copies), on jax 0.10 to 0.12."""
+    adapters, _ = mixed_set("stacked")
+    model, ids = MODELS["stacked"], jnp.array([2, 0, -1, 1, 1, -1, 0])
+    apply = ll.lora(model.apply)
+    per_select = jax.vmap(lambda i, xi: apply(adapters.select(i), xi[None])[0])
+
+    def bytes_accessed(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
+
+    routed = bytes_accessed(ll.route(model.apply), adapters, ids, X)
+    assert routed < 0.8 * bytes_accessed(per_select, ids, X)
+
+
 def test_routing_draws_dropout_per_example_and_checks_ids():
     trees = {n: make_adapter("mlp", s, rank=2, dropout=0.5) for n, s in (("a", 1), ("b", 2))}
     adapters = ll.AdapterSet.from_trees(trees)
@@ -407,9 +437,10 @@ def test_routing_draws_dropout_per_example_and_checks_ids():
         routed(adapters, jnp.zeros(3, jnp.int32), x)
 
 
-def test_routing_rejects_bad_ids_and_marks_traced_ones_nan():
-    adapters, trees = mixed_set("mlp")
-    routed = ll.route(MODELS["mlp"].apply)
+@pytest.mark.parametrize("model", ["mlp", "stacked"])
+def test_routing_rejects_bad_ids_and_marks_traced_ones_nan(model):
+    adapters, trees = mixed_set(model)
+    routed = ll.route(MODELS[model].apply)
     with pytest.raises(ValueError, match=r"adapter_ids \[-2, 3\] outside \[-1, 3\)"):
         routed(adapters, jnp.array([0, 3, -2, 3, 0, 0, 0]), X)
     with pytest.raises(TypeError, match="must be integers"):
