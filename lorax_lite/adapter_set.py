@@ -20,8 +20,8 @@ import numpy as np
 
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
-from .trees import base_of, combine, content_hash, dtype_name, storage
-from .weight import LoraWeight, Trainable, is_array, is_lora_node, is_node
+from .trees import base_of, content_hash, dtype_name, storage
+from .weight import Gathered, LoraWeight, Trainable, is_array, is_lora_node, is_node
 
 
 def _is_node(x: Any) -> bool:
@@ -160,15 +160,15 @@ class AdapterSet:
                 are unknown (pass ``base=`` to `from_trees`).
         """
         index = self.index(which) if isinstance(which, str) else _as_index(which, len(self))
-        return combine(self._pick(index)[0], self.frozen)
+        return self._pick(index)[0]
 
     def per_example(self, ids: jax.Array) -> tuple[Any, Any]:
-        """Each example's adapter, gathered into one LoRA tree, and its ``jax.vmap`` axes.
+        """Each example's adapter as one LoRA tree to map over, and its ``jax.vmap`` axes.
 
-        What `ll.route` maps the model over. Every selected leaf gets an example axis:
-        at position 1 in the factors of a stacked weight (behind its first stack axis,
-        which a scan over layers slices, so the scan needs no copy of them), at 0
-        elsewhere; the shared base has none.
+        What `ll.route` maps the model over: the factors are `Gathered` (each example's
+        adapter index into the shared stacks), gathered where `ll.lora` uses them, so a
+        scan over layers gathers one layer per step; the values of leaves trained in
+        full are gathered here, examples on axis 0; the base is shared.
 
         Args:
             ids: an integer vector, one adapter index per example (``-1``: the base
@@ -176,22 +176,21 @@ class AdapterSet:
                 ``[-1, len(self))`` gives its example NaN factors.
 
         Returns:
-            ``(tree, in_axes)``: ``jax.vmap(f, in_axes=(in_axes, ...))(tree, ...)`` calls
-            ``f`` with ``select(ids[i])``'s tree for example ``i``.
+            ``(tree, in_axes)``: ``jax.vmap(ll.lora(f), in_axes=(in_axes, ...))(tree,
+            ...)`` runs ``f`` with ``select(ids[i])``'s tree for example ``i``.
 
         Raises:
             ValueError: for ``-1`` among the ids when the base values of leaves trained
                 in full are unknown (pass ``base=`` to `from_trees`).
         """
-        picked, axes = self._pick(jnp.asarray(ids), examples=True)
-        return combine(picked, self.frozen), axes  # None axes: the base, shared
+        return self._pick(jnp.asarray(ids), examples=True)
 
     def _pick(self, index: int | jax.Array, *, examples: bool = False) -> tuple[Any, Any]:
-        """The trainable partition of adapter ``index`` (``-1``: zero delta, base values),
-        and the example axis of each leaf (``None`` unless ``examples``).
+        """The LoRA tree of adapter ``index`` (``-1``: zero delta, base values), and each
+        leaf's ``jax.vmap`` axes (``None`` unless ``examples``; the base's always).
 
-        With ``examples``, ``index`` is a vector of per-example ids and each leaf gets
-        an example axis (see `per_example`).
+        With ``examples``, ``index`` is a vector of per-example ids, the factors stay
+        `Gathered` and the other leaves get the examples on axis 0 (see `per_example`).
         """
         always = isinstance(index, int) and index >= 0
         if isinstance(index, int):
@@ -200,46 +199,38 @@ class AdapterSet:
             ok = (index >= 0) & (index < len(self))
             fill = jnp.where(index == -1, 0.0, jnp.nan)
         j = index if always else jnp.clip(index, 0, len(self) - 1)
+        keep, fill = (None, None) if always else (ok, fill)
+        axis = 0 if examples else None
         gains = iter(self._gains())
         missing = []
 
-        def take(x, axis):
-            """Leaf ``x``'s adapter axis indexed by ``j``, the examples at ``axis``."""
-            if axis == 1:  # x[j] with the examples behind the first stack axis, no copy
-                return x[j[None, :], jnp.arange(x.shape[1])[:, None]]
-            return x[j]
-
-        def spread(v, like, axis):
+        def spread(v, like):
             """A per-example vector ``v`` shaped to broadcast against ``like``."""
-            if not examples or np.ndim(v) == 0:
-                return v
-            return jnp.reshape(v, [-1 if k == axis else 1 for k in range(like.ndim)])
+            return jnp.reshape(v, (-1,) + (1,) * (like.ndim - 1)) if examples else v
 
         def pick(path, node, base):
             if isinstance(node, LoraWeight):
-                axis = (1 if node.layout.stack else 0) if examples else None
-                a, b, gain = take(node.a, axis), take(node.b, axis), next(gains)
-                if gain is not None:
-                    b = b * spread(jnp.asarray(gain, b.dtype)[j], b, axis)
-                if not always:
-                    b = jnp.where(
-                        spread(ok, b, axis), b, spread(jnp.asarray(fill, b.dtype), b, axis)
-                    )
-                return _Pair(
-                    dataclasses.replace(node, a=a, b=b), dataclasses.replace(node, a=axis, b=axis)
-                )
+                gain = next(gains)
+                gain = None if gain is None else jnp.asarray(gain)[j]
+                a, b = Gathered(node.a, j), Gathered(node.b, j, gain, keep, fill)
+                if not examples:
+                    return _Pair(dataclasses.replace(base, a=a.resolve(), b=b.resolve()), None)
+                mapped = lambda x: None if x is None else axis
+                a_axes = Gathered(None, axis)
+                b_axes = Gathered(None, axis, mapped(gain), mapped(keep), mapped(fill))
+                axes = dataclasses.replace(node, a=a_axes, b=b_axes)
+                return _Pair(dataclasses.replace(base, a=a, b=b), axes)
             if isinstance(node, Trainable):
-                axis = 0 if examples else None
-                value = take(node.value, axis)
+                value = node.value[j]
                 if not always:
                     if base.value is None:
                         missing.append(path_str(path))
                     else:
-                        value = jnp.where(spread(index == -1, value, 0), base.value, value)
-                        keep = spread(ok | (index == -1), value, 0)
-                        value = jnp.where(keep, value, spread(fill, value, 0)).astype(value.dtype)
+                        value = jnp.where(spread(index == -1, value), base.value, value)
+                        kept = spread(ok | (index == -1), value)
+                        value = jnp.where(kept, value, spread(fill, value)).astype(value.dtype)
                 return _Pair(Trainable(value), Trainable(axis))
-            return _Pair(None, None)
+            return _Pair(base, None)
 
         pairs = jax.tree_util.tree_map_with_path(pick, self.stacked, self.frozen, is_leaf=_is_node)
         if missing:

@@ -15,6 +15,7 @@ materializes that one weight and warns once, naming the primitive and the leaf p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from . import rules, views
 from .quant import QuantizedWeight
 from .rules import Context, LoraValue, dequantized
 from .targets import path_str
-from .weight import Layout, LoraWeight, Trainable, is_array, is_node
+from .weight import Gathered, Layout, LoraWeight, Trainable, is_array, is_node
 
 
 class MaterializationError(TypeError):
@@ -175,11 +176,21 @@ def _apply(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     if not any(isinstance(x, LoraValue | QuantizedWeight) for x in operands):
         return views.bind_results(eqn, operands)
     name = eqn.primitive.name
+    if name not in _PASS_GATHERED:
+        operands = [_resolved(x) for x in operands]
     rule = RULES.get(name)
     outs = rule(eqn, operands, ctx) if rule else None
     if outs is None:
         outs = views.bind_results(eqn, [materialize(x, name, ctx) for x in operands])
     return outs
+
+
+def _resolved(x: Any) -> Any:
+    """``x`` with `Gathered` factors (`ll.route`'s) gathered: what every rule but the
+    ones in `_PASS_GATHERED` sees."""
+    if isinstance(x, LoraValue) and isinstance(x.a, Gathered):
+        return x._replace(a=x.a.resolve(), b=x.b.resolve())
+    return x
 
 
 def materialize(x: Any, use: str, ctx: Context) -> Any:
@@ -194,6 +205,7 @@ def materialize(x: Any, use: str, ctx: Context) -> Any:
     """
     if not isinstance(x, LoraValue):
         return dequantized(x)
+    x = _resolved(x)
     if x.layout.fan_in and x.layout.fan_out:
         message = (
             f"lorax_lite: '{use}' has no low-rank rule; materializing LoRA weight "
@@ -271,7 +283,9 @@ def _custom_derivative(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]
 
 def _unstacked(v: Any, ctx: Context) -> tuple[Any, Any]:
     """A scanned-over input: LoRA weights stacked on axis 0 stay lazy, and quantized
-    weights stay quantized, sliced per step (unless blocked along the scanned axis)."""
+    weights stay quantized, sliced per step (unless blocked along the scanned axis).
+    `Gathered` factors stay where they are: the step gathers its own layer (see
+    `_sliced_value`), the scan slices the layer indices."""
     if isinstance(v, QuantizedWeight):
         return (v.dequantize() if v.ndim + v.axis == 0 else v), None
     if not isinstance(v, LoraValue):
@@ -281,11 +295,23 @@ def _unstacked(v: Any, ctx: Context) -> tuple[Any, Any]:
         return materialize(v, "scan over a non-stacked axis", ctx), None
     if isinstance(v.w, QuantizedWeight) and v.w.ndim + v.w.axis == 0:
         v = dequantized(v)
+    if isinstance(v.a, Gathered) and v.a.layer is not None:  # a scan inside a scan
+        v = _resolved(v)
     down = lambda axes: tuple(i - 1 for i in axes)
-    meta = v._replace(w=None, a=None, b=None, m=None)
-    return (v.w, v.a, v.b, v.m), meta._replace(
-        layout=Layout(down(stack[1:]), down(fan_in), down(fan_out))
-    )
+    layout = Layout(down(stack[1:]), down(fan_in), down(fan_out))
+    if isinstance(v.a, Gathered):
+        layers = jax.numpy.arange(v.w.shape[0])
+        return (v.w, layers, layers, v.m), v._replace(w=None, m=None, layout=layout)
+    return (v.w, v.a, v.b, v.m), v._replace(w=None, a=None, b=None, m=None, layout=layout)
+
+
+def _sliced_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
+    """A scan step's LoRA value from its static part and its slice ``(w, a, b, m)``,
+    where a `Gathered` factor's slice is the step's layer index."""
+    w, a, b, m = parts
+    if isinstance(meta.a, Gathered):
+        a, b = (dataclasses.replace(g, layer=i) for g, i in ((meta.a, a), (meta.b, b)))
+    return meta._replace(w=w, a=a, b=b, m=m)
 
 
 def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
@@ -300,7 +326,7 @@ def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 
     def body(carry, sliced):
         x_slices, step_key = sliced
-        x_vals = [rules.rebuilt_value(m, x) if m else x for x, m in zip(x_slices, metas)]
+        x_vals = [_sliced_value(m, x) if m else x for x, m in zip(x_slices, metas)]
         inputs = region.inputs([*consts, *carry, *x_vals])
         outs = _dense_outputs(region, inputs, ctx, step_key, "scan output")
         return outs[: len(init)], outs[len(init) :]
@@ -345,6 +371,10 @@ def _while(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     carry, _ = lax.while_loop(cond_fun, body_fun, (init, ctx.next_key()))
     return carry
 
+
+_PASS_GATHERED = frozenset({*(p.name for p in views.CALLS), prim.remat_p.name, prim.scan_p.name})
+"""Primitives whose rules pass `Gathered` factors on unresolved (into a call's body,
+``remat``'s block, a scan's steps), so the gather runs where the factor is used."""
 
 RULES: dict[str, rules.Rule] = {
     **rules.RULES,

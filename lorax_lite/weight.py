@@ -81,8 +81,8 @@ class LoraWeight:
     """
 
     w: jax.Array | QuantizedWeight | None
-    a: jax.Array | None
-    b: jax.Array | None
+    a: jax.Array | Gathered | None
+    b: jax.Array | Gathered | None
     scale: float = 1.0
     layout: Layout = Layout.dense()
     dropout: float = 0.0
@@ -196,6 +196,44 @@ def factored_norm(
     squared = w_squared + 2 * scale * cross + scale**2 * low_rank
     # Rounding can take a (near) zero norm's square below zero.
     return jnp.sqrt(jnp.maximum(squared, 0.0))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """A factor gathered where it is used: ``table[index]`` (then ``[layer]``), times
+    ``gain``, or ``fill`` where not ``keep``.
+
+    `AdapterSet.per_example` puts these in a `LoraWeight` for `ll.route`: under
+    ``jax.vmap`` the ``index`` is each example's adapter and the ``table`` (every
+    adapter's factor, stacked) is shared, so the gather runs inside the model, where
+    `ll.lora` uses the factor: inside a scan over layers, one layer's gather per step
+    (``layer``, set by the scan), never a copy of every layer's per-example factors.
+
+    Attributes:
+        table: the stacked factor, ``(adapters, *factor shape)``.
+        index: the adapter, an integer in ``[0, adapters)``.
+        gain: a scale to multiply by, or ``None``.
+        keep: whether to keep the gathered value (a bool), or ``None`` (always).
+        fill: the value where not ``keep``.
+        layer: an index into the factor's first (stacked) axis, or ``None``.
+    """
+
+    table: jax.Array
+    index: jax.Array
+    gain: jax.Array | None = None
+    keep: jax.Array | None = None
+    fill: jax.Array | None = None
+    layer: jax.Array | None = None
+
+    def resolve(self) -> jax.Array:
+        """The factor as an array."""
+        x = self.table[self.index] if self.layer is None else self.table[self.index, self.layer]
+        if self.gain is not None:
+            x = x * jnp.asarray(self.gain, x.dtype)
+        if self.keep is not None:
+            x = jnp.where(self.keep, x, jnp.asarray(self.fill, x.dtype))
+        return x
 
 
 @jax.tree_util.register_dataclass

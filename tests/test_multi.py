@@ -15,7 +15,7 @@ from helpers import JIT, MLP, Stacked, dense_reference, randomize_b
 
 import lorax_lite as ll
 from lorax_lite.targets import named_leaves
-from lorax_lite.weight import is_lora_node
+from lorax_lite.weight import Gathered, is_lora_node
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(7, 10)), jnp.float32)
 MODELS = {"mlp": MLP((24, 6), ("fc1", "fc2")), "stacked": Stacked(10)}
@@ -397,18 +397,23 @@ def test_per_example_gives_each_example_its_selected_tree(model):
     adapters, _ = mixed_set(model)
     ids = jnp.array([2, 0, -1, 1, 1, -1, 0])
     tree, axes = adapters.per_example(ids)
-    factor_axes = {a for n in lora_nodes(axes) if isinstance(n, ll.LoraWeight) for a in (n.a, n.b)}
-    assert factor_axes == ({1} if model == "stacked" else {0})  # behind the layer axis
+    factors = [x for n in lora_nodes(tree) if isinstance(n, ll.LoraWeight) for x in (n.a, n.b)]
+    assert factors and all(isinstance(x, Gathered) for x in factors)  # gathered where used
+    is_gathered = lambda x: isinstance(x, Gathered)
+    resolve = lambda t: jax.tree_util.tree_map(
+        lambda x: x.resolve() if is_gathered(x) else x, t, is_leaf=is_gathered
+    )
+    every = jax.vmap(resolve, in_axes=(axes,))(tree)
     for k, i in enumerate(ids.tolist()):
-        take = functools.partial(lambda k, x, axis: x if axis is None else x.take(k, axis), k)
-        example = jax.tree_util.tree_map(take, tree, axes, is_leaf=lambda x: x is None)
+        example = jax.tree_util.tree_map(lambda x, k=k: x[k], every)
         chex.assert_trees_all_equal(example, adapters.select(i))
 
 
-def test_routing_gathers_scanned_factors_without_a_layout_copy():
-    """The gathered factors of scanned layers are laid out for the scan: the routed
-    program moves about 0.6x the bytes of a per-example select under ``jax.vmap``
-    (whose example-major gathers the scan copies), on jax 0.10 to 0.12."""
+def test_routing_gathers_scanned_factors_per_layer_without_copies():
+    """Each scan step gathers its own layer's factors: the routed program moves about
+    0.35x the bytes of a per-example select under ``jax.vmap`` (which gathers every
+    layer's factors example-major, then the scan copies them layer-major) on jax 0.10
+    to 0.12; gathering every layer up front, laid out for the scan, gave 0.6x."""
     adapters, _ = mixed_set("stacked")
     model, ids = MODELS["stacked"], jnp.array([2, 0, -1, 1, 1, -1, 0])
     apply = ll.lora(model.apply)
@@ -419,7 +424,7 @@ def test_routing_gathers_scanned_factors_without_a_layout_copy():
         return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
 
     routed = bytes_accessed(ll.route(model.apply), adapters, ids, X)
-    assert routed < 0.8 * bytes_accessed(per_select, ids, X)
+    assert routed < 0.5 * bytes_accessed(per_select, ids, X)
 
 
 def test_routing_draws_dropout_per_example_and_checks_ids():

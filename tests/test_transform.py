@@ -8,6 +8,7 @@ leaves) with the same function of the merged weights, ``fn(ll.merge(tree))``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 
@@ -390,6 +391,24 @@ FUNCTIONS = {
 def test_function_matches_merged_weight(name, jit):
     fn, make_weight, make_args, rtol = FUNCTIONS[name]
     assert_matches_merged(name, fn, make_weight(), *make_args(), jit=jit, rtol=rtol)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_function_of_gathered_factors_matches_the_selected_weight(name):
+    """`ll.route`'s factors, gathered where each rule uses them (per layer in a scan),
+    through every function above, under ``jax.vmap`` over three examples."""
+    fn, make_weight, make_args, rtol = FUNCTIONS[name]
+    weight, args = make_weight(), make_args()
+    other = dataclasses.replace(weight, a=-weight.a[..., ::-1], b=weight.b * 0.5)
+    adapters = ll.AdapterSet.from_trees({"one": {"w": weight}, "other": {"w": other}})
+    ids = jnp.array([1, -1, 0])
+    tree, axes = adapters.per_example(ids)
+    apply = ll.lora(fn, strict=True)
+    routed = jax.jit(jax.vmap(lambda t: apply(t["w"], *args), in_axes=(axes,)))(tree)
+    for k, i in enumerate(ids.tolist()):
+        alone = apply(adapters.select(i)["w"], *args)
+        got = jax.tree_util.tree_map(lambda x, k=k: x[k], routed)
+        chex.assert_trees_all_close(got, alone, rtol=rtol, atol=rtol)
 
 
 @MODES
