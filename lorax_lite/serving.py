@@ -2,8 +2,8 @@
 
 `route` wraps a model function like `ll.lora` does, taking an `AdapterSet` and one adapter
 id per example: the base product stays one matmul over the batch, the adapter path becomes
-batched matmuls over each example's gathered factors (gathered once, laid out so that a
-scan over layers slices them without a copy).
+batched matmuls over each example's factors, gathered where they are used (see
+`AdapterSet.per_example`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
 
     The routed function takes an `AdapterSet` and an ``adapter_ids`` vector (one id
     per example; ``-1``: the base model). Under ``jax.vmap`` over the examples, each
-    example gets its adapter's factors (gathered by id) while the base weights stay
-    unbatched: the base product stays one matmul over the whole batch and the adapter
-    path becomes batched matmuls. No loop over adapters, no sub-batching.
+    example gets its adapter's factors (gathered by id where each is used: inside a
+    scan over layers, one layer per step) while the base weights stay unbatched: the
+    base product stays one matmul over the whole batch and the adapter path becomes
+    batched matmuls. No loop over adapters, no sub-batching.
 
     Args:
         fn: the model function ``fn(params, *batch, **kwargs)``, e.g. ``model.apply``;
@@ -71,10 +72,10 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
             raise TypeError(f"routed: expected an AdapterSet, got {type(adapters).__name__}")
         ids = _check_ids(adapter_ids, batch, len(adapters))
         keys = None if dropout_key is None else jax.random.split(dropout_key, ids.shape[0])
-        # Every example's factors are gathered here, once, not under the map (a gather
-        # per example would write them example-major, and a scan over the layers would
-        # then copy them). The keyword arguments are closed over: kwargs may hold Python
-        # values (flags) that the model branches on.
+        # The factors stay stacked, each example holding its index (Gathered): gathered
+        # where used, per layer inside a scan, never every layer's up front. The keyword
+        # arguments are closed over: kwargs may hold Python values (flags) that the
+        # model branches on.
         tree, axes = adapters.per_example(ids)
         mapped = jax.vmap(functools.partial(one_example, kwargs), in_axes=(axes, 0, 0))
         return mapped(tree, batch, keys)

@@ -10,7 +10,9 @@ entered (``remat`` stays around its block) through the sub-jaxprs `views.regions
 names; ``custom_jvp``/``custom_vjp`` functions run lazily forward, and by their own
 rule on the dense weight when differentiated. Any other use of a LoRA weight
 materializes that one weight and warns once, naming the primitive and the leaf path
-(``strict=True`` raises instead).
+(``strict=True`` raises instead). `Gathered` factors (`ll.route`'s) are gathered before
+every rule but those of calls, ``remat`` and ``scan``, which pass them on: a scan step
+gathers its own layer.
 """
 
 from __future__ import annotations

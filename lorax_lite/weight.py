@@ -63,7 +63,8 @@ class LoraWeight:
     """A frozen weight ``w`` with a low-rank adapter: ``w + scale * A @ B``.
 
     ``w`` is frozen; ``a`` and ``b`` train. ``scale``, ``layout`` and ``dropout``
-    are static metadata. After `partition`, ``w`` or ``a``/``b`` may be ``None``.
+    are static metadata. After `partition`, ``w`` or ``a``/``b`` may be ``None``; in
+    `AdapterSet.per_example`'s tree (`ll.route`), ``a`` and ``b`` are `Gathered`.
 
     With a magnitude ``m`` (DoRA, ``LoraConfig(use_dora=True)``) the weight is
     ``m * V / ||V||`` with ``V = w + scale * A @ B``, the norm taken per output unit

@@ -1,0 +1,35 @@
+"""experiments/bench/gpu.py: the one GPU command, rehearsed on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.bench import gpu
+
+
+def test_small_rehearsal_runs_and_summarizes(tmp_path):
+    assert gpu.main(["--small", "--only", "routing", "--out-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (run,) = summary["runs"]
+    assert run["name"] == "routing" and run["status"] == "ok" and run["rc"] == 0
+    assert "--smoke" in run["command"] and summary["jax"] and summary["commit"]
+    routing = json.loads((tmp_path / "routing.json").read_text())
+    assert routing["routing_max_abs_diff"] == 0.0  # the bench's own result, written there
+    table = (tmp_path / "summary.md").read_text()
+    assert "| routing | ok |" in table and "--small rehearsal" in table
+
+
+def test_a_run_past_its_limit_is_killed_and_recorded(tmp_path):
+    slow = gpu.Run("slow", "experiments.bench.routing", (), ("--repeats", "10000"), 3)
+    args = gpu.parse_args(["--small", "--out-dir", str(tmp_path)])
+    result = gpu.run_one(slow, args, tmp_path)
+    assert result["status"] == "timed out" and result["rc"] is None
+    assert 3 <= result["seconds"] < 30  # killed, workers included, not waited for
+
+
+def test_unknown_run_names_are_refused(capsys):
+    with pytest.raises(SystemExit, match="2"):
+        gpu.parse_args(["--only", "small,huge"])
+    assert "unknown runs ['huge']" in capsys.readouterr().err
