@@ -654,12 +654,12 @@ def flatten_values(
     flat = [(v.w, v.a, v.b, v.m) if m else v for v, m in zip(values, meta)]
 
     def rebuild(arrays: Sequence[Any]) -> list[Any]:
-        return [_rebuilt_value(m, x) if m else x for x, m in zip(arrays, meta)]
+        return [rebuilt_value(m, x) if m else x for x, m in zip(arrays, meta)]
 
     return flat, rebuild
 
 
-def _rebuilt_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
+def rebuilt_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
     """A LoRA value from its static part and its ``(w, a, b, m)`` arrays."""
     return meta._replace(w=parts[0], a=parts[1], b=parts[2], m=parts[3])
 

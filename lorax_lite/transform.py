@@ -302,7 +302,7 @@ def _unstacked(v: Any, ctx: Context) -> tuple[Any, Any]:
     down = lambda axes: tuple(i - 1 for i in axes)
     layout = Layout(down(stack[1:]), down(fan_in), down(fan_out))
     if isinstance(v.a, Gathered):
-        layers = jax.numpy.arange(v.w.shape[0])
+        layers = lax.iota(np.int32, v.w.shape[0])
         return (v.w, layers, layers, v.m), v._replace(w=None, m=None, layout=layout)
     return (v.w, v.a, v.b, v.m), v._replace(w=None, a=None, b=None, m=None, layout=layout)
 
@@ -310,10 +310,10 @@ def _unstacked(v: Any, ctx: Context) -> tuple[Any, Any]:
 def _sliced_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
     """A scan step's LoRA value from its static part and its slice ``(w, a, b, m)``,
     where a `Gathered` factor's slice is the step's layer index."""
-    w, a, b, m = parts
     if isinstance(meta.a, Gathered):
-        a, b = (dataclasses.replace(g, layer=i) for g, i in ((meta.a, a), (meta.b, b)))
-    return meta._replace(w=w, a=a, b=b, m=m)
+        w, a, b, m = parts
+        parts = w, dataclasses.replace(meta.a, layer=a), dataclasses.replace(meta.b, layer=b), m
+    return rules.rebuilt_value(meta, parts)
 
 
 def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:

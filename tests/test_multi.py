@@ -1,5 +1,6 @@
 """AdapterSet, combine_adapters, route and vmap_train_step, against dense and float64 references."""
 
+import dataclasses
 import functools
 import re
 import warnings
@@ -425,6 +426,25 @@ def test_routing_gathers_scanned_factors_per_layer_without_copies():
 
     routed = bytes_accessed(ll.route(model.apply), adapters, ids, X)
     assert routed < 0.5 * bytes_accessed(per_select, ids, X)
+
+
+def test_routing_gradients_equal_those_of_each_example_run_alone():
+    """Through the gathers inside the scan, each adapter's factors get the sum of the
+    gradients of the examples routed to it."""
+    adapters, _ = mixed_set("stacked")
+    model, ids = MODELS["stacked"], jnp.array([2, 0, -1, 1, 1, -1, 0])
+    with_stacked = lambda stacked: dataclasses.replace(adapters, stacked=stacked)
+
+    def routed_loss(stacked):
+        return jnp.sum(ll.route(model.apply)(with_stacked(stacked), ids, X) ** 2)
+
+    def separate_loss(stacked):
+        apply = ll.lora(model.apply)
+        outs = [apply(with_stacked(stacked).select(i), X[k : k + 1]) for k, i in enumerate(ids)]
+        return sum(jnp.sum(out**2) for out in outs)
+
+    routed = jax.jit(jax.grad(routed_loss))(adapters.stacked)
+    chex.assert_trees_all_close(routed, jax.grad(separate_loss)(adapters.stacked), atol=1e-5)
 
 
 def test_routing_draws_dropout_per_example_and_checks_ids():
