@@ -24,7 +24,8 @@ A rule returns ``None`` when it does not apply; the evaluator then materializes.
 A quantized operand reaches a first-order rule dequantized (inside the compiled
 function); a product with a quantized operand runs under `jax.checkpoint` on the codes
 (`_product`), and a float cast of a quantized weight retypes it (`_cast`), so the backward
-pass dequantizes again instead of keeping each layer's weight in float. The functions
+pass dequantizes again instead of keeping each layer's weight in float; a float cast of a
+LoRA weight's plain base waits for its product the same way (`Cast`). The functions
 named after the primitives (`dot_general`, `reshape`...) compute one equation each; `RULES`
 calls them.
 """
@@ -64,8 +65,8 @@ class LoraValue(NamedTuple):
     def materialize(self) -> jax.Array:
         """``w + scale * A @ B`` (with DoRA, times ``m / norm``), accumulated in float32,
         in ``w``'s dtype."""
-        node = LoraWeight(self.w, self.a, self.b, self.scale, self.layout, m=self.m,
-                          detach_norm=self.detach_norm)  # fmt: skip
+        node = LoraWeight(stored_value(self.w), self.a, self.b, self.scale, self.layout,
+                          m=self.m, detach_norm=self.detach_norm)  # fmt: skip
         return node.materialize()
 
     def magnitude_ratio(self) -> jax.Array:
@@ -85,13 +86,40 @@ class LoraValue(NamedTuple):
         return math.prod(self.w.shape[i] for i in self.layout.fan_in)
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["array"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class Cast:
+    """A LoRA weight's frozen base with a float cast left to the product that uses it
+    (see `_cast`), so that the product recomputes the cast weight in the backward pass
+    instead of keeping it as a residual."""
+
+    array: jax.Array
+    dtype: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def dequantize(self) -> jax.Array:
+        """The cast weight (named like `QuantizedWeight.dequantize`, which it stands beside)."""
+        return lax.convert_element_type(self.array, self.dtype)
+
+
+def stored_value(w: Any) -> Any:
+    """A base weight as an array: a `QuantizedWeight` dequantized, a `Cast` applied."""
+    return w.dequantize() if isinstance(w, QuantizedWeight | Cast) else w
+
+
 def dequantized(x: Any) -> Any:
-    """``x`` with a quantized weight (itself, or a LoRA weight's base) dequantized."""
-    if isinstance(x, QuantizedWeight):
-        return x.dequantize()
-    if isinstance(x, LoraValue) and isinstance(x.w, QuantizedWeight):
-        return x._replace(w=x.w.dequantize())
-    return x
+    """``x`` with a quantized weight (itself, or a LoRA weight's base) dequantized and a
+    LoRA weight's deferred `Cast` applied."""
+    if isinstance(x, LoraValue):
+        return x._replace(w=stored_value(x.w))
+    return stored_value(x)
 
 
 class Context:
@@ -629,7 +657,7 @@ def _product(
         run = _first_order(
             lambda eqn, ops, ctx: _listed(op(eqn, *ops, key) if keyed else op(eqn, *ops))
         )
-        if not (recompute and any(map(_has_quantized, operands))):
+        if not (recompute and any(map(_recomputed, operands))):
             return run(eqn, operands, ctx)
         flat, rebuild = flatten_values(operands)
         return jax.checkpoint(lambda flat: run(eqn, rebuild(flat), ctx))(flat)
@@ -637,10 +665,11 @@ def _product(
     return rule
 
 
-def _has_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedWeight) or (
-        isinstance(x, LoraValue) and isinstance(x.w, QuantizedWeight)
-    )
+def _recomputed(x: Any) -> bool:
+    """Whether a product recomputes ``x``'s weight in the backward pass: a quantized
+    weight, or a LoRA base with a deferred `Cast`."""
+    w = x.w if isinstance(x, LoraValue) else x
+    return isinstance(w, QuantizedWeight | Cast)
 
 
 def flatten_values(
@@ -678,24 +707,30 @@ def _structural(op: Callable) -> Rule:
 
 
 def _cast(rule: Rule) -> Rule:
-    """``rule`` for a cast, except that a float cast of a quantized weight dequantizing to
-    float32 (alone, or the base of a LoRA weight without DoRA) changes the dtype it will
-    dequantize to instead: the weight stays quantized up to its product, which then
-    recomputes it in the backward pass (see `_product`). Exact: dequantizing computes in
-    float32, so casting its float32 result and dequantizing to the new dtype round once alike."""
+    """``rule`` for a cast, except for a float cast of a weight that a product can
+    recompute (see `_product`) instead of keeping the cast weight as a residual:
+
+    * a quantized weight dequantizing to float32 (alone, or the base of a LoRA weight
+      without DoRA) is retyped to dequantize to the new dtype: exact, since dequantizing
+      computes in float32, so casting its float32 result and dequantizing to the new
+      dtype round once alike;
+    * the float base of a LoRA weight without DoRA (a bfloat16 base in a float32 model)
+      becomes a `Cast`, applied where it is used.
+    """
 
     def run(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
         dtype = jnp.dtype(views.new_dtype(eqn))
         (x,) = operands
-        q = x.w if isinstance(x, LoraValue) and x.m is None else x
-        if not (
-            isinstance(q, QuantizedWeight)
-            and jnp.dtype(q.dtype) == jnp.float32
-            and jnp.issubdtype(dtype, jnp.floating)
-        ):
+        w = x.w if isinstance(x, LoraValue) and x.m is None else x
+        if not jnp.issubdtype(dtype, jnp.floating):
             return rule(eqn, operands, ctx)
-        retyped = dataclasses.replace(q, dtype=dtype)
-        if x is q:
+        if isinstance(w, QuantizedWeight) and jnp.dtype(w.dtype) == jnp.float32:
+            retyped = dataclasses.replace(w, dtype=dtype)
+        elif w is not x and jnp.dtype(w.dtype) != dtype:
+            retyped = Cast(stored_value(w), dtype)  # a cast of a `Cast` applies the first
+        else:
+            return rule(eqn, operands, ctx)
+        if w is x:
             return [retyped]
         return [x._replace(w=retyped, a=x.a.astype(dtype), b=x.b.astype(dtype))]
 

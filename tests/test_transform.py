@@ -611,13 +611,69 @@ def test_output_dtype_follows_the_model_compute_dtype():
     out = ll.lora(module.apply)(tree, x)
     assert out.dtype == module.apply(ll.merge(tree), x).dtype == jnp.bfloat16
     jaxpr = jax.make_jaxpr(ll.lora(module.apply))(tree, x)
-    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    dots = [e for e in all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
     assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
     # bfloat16 factors under a float32 model compute in float32.
     config = ll.LoraConfig(rank=2, dtype="bfloat16")
     params = jax.jit(MLP().init)(jax.random.key(0), x)
     tree = ll.init(params, config, key=jax.random.key(1))
     assert ll.lora(MLP().apply)(tree, x).dtype == jnp.float32
+
+
+def all_eqns(jaxpr):
+    """The equations of ``jaxpr`` and of every jaxpr inside them (a product under the
+    ``jax.checkpoint`` of a cast base, a scan's body), depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)  # a ClosedJaxpr or a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from all_eqns(inner)
+
+
+def test_a_cast_base_is_recast_in_the_backward_not_kept_per_layer():
+    """A bfloat16 base in a float32 model (and a float32 base in a bfloat16 one): each
+    layer's cast weight is recomputed by the backward pass, so the compiled gradient's
+    temporaries are those of a base already in the compute dtype, not one cast weight
+    more per layer; values and gradients are those of the base cast beforehand."""
+    n_layers, d = 8, 256
+
+    def scanned(compute, cast):
+        def model(params, x):
+            def layer(h, w):
+                return jnp.tanh(h @ (w.astype(compute) if cast else w)), None
+
+            h = lax.scan(layer, x.astype(compute), params["w"])[0]
+            return (h.astype(jnp.float32) ** 2).sum()
+
+        return model
+
+    x = normal((32, d), 5)
+    for stored, compute in ((jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)):
+        params = {"w": normal((n_layers, d, d), 6, scale=d**-0.5, dtype=stored)}
+        tree = lora_tree(scanned(compute, True), params, x, targets="w")
+        cast_first = jax.tree_util.tree_map(
+            lambda n, compute=compute: dataclasses.replace(n, w=n.w.astype(compute)),
+            tree,
+            is_leaf=lambda n: isinstance(n, ll.LoraWeight),
+        )
+        (value, grads), cast_bytes = grad_and_temp_bytes(scanned(compute, True), tree, x)
+        (ref, ref_grads), ref_bytes = grad_and_temp_bytes(scanned(compute, False), cast_first, x)
+        assert value == ref
+        chex.assert_trees_all_equal(grads, ref_grads)
+        if cast_bytes is not None:
+            one_weight = d * d * jnp.dtype(compute).itemsize
+            assert cast_bytes < ref_bytes + n_layers * one_weight / 2, (stored, compute)
+
+
+def grad_and_temp_bytes(model, tree, x):
+    """The value and the gradients of ``ll.lora(model)`` with respect to the trainable
+    leaves, and the compiled gradient's temporary bytes (None where not reported)."""
+    apply = ll.lora(model, strict=True)
+    trainable, frozen = ll.partition(tree)
+    grad = jax.jit(jax.value_and_grad(lambda t, f, x: apply(ll.combine(t, f), x)))
+    analysis = grad.lower(trainable, frozen, x).compile().memory_analysis()
+    return grad(trainable, frozen, x), (analysis and analysis.temp_size_in_bytes)
 
 
 # ----- no dense weight gradient ------------------------------------------------------
