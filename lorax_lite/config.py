@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import is_int, is_number, is_positive
 from .targets import Spec, from_serial, most_specific, to_predicate, to_serial
 from .weight import scale_from_alpha
 
@@ -238,15 +237,12 @@ def _normalize_containers(config: LoraConfig) -> list[str]:
 def _validate(config: LoraConfig) -> list[str]:
     problems = []
 
-    def is_number(value, kind):  # bools are not numbers here; NumPy scalars are
-        return isinstance(value, kind) and not isinstance(value, bool | np.bool_)
-
     def check_rank(name, value):
-        if not is_number(value, numbers.Integral) or value < 1:
+        if not is_int(value, 1):
             problems.append(f"{name} must be an int >= 1, got {value!r}")
 
     def check_alpha(name, value):
-        if not is_number(value, numbers.Real) or not 0 < value < math.inf:
+        if not is_positive(value):
             problems.append(f"{name} must be a finite number > 0, got {value!r}")
 
     check_rank("rank", config.rank)
@@ -255,7 +251,7 @@ def _validate(config: LoraConfig) -> list[str]:
         check_rank(f"rank_pattern[{pattern!r}]", value)
     for pattern, value in config.alpha_pattern.items():
         check_alpha(f"alpha_pattern[{pattern!r}]", value)
-    if not is_number(config.dropout, numbers.Real) or not 0 <= config.dropout < 1:
+    if not is_number(config.dropout) or not 0 <= config.dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
     for flag in _FLAGS:
         if not isinstance(getattr(config, flag), bool | np.bool_):
@@ -265,7 +261,7 @@ def _validate(config: LoraConfig) -> list[str]:
     if config.init not in INITS:
         problems.append(f"init must be one of {INITS}, got {config.init!r}")
     if config.pissa_niter is not None:
-        if not is_number(config.pissa_niter, numbers.Integral) or config.pissa_niter < 0:
+        if not is_int(config.pissa_niter, 0):
             problems.append(f"pissa_niter must be None or an int >= 0, got {config.pissa_niter!r}")
         elif config.init != "pissa":
             problems.append(f"pissa_niter is for init='pissa', not init={config.init!r}")

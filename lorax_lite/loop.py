@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from .checks import is_int
 from .distributed import is_main_process
 from .trees import TrainState
 
@@ -81,7 +82,7 @@ def fit(
         >>> state, history = ll.fit(step, init(tree, key), batches, steps=100)  # doctest: +SKIP
     """
     limit = max_consecutive_nonfinite
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+    if limit is not None and not is_int(limit, 1):
         raise ValueError(f"max_consecutive_nonfinite must be None or an int >= 1, got {limit!r}")
     history: list[dict[str, Any]] = []
     pending: list[dict[str, Any]] = []

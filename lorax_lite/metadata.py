@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import string
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .checks import is_int, is_number
 from .config import AXIS_ROLES, LoraConfig
 from .trees import dtype_name, host_array
 from .version import __version__
@@ -165,12 +165,12 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
     shape, rank, layout = entry["shape"], entry.get("rank"), entry.get("layout")
     if len(shape) < 2:
         problems.append(f"{field}.shape: expected at least 2 axes, found {shape}")
-    if not _is_int(rank, 1):
+    if not is_int(rank, 1):
         problems.append(f"{field}.rank: expected an int >= 1, found {clipped(rank)}")
     scale, dropout = entry.get("scale", _MISSING), entry.get("dropout", _MISSING)
     if not _is_finite(scale):
         problems.append(f"{field}.scale: expected a finite number, found {clipped(scale)}")
-    if not _is_real(dropout) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         problems.append(f"{field}.dropout: expected a number in [0, 1), found {clipped(dropout)}")
     if not (
         isinstance(layout, list)
@@ -283,24 +283,16 @@ def path_conflicts(paths: list[str]) -> list[str]:
     return problems
 
 
-def _is_int(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _is_finite(value: Any) -> bool:
     """A number that is a finite float (JSON integers are unbounded: 10**400 is not)."""
     try:
-        return _is_real(value) and math.isfinite(float(value))
+        return is_number(value) and math.isfinite(float(value))
     except OverflowError:
         return False
 
 
 def _is_shape(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_int(d, 0) for d in value)
+    return isinstance(value, list) and all(is_int(d, 0) for d in value)
 
 
 def _is_dtype(value: Any, kind: str) -> bool:

@@ -4,13 +4,12 @@ optionally with LoRA+ (a larger learning rate for ``B``)."""
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any
 
 import jax
 import optax
 
+from .checks import is_positive
 from .trees import trainable_mask
 from .weight import LoraWeight, is_node
 
@@ -78,8 +77,7 @@ def optimizer(
         raise ValueError("optimizer: the tree has no trainable leaf; did you call ll.init?")
     if b_lr_ratio is None:
         return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    is_number = isinstance(b_lr_ratio, numbers.Real) and not isinstance(b_lr_ratio, bool)
-    if not is_number or not 0 < b_lr_ratio < math.inf:
+    if not is_positive(b_lr_ratio):
         raise ValueError(f"optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}")
     transforms = {
         "train": tx,

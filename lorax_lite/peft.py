@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from .atomic import replace_file
+from .checks import is_int, is_number, is_positive
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .quant import is_quantized
@@ -515,12 +516,12 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
 
     if config.get("peft_type") != "LORA":
         bad("peft_type", '"LORA"')
-    if not _is_rank(config.get("r")):
+    if not is_int(config.get("r"), 1):
         bad("r", "an int >= 1")
-    if not _is_alpha(config.get("lora_alpha")):
+    if not is_positive(config.get("lora_alpha")):
         bad("lora_alpha", "a finite number > 0")
     dropout = config["lora_dropout"]
-    if not (_is_real(dropout) and 0 <= dropout < 1):
+    if not (is_number(dropout) and 0 <= dropout < 1):
         bad("lora_dropout", "a number in [0, 1)")
     for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if not isinstance(config[flag], bool):
@@ -533,8 +534,8 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
             bad(field, "null (lorax_lite adapters are plain LoRA)")
     if config["bias"] not in ("none", "all", "lora_only"):
         bad("bias", '"none", "all" or "lora_only"')
-    problems += _pattern_problems(config, "rank_pattern", _is_rank, "an int >= 1")
-    problems += _pattern_problems(config, "alpha_pattern", _is_alpha, "a finite number > 0")
+    problems += _pattern_problems(config, "rank_pattern", lambda r: is_int(r, 1), "an int >= 1")
+    problems += _pattern_problems(config, "alpha_pattern", is_positive, "a finite number > 0")
     for field in ("target_modules", "modules_to_save"):
         names = config[field]
         if field == "target_modules" and isinstance(names, str):
@@ -583,18 +584,6 @@ def _pattern_problems(
 def _json(value: Any) -> str:
     """``value`` as written in JSON (``true``, ``null``, ``"LORA"``), for messages."""
     return json.dumps(value, ensure_ascii=False)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_rank(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_alpha(value: Any) -> bool:
-    return _is_real(value) and 0 < value < math.inf
 
 
 def _regex_error(pattern: str) -> str | None:

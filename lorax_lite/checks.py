@@ -1,0 +1,28 @@
+"""Checks of the numbers a user passes or a file holds, for the validating code's messages.
+
+Booleans are not numbers here (``True`` is not a rank of 1); NumPy scalars are.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+
+def is_number(value: Any, kind: type = numbers.Real) -> bool:
+    """Whether ``value`` is a number of ``kind`` (`numbers.Real`, `numbers.Integral`),
+    not a bool."""
+    return isinstance(value, kind) and not isinstance(value, bool | np.bool_)
+
+
+def is_int(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an integer (not a bool) ``>= minimum``."""
+    return is_number(value, numbers.Integral) and value >= minimum
+
+
+def is_positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number ``> 0`` (an alpha, a learning-rate ratio)."""
+    return is_number(value) and 0 < value < math.inf
