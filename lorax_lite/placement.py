@@ -139,7 +139,7 @@ def place(
         >>> mesh = jax.make_mesh((8,), ("data",))  # doctest: +SKIP
         >>> state, batch = place(state, batch, mesh=mesh, base_sharding="fsdp")  # doctest: +SKIP
     """
-    check_layout(mesh, data_axis, base_sharding)
+    check_layout(mesh, data_axis, base_sharding, "place")
     mesh = auto_axes(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     base = (
@@ -222,15 +222,16 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def check_layout(mesh: Mesh, data_axis: str, base_sharding: str) -> None:
-    """Raises naming every problem with a mesh layout (`sharded_train_step`, `place`)."""
+def check_layout(mesh: Mesh, data_axis: str, base_sharding: str, caller: str) -> None:
+    """Raises naming ``caller`` (`sharded_train_step`, `place`) and every problem with
+    its mesh layout."""
     problems = []
     if data_axis not in mesh.axis_names:
         problems.append(f"data_axis {data_axis!r} is not a mesh axis {mesh.axis_names}")
     if base_sharding not in ("replicated", "fsdp"):
         problems.append(f"base_sharding must be 'replicated' or 'fsdp', got {base_sharding!r}")
     if problems:
-        raise ValueError("sharded_train_step: " + "; ".join(problems))
+        raise ValueError(f"{caller}: " + "; ".join(problems))
 
 
 def check_leading_axis(batch: Any, n: int, what: str) -> None:

@@ -215,7 +215,7 @@ def sharded_train_step(
         >>> init, step = ll.sharded_train_step(loss_fn, tx, mesh=mesh)  # doctest: +SKIP
         >>> state, metrics = step(init(lora_params, jax.random.key(0)), batch)  # doctest: +SKIP
     """
-    check_layout(mesh, data_axis, base_sharding)
+    check_layout(mesh, data_axis, base_sharding, "sharded_train_step")
     tx = optimizer(tx)
     update = _make_update(
         loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite

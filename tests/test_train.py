@@ -388,11 +388,17 @@ def test_replicate_unreplicate_and_shard_batch():
 
 def test_sharded_step_rejects_bad_layouts_and_batches():
     mesh = jax.make_mesh((8, 1), ("data", "model"))
-    with pytest.raises(ValueError, match="'rows' is not a mesh axis.*'zero'"):
+    with pytest.raises(
+        ValueError, match="^sharded_train_step: data_axis 'rows' is not a mesh axis.*'zero'"
+    ):
         ll.sharded_train_step(
             worker.loss_fn, optax.sgd(0.1), mesh=mesh, data_axis="rows", base_sharding="zero"
         )
     init, step = ll.sharded_train_step(worker.loss_fn, optax.sgd(0.1), mesh=mesh)
+    with pytest.raises(ValueError, match="^place: base_sharding must be"):
+        ll.place(
+            init(lora_tree(), jax.random.key(1)), worker.batch(0), mesh=mesh, base_sharding="zero"
+        )
     with pytest.raises(ValueError, match=r"0: shape \(12, 8\)"):
         step(init(lora_tree(), jax.random.key(1)), worker.batch(0, size=12))
 
