@@ -218,7 +218,9 @@ def _normalize_containers(config: LoraConfig) -> list[str]:
         elif isinstance(value, Iterable) and not isinstance(value, Mapping):
             put(name, tuple(value))
         else:
-            problems.append(f"{name} must be a regex or a sequence of regexes, got {value!r}")
+            problems.append(
+                f"{name} must be a regex, a callable or a sequence of them, got {value!r}"
+            )
             put(name, ("all-linear",) if name == "targets" else ())
     for name in MAPPING_OPTIONS:
         value = getattr(config, name)

@@ -56,8 +56,11 @@ def test_each_invalid_field_is_reported(kwargs, message):
         (dict(dtype="int8"), "dtype must be a floating dtype such as 'float32', got 'int8'"),
         (dict(dtype="floaty"), "dtype must be a floating dtype such as 'float32', got 'floaty'"),
         (dict(dtype=None), "dtype must be a floating dtype such as 'float32', got None"),
-        (dict(targets=5), "targets must be a regex or a sequence of regexes, got 5"),
-        (dict(train={"head": 1}), "train must be a regex or a sequence of regexes, got {'head'"),
+        (dict(targets=5), "targets must be a regex, a callable or a sequence of them, got 5"),
+        (
+            dict(train={"head": 1}),
+            "train must be a regex, a callable or a sequence of them, got {'head'",
+        ),
         (dict(targets=("q", 3)), "targets must be regexes or callables, got 3"),
         (dict(train=("head", 3)), "pattern 3 must be a string"),
         (dict(rank_pattern=[("q", 2)]), "rank_pattern must be a dict {regex: value}, got [("),
