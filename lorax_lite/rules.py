@@ -100,10 +100,6 @@ class Cast:
     def shape(self) -> tuple[int, ...]:
         return self.array.shape
 
-    @property
-    def ndim(self) -> int:
-        return self.array.ndim
-
     def dequantize(self) -> jax.Array:
         """The cast weight (named like `QuantizedWeight.dequantize`, which it stands beside)."""
         return lax.convert_element_type(self.array, self.dtype)

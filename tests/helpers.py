@@ -12,6 +12,7 @@ from typing import Any
 import chex
 import flax.linen as nn
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -175,3 +176,22 @@ def producers_of_shape(hlo: str, shape: tuple[int, ...], ops: tuple[str, ...]) -
 def train_step_hlo(loss, trainable, *args) -> str:
     step = jax.jit(jax.value_and_grad(loss))
     return step.lower(trainable, *args).compile().as_text()
+
+
+def all_eqns(jaxpr) -> Any:
+    """The equations of ``jaxpr`` and of every jaxpr inside them (a product under the
+    ``jax.checkpoint`` of a cast base, a scan's body), depth first."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for inner in jex.jaxprs_in_params(eqn.params):
+            yield from all_eqns(inner)
+
+
+def grad_and_temp_bytes(model, tree, x) -> tuple[Any, int | None]:
+    """The value and the gradients of ``ll.lora(model)`` with respect to the trainable
+    leaves, and the compiled gradient's temporary bytes (None where not reported)."""
+    apply = ll.lora(model, strict=True)
+    trainable, frozen = ll.partition(tree)
+    grad = jax.jit(jax.value_and_grad(lambda t, f, x: apply(ll.combine(t, f), x)))
+    analysis = grad.lower(trainable, frozen, x).compile().memory_analysis()
+    return grad(trainable, frozen, x), (analysis and analysis.temp_size_in_bytes)

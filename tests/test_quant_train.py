@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import grad_and_temp_bytes
 
 import lorax_lite as ll
 from lorax_lite.targets import named_leaves
@@ -451,16 +452,8 @@ def test_a_quantized_base_cast_by_the_model_stays_quantized_up_to_its_product():
         quantized,
         is_leaf=lambda n: isinstance(n, ll.LoraWeight),
     )
-    apply = ll.lora(model)
-
-    def grad_and_temp_bytes(tree):
-        trainable, frozen = ll.partition(tree)
-        grad = jax.jit(jax.value_and_grad(lambda t, f, x: apply(ll.combine(t, f), x)))
-        analysis = grad.lower(trainable, frozen, x).compile().memory_analysis()
-        return grad(trainable, frozen, x), (analysis and analysis.temp_size_in_bytes)
-
-    (value, grads), quantized_bytes = grad_and_temp_bytes(quantized)
-    (value_ref, grads_ref), float_bytes = grad_and_temp_bytes(dequantized)
+    (value, grads), quantized_bytes = grad_and_temp_bytes(model, quantized, x)
+    (value_ref, grads_ref), float_bytes = grad_and_temp_bytes(model, dequantized, x)
     assert value == value_ref
     chex.assert_trees_all_equal(grads, grads_ref)
     if quantized_bytes is not None:

@@ -25,7 +25,9 @@ from helpers import (
     Block,
     ScanModel,
     UniqueShapes,
+    all_eqns,
     assert_trees_close_at_scale,
+    grad_and_temp_bytes,
     normal,
     producers_of_shape,
     train_step_hlo,
@@ -620,17 +622,6 @@ def test_output_dtype_follows_the_model_compute_dtype():
     assert ll.lora(MLP().apply)(tree, x).dtype == jnp.float32
 
 
-def all_eqns(jaxpr):
-    """The equations of ``jaxpr`` and of every jaxpr inside them (a product under the
-    ``jax.checkpoint`` of a cast base, a scan's body), depth first."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)  # a ClosedJaxpr or a Jaxpr
-            if hasattr(inner, "eqns"):
-                yield from all_eqns(inner)
-
-
 def test_a_cast_base_is_recast_in_the_backward_not_kept_per_layer():
     """A bfloat16 base in a float32 model (and a float32 base in a bfloat16 one): each
     layer's cast weight is recomputed by the backward pass, so the compiled gradient's
@@ -668,16 +659,6 @@ def test_a_cast_base_is_recast_in_the_backward_not_kept_per_layer():
         if cast_bytes is not None and not skip:
             one_weight = d * d * jnp.dtype(compute).itemsize
             assert cast_bytes < ref_bytes + n_layers * one_weight / 2, (stored, compute)
-
-
-def grad_and_temp_bytes(model, tree, x):
-    """The value and the gradients of ``ll.lora(model)`` with respect to the trainable
-    leaves, and the compiled gradient's temporary bytes (None where not reported)."""
-    apply = ll.lora(model, strict=True)
-    trainable, frozen = ll.partition(tree)
-    grad = jax.jit(jax.value_and_grad(lambda t, f, x: apply(ll.combine(t, f), x)))
-    analysis = grad.lower(trainable, frozen, x).compile().memory_analysis()
-    return grad(trainable, frozen, x), (analysis and analysis.temp_size_in_bytes)
 
 
 # ----- no dense weight gradient ------------------------------------------------------
