@@ -160,14 +160,18 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 
 def merge_command(args: argparse.Namespace) -> None:
-    """Loads the base, puts the adapter on it, and writes ``w + scale * A @ B``."""
+    """Loads the base, puts the adapter on it, and writes ``w + scale * A @ B``; refuses
+    (writing nothing) a merge whose result holds NaN or inf, naming the leaves."""
     _refuse_overwriting_inputs(args.out, {"--base": args.base, "--adapter": args.adapter})
     flat = _read_safetensors(args.base)
     conflicts = path_conflicts(list(flat))
     if conflicts:
         raise ValueError(f"{args.base}: the tensor names are not leaf paths: {conflicts}")
     tree = load_adapter(args.adapter, unflatten(flat), check_base=not args.no_check_base)
-    merged = {path: np.asarray(x) for path, x in named_leaves(merge(tree))}
+    try:
+        merged = {path: np.asarray(x) for path, x in named_leaves(merge(tree, check=True))}
+    except ValueError as err:  # NaN or inf in the adapter or the base: write nothing
+        raise ValueError(f"{args.adapter} merged into {args.base}: {err}") from err
     if args.out.is_dir():
         raise ValueError(f"the output {args.out} is a directory; name a file")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The lorax-lite command line on a tiny adapter: inspect, merge, export-peft."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -69,6 +70,22 @@ def test_merge_writes_the_merged_weights(files, capsys):
         merged["params/head/bias"], np.asarray(tree["params"]["head"]["bias"].value)
     )
     chex.assert_trees_all_equal(unflatten(merged), ll.merge(tree), strict=True)
+
+
+def test_merge_of_an_adapter_holding_nan_writes_nothing_and_exits_2(tmp_path, capsys):
+    tree = randomize_b(ll.init(base_params(), CONFIG, key=jax.random.key(0)), jax.random.key(1))
+    value = tree["params"]["attn"]["value"]["kernel"]
+    nan_b = value.b.at[0, 1].set(jnp.nan)
+    tree["params"]["attn"]["value"]["kernel"] = dataclasses.replace(value, b=nan_b)
+    ll.save_adapter(tmp_path / "adapter", tree, CONFIG)
+    save_file(dict(named_leaves(base_params())), tmp_path / "base.safetensors")
+    out = tmp_path / "merged.safetensors"
+    assert main(_merge_args(tmp_path, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorax-lite: error: ") and err.count("\n") == 1
+    assert "non-finite" in err and "params/attn/value/kernel" in err
+    assert "params/attn/query/kernel" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base.safetensors"]
 
 
 def test_merge_refuses_another_base_unless_told(files, capsys):
