@@ -15,7 +15,7 @@ returning the equation's outputs as a list without forming the dense
   copies, placements and sharding constraints return a new `LoraValue`.
 
 A DoRA value (with a magnitude ``m``) scales the products' output units by
-``m / ||w + scale * A @ B||``, the norm taken from the factors (`weight.factored_norm`).
+``m / ||w + scale * A @ B||``, the norm taken from the factors (`weight.factored_squares`).
 ``m`` follows the structural ops like a factor with the axes ``(stack..., fan_out...)``;
 an op that changes the fan-in extent (a slice of rows) would change the norm, and
 falls back to the dense weight.
@@ -46,7 +46,7 @@ from jax import lax
 
 from . import views
 from .quant import QuantizedWeight
-from .weight import Layout, LoraWeight, factored_norm
+from .weight import Layout, LoraWeight, factored_squares, magnitude_ratio
 
 
 class LoraValue(NamedTuple):
@@ -72,10 +72,8 @@ class LoraValue(NamedTuple):
     def magnitude_ratio(self) -> jax.Array:
         """DoRA's ``m / ||w + scale * A @ B||``, float32, ``(stack..., fan_out...)``; the
         norm from the factors, a constant for differentiation if ``detach_norm``."""
-        norm = factored_norm(self.w, self.a, self.b, self.scale, self.layout)
-        if self.detach_norm:
-            norm = lax.stop_gradient(norm)
-        return self.m.astype(jnp.float32) / norm
+        squares = factored_squares(self.w, self.a, self.b, self.scale, self.layout)
+        return magnitude_ratio(self.m, squares, self.detach_norm)
 
     def map_m(self, fn: Any) -> LoraValue:
         """The value with ``fn`` applied to ``m`` (nothing to do without DoRA)."""

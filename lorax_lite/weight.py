@@ -116,9 +116,8 @@ class LoraWeight:
         w = self.w.dequantize() if isinstance(self.w, QuantizedWeight) else self.w
         merged = w.astype(jnp.float32) + self.delta(jnp.float32)
         if self.m is not None:
-            norm = column_norm(merged, self.layout)
-            norm = jax.lax.stop_gradient(norm) if self.detach_norm else norm
-            ratio = self.m.astype(jnp.float32) / norm
+            squares = column_squares(merged, self.layout)
+            ratio = magnitude_ratio(self.m, squares, self.detach_norm)
             merged = merged * to_weight_axes(ratio, self.layout)
         return merged.astype(w.dtype)
 
@@ -155,12 +154,32 @@ def _contract_rank(a: jax.Array, b: jax.Array, n_stack: int) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, precision=jax.lax.Precision.HIGHEST)
 
 
-def column_norm(v: jax.Array, layout: Layout) -> jax.Array:
-    """``||v||`` per output unit over the fan-in axes, in float32, shaped
-    ``(stack..., fan_out...)`` in the layout's order: DoRA's initial magnitude."""
+def column_squares(v: jax.Array, layout: Layout) -> jax.Array:
+    """``||v||^2`` per output unit over the fan-in axes, in float32, shaped
+    ``(stack..., fan_out...)`` in the layout's order."""
     squares = jnp.sum(jnp.square(v.astype(jnp.float32)), axis=layout.fan_in)
     kept = sorted(layout.stack + layout.fan_out)  # the summed array's axes, in weight order
-    return jnp.sqrt(jnp.transpose(squares, [kept.index(i) for i in layout.stack + layout.fan_out]))
+    return jnp.transpose(squares, [kept.index(i) for i in layout.stack + layout.fan_out])
+
+
+def column_norm(v: jax.Array, layout: Layout) -> jax.Array:
+    """``||v||`` per output unit (`column_squares`): DoRA's initial magnitude."""
+    return jnp.sqrt(column_squares(v, layout))
+
+
+def magnitude_ratio(m: jax.Array, squares: jax.Array, detach_norm: bool) -> jax.Array:
+    """DoRA's ``m / ||V||`` in float32, from ``||V||^2`` per output unit; the norm a
+    constant for differentiation if ``detach_norm``.
+
+    A unit with ``V = 0`` (a pruned or zero-initialised unit; ``m = 0`` at init) scales
+    nothing, so any finite ratio gives it the right output, zero: it is divided by 1.
+    The substitute goes in before the square root, whose gradient at 0 is infinite
+    (times the ``where``'s zero, NaN), so gradients stay finite too.
+    """
+    empty = squares <= 0  # or below: rounding in `factored_squares`
+    norm = jnp.sqrt(jnp.where(empty, 1.0, squares))
+    norm = jax.lax.stop_gradient(norm) if detach_norm else norm
+    return m.astype(jnp.float32) / norm
 
 
 def to_weight_axes(x: jax.Array, layout: Layout) -> jax.Array:
@@ -171,10 +190,10 @@ def to_weight_axes(x: jax.Array, layout: Layout) -> jax.Array:
     return jnp.expand_dims(x, tuple(sorted(layout.fan_in)))
 
 
-def factored_norm(
+def factored_squares(
     w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Layout
 ) -> jax.Array:
-    """``||w + scale * A @ B||`` per output unit over the fan-in axes, from the factors.
+    """``||w + scale * A @ B||^2`` per output unit over the fan-in axes, from the factors.
 
     ``||w_j||^2 + 2 scale <(A^T w)_j, B_j> + scale^2 B_j^T (A^T A) B_j``: an
     ``(r, fan_out)`` product ``A^T w`` and an ``(r, r)`` Gram matrix per stacked
@@ -188,15 +207,14 @@ def factored_norm(
     a_spec, b_spec = f"{stack}{fan_in}r", f"{stack}r{fan_out}"
     einsum = lambda spec, *xs: jnp.einsum(spec, *xs, precision=hi, preferred_element_type=f32)
     a, b = a.astype(f32), b.astype(f32)
-    w_squared = jnp.square(column_norm(w, layout))
+    w_squared = column_squares(w, layout)
     a_t_w = einsum(f"{a_spec},{''.join(w_spec)}->{b_spec}", a.astype(w.dtype), w)
     gram = einsum(f"{a_spec},{stack}{fan_in}s->{stack}rs", a, a)
     gram_b = einsum(f"{stack}rs,{stack}s{fan_out}->{b_spec}", gram, b)
     cross = jnp.sum(a_t_w * b, axis=len(layout.stack))
     low_rank = jnp.sum(gram_b * b, axis=len(layout.stack))
-    squared = w_squared + 2 * scale * cross + scale**2 * low_rank
-    # Rounding can take a (near) zero norm's square below zero.
-    return jnp.sqrt(jnp.maximum(squared, 0.0))
+    # Rounding can take a (near) zero norm's square below zero (`magnitude_ratio`).
+    return w_squared + 2 * scale * cross + scale**2 * low_rank
 
 
 @jax.tree_util.register_dataclass

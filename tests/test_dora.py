@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 import lorax_lite as ll
 from lorax_lite import cli
-from lorax_lite.weight import column_norm, factored_norm
+from lorax_lite.weight import column_norm, factored_squares
 
 STACKED = ll.Layout((0,), (1,), (2,))
 DETACH = pytest.mark.parametrize("detach", [True, False], ids=["detached", "through-norm"])
@@ -76,12 +76,22 @@ def reference_weight64(w, a, b, m, scale, layout, detach):
     pick = lambda axes: "".join(letters[i] for i in axes)
     stack, fan_in, fan_out = (pick(axes) for axes in layout)
     v = w + scale * jnp.einsum(f"{stack}{fan_in}z,{stack}z{fan_out}->{letters}", a, b)
-    norm = jnp.sqrt(jnp.sum(v * v, axis=layout.fan_in, keepdims=True))
+    squares = jnp.sum(v * v, axis=layout.fan_in, keepdims=True)
+    # A unit whose V is zero contributes zero whatever it is divided by; dividing by 1
+    # there (and not differentiating sqrt at 0) keeps its output and gradients finite.
+    norm = jnp.sqrt(jnp.where(squares > 0, squares, 1.0))
     if detach:
         norm = lax.stop_gradient(norm)
-    m_full = jnp.einsum(f"{stack}{fan_out}->{''.join(sorted(stack + fan_out))}", m)
-    m_full = jnp.expand_dims(m_full, tuple(sorted(layout.fan_in)))
-    return m_full * v / norm
+    return unit_array(m, layout) * v / norm
+
+
+def unit_array(m, layout):
+    """A ``(stack..., fan_out...)`` array in the weight's axis order, with size-1 fan-in
+    axes, to broadcast against the weight."""
+    letters = "abcdefghijklmnopq"
+    stack, fan_out = ("".join(letters[i] for i in axes) for axes in (layout.stack, layout.fan_out))
+    full = jnp.einsum(f"{stack}{fan_out}->{''.join(sorted(stack + fan_out))}", m)
+    return jnp.expand_dims(full, tuple(sorted(layout.fan_in)))
 
 
 def reference64(fn, node, w, args, cot):
@@ -138,6 +148,41 @@ def test_dora_matches_float64_dense_reference(name, detach):
     close(fn(node.materialize(), *args), ref_out, 1e-5, "merged weight")
 
 
+def with_a_dead_unit(node):
+    """``node`` with its first output unit zero in ``w`` and ``B`` (a pruned unit) and
+    ``m = ||V|| = 0`` there, as `ll.init` gives it."""
+    dead = np.zeros(node.layout.magnitude_shape(node.w.shape), bool)
+    dead.flat[0] = True
+    live = 1.0 - unit_array(jnp.asarray(dead, jnp.float32), node.layout)
+    b_live = np.expand_dims(~dead, len(node.layout.stack))  # B: (stack..., r, fan_out...)
+    m = jnp.where(dead, 0.0, node.m)
+    return dataclasses.replace(node, w=node.w * live, b=node.b * b_live, m=m)
+
+
+@DETACH
+@pytest.mark.parametrize("name", CASES)
+def test_a_dead_output_unit_stays_finite_and_matches_float64(name, detach):
+    """A unit with ``||V|| = 0`` and ``m = 0`` (0/0) outputs zero; the other units and
+    every gradient are finite and match the reference, through `lora` and the merge."""
+    fn, shape, layout, in_shapes = CASES[name]
+    args = [normal(s, seed=10 + i) for i, s in enumerate(in_shapes)]
+    node = with_a_dead_unit(dora_node(shape, layout, detach=detach))
+    assert float(jnp.abs(column_norm(node.w + node.delta(), layout)).min()) == 0.0
+    cot = normal(jax.eval_shape(lambda: ll.lora(fn)(node, *args)).shape, seed=99)
+    ref_out, ref_grads = reference64(fn, node, node.w, args, cot)
+    out, grads = lora_outputs_and_grads(fn, node, args, cot)
+    close(out, ref_out, 1e-5, "output")
+    for what, g, r in zip("ABm", grads, ref_grads):
+        assert np.isfinite(np.asarray(g)).all(), f"gradient of {what}"
+        close(g, r, 1e-4, f"gradient of {what}")
+    merged = node.materialize()
+    assert np.isfinite(np.asarray(merged)).all()
+    close(fn(merged, *args), ref_out, 1e-5, "merged weight")
+    dense = lambda a, b, m: fn(dataclasses.replace(node, a=a, b=b, m=m).materialize(), *args)
+    for what, g, r in zip("ABm", jax.vjp(dense, node.a, node.b, node.m)[1](cot), ref_grads):
+        close(g, r, 1e-4, f"gradient of {what} through the merged weight")
+
+
 @DETACH
 def test_the_dense_weight_has_the_same_gradients(detach):
     """`LoraWeight.materialize` (merge, and the fallback of ops with no DoRA rule) takes
@@ -191,7 +236,7 @@ def test_factored_norm_equals_dense_norm_in_float64():
         _, shape, layout, _ = CASES[name]
         node = dora_node(shape, layout, detach=True, scale=2.0)
         dense = node.w + node.delta()
-        got = factored_norm(node.w, node.a, node.b, node.scale, node.layout)
+        got = jnp.sqrt(factored_squares(node.w, node.a, node.b, node.scale, node.layout))
         with jax.enable_x64(True):
             v = np.asarray(node.w, np.float64) + np.asarray(node.delta(jnp.float64))
         expected = np.sqrt((v**2).sum(axis=layout.fan_in))
@@ -233,6 +278,22 @@ def test_init_magnitude_is_the_weight_norm_and_the_model_starts_unchanged(net):
     np.testing.assert_allclose(proj.m, np.sqrt((w**2).sum(axis=0)), rtol=1e-6)
     expected = Net().apply(params, ids)
     np.testing.assert_allclose(ll.lora(Net().apply)(tree, ids), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_init_over_a_dead_unit_starts_unchanged_with_finite_gradients(net):
+    params, config, _, ids = net
+    params = jax.tree_util.tree_map(lambda x: x, params)  # a copy to edit
+    for name in ("out", "conv"):  # output unit 0 pruned: m = ||V|| = 0 there
+        params["params"][name]["kernel"] = params["params"][name]["kernel"].at[..., 0].set(0.0)
+    tree = ll.init(params, config, key=jax.random.key(1), fn=Net().apply, args=(ids,))
+    assert float(tree["params"]["conv"]["kernel"].m[0]) == 0.0
+    expected = Net().apply(params, ids)
+    np.testing.assert_allclose(ll.lora(Net().apply)(tree, ids), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(Net().apply(ll.merge(tree), ids), expected, rtol=1e-5, atol=1e-6)
+    trainable, frozen = ll.partition(tree)
+    loss = lambda t: jnp.sum(ll.lora(Net().apply)(ll.combine(t, frozen), ids) ** 2)
+    for path, g in jax.tree_util.tree_leaves_with_path(jax.grad(loss)(trainable)):
+        assert np.isfinite(np.asarray(g)).all(), jax.tree_util.keystr(path)
 
 
 def test_magnitude_trains_and_is_counted(net):
