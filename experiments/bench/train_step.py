@@ -46,16 +46,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
+from experiments.bench.workers import (
+    Runner,
+    Worker,
+    environment,
+    failure_line,
+    paired_ratios,
+    read,
+    request,
+    serve,
+    start,
+)
 from experiments.outputs import write_outputs
 from experiments.provenance import command, git_commit, loadavg
 
@@ -75,7 +83,6 @@ INFERENCE_VARIANTS = ("base", "merged", "unmerged")
 TORCH_VARIANTS = ("peft", "peft-eager", "torch-full")
 REFERENCE = {"train": "lora", "inference": "base"}
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # = "all-linear" without lm_head, as PEFT
-PROTOCOL = "@@"  # prefix of the worker's protocol lines on stdout
 # ``--small``: a tiny model, few steps; every flag given explicitly overrides these.
 SMALL = dict(config="custom", d_model=64, layers=2, heads=2, vocab=256, batch=2, seq=32)
 SMALL.update(steps=3, warmup=1)
@@ -171,15 +178,6 @@ def flops_per_token(config: Any, seq: int, rank: int, variant: str, mode: str) -
     if variant in ("full", "torch-full"):
         return 6 * n_linear + 3 * attention
     return 4 * n_linear + 3 * attention + 3 * adapters
-
-
-class Runner(NamedTuple):
-    """A compiled step: ``step(state) -> (state, loss)``, its first state, and facts."""
-
-    step: Callable[[Any], tuple[Any, Any]]
-    state: Any
-    info: dict[str, Any]
-    sync: Callable[[Any], Any]
 
 
 def _tokens(config: Any, args: argparse.Namespace) -> Any:
@@ -517,38 +515,6 @@ def build(variant: str, args: argparse.Namespace) -> Runner:
 # ----- the worker process ---------------------------------------------------------------
 
 
-def _emit(**message: Any) -> None:
-    print(PROTOCOL + json.dumps(message), flush=True)
-
-
-def peak_memory(variant: str) -> tuple[int, str]:
-    """Peak bytes of this process: the accelerator allocator's peak, else peak RSS."""
-    if variant in TORCH_VARIANTS:
-        import torch
-
-        if torch.cuda.is_available():
-            return int(torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
-    elif "jax" in sys.modules:
-        import jax
-
-        stats = jax.devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            return int(stats["peak_bytes_in_use"]), "peak_bytes_in_use"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
-
-
-def _timed_steps(runner: Runner, state: Any, n: int) -> tuple[Any, Any, list[float], list[float]]:
-    """Runs ``n`` synchronized steps; their wall-clock and process CPU times."""
-    walls, cpus, loss = [], [], None
-    for _ in range(n):
-        wall, cpu = time.perf_counter(), time.process_time()
-        state, loss = runner.step(state)
-        runner.sync((state, loss))
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return state, loss, walls, cpus
-
-
 def check_first_loss(loss: float, reference: float | None) -> None:
     """Raises ValueError if the first loss is not ``reference`` (None: nothing to check).
 
@@ -564,95 +530,24 @@ def check_first_loss(loss: float, reference: float | None) -> None:
 
 def worker(args: argparse.Namespace) -> int:
     """Builds one variant, compiles and warms it up, then serves ``run N`` / ``stop``."""
-    variant = args.worker
-    try:
-        runner = build(variant, args)
-        state, loss, first, _ = _timed_steps(runner, runner.state, 1)
-        loss_start = float(loss)
-        check_first_loss(loss_start, runner.info.get("loss_dequantized"))
-        state, loss, _, _ = _timed_steps(runner, state, args.warmup)
-    except ImportError as error:
-        _emit(status="skipped", reason=f"{type(error).__name__}: {error}")
-        return 0
-    except Exception:
-        _emit(status="failed", reason=traceback.format_exc(limit=4))
-        return 1
-    compile_s = runner.info["compile_s"] or 0.0
-    _emit(
-        status="ok",
-        **runner.info,
-        first_step_s=compile_s + first[0],
-        loss_start=loss_start,
-        machine=machine_facts(),
+    return serve(
+        lambda: build(args.worker, args),
+        warmup=args.warmup,
+        check=lambda loss, info: check_first_loss(loss, info.get("loss_dequantized")),
+        torch_row=args.worker in TORCH_VARIANTS,
     )
-    for line in sys.stdin:
-        command, *rest = line.split()
-        if command == "run":
-            state, loss, walls, cpus = _timed_steps(runner, state, int(rest[0]))
-            _emit(times=walls, cpu_times=cpus)
-        elif command == "stop":
-            peak, source = peak_memory(variant)
-            _emit(peak_bytes=peak, memory_source=source, loss_end=float(loss))
-            return 0
-    return 0
 
 
 # ----- the parent: workers, interleaving, summary ---------------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def machine_facts() -> dict[str, Any]:
-    """Backend, device, versions and host of this process (imports JAX and starts its backend)."""
-    from importlib import metadata
-
-    import flax
-    import jax
-    import jaxlib
-    import optax
-
-    import lorax_lite
-
-    device = jax.devices()[0]
-    facts = dict(
-        backend=jax.default_backend(),
-        device=device.device_kind,
-        n_devices=jax.device_count(),
-        jax=jax.__version__,
-        jaxlib=jaxlib.__version__,
-        flax=flax.__version__,
-        optax=optax.__version__,
-        lorax_lite=lorax_lite.__version__,
-    )
-    for package in ("torch", "transformers", "peft"):
-        try:
-            facts[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            facts[package] = None
-    facts.update(
-        python=platform.python_version(),
-        platform=platform.platform(),
-        processor=platform.processor() or platform.machine(),
-        cpu_count=os.cpu_count(),
-    )
-    return facts
-
-
-class Worker(NamedTuple):
-    """A running worker process and the file collecting its stderr."""
-
-    variant: str
-    proc: subprocess.Popen
-    stderr: Any
-
 
 def _env(coexisting: bool, small: bool = False) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    extra = {}
     if coexisting:  # several workers share the accelerator: allocate on demand
-        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        extra["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if small:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
-    return env
+        extra["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+    return environment(**extra)
 
 
 def probe() -> dict[str, Any]:
@@ -660,7 +555,7 @@ def probe() -> dict[str, Any]:
 
     Only needed when no worker started: each worker reports the facts itself.
     """
-    code = "import json; from experiments.bench.train_step import machine_facts as f; "
+    code = "import json; from experiments.bench.workers import machine_facts as f; "
     code += "print(json.dumps(f()))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=_env(False), check=True
@@ -682,39 +577,7 @@ def _worker_argv(args: argparse.Namespace, variant: str) -> list[str]:
 
 
 def _start(args: argparse.Namespace, variant: str, coexisting: bool) -> Worker:
-    import tempfile
-
-    stderr = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(
-        _worker_argv(args, variant),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        cwd=ROOT,
-        env=_env(coexisting, args.small),
-    )
-    return Worker(variant, proc, stderr)
-
-
-def _read(worker: Worker) -> dict[str, Any]:
-    """The worker's next protocol message; a ``failed`` one if it died."""
-    for line in worker.proc.stdout:
-        if line.startswith(PROTOCOL):
-            return json.loads(line[len(PROTOCOL) :])
-    worker.proc.wait()
-    worker.stderr.seek(0)
-    tail = worker.stderr.read()[-2000:]
-    return dict(status="failed", reason=f"worker exited {worker.proc.returncode}: {tail}")
-
-
-def _request(worker: Worker, command: str) -> dict[str, Any]:
-    try:
-        worker.proc.stdin.write(command + "\n")
-        worker.proc.stdin.flush()
-    except BrokenPipeError:
-        pass
-    return _read(worker)
+    return start(variant, _worker_argv(args, variant), _env(coexisting, args.small))
 
 
 def run_variants(args: argparse.Namespace, variants: list[str]) -> dict[str, dict[str, Any]]:
@@ -729,7 +592,7 @@ def run_variants(args: argparse.Namespace, variants: list[str]) -> dict[str, dic
         for variant in group:  # one at a time, so that compile times are not contended
             bar.set_postfix_str(f"compiling {variant}")
             worker = _start(args, variant, coexisting=len(group) > 1)
-            records[variant].update(_read(worker))
+            records[variant].update(read(worker))
             bar.update()
             if records[variant]["status"] == "ok":
                 workers.append(worker)
@@ -739,7 +602,7 @@ def run_variants(args: argparse.Namespace, variants: list[str]) -> dict[str, dic
             shift = repeat % max(len(workers), 1)
             for worker in workers[shift:] + workers[:shift]:
                 bar.set_postfix_str(f"repeat {repeat + 1}: {worker.variant}")
-                reply = _request(worker, f"run {args.steps}")
+                reply = request(worker, f"run {args.steps}")
                 if "times" in reply:
                     records[worker.variant]["times"].append(reply["times"])
                     records[worker.variant]["cpu_times"].append(reply["cpu_times"])
@@ -747,7 +610,7 @@ def run_variants(args: argparse.Namespace, variants: list[str]) -> dict[str, dic
                     records[worker.variant].update(reply)
                 bar.update()
         for worker in workers:
-            records[worker.variant].update(_request(worker, "stop"))
+            records[worker.variant].update(request(worker, "stop"))
             worker.proc.wait()
     bar.close()
     return records
@@ -848,40 +711,12 @@ def speedups(
     return out
 
 
-def paired_ratios(
-    rows: dict[str, dict[str, Any]], reference: str, key: str = "repeat_medians_s"
-) -> dict[str, dict[str, Any]]:
-    """``step time of X / step time of reference``, per repeat; median and range.
-
-    ``key`` picks the per-repeat medians: wall clock (default) or ``cpu_repeat_medians_s``.
-    """
-    ref = rows.get(reference, {}).get(key)
-    out = {}
-    for variant, row in rows.items():
-        mine = row.get(key)
-        if variant == reference or not ref or not mine or len(mine) != len(ref):
-            continue
-        per_repeat = [m / r for m, r in zip(mine, ref)]
-        out[f"{variant}/{reference}"] = dict(
-            median=statistics.median(per_repeat), min=min(per_repeat), max=max(per_repeat),
-            per_repeat=per_repeat,
-        )  # fmt: skip
-    return out
-
-
 def _load(load: list[float]) -> str:
     return " ".join(f"{x:.2f}" for x in load)
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
-
-
-def _failure_line(reason: str) -> str:
-    """The last line of a worker's traceback that says something (not JAX's filter note)."""
-    lines = [line for line in reason.strip().splitlines() if line.strip()]
-    said = [line for line in lines if not line.startswith(("For simplicity, JAX", "-----"))]
-    return (said or lines or ["no reason given"])[-1]
 
 
 def _ratio_text(ratio: dict[str, Any] | None, is_reference: bool) -> str:
@@ -914,7 +749,7 @@ def markdown(args: argparse.Namespace, result: dict[str, Any]) -> str:
     ]
     for variant, row in result["variants"].items():
         if "step_s" not in row:
-            reason = _failure_line(row.get("reason", "no timings"))
+            reason = failure_line(row.get("reason", "no timings"))
             lines.append(f"| {variant} | {row.get('status', 'failed')}: {reason} |" + " |" * 9)
             continue
         medians, peak = row["repeat_medians_s"], row.get("peak_bytes")

@@ -14,7 +14,7 @@ from helpers import dense_reference
 
 import lorax_lite as ll
 from experiments import param_arithmetic
-from experiments.bench import train_step
+from experiments.bench import train_step, workers
 from experiments.models.gpt import (
     GPT,
     causal_lm_loss,
@@ -97,8 +97,8 @@ def test_base_bytes_match_the_storage_formula(storage):
 def test_failure_line_skips_jax_traceback_filter_note():
     reason = "Traceback ...\nAttributeError: no attribute w\n--------------------\n"
     reason += "For simplicity, JAX has removed its internal frames from the traceback.\n"
-    assert train_step._failure_line(reason) == "AttributeError: no attribute w"
-    assert train_step._failure_line("worker exited 1: \n") == "worker exited 1:"
+    assert workers.failure_line(reason) == "AttributeError: no attribute w"
+    assert workers.failure_line("worker exited 1: \n") == "worker exited 1:"
 
 
 @pytest.mark.parametrize("storage", ["int8", "int4", "nf4"])
