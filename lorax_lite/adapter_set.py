@@ -96,6 +96,7 @@ class AdapterSet:
             The set, adapters in the mapping's order.
 
         Raises:
+            TypeError: naming every adapter name that is not a string.
             ValueError: naming every problem: no adapters, structures that differ,
                 layouts or shapes that disagree, leaves trained in full in some
                 adapters only, base weights missing or different (another shape,
@@ -301,7 +302,7 @@ class AdapterSet:
         """A new set with ``tree`` (a LoRA tree or trainable partition) added as ``name``.
 
         Raises:
-            ValueError: if ``name`` is taken, or as `from_trees`.
+            TypeError, ValueError: if ``name`` is taken, or as `from_trees`.
         """
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is already in the set")
@@ -391,6 +392,13 @@ def _warn_padding(padding: dict, before: dict) -> None:
 
 def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
     """Aligns the adapters node by node, checks that they share one base, and stacks them."""
+    # `select` reads an int as a position: an int name would mean two adapters.
+    bad = [f"{name!r} ({type(name).__name__})" for name, _ in entries if not isinstance(name, str)]
+    if bad:
+        raise TypeError(
+            f"AdapterSet: adapter names must be strings (an integer selects by position), "
+            f"got {', '.join(bad)}"
+        )
     paths, treedef, by_name, base_nodes = _align(entries, base)
     base_nodes = _quantized_like_adapters(paths, by_name, base_nodes)
     problems = _base_problems(paths, by_name, base_nodes)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .adapter_set import AdapterSet, adapter_factors, flat_nodes
+from .checks import is_int
 from .weight import Layout, LoraWeight, Trainable
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,7 +67,8 @@ def combine_adapters(
         `Combined` ``(tree, errors)``; merge the tree with `ll.merge` for export.
 
     Raises:
-        ValueError: for an unknown method or name, a bad rank, ``"linear"`` over
+        ValueError: for an unknown method or name, a weight that is not a finite
+            number, a bad rank, ``"linear"`` over
             different ranks, or leaves trained in full without base values (naming
             every such leaf).
 
@@ -116,10 +118,23 @@ def _check_combination(
     unknown = [n for n in weights if n not in adapters.names]
     if unknown:
         problems.append(f"unknown adapters {unknown}; the set holds {list(adapters.names)}")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
+    bad = {n: w for n, w in weights.items() if not _is_finite(w)}
+    if bad:
+        problems.append(f"weights must be finite numbers, got {bad}")
+    if rank is not None and not is_int(rank, 1):
         problems.append(f"rank must be a positive int or None, got {rank!r}")
     if problems:
         raise ValueError("combine_adapters: " + "; ".join(problems))
+
+
+def _is_finite(weight: Any) -> bool:
+    """Whether ``weight`` is a finite number (a Python, NumPy or 0-d JAX scalar)."""
+    if isinstance(weight, str | bytes):
+        return False  # float() would parse "nan" or "0.5"
+    try:
+        return math.isfinite(float(weight))
+    except (TypeError, ValueError):
+        return False
 
 
 def _parts(adapters: AdapterSet, node: LoraWeight, k: int, chosen: list) -> list[tuple]:
@@ -171,7 +186,8 @@ def _relative_error(target: jax.Array, a: jax.Array, b: jax.Array, layout: Layou
     a, b = _as_matrices(a.astype(jnp.float32), b.astype(jnp.float32), layout)
     norm = jnp.linalg.norm(target)
     residual = jnp.linalg.norm(target - jnp.matmul(a, b, precision=_HIGHEST))
-    return jnp.where(norm > 0, residual / jnp.where(norm > 0, norm, 1.0), 0.0)
+    # Exact is 0 even for a zero target; a NaN anywhere stays NaN, never reads as 0.
+    return jnp.where(residual == 0, 0.0, residual / norm)
 
 
 def _combine_cat(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:

@@ -161,6 +161,18 @@ def test_structure_and_layout_problems_are_listed():
     chex.assert_trees_all_equal(ok.get("a"), mlp, strict=True)
 
 
+def test_names_that_are_not_strings_are_refused():
+    """``{1: a, 0: b}`` would make ``select(0)`` (a position) serve adapter 1 while
+    ``combine_adapters(s, {0: 1.0})`` (a name) reads adapter 0."""
+    a, b = make_adapter("mlp", 1, rank=2), make_adapter("mlp", 2, rank=2)
+    with pytest.raises(TypeError, match=r"must be strings .* got 1 \(int\), 0 \(int\)"):
+        ll.AdapterSet.from_trees({1: a, 0: b})
+    with pytest.raises(TypeError, match=r"got 0 \(int\)"):
+        ll.combine_adapters({"a": a, 0: b}, {"a": 1.0})
+    with pytest.raises(TypeError, match=r"got np.int64\(1\) \(int64\)"):
+        ll.AdapterSet.from_trees({"a": a}).add(np.int64(1), b)
+
+
 def test_adapters_of_another_base_are_refused():
     mlp = make_adapter("mlp", 1, rank=2)
     other_base = MODELS["mlp"].init(jax.random.key(5), X)
@@ -333,6 +345,30 @@ def test_combine_argument_errors_are_listed():
     adapters, _ = mixed_set("mlp")
     with pytest.raises(ValueError, match=r"method must be.*unknown adapters \['z'\].*rank must"):
         ll.combine_adapters(adapters, {"z": 1.0}, method="ties", rank=0)
+
+
+def test_combine_refuses_weights_that_are_not_finite_numbers():
+    adapters, _ = mixed_set("mlp")
+    for method in ("cat", "linear", "svd"):
+        bad = {"a": float("nan"), "b": np.float32("inf"), "c": "0.5"}
+        with pytest.raises(ValueError, match=r"finite numbers, got \{'a': nan, 'b': .*inf.*'c'"):
+            ll.combine_adapters(adapters, bad, method=method)
+    combined = ll.combine_adapters(adapters, {"a": np.float32(0.5)}, method="svd", rank=np.int64(2))
+    assert [n.rank for n in lora_nodes(combined.tree)] == [2, 2]
+
+
+def test_combination_error_reads_nan_as_nan_and_exact_as_zero():
+    nan_b = lambda node: dataclasses.replace(node, b=node.b.at[0, 0].set(jnp.nan))
+    tree = jax.tree_util.tree_map(
+        lambda x: nan_b(x) if is_lora_node(x) else x,
+        make_adapter("mlp", 1, rank=2),
+        is_leaf=is_lora_node,
+    )
+    errors = ll.combine_adapters({"a": tree}, {"a": 1.0}, method="svd").errors
+    assert all(np.isnan(float(e)) for e in errors.values()), errors
+    zero = ll.init(PARAMS["mlp"], ll.LoraConfig(rank=2), key=jax.random.key(1))  # B = 0
+    errors = ll.combine_adapters({"a": zero}, {"a": 1.0}, method="svd").errors
+    assert [float(e) for e in errors.values()] == [0.0, 0.0]
 
 
 def test_selected_and_combined_adapters_merge_for_export():
