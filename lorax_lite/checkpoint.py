@@ -291,10 +291,11 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
 
     Args:
         path: a directory written by `save_adapter`.
-        params: the base parameter tree (a LoRA tree is accepted; its base is
-            used). Without it, returns the adapters alone: a nested dict keyed by
-            path components holding ``LoraWeight(None, a, b, ...)`` and `Trainable`
-            leaves, for inspection and export.
+        params: the base parameter tree (a LoRA tree or its frozen partition is
+            accepted; its base is used, and the saved values fill the partition's
+            ``Trainable(None)`` holes). Without it, returns the adapters alone: a
+            nested dict keyed by path components holding ``LoraWeight(None, a, b, ...)``
+            and `Trainable` leaves, for inspection and export.
         check_base: compare ``params`` with the fingerprint of the base the adapter
             was trained on (every path, shape and dtype, and the content hash of
             each adapted weight). ``False`` allows a deliberate transfer to another
@@ -318,7 +319,7 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     if params is None:
         arrays = _restore_arrays(path, info, None)
         return _adapters_only(info, arrays)
-    base = base_of(params)
+    base = base_of(_fill_trained_holes(params, info))
     named = dict(named_leaves(base, is_leaf=is_quantized))
     misfits = _shape_problems(info, named)
     problems = list(misfits.values())
@@ -348,6 +349,21 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
         return Trainable(trained[name]) if name in trained else leaf
 
     return jax.tree_util.tree_map_with_path(rebuild, base, is_leaf=is_quantized)
+
+
+def _fill_trained_holes(params: Any, info: dict[str, Any]) -> Any:
+    """``params`` with each ``Trainable(None)`` hole (where a frozen partition had a fully
+    trained leaf) that the checkpoint trains filled by a stand-in of the saved shape and
+    dtype: the frozen partition is a base, and the saved value takes the stand-in's place."""
+    saved = {e["path"]: e for e in info["trained"]}
+
+    def fill(key_path: Any, node: Any) -> Any:
+        entry = saved.get(path_str(key_path))
+        if isinstance(node, Trainable) and node.value is None and entry is not None:
+            return jax.ShapeDtypeStruct(tuple(entry["shape"]), entry["dtype"])
+        return node
+
+    return jax.tree_util.tree_map_with_path(fill, params, is_leaf=is_lora_node)
 
 
 def _rebuilt_adapter(w: Any, entry: dict[str, Any], arrays: dict[str, Any]) -> LoraWeight:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,6 +215,33 @@ def test_saved_adapter_refuses_the_original_base_and_loads_onto_the_residual(tmp
     again = ll.init(params, config, key=jax.random.key(1), fn=module.apply, args=(x,))
     reloaded = ll.load_adapter(tmp_path / "adapter", ll.partition(again)[1])
     np.testing.assert_array_equal(apply(reloaded, x), apply(trained, x))
+
+
+@pytest.mark.parametrize("check_base", [True, False])
+def test_the_residual_recipe_loads_with_a_fully_trained_head(tmp_path, check_base):
+    """The frozen partition holds Trainable(None) at a trained leaf: the saved value fills it."""
+    module, x, _, tree = lora_tree(
+        "scan-stack",
+        "pissa",
+        None,
+        targets=("ScanCheckpointLayer_0/.*",),
+        train=("params/Dense_0",),
+    )
+    config = ll.LoraConfig(
+        rank=2,
+        alpha=6.0,
+        init="pissa",
+        targets=("ScanCheckpointLayer_0/.*",),
+        train=("params/Dense_0",),
+    )
+    trained = _one_adam_step(module, x, tree)
+    ll.save_adapter(tmp_path / "adapter", trained, config)
+    residual_base = ll.partition(trained)[1]
+    assert residual_base["params"]["Dense_0"]["kernel"] == ll.Trainable(None)
+    loaded = ll.load_adapter(tmp_path / "adapter", residual_base, check_base=check_base)
+    chex.assert_trees_all_equal(loaded, trained)
+    apply = ll.lora(module.apply)
+    np.testing.assert_array_equal(apply(loaded, x), apply(trained, x))
 
 
 def _one_adam_step(module, x, tree):
