@@ -10,7 +10,7 @@ import jax
 import optax
 
 from .checks import is_positive
-from .trees import trainable_mask
+from .trees import require_trainable, trainable_mask
 from .weight import LoraWeight, is_node
 
 
@@ -73,8 +73,8 @@ def optimizer(
         >>> state = optimizer(optax.adam(1e-3)).init(lp)
         >>> state = optimizer(optax.adam(1e-4), lp, b_lr_ratio=16).init(lp)
     """
-    if tree is not None and not any(jax.tree_util.tree_leaves(trainable_mask(tree))):
-        raise ValueError("optimizer: the tree has no trainable leaf; did you call ll.init?")
+    if tree is not None:
+        require_trainable(tree, "optimizer")
     if b_lr_ratio is None:
         return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     if not is_positive(b_lr_ratio):

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .adapter_set import AdapterSet
 from .optim import optimizer
 from .placement import auto_axes, check_layout, check_leading_axis, place, replicate, unreplicate
-from .trees import TrainState, combine, partition
+from .trees import TrainState, combine, partition, require_trainable
 from .weight import LoraWeight, Trainable, is_node
 
 LossFn = Callable[[Any, Any, jax.Array], Any]
@@ -82,7 +82,8 @@ def train_step(
         `TrainStep` ``(init, step)``; ``step`` compiles once per batch shape.
 
     Raises:
-        ValueError: if ``accum_steps < 1``; at the first step, if a batch leaf's leading
+        ValueError: if ``accum_steps < 1``; from ``init``, if the tree has nothing to
+            train (``ll.init`` not called); at the first step, if a batch leaf's leading
             axis is not divisible by ``accum_steps`` (naming every such leaf).
         TypeError: if ``skip_nonfinite`` is not a bool.
 
@@ -100,7 +101,7 @@ def train_step(
         loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
     )
     jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
-    init = functools.partial(_init_state, tx=tx)
+    init = functools.partial(_init_state, tx=tx, caller="train_step")
     return TrainStep(init, _stepper(jitted))
 
 
@@ -138,7 +139,7 @@ def pmap_train_step(
         leading device axis (see `shard_batch`) and returns unreplicated metrics.
 
     Raises:
-        ValueError: if ``accum_steps < 1``.
+        ValueError: if ``accum_steps < 1``; from ``init``, as `train_step`'s.
         TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
@@ -161,7 +162,8 @@ def pmap_train_step(
     )
 
     def init(tree: Any, key: jax.Array) -> TrainState:
-        return replicate(_init_state(tree, key, tx=tx), devices, axis_name=axis_name)
+        state = _init_state(tree, key, tx=tx, caller="pmap_train_step")
+        return replicate(state, devices, axis_name=axis_name)
 
     return TrainStep(init, _stepper(mapped, finish_metrics=unreplicate))
 
@@ -207,7 +209,7 @@ def sharded_train_step(
 
     Raises:
         ValueError: if ``data_axis`` is not a mesh axis, ``base_sharding`` is unknown or
-            ``accum_steps < 1``.
+            ``accum_steps < 1``; from ``init``, as `train_step`'s.
         TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
@@ -225,14 +227,17 @@ def sharded_train_step(
     on_mesh = functools.partial(place, mesh=mesh, data_axis=data_axis, base_sharding=base_sharding)
 
     def init(tree: Any, key: jax.Array) -> TrainState:
-        return on_mesh(_init_state(tree, key, tx=tx))[0]
+        return on_mesh(_init_state(tree, key, tx=tx, caller="sharded_train_step"))[0]
 
     return TrainStep(init, _stepper(jitted, prepare=on_mesh))
 
 
-def _init_state(tree: Any, key: jax.Array, *, tx: optax.GradientTransformation) -> TrainState:
+def _init_state(
+    tree: Any, key: jax.Array, *, tx: optax.GradientTransformation, caller: str
+) -> TrainState:
     """A fresh state; the trainable leaves and the key are copies, so donating them
-    leaves the caller's tree and key intact."""
+    leaves the caller's tree and key intact. Raises if nothing in ``tree`` trains."""
+    require_trainable(tree, f"{caller}.init")
     trainable, frozen = partition(tree)
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)
     key = jnp.copy(key)
@@ -417,7 +422,8 @@ def vmap_train_step(
     Raises:
         ValueError: if ``accum_steps < 1``; from ``init``, if the adapters' scales differ
             at a leaf (each would need its own static scale), if any adapter is padded
-            (training would fill the padding), or the keys are not one per adapter.
+            (training would fill the padding), the keys are not one per adapter, or
+            nothing trains.
         TypeError: if ``skip_nonfinite`` is not a bool.
 
     Example:
@@ -433,7 +439,7 @@ def vmap_train_step(
     # One update per adapter; the frozen base (the second argument) is shared, not mapped.
     mapped = jax.vmap(update, in_axes=(0, None, batch_axis))
     jitted = jax.jit(mapped, donate_argnums=(0,) if donate else ())
-    init_one = functools.partial(_init_state, tx=tx)
+    init_one = functools.partial(_init_state, tx=tx, caller="vmap_train_step")
 
     def init(adapters: AdapterSet, keys: jax.Array) -> TrainState:
         _check_trainable_set(adapters, keys)

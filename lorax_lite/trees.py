@@ -48,6 +48,13 @@ def _mark_present(x: Any, flag: bool) -> bool | None:
     return None if x is None else flag
 
 
+def require_trainable(tree: Any, caller: str) -> None:
+    """Raises ``ValueError`` if ``tree`` has nothing to train (no adapter factor, no
+    `Trainable`): a step over it would run and never learn."""
+    if not any(jax.tree_util.tree_leaves(trainable_mask(tree))):
+        raise ValueError(f"{caller}: the tree has no trainable leaf; did you call ll.init?")
+
+
 def partition(tree: Any) -> tuple[Any, Any]:
     """Splits ``tree`` into ``(trainable, frozen)`` with ``None`` holes.
 

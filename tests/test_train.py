@@ -14,6 +14,7 @@ import pytest
 import train_worker as worker
 
 import lorax_lite as ll
+from lorax_lite.trees import base_of
 
 STEPS = 2
 SGD = ll.train_step(worker.loss_fn, optax.sgd(0.1))  # shared, so it compiles once
@@ -168,6 +169,22 @@ def test_accumulation_checks_the_batch_size():
         step(state, worker.batch(0, size=30))
     with pytest.raises(ValueError, match="accum_steps"):
         ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=0)
+
+
+@pytest.mark.parametrize("kind", ["one device", "pmap", "mesh 8x1", "vmap"])
+def test_every_step_builder_refuses_a_tree_with_nothing_to_train(kind):
+    """``ll.init`` forgotten: the step would run, and never train."""
+    params = base_of(lora_tree())
+    tx = optax.sgd(0.1)
+    if kind == "vmap":
+        adapters = ll.AdapterSet.from_trees({"a": params, "b": params})
+        init = ll.vmap_train_step(worker.loss_fn, tx).init
+        with pytest.raises(ValueError, match=r"^vmap_train_step.init: .*did you call ll.init\?"):
+            init(adapters, jax.random.split(jax.random.key(1)))
+        return
+    name = {"one device": "train_step", "pmap": "pmap_train_step"}.get(kind, "sharded_train_step")
+    with pytest.raises(ValueError, match=rf"^{name}.init: .*did you call ll.init\?"):
+        build(kind, worker.loss_fn, tx).init(params, jax.random.key(1))
 
 
 def test_per_step_dropout_key_and_aux_metrics():
