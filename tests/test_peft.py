@@ -74,6 +74,30 @@ def test_round_trip_equals_the_original(tmp_path, rslora):
     chex.assert_trees_all_equal(ll.from_peft(tmp_path, base_params(), NAMES), tree, strict=True)
 
 
+def test_rslora_alphas_of_scales_unlike_the_config_s_are_written_and_read_back(tmp_path):
+    """alpha_pattern holds the alpha that gives each node's scale under rsLoRA: s sqrt(r)."""
+    config = ll.LoraConfig(
+        rank=2,
+        alpha=5,
+        targets=("query",),
+        rank_pattern={"layer_0/query": 3, "layer_1/query": 4},
+        alpha_pattern={"layer_0/query": 7},
+        use_rslora=True,
+    )
+    tree = lora_tree(config)
+    query = tree["params"]["layer_1"]["query"]["kernel"]
+    tree["params"]["layer_1"]["query"]["kernel"] = dataclasses.replace(query, scale=3.0)
+    ll.to_peft(tmp_path, tree, config, NAMES)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    module = r"encoder\.layer\.{}\.attention\.self\.query"
+    assert written["rank_pattern"] == {module.format(0): 3, module.format(1): 4}
+    assert written["alpha_pattern"] == {module.format(0): 7, module.format(1): 6}  # 3 sqrt(4)
+    read = ll.from_peft(tmp_path, base_params(), NAMES)
+    assert read["params"]["layer_1"]["query"]["kernel"].scale == 3.0
+    assert read["params"]["layer_0"]["query"]["kernel"].scale == pytest.approx(7 / np.sqrt(3))
+    chex.assert_trees_all_close(read, tree)
+
+
 def test_keys_shapes_and_values_are_peft_s(tmp_path):
     tree = lora_tree()
     ll.to_peft(tmp_path, tree, CONFIG, NAMES, base_model_name_or_path="tiny-bert")
