@@ -1,4 +1,5 @@
-"""Checks of the numbers a user passes or a file holds, for the validating code's messages.
+"""Checks of the numbers (and dtypes) a user passes or a file holds, for the validating
+code's messages.
 
 Booleans are not numbers here (``True`` is not a rank of 1); NumPy scalars are.
 """
@@ -9,6 +10,7 @@ import math
 import numbers
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -26,3 +28,11 @@ def is_int(value: Any, minimum: int) -> bool:
 def is_positive(value: Any) -> bool:
     """Whether ``value`` is a finite number ``> 0`` (an alpha, a learning-rate ratio)."""
     return is_number(value) and 0 < value < math.inf
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` names a floating dtype (``jnp.bfloat16``, ``"float32"``)."""
+    try:  # np.dtype(None) is float64; np.issubdtype rejects bfloat16
+        return dtype is not None and jnp.issubdtype(np.dtype(dtype), jnp.floating)
+    except TypeError:
+        return False

@@ -7,10 +7,9 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-import jax.numpy as jnp
 import numpy as np
 
-from .checks import is_int, is_number, is_positive
+from .checks import is_float_dtype, is_int, is_number, is_positive
 from .targets import Spec, from_serial, most_specific, to_predicate, to_serial
 from .weight import scale_from_alpha
 
@@ -193,13 +192,6 @@ def _decoded(name: str, value: Any) -> Any:
     return value
 
 
-def _is_float_dtype(dtype: Any) -> bool:
-    try:  # np.dtype(None) is float64; np.issubdtype rejects bfloat16
-        return dtype is not None and jnp.issubdtype(np.dtype(dtype), jnp.floating)
-    except TypeError:
-        return False
-
-
 def _as_float(value: Any) -> float:
     """A Python float with the value as written: ``np.float32(0.1)`` gives ``0.1``, not
     its binary value ``0.10000000149011612``."""
@@ -258,7 +250,7 @@ def _validate(config: LoraConfig) -> list[str]:
     for flag in _FLAGS:
         if not isinstance(getattr(config, flag), bool | np.bool_):
             problems.append(f"{flag} must be True or False, got {getattr(config, flag)!r}")
-    if not _is_float_dtype(config.dtype):
+    if not is_float_dtype(config.dtype):
         problems.append(f"dtype must be a floating dtype such as 'float32', got {config.dtype!r}")
     if config.init not in INITS:
         problems.append(f"init must be one of {INITS}, got {config.init!r}")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from .checks import is_float_dtype
 from .quant import QuantizedWeight, is_quantized
 from .targets import named_leaves
 from .weight import LoraWeight, Trainable, is_node
@@ -136,11 +137,20 @@ def cast_base(tree: Any, dtype: Any) -> Any:
     Returns:
         The same structure with the base in ``dtype``.
 
+    Raises:
+        TypeError: if ``dtype`` is not a floating dtype (casting would truncate the
+            weights to integers; `quantize` stores an 8- or 4-bit base).
+
     Example:
         >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
         >>> cast_base(lp, jnp.bfloat16)["k"].w.dtype, cast_base(lp, jnp.bfloat16)["k"].a.dtype
         (dtype(bfloat16), dtype('float32'))
     """
+    if not is_float_dtype(dtype):
+        raise TypeError(
+            f"cast_base: dtype must be a floating dtype such as jnp.bfloat16, got {dtype!r}; "
+            'for an 8- or 4-bit base use ll.quantize(tree, kind="int8") (or "int4", "nf4")'
+        )
     if isinstance(tree, TrainState):
         return dataclasses.replace(tree, frozen=cast_base(tree.frozen, dtype))
 

@@ -379,6 +379,14 @@ def test_cast_base_keeps_adapters_and_optimizer_in_float32_and_trains():
     assert 0 < abs(float(f32) - float(bf16)) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [jnp.int8, "uint8", jnp.bool_, None, "bfloat"])
+def test_cast_base_refuses_a_dtype_that_is_not_floating(dtype):
+    """``cast_base(tree, jnp.int8)``, a slip for an 8-bit base, would truncate every weight."""
+    with pytest.raises(TypeError, match=r"floating dtype .* got .*ll\.quantize"):
+        ll.cast_base(lora_tree(), dtype)
+    assert ll.cast_base(lora_tree(), "float16")["hidden"]["kernel"].w.dtype == jnp.float16
+
+
 def test_cast_base_on_a_state_casts_only_the_frozen_part():
     init, _ = ll.train_step(worker.loss_fn, optax.adam(3e-2))
     state = ll.cast_base(init(lora_tree(), jax.random.key(1)), jnp.bfloat16)
