@@ -49,6 +49,7 @@ from .atomic import replace_file
 from .checks import is_int, is_number, is_positive
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
+from .linear_regex import compile_pattern, pattern_error
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
 from .trees import base_of
@@ -334,12 +335,16 @@ def _adapter_tensors(piece: Piece) -> dict[str, np.ndarray]:
 
 
 def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
-    """Records the module's rank and alpha where they differ from the config's defaults."""
+    """Records the module's rank, and the alpha giving its scale, where they differ from the
+    config's defaults. The alpha comes from the node's scale, not from matching the config's
+    ``alpha_pattern`` (whose regexes may come from a checkpoint's file)."""
     node = piece.value
     rank = node.rank
-    alpha = config.alpha_for(piece.path, piece.value.w)
+    alpha = config.alpha
     if not math.isclose(config.scale_for(rank, alpha), node.scale, rel_tol=1e-6):
-        alpha = alpha_from_scale(node.scale, rank, rslora=config.use_rslora)
+        # 12 significant digits: 32, not the 32.00000000000001 of s * sqrt(r) in floats.
+        alpha = float(f"{alpha_from_scale(node.scale, rank, rslora=config.use_rslora):.12g}")
+        alpha = int(alpha) if alpha.is_integer() else alpha
     key = re.escape(piece.module)
     if rank != config.rank:
         peft_config["rank_pattern"][key] = rank
@@ -539,8 +544,8 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
     for field in ("target_modules", "modules_to_save"):
         names = config[field]
         if field == "target_modules" and isinstance(names, str):
-            if _regex_error(names):
-                bad(field, f"a valid regex ({_regex_error(names)})")
+            if pattern_error(names):
+                bad(field, f"a valid regex ({pattern_error(names)})")
         elif names is not None and not (
             isinstance(names, list) and all(isinstance(n, str) for n in names)
         ):
@@ -576,7 +581,7 @@ def _pattern_problems(
     problems += [
         f"{field}[{_json(key)}]: expected a valid regex ({error})"
         for key in patterns
-        if (error := _regex_error(key))
+        if (error := pattern_error(key) or pattern_error(_key_pattern(key)))
     ]
     return problems
 
@@ -584,14 +589,6 @@ def _pattern_problems(
 def _json(value: Any) -> str:
     """``value`` as written in JSON (``true``, ``null``, ``"LORA"``), for messages."""
     return json.dumps(value, ensure_ascii=False)
-
-
-def _regex_error(pattern: str) -> str | None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        return str(err)
-    return None
 
 
 def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -878,7 +875,7 @@ def _targeted(module: str, target_modules: Any) -> bool:
     if target_modules is None:
         return True  # PEFT chose the modules by model type; the tensors name them
     if isinstance(target_modules, str):
-        return target_modules == "all-linear" or re.fullmatch(target_modules, module) is not None
+        return target_modules == "all-linear" or compile_pattern(target_modules).fullmatch(module)
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
@@ -897,5 +894,11 @@ def _lora_weight(
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """PEFT's pattern lookup: the first key matching the end of ``module`` at a dot boundary."""
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+    """PEFT's pattern lookup: the first key matching the end of ``module`` at a dot boundary
+    (without backtracking: a key read from a file cannot make the lookup hang)."""
+    return next((k for k in patterns if compile_pattern(_key_pattern(k)).fullmatch(module)), None)
+
+
+def _key_pattern(key: str) -> str:
+    r"""PEFT's ``re.match(rf"(.*\.)?({key})$", module)`` as a whole-name pattern."""
+    return rf"(.*\.)?({key})"

@@ -3,9 +3,11 @@ tree fixtures-as-functions, a norm-wise tree comparison and HLO inspection."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import re
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -195,3 +197,20 @@ def grad_and_temp_bytes(model, tree, x) -> tuple[Any, int | None]:
     grad = jax.jit(jax.value_and_grad(lambda t, f, x: apply(ll.combine(t, f), x)))
     analysis = grad.lower(trainable, frozen, x).compile().memory_analysis()
     return grad(trainable, frozen, x), (analysis and analysis.temp_size_in_bytes)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raises ``TimeoutError`` in the block once ``seconds`` have passed (SIGALRM; the main
+    thread only), so that a hang fails the test instead of stalling the suite."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import randomize_b
+from helpers import deadline, randomize_b
 from hypothesis import HealthCheck, given, settings
 from safetensors.numpy import load_file, save_file
 
@@ -474,6 +474,47 @@ def test_from_peft_lists_every_bad_config_field(tmp_path):
         assert expected in text
     assert 'rank_pattern["("]: expected a valid regex' in text
     assert len(text.splitlines()) == len(BAD_FIELDS) + 2  # header, and both rank_pattern keys
+
+
+# A catastrophic regex for Python's backtracking re: exponential time on a long module name.
+HOSTILE = "([a-z_.0-9]+)+x"
+
+
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern", "target_modules"])
+def test_a_catastrophic_regex_in_the_config_is_matched_without_hanging(tmp_path, field):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    if field == "target_modules":
+        hostile = lambda c: {**c, field: f"{HOSTILE}|.*(query|value|word_embeddings)"}
+    else:  # tried first, matching nothing: the file's own keys decide
+        hostile = lambda c: {**c, field: {HOSTILE: 4, **c[field]}}
+    edit_peft(tmp_path, config=hostile)
+    with deadline(20):
+        read = ll.from_peft(tmp_path, base_params(), NAMES)
+    chex.assert_trees_all_equal(read, lora_tree(), strict=True)
+
+
+@pytest.mark.parametrize(
+    "key, construct",
+    [
+        ("(?=q)query", "the group '(?=q'"),
+        (r"(q)\1", r"the escape \1"),
+        ("q*+", "a possessive quantifier"),
+    ],
+)
+def test_a_regex_construct_that_needs_backtracking_is_refused_by_name(tmp_path, key, construct):
+    ll.to_peft(tmp_path, lora_tree(), CONFIG, NAMES)
+    edit_peft(tmp_path, config=lambda c: {**c, "rank_pattern": {key: 4}})
+    message = from_peft_error(tmp_path)
+    assert f"rank_pattern[{json.dumps(key)}]: expected a valid regex ({construct}" in message
+
+
+def test_to_peft_never_matches_the_config_s_alpha_patterns(tmp_path):
+    """A config read from a checkpoint (lorax-lite export-peft) may hold a hostile pattern:
+    the alphas come from the adapters' scales, so it is never matched."""
+    config = dataclasses.replace(CONFIG, alpha_pattern={"([a-z_/0-9]+)+x": 1, "value": 3})
+    with deadline(20):
+        ll.to_peft(tmp_path, lora_tree(), config, NAMES)
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path, base_params(), NAMES), lora_tree())
 
 
 @pytest.mark.parametrize(
