@@ -199,6 +199,7 @@ def merge(
 
     Raises:
         ValueError: with ``check``, naming every merged leaf that is not finite; with
+            ``requantize``, naming a merged weight to quantize that is not finite; with
             ``probe``, if the deviation between the two outputs is not finite.
 
     Example:
@@ -212,8 +213,9 @@ def merge(
     def unwrap(key_path, node):
         if isinstance(node, LoraWeight) and requantize and is_quantized(node.w):
             dense, q = node.materialize(), node.w
-            again = quantize_array(dense, kind=q.kind, block=q.block, axis=q.axis)
-            added[path_str(key_path)] = _relative_error(again.dequantize(), dense)
+            path = path_str(key_path)
+            again = quantize_array(dense, kind=q.kind, block=q.block, axis=q.axis, path=path)
+            added[path] = _relative_error(again.dequantize(), dense)
             return again
         if isinstance(node, LoraWeight):
             return node.materialize()
@@ -359,10 +361,11 @@ def quantize(
         The same tree with `QuantizedWeight` bases.
 
     Raises:
-        ValueError: listing every problem at once: an unknown kind, a block that does
-            not divide a leaf's blocked axis (or odd for 4-bit kinds), an already
-            quantized leaf, a leaf that is not a float array, an ``also`` pattern that
-            matches no frozen leaf.
+        ValueError: listing every problem at once: an unknown kind, a block that is not
+            a positive integer dividing a leaf's blocked axis (or odd for 4-bit kinds),
+            an already quantized leaf, a leaf that is not a float array or holds NaN or
+            inf (with the first such index), an ``also`` pattern that matches no frozen
+            leaf.
 
     Example:
         >>> lp = {"k": LoraWeight(jnp.ones((64, 2)), jnp.ones((64, 1)), jnp.zeros((1, 2)))}

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import is_float_dtype, is_int
+
 KINDS = ("int8", "int4", "int4-asym", "nf4")
 
 # QLoRA's NormalFloat-4 code book (Dettmers et al. 2023, appendix E): quantiles of a
@@ -161,13 +163,15 @@ def quantize_array(
         A `QuantizedWeight` that dequantizes to ``x``'s shape and dtype.
 
     Raises:
-        ValueError: unknown kind, a block that does not divide the axis, odd 4-bit blocks.
+        ValueError: unknown kind, a block that is not a positive integer dividing the
+            axis, odd 4-bit blocks, an axis out of range, a NaN or infinite entry
+            (its block's scale would be lost).
         TypeError: a non-float array.
     """
     problem = _problem(x, kind, block, axis)
     if problem:
         raise (TypeError if "float" in problem else ValueError)(f"{path}: {problem}")
-    axis = axis % x.ndim - x.ndim
+    block, axis = int(block), int(axis) % x.ndim - x.ndim
     pos = x.ndim + axis
     shape = x.shape
     blocks = jnp.asarray(x, jnp.float32).reshape(
@@ -206,14 +210,31 @@ def _problem(x: Any, kind: str, block: int, axis: int) -> str | None:
         return f"already quantized ({x.kind}, block {x.block})"
     if not jnp.issubdtype(x.dtype, jnp.floating):
         return f"only float weights are quantized, got dtype {x.dtype}"
-    if not -x.ndim <= axis < x.ndim:
-        return f"axis {axis} out of range for shape {tuple(x.shape)}"
-    size = x.shape[axis]
-    if not isinstance(block, int) or block < 1 or size % block:
+    if not is_int(axis, -x.ndim) or axis >= x.ndim:
+        return f"axis {axis!r} out of range for shape {tuple(x.shape)}"
+    if not is_int(block, 1):
+        return f"block must be a positive integer, got {block!r}"
+    if x.shape[axis] % block:
         return f"block {block} does not divide axis {axis % x.ndim} of shape {tuple(x.shape)}"
     if kind != "int8" and block % 2:
         return f"4-bit blocks hold two codes a byte: block must be even, got {block}"
-    return None
+    return _nonfinite(x)
+
+
+def _nonfinite(x: Any) -> str | None:
+    """Where ``x`` holds NaN or infinity (one such entry takes its whole block's scale
+    with it), or None. A traced ``x`` cannot be looked at and passes."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    finite = jnp.isfinite(x)
+    if bool(finite.all()):
+        return None
+    bad = np.argwhere(~np.asarray(finite))
+    first = tuple(int(i) for i in bad[0])
+    return (
+        f"{len(bad)} non-finite entries, the first {np.asarray(x)[first]} at index {first}; "
+        "quantizing would lose their blocks"
+    )
 
 
 # GGUF block types that map onto a kind exactly: bytes a block of 32, kind, has a minimum.
@@ -239,6 +260,9 @@ def from_gguf(
 
     Raises:
         ValueError: an unsupported block type, or bytes that are not whole blocks.
+        TypeError: ``blocks`` that is not a ``uint8`` array (floats would be truncated
+            to bytes; a ``bytes`` object has no rows: ``np.frombuffer(data, np.uint8)``
+            reshaped to them), or a ``dtype`` that is not floating.
     """
     name = getattr(tensor_type, "name", str(tensor_type))
     if name not in _GGUF:
@@ -246,6 +270,16 @@ def from_gguf(
             f"{path}: GGUF tensor type {name} is not supported as quantized blocks; "
             f"supported: {sorted(_GGUF)} (dequantize other types to float first)"
         )
+    found = getattr(blocks, "dtype", None)
+    if found != np.uint8 or not hasattr(blocks, "shape"):
+        what = type(blocks).__name__ + ("" if found is None else f" of dtype {found}")
+        raise TypeError(
+            f"{path}: {name} blocks must be a uint8 array of raw bytes, shaped "
+            f"(*rows, bytes_per_row), got a {what} (for a bytes object: "
+            "np.frombuffer(data, np.uint8).reshape(rows, -1))"
+        )
+    if not is_float_dtype(dtype):
+        raise TypeError(f"{path}: dtype must be a floating dtype, got {dtype!r}")
     size, kind, has_min = _GGUF[name]
     raw = np.ascontiguousarray(blocks, np.uint8)
     if raw.ndim < 1 or raw.shape[-1] % size:

@@ -22,6 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .adapter_set import AdapterSet
+from .checks import is_int
 from .optim import optimizer
 from .placement import auto_axes, check_layout, check_leading_axis, place, replicate, unreplicate
 from .trees import TrainState, combine, partition, require_trainable
@@ -285,8 +286,9 @@ def _make_update(
     the gradients only, applies the non-finite update after ``max_consecutive_errors``, and
     adds its counters to the optimizer state, whose structure checkpoints rely on).
     """
-    if not isinstance(accum_steps, int) or accum_steps < 1:
+    if not is_int(accum_steps, 1):
         raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
+    accum_steps = int(accum_steps)
     if not isinstance(skip_nonfinite, bool):
         raise TypeError(f"skip_nonfinite must be True or False, got {skip_nonfinite!r}")
     loss_fn = jax.checkpoint(loss_fn) if remat else loss_fn

@@ -106,6 +106,47 @@ def test_gguf_errors_name_the_tensor():
         from_gguf(np.zeros((2, 35), np.uint8), "Q8_0", path="token_embd.weight")
 
 
+@pytest.mark.parametrize(
+    "blocks, found",
+    [
+        (np.ones((2, 18), np.float32), "ndarray of dtype float32"),  # was: silent bytes of 1
+        (np.ones((2, 18), np.int8), "ndarray of dtype int8"),
+        (bytes(36), "bytes"),  # was: NumPy's "invalid literal for int()"
+        ([[0] * 18] * 2, "list"),
+    ],
+)
+def test_gguf_blocks_that_are_not_uint8_arrays_are_refused(blocks, found):
+    with pytest.raises(TypeError, match=rf"blk.0: Q4_0 blocks must be a uint8 array .* {found}"):
+        from_gguf(blocks, "Q4_0", path="blk.0")
+    with pytest.raises(TypeError, match=r"blk.0: dtype must be a floating dtype, got 'int32'"):
+        from_gguf(np.zeros((2, 18), np.uint8), "Q4_0", dtype="int32", path="blk.0")
+
+
+# GGUF blocks written out from the block layout (ggml-common.h: block_q4_0 is a float16
+# d then 16 bytes whose low nibbles are entries 0..15 and high nibbles entries 16..31,
+# w = d * (q - 8); block_q4_1 has d, then a float16 m, and w = d * q + m; block_q8_0 is
+# d then 32 int8 codes, w = d * q). Byte j holds (lo, hi) = (j, 15 - j).
+NIBBLES = "f0e1d2c3b4a5968778695a4b3c2d1e0f"
+LOW, HIGH = np.arange(16.0), 15.0 - np.arange(16.0)
+
+
+def test_gguf_q4_blocks_read_by_hand_need_no_package():
+    # Q4_0, one row of two blocks: d = 0.5 (f16 0x3800), then d = -1 (f16 0xbc00).
+    q4_0 = bytes.fromhex("0038" + NIBBLES + "00bc" + NIBBLES)
+    weight = from_gguf(np.frombuffer(q4_0, np.uint8).reshape(1, 36), "Q4_0").dequantize()
+    codes = np.concatenate([LOW, HIGH]) - 8
+    np.testing.assert_array_equal(np.asarray(weight), [np.concatenate([0.5 * codes, -codes])])
+    # Q4_1, two rows of one block: d = 0.25 (0x3400), m = -1 (0xbc00); d = 2, m = 0.5.
+    q4_1 = bytes.fromhex("003400bc" + NIBBLES + "00400038" + NIBBLES)
+    weight = from_gguf(np.frombuffer(q4_1, np.uint8).reshape(2, 20), "Q4_1").dequantize()
+    codes = np.concatenate([LOW, HIGH])
+    np.testing.assert_array_equal(np.asarray(weight), [0.25 * codes - 1, 2 * codes + 0.5])
+    # Q8_0: d = 0.5, codes -16..15 as int8 bytes.
+    q8_0 = bytes.fromhex("0038") + np.arange(-16, 16, dtype=np.int8).tobytes()
+    weight = from_gguf(np.frombuffer(q8_0, np.uint8).reshape(1, 34), "Q8_0").dequantize()
+    np.testing.assert_array_equal(np.asarray(weight), [0.5 * np.arange(-16.0, 16.0)])
+
+
 # ----- lora(fn) over a quantized base, against float64 ----------------------------------
 
 
@@ -347,6 +388,47 @@ def test_bad_input_names_every_leaf():
         ll.quantize(once, kind="int8", block=32)
     with pytest.raises(ValueError, match="block must be even"):
         quantize_array(normal((9, 2)), kind="int4", block=3, axis=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan], ids=["inf", "-inf", "nan"])
+def test_non_finite_weights_are_refused_naming_the_leaf_and_index(kind, bad):
+    """Silently, a NaN or inf took its block's scale with it (int4 turned +inf to -inf)."""
+    node = _lora_node((64, 8), ll.Layout.dense())
+    hurt = ll.LoraWeight(node.w.at[3, 5].set(bad), node.a, node.b, node.scale, node.layout)
+    table = jnp.ones((4, 32)).at[1, 2].set(bad)
+    tree = {"ok": node, "layer": {"kernel": hurt}, "embed": table}
+    with pytest.raises(ValueError) as info:
+        ll.quantize(tree, kind=kind, block=32, also=("embed",))
+    message = str(info.value)
+    value = "nan" if np.isnan(bad) else str(bad)
+    assert f"layer/kernel: 1 non-finite entries, the first {value} at index (3, 5)" in message
+    assert f"embed: 1 non-finite entries, the first {value} at index (1, 2)" in message
+    assert "ok:" not in message
+    with pytest.raises(ValueError, match=r"^w: 1 non-finite entries, the first .* \(3, 5\)"):
+        quantize_array(hurt.w, kind=kind, block=32, axis=0, path="w")
+
+
+def test_a_merged_weight_that_is_not_finite_is_not_requantized():
+    node = ll.quantize({"k": _lora_node((64, 8), ll.Layout.dense())}, kind="nf4", block=32)["k"]
+    node = ll.LoraWeight(node.w, node.a, node.b.at[0, 0].set(jnp.nan), node.scale, node.layout)
+    with pytest.raises(ValueError, match=r"^k: 64 non-finite entries, the first nan at index \(0,"):
+        ll.merge({"k": node}, requantize=True)
+
+
+@pytest.mark.parametrize("integer", [np.int64(32), np.int32(32), np.uint8(32)])
+def test_numpy_integer_options_are_integers(integer):
+    """``block=np.int64(32)`` was refused with "block 32 does not divide axis 0"."""
+    tree = {"k": _lora_node((64, 8), ll.Layout.dense())}
+    q = ll.quantize(tree, kind="int4", block=integer, axis=np.int64(-2))["k"].w
+    assert (q.block, q.axis) == (32, -2) and type(q.block) is int and type(q.axis) is int
+    expected = ll.quantize(tree, kind="int4", block=32, axis=-2)["k"].w
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(expected.dequantize()))
+    for block, shown in [(32.0, "32.0"), (True, "True"), ("32", "'32'"), (0, "0")]:
+        with pytest.raises(ValueError, match=f"k: block must be a positive integer, got {shown}"):
+            ll.quantize(tree, kind="int4", block=block)
+    with pytest.raises(ValueError, match=r"k: axis 1.0 out of range"):
+        ll.quantize(tree, kind="int4", block=32, axis=1.0)
 
 
 def test_merge_requantized_reports_the_error_it_adds(caplog):

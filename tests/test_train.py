@@ -45,7 +45,7 @@ def counting(loss_fn):
 
 def build(kind: str, loss_fn, tx, **options) -> ll.TrainStep:
     accum = 4 if "accum 4" in kind else 1
-    if kind == "pmap":
+    if kind.startswith("pmap"):
         return ll.pmap_train_step(loss_fn, tx, accum_steps=accum, **options)
     if kind.startswith("mesh"):
         mesh = jax.make_mesh(mesh_shape(kind), ("data", "model"))
@@ -63,7 +63,7 @@ def mesh_shape(kind: str) -> tuple[int, int]:
 def host_batch(kind: str, index: int):
     """Batch ``index`` on the host, with pmap's leading device axis for ``"pmap"``."""
     batch = worker.batch(index)
-    return ll.shard_batch(batch, 8) if kind == "pmap" else batch
+    return ll.shard_batch(batch, 8) if kind.startswith("pmap") else batch
 
 
 def host(tree):
@@ -111,6 +111,11 @@ def dense_sgd_step(tree, batch, lr):
     return {k: p[k] - lr * grads[k] for k in p}, grads
 
 
+def global_norm64(grads):
+    """The global norm in float64 (optax.global_norm is deprecated)."""
+    return np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+
+
 def factors(trainable):
     return {
         "hidden_a": trainable["hidden"]["kernel"].a,
@@ -132,9 +137,7 @@ def test_one_step_is_the_dense_gradient_step(remat, wrapped):
     state, metrics = step(state, worker.batch(0))
     expected, grads = dense_sgd_step(lora_tree(), worker.batch(0), 0.5)
     chex.assert_trees_all_close(factors(state.trainable), expected, rtol=1e-5, atol=1e-6)
-    # The global norm in float64 (optax.global_norm is deprecated).
-    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
-    np.testing.assert_allclose(metrics["grad_norm"], norm, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], global_norm64(grads), rtol=1e-5)
     chex.assert_trees_all_equal(state.frozen, ll.partition(lora_tree())[1], strict=True)
     assert int(state.step) == 1
     np.testing.assert_allclose(metrics["loss"], eval_loss(lora_tree(), worker.batch(0)))
@@ -142,6 +145,20 @@ def test_one_step_is_the_dense_gradient_step(remat, wrapped):
     # own (ll.lora puts one on each adapted product's input with or without remat).
     barriers = text.count("optimization_barrier") - plain.count("optimization_barrier")
     assert (barriers > 0) == remat and barriers >= 0
+
+
+@pytest.mark.parametrize("kind", ["accum 4", "pmap", "pmap accum 4", "mesh 8x1 fsdp accum 4"])
+def test_every_step_kind_takes_the_full_batch_sgd_step(kind):
+    """An SGD step and its ``grad_norm`` scale with the gradient (Adam's do not): averaging
+    micro-batches or devices with a wrong count would show here."""
+    init, step = build(kind, worker.loss_fn, optax.sgd(0.5))
+    state, metrics = step(init(lora_tree(), jax.random.key(1)), host_batch(kind, 0))
+    expected, grads = dense_sgd_step(lora_tree(), worker.batch(0), 0.5)
+    unstack = ll.unreplicate if kind.startswith("pmap") else lambda tree: tree
+    chex.assert_trees_all_close(
+        factors(host(unstack(state.trainable))), expected, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(metrics["grad_norm"], global_norm64(grads), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -163,12 +180,13 @@ def test_adapters_moved(reference):
 
 
 def test_accumulation_checks_the_batch_size():
-    init, step = ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=4)
+    init, step = ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=np.int64(4))
     state = init(lora_tree(), jax.random.key(1))
     with pytest.raises(ValueError, match=r"0: shape \(30, 8\)\n  1: shape \(30, 1\)"):
         step(state, worker.batch(0, size=30))
-    with pytest.raises(ValueError, match="accum_steps"):
-        ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"accum_steps must be an integer >= 1, got {bad}"):
+            ll.train_step(worker.loss_fn, optax.sgd(0.1), accum_steps=bad)
 
 
 @pytest.mark.parametrize("kind", ["one device", "pmap", "mesh 8x1", "vmap"])
