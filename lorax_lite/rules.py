@@ -320,13 +320,15 @@ def conv(eqn: Any, x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
     return _scaled(out, _spread(lora.magnitude_ratio(), [feature], spec))
 
 
-def gather(eqn: Any, lora: LoraValue, indices: jax.Array) -> Any:
+def gather(eqn: Any, lora: LoraValue, indices: jax.Array, key: jax.Array | None) -> Any:
     """A lookup of single entries along fan-in, fan-out or stacked axes, other axes whole.
 
-    Fan-in lookups (an embedding table) are ``w[i] + scale * A[i] @ B``, fan-out
-    lookups gather ``B`` alike. Lookups of stacked axes (an expert table indexed by
-    a router) gather both factors and return a `LoraValue` whose new stacked axes
-    are the index batch axes.
+    Fan-in lookups (an embedding table) are ``w[i] + scale * drop(A[i]) @ B``: a
+    lookup is a product with a one-hot input, whose dropout keeps or drops each looked-up
+    entry's adapter row whole (PEFT's embeddings take no dropout). Fan-out lookups
+    gather ``B`` alike, without dropout. Lookups of stacked axes (an expert table
+    indexed by a router) gather both factors and return a `LoraValue` whose new stacked
+    axes are the index batch axes (the product that uses it drops its input).
     """
     view = views.gather(eqn)
     dims = view.dimension_numbers
@@ -361,6 +363,9 @@ def gather(eqn: Any, lora: LoraValue, indices: jax.Array) -> Any:
     w_spec = [next(letters) for _ in shape]
     spec = lambda axes: "".join("r" if i is None else w_spec[i] for i in axes)
     batch = [next(letters) for _ in range(base.ndim - len(dims.offset_dims))]
+    if set(indexed) <= set(fan_in):  # one mask per looked-up entry
+        kept = dropout(jnp.ones(rows.shape[: len(batch)], rows.dtype), lora.dropout, key)
+        rows = rows * kept.reshape(kept.shape + (1,) * (rows.ndim - kept.ndim))
     rows_spec = "".join(batch) + spec(a for a in rows_axes if a not in dims.collapsed_slice_dims)
     kept = iter(i for i in range(len(shape)) if i not in dims.collapsed_slice_dims)
     batch_iter = iter(batch)
@@ -628,11 +633,9 @@ def _listed(out: Any) -> list[Any] | None:
     return out if out is None or isinstance(out, list) else [out]
 
 
-def _product(
-    op: Callable, *patterns: tuple[bool, ...], keyed: bool = True, recompute: bool = True
-) -> Rule:
-    """The rule of a product ``op(eqn, *operands[, key])`` whose LoRA operands sit as
-    one of ``patterns`` says; ``keyed``: each site draws its own dropout key.
+def _product(op: Callable, *patterns: tuple[bool, ...], recompute: bool = True) -> Rule:
+    """The rule of a product ``op(eqn, *operands, key)`` whose LoRA operands sit as
+    one of ``patterns`` says; each site draws its own dropout key.
 
     With a quantized operand and ``recompute``, the product runs under `jax.checkpoint`
     with the codes as its inputs: the backward pass dequantizes the weight again instead
@@ -645,12 +648,10 @@ def _product(
         lazy = _which_lazy(operands)
         if any(lazy) and lazy not in patterns:
             return None
-        dropout = keyed and any(lazy) and operands[lazy.index(True)].dropout
+        dropout = any(lazy) and operands[lazy.index(True)].dropout
         key = ctx.next_key() if dropout else None
 
-        run = _first_order(
-            lambda eqn, ops, ctx: _listed(op(eqn, *ops, key) if keyed else op(eqn, *ops))
-        )
+        run = _first_order(lambda eqn, ops, ctx: _listed(op(eqn, *ops, key)))
         if not (recompute and any(map(_recomputed, operands))):
             return run(eqn, operands, ctx)
         flat, rebuild = flatten_values(operands)
@@ -764,7 +765,7 @@ RULES: dict[str, Rule] = {
     prim.dot_general_p.name: _product(dot_general, (True, False), (False, True)),
     prim.conv_general_dilated_p.name: _product(conv, (False, True)),
     views.RAGGED_DOT: _product(ragged_dot, (False, True, False)),
-    prim.gather_p.name: _product(gather, (True, False), keyed=False, recompute=False),
+    prim.gather_p.name: _product(gather, (True, False), recompute=False),
     prim.convert_element_type_p.name: _cast(_structural(convert)),
     prim.transpose_p.name: _structural(transpose),
     prim.reshape_p.name: _structural(reshape),

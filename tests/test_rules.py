@@ -207,7 +207,7 @@ def test_gather_from_a_table_equals_lookup_in_the_merged_table(axis, mode, fill_
     indices = jnp.asarray(rng.integers(-2 if high > 10 else 0, high, (2, 3, 1)), jnp.int32)
     op = lookup(axis, mode, fill_value)
     eqn = traced_eqn(op, prim.gather_p, value.w, indices)
-    out = jitted(lambda v, i: rules.gather(eqn, v, i), value, indices)
+    out = jitted(lambda v, i: rules.gather(eqn, v, i, None), value, indices)
     expected = op(jnp.asarray(reference(value), jnp.float32), indices)
     assert not isinstance(out, LoraValue)
     assert_close(out, expected)  # NaN (the default fill) where the lookup fills
@@ -219,7 +219,7 @@ def test_gather_of_stacked_axes_stays_lazy():
     experts = jnp.array([[0, 2], [1, 1], [2, 0]])[..., None]
     op = lookup(0, "promise_in_bounds")
     eqn = traced_eqn(op, prim.gather_p, value.w, experts)
-    out = rules.gather(eqn, value, experts)
+    out = rules.gather(eqn, value, experts, None)
     assert isinstance(out, LoraValue)
     assert out.layout == ll.Layout((0, 1), (2,), (3,))
     assert_close(out.materialize(), reference(value)[np.asarray(experts[..., 0])])
@@ -230,7 +230,7 @@ def test_gather_of_a_slice_window_is_refused():
     op = lambda w, i: lax.dynamic_slice_in_dim(w, i, 2, axis=0)
     eqn = jax.make_jaxpr(jax.vmap(op, in_axes=(None, 0)))(value.w, jnp.array([1, 3])).jaxpr
     gather = next(e for e in eqn.eqns if e.primitive is prim.gather_p)
-    assert rules.gather(gather, value, jnp.zeros((2, 1), jnp.int32)) is None
+    assert rules.gather(gather, value, jnp.zeros((2, 1), jnp.int32), None) is None
 
 
 # ----- dot_general: property test over shapes, layouts and dimension numbers ----------

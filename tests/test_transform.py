@@ -779,6 +779,50 @@ def test_dropout_keys(jit):
     chex.assert_trees_all_close(apply(weight, x), x @ ll.merge(weight), rtol=1e-5, atol=1e-6)
 
 
+def dropped_input(delta, x, rate):
+    """Asserts ``delta`` is ``x`` with entries zeroed or scaled by ``1 / (1 - rate)``,
+    both seen: dropout on the adapter input, with A = B = identity."""
+    delta, x = np.asarray(delta), np.asarray(x)
+    kept = np.abs(delta) > 1e-6
+    np.testing.assert_allclose(delta[kept], x[kept] / (1 - rate), rtol=1e-5, atol=1e-5)
+    assert 0 < kept.mean() < 1
+
+
+@pytest.mark.parametrize("op", ["conv", "ragged_dot"])
+def test_dropout_masks_the_input_of_conv_and_ragged_dot_adapters(op):
+    d, rate, x = 16, 0.5, normal((4, 6, 16), 3)
+    if op == "conv":  # a 1x1 convolution: A, B identity maps of the channels
+        dims = ("NWC", "WIO", "NWC")
+        fn = lambda w, x: lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=dims)
+        weight = identity_adapter(d, rate)
+        weight = dataclasses.replace(
+            weight, w=weight.w[None], a=weight.a[None], layout=ll.Layout((), (0, 1), (2,))
+        )
+    else:  # rows grouped over 3 experts, each adapter the identity
+        x, sizes = x.reshape(24, d), jnp.array([10, 0, 14])
+        fn = lambda w, x: lax.ragged_dot(x, w, sizes)
+        weight = identity_adapter(d, rate, stack=(3,))
+    apply, base = ll.lora(fn, strict=True), fn(weight.w, x)
+    np.testing.assert_allclose(apply(weight, x), fn(ll.merge(weight), x), rtol=1e-5, atol=1e-5)
+    dropped_input(apply(weight, x, dropout_key=jax.random.key(0)) - base, x, rate)
+
+
+def test_dropout_keeps_or_drops_each_looked_up_embedding_row():
+    """A lookup is a product with a one-hot input: its dropout keeps a token's adapter
+    row whole (scaled by ``1 / (1 - rate)``) or drops it."""
+    rate, ids = 0.5, jnp.asarray(np.random.default_rng(0).integers(0, 10, (8, 5)))
+    weight = dataclasses.replace(lora_weight((10, 6), seed=4), dropout=rate)
+    fn = lambda w, ids: w[ids]
+    apply, base = ll.lora(fn, strict=True), weight.w[ids]
+    full = np.asarray(apply(weight, ids) - base)  # no key: every row's whole delta
+    np.testing.assert_allclose(full, np.asarray(ll.merge(weight)[ids] - base), atol=1e-6)
+    delta = np.asarray(apply(weight, ids, dropout_key=jax.random.key(0)) - base)
+    kept = np.abs(delta).max(-1) > 1e-6
+    np.testing.assert_allclose(delta[kept], full[kept] / (1 - rate), rtol=1e-5)
+    np.testing.assert_array_equal(delta[~kept], 0.0)
+    assert 0 < kept.mean() < 1
+
+
 def test_dropout_masks_differ_per_site_and_per_scanned_layer():
     weight, x = identity_adapter(16, 0.5, stack=(3,)), jnp.ones((8, 16))
     per_layer = lambda w, x: lax.scan(lambda c, wi: (c, x @ wi), 0.0, w)[1]
