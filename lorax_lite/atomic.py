@@ -1,11 +1,12 @@
 """Writes that never lose the previous version: written beside the target, renamed into place.
 
-`replace_file` does it for one file (the PEFT export, the command line's merged output).
+`replace_file` does it for one file (the command line's merged output).
 A directory (an adapter checkpoint) is written to a hidden sibling and swapped in by
 `swap_in`: the old one is moved aside, the new one renamed in, and only then is the old
 one deleted, so a failure or a kill at any point leaves the old directory or the new
 one; `recover` undoes what an interrupted swap left, and `current` finds the directory
-in between the two renames.
+in between the two renames. `replace_files` uses the same swap to replace several files
+of a directory together (the PEFT export's pair), keeping the directory's other entries.
 """
 
 from __future__ import annotations
@@ -35,6 +36,42 @@ def replace_file(path: pathlib.Path, write: Callable[[pathlib.Path], Any]) -> No
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_files(directory: pathlib.Path, names: tuple[str, ...], write: Callable) -> None:
+    """Replaces the files ``names`` of ``directory`` together: ``write`` fills a fresh hidden
+    sibling directory, which also gets the directory's other entries (hard links, or copies
+    where links fail), and `swap_in` renames it into place. A failure or a kill at any point
+    leaves the old files or the new ones, never a mix (`recover` undoes a killed swap)."""
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    recover(directory)
+    new = sibling(directory, NEW)
+    try:
+        if directory.is_dir():
+            ours = lambda folder, entries: names if pathlib.Path(folder) == directory else []
+            shutil.copytree(directory, new, symlinks=True, ignore=ours, copy_function=_link)
+        else:
+            new.mkdir()
+        write(new)
+        for name in names:
+            with open(new / name, "rb") as f:
+                os.fsync(f.fileno())
+        cwd = os.getcwd()
+        swap_in(new, directory)
+        if pathlib.Path(cwd).is_relative_to(directory):  # it was in the old one, now deleted
+            os.chdir(cwd)
+    except BaseException:
+        recover(directory)
+        raise
+
+
+def _link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links, or a file we may not link
+        shutil.copy2(source, target)
 
 
 def sibling(path: pathlib.Path, role: str) -> pathlib.Path:

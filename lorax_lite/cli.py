@@ -22,9 +22,7 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -196,20 +194,13 @@ def export_command(args: argparse.Namespace) -> None:
     tree = load_adapter(args.adapter)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"the output {args.out} is a file; name a directory")
-    args.out.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(dir=args.out, prefix=".lorax-lite-export-"))
-    try:
-        to_peft(
-            staging,
-            tree,
-            LoraConfig.from_dict(info["config"]),
-            name_map,
-            base_model_name_or_path=args.base_model,
-        )
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(staging / name, args.out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    to_peft(  # both files swapped in together: a kill leaves the old export or the new
+        args.out,
+        tree,
+        LoraConfig.from_dict(info["config"]),
+        name_map,
+        base_model_name_or_path=args.base_model,
+    )
     print(f"wrote {args.out / CONFIG_NAME} and {args.out / WEIGHTS_NAME}")
 
 

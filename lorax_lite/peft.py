@@ -31,6 +31,7 @@ one vector per layer's module.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
@@ -42,10 +43,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from .atomic import replace_file
+from .atomic import current, replace_files
 from .checks import is_int, is_number, is_positive
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
@@ -63,6 +64,13 @@ from .weight import (
 )
 
 CONFIG_NAME = "adapter_config.json"
+# The fields of adapter_config.json that from_peft reads into the tree, and the key of the
+# tensors file's header recording their digest (`fields_digest`).
+WEIGHT_FIELDS = (
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
+    "target_modules", "bias", "modules_to_save",
+)  # fmt: skip
+FIELDS_DIGEST = "lorax_lite_config_sha256"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 NameMap = Mapping[str, str] | Callable[[str], str | None]
@@ -139,9 +147,10 @@ def to_peft(
     differ from ``config.rank``/``config.alpha`` go to ``rank_pattern`` and
     ``alpha_pattern`` (keyed by escaped full module names). Fully trained biases
     are written as PEFT's trained biases (``bias`` is ``"lora_only"`` or ``"all"``);
-    other fully trained leaves make their module one of ``modules_to_save``. Each file is
-    written beside its final name and renamed into place, so a write that fails (a full
-    disk) or is killed leaves the previous file whole.
+    other fully trained leaves make their module one of ``modules_to_save``. Both files are
+    written to a fresh sibling of ``directory`` (with links to its other files) that is then
+    renamed into place, so a write that fails (a full disk) or is killed at any point
+    leaves the previous export or the new one, whole, never a mix of the two.
 
     Leaves of scanned layers (an adapter whose layout stacks the leading axis, or a
     fully trained leaf) are unstacked: their name in ``name_map`` is a template with a
@@ -206,11 +215,23 @@ def to_peft(
         target_modules=sorted(targeted), bias=bias, modules_to_save=sorted(to_save) or None
     )
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
-    replace_file(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    replace_file(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    header = {"format": "pt", FIELDS_DIGEST: fields_digest(peft_config)}
+
+    def write(new: pathlib.Path) -> None:
+        save_file(tensors, new / WEIGHTS_NAME, header)
+        (new / CONFIG_NAME).write_text(text)
+
+    replace_files(directory.resolve(), (WEIGHTS_NAME, CONFIG_NAME), write)
     return directory
+
+
+def fields_digest(peft_config: dict[str, Any]) -> str:
+    """The sha256 of the fields of ``adapter_config.json`` that say what the tensors mean,
+    recorded in the tensors file's header: a config from another export (a directory
+    mixing two) no longer matches it, while other fields may be edited by hand."""
+    fields = {k: peft_config.get(k) for k in WEIGHT_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _pieces(tree: Any, resolve: Callable[[str], str | None]) -> tuple[list[Piece], list[str]]:
@@ -439,10 +460,14 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
             modules or two tensors would share, and every stacked leaf with layers
             missing or layers of different ranks or alphas (naming those layers).
 
+        ValueError: if the tensors' header records (as `to_peft` writes) other values of
+            the fields of ``adapter_config.json`` that give the tensors their meaning: the
+            directory mixes two exports.
+
     Example:
         >>> lora_params = ll.from_peft("/tmp/peft", params, names)  # doctest: +SKIP
     """
-    directory = pathlib.Path(directory)
+    directory = current(pathlib.Path(directory).resolve())  # or the old one, mid-swap
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(
@@ -450,7 +475,14 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
                 "(never the pickled adapter_model.bin)"
             )
     peft_config = read_peft_config(directory / CONFIG_NAME)
-    tensors = _load_tensors(directory / WEIGHTS_NAME)
+    tensors, header = _load_tensors(directory / WEIGHTS_NAME)
+    recorded = header.get(FIELDS_DIGEST)
+    if recorded is not None and recorded != fields_digest(peft_config):
+        raise ValueError(
+            f"{directory}: {WEIGHTS_NAME} was written with another {CONFIG_NAME} (its fields "
+            f"{', '.join(WEIGHT_FIELDS)} differ from those recorded in the tensors' header "
+            f"as {FIELDS_DIGEST}): the directory mixes two exports; export it again"
+        )
     params = base_of(params)
     base = dict(named_leaves(params, is_leaf=is_quantized))
     resolve = resolve_name_map(name_map)
@@ -591,15 +623,18 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    """The safetensors file's arrays, keyed without PEFT's ``base_model.model.`` prefix."""
+def _load_tensors(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The safetensors file's arrays, keyed without PEFT's ``base_model.model.`` prefix,
+    and its header's metadata."""
     try:
         tensors = load_file(path)
+        with safe_open(path, "np") as f:
+            header = f.metadata() or {}
     except (SafetensorError, ValueError, TypeError) as err:
         raise ValueError(
             f"{path}: not a readable safetensors file ({type(err).__name__}: {err})"
         ) from err
-    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()}, header
 
 
 def _leaves_by_module(

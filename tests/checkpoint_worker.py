@@ -9,6 +9,8 @@ steps 0, 1, 2, ... until killed, printing ``saved N`` after each commit.
 `big_adapter` (SEED) over the adapter at PATH; with KILL_AFTER (a sibling role:
 ``lorax-lite-old``, ``lorax-lite-trash``, or ``PATH`` for the new one renamed in) it
 kills itself with SIGKILL right after renaming a directory to that name.
+``python tests/checkpoint_worker.py export-peft DIR SEED [KILL_AFTER]`` exports it with
+`to_peft` into DIR, killed likewise (see `export_peft`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
+from lorax_lite import peft
 from lorax_lite.train_checkpoint import TrainCheckpointer
 
 CONFIG = ll.LoraConfig(rank=2, alpha=4, dropout=0.1, targets=("hidden", "out"), train=("head",))
@@ -107,9 +110,9 @@ def big_base() -> dict[str, Any]:
     }
 
 
-def big_adapter(seed: int) -> Any:
+def big_adapter(seed: int, config: ll.LoraConfig = BIG_CONFIG) -> Any:
     """A 2 MiB adapter of `big_base` whose every factor and trained leaf holds ``seed``."""
-    tree = ll.init(big_base(), BIG_CONFIG, key=jax.random.key(0))
+    tree = ll.init(big_base(), config, key=jax.random.key(0))
     fill = lambda x: jnp.full_like(x, seed) if x is not None else None
 
     def with_seed(node):
@@ -137,6 +140,29 @@ def overwrite_adapter(path: str, seed: int, kill_after: str | None) -> None:
     print("saved", flush=True)
 
 
+def peft_config(seed: int) -> ll.LoraConfig:
+    """`BIG_CONFIG` with alpha ``seed``: two exports differ in their scale, not only values."""
+    return ll.LoraConfig(rank=64, alpha=float(seed), targets="kernel", train="bias")
+
+
+def export_peft(path: str, seed: int, kill_after: str | None) -> None:
+    """`to_peft` of `big_adapter` (SEED, alpha SEED) into PATH, killed with SIGKILL right
+    after a rename or a tensors file write whose destination ends with KILL_AFTER."""
+
+    def then_maybe_die(write):
+        def wrapped(*args, **kwargs):
+            write(*args, **kwargs)
+            if kill_after is not None and str(args[1]).endswith(kill_after):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return wrapped
+
+    os.rename, os.replace = then_maybe_die(os.rename), then_maybe_die(os.replace)
+    peft.save_file = then_maybe_die(peft.save_file)
+    ll.to_peft(path, big_adapter(seed, peft_config(seed)), peft_config(seed), peft.default_name_map)
+    print("exported", flush=True)
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
     if command == "resume":
@@ -145,5 +171,7 @@ if __name__ == "__main__":
         save_forever(rest[0])
     elif command == "overwrite-adapter":
         overwrite_adapter(rest[0], int(rest[1]), rest[2] if len(rest) > 2 else None)
+    elif command == "export-peft":
+        export_peft(rest[0], int(rest[1]), rest[2] if len(rest) > 2 else None)
     else:
         raise SystemExit(f"unknown command {command!r}")

@@ -216,11 +216,11 @@ def test_an_interrupted_export_keeps_the_old_export(files, capsys, monkeypatch):
     assert main(args) == 0
     before = _snapshot(tmp_path / "p")
 
-    def write_then_fail(directory, *args, **kwargs):
-        (pathlib.Path(directory) / "adapter_model.safetensors").write_bytes(b"half an export")
+    def write_then_fail(tensors, path, metadata=None):
+        pathlib.Path(path).write_bytes(b"half an export")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lorax_lite.cli.to_peft", write_then_fail)
+    monkeypatch.setattr("lorax_lite.peft.save_file", write_then_fail)
     assert main(args) == 2
     assert capsys.readouterr().err == "lorax-lite: error: No space left on device\n"
     assert _snapshot(tmp_path / "p") == before

@@ -4,8 +4,14 @@ import dataclasses
 import errno
 import importlib.util
 import json
+import os
 import pathlib
+import shutil
+import signal
+import subprocess
+import sys
 
+import checkpoint_worker as worker
 import chex
 import flax.linen as nn
 import hypothesis.strategies as st
@@ -427,8 +433,11 @@ def test_from_peft_refuses_two_tensors_on_one_leaf(tmp_path):
 
 
 def edit_peft(directory, *, config=None, tensors=None):
-    """Rewrites a PEFT directory's config and tensors through the given functions."""
+    """Rewrites a PEFT directory's config and tensors through the given functions. The
+    tensors are written again without to_peft's header, as PEFT writes them: an edited
+    config is then read as a foreign file's, not as a mix of two exports."""
     if config is not None:
+        tensors = tensors or (lambda t: t)
         path = directory / "adapter_config.json"
         path.write_text(json.dumps(config(json.loads(path.read_text()))))
     if tensors is not None:
@@ -660,6 +669,60 @@ def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     chex.assert_trees_all_equal(
         ll.from_peft(tmp_path, base_params(), NAMES), lora_tree(), strict=True
     )
+
+
+def _export_in_a_subprocess(directory, seed, kill_after=None) -> int:
+    worker = pathlib.Path(__file__).with_name("checkpoint_worker.py")
+    command = [sys.executable, str(worker), "export-peft", str(directory), str(seed)]
+    return subprocess.run(command + ([kill_after] if kill_after else []), timeout=300).returncode
+
+
+def _exported(seed):
+    return worker.big_adapter(seed, worker.peft_config(seed))
+
+
+@pytest.mark.parametrize(
+    "kill_after, survivor",
+    [  # killed right after: the new tensors written, the old export moved aside, the new
+        # one renamed in, the old one renamed to be deleted (before the fix: between the
+        # tensors' and the config's renames, new tensors read at the old scale)
+        (WEIGHTS, 1),
+        ("lorax-lite-old", 1),
+        ("PATH", 2),
+        ("lorax-lite-trash", 2),
+    ],
+    ids=["tensors written", "old moved aside", "new moved in", "old about to be deleted"],
+)
+def test_sigkill_at_each_step_of_a_re_export_leaves_one_whole_export(
+    tmp_path, kill_after, survivor
+):
+    path = tmp_path / "peft"
+    ll.to_peft(path, _exported(1), worker.peft_config(1), default_name_map)
+    (path / "README.md").write_text("a model card")
+    kill_after = str(path) if kill_after == "PATH" else kill_after
+    assert _export_in_a_subprocess(path, 2, kill_after) == -signal.SIGKILL
+    read = ll.from_peft(path, worker.big_base(), default_name_map)
+    chex.assert_trees_all_equal(read, _exported(survivor), strict=True)
+    # The next export recovers, keeps the other files and leaves no hidden sibling.
+    ll.to_peft(path, _exported(3), worker.peft_config(3), default_name_map)
+    assert os.listdir(tmp_path) == ["peft"]
+    assert (path / "README.md").read_text() == "a model card"
+    read = ll.from_peft(path, worker.big_base(), default_name_map)
+    chex.assert_trees_all_equal(read, _exported(3), strict=True)
+
+
+def test_from_peft_refuses_the_tensors_of_one_export_with_the_config_of_another(tmp_path):
+    for seed in (1, 2):
+        export = _exported(seed), worker.peft_config(seed)
+        ll.to_peft(tmp_path / str(seed), *export, default_name_map)
+    shutil.copy(tmp_path / "2" / WEIGHTS, tmp_path / "1" / WEIGHTS)
+    with pytest.raises(ValueError, match="the directory mixes two exports") as err:
+        ll.from_peft(tmp_path / "1", worker.big_base(), default_name_map)
+    assert f"{WEIGHTS} was written with another adapter_config.json" in str(err.value)
+    # A PEFT-written file has no such header: the same pair, written without it, loads.
+    edit_peft(tmp_path / "1", tensors=lambda t: t)
+    read = ll.from_peft(tmp_path / "1", worker.big_base(), default_name_map)
+    assert read["dense_0"]["kernel"].scale == 1.0 / 64  # the config's alpha, the other's factors
 
 
 # ---------------------------------------------------------------- scanned (stacked) layers
