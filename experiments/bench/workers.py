@@ -74,6 +74,20 @@ def peak_memory(torch_row: bool) -> tuple[int, str]:
     return peak_rss(), "peak RSS"
 
 
+def compiled_sizes(compiled: Any) -> dict[str, int]:
+    """XLA's buffer sizes of a compiled function (``jit(f).lower(...).compile()``); ``peak`` =
+    arguments + outputs - aliased + temporaries (every buffer live at once: an upper bound)."""
+    analysis = compiled.memory_analysis()
+    sizes = dict(
+        arguments=int(analysis.argument_size_in_bytes),
+        outputs=int(analysis.output_size_in_bytes),
+        aliased=int(analysis.alias_size_in_bytes),
+        temporaries=int(analysis.temp_size_in_bytes),
+    )
+    sizes["peak"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+    return sizes
+
+
 def machine_facts() -> dict[str, Any]:
     """Backend, device, versions and host of this process (imports JAX and starts its backend)."""
     from importlib import metadata
