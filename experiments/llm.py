@@ -10,7 +10,7 @@ Rows, each in its own process (so that its peak resident memory is its own):
 - ``lora``: rank-8 adapters on every linear layer of the float32 base;
 - ``qlora-gguf``: the same adapters over the file's own blocks, kept quantized (Q4_1
   layers, Q8_0 embedding);
-- ``qlora-nf4``: over the float weights re-quantized to NF4 with ``ll.init(quantize=)``
+- ``qlora-nf4``: over the float weights re-quantized to NF4 with ``ll.init(quantization=)``
   (the embedding stays the file's Q8_0 blocks);
 - ``full``: every weight trained; timed over ``--full-steps`` steps (the step time that
   decides whether it fits the budget), trained and evaluated only when ``--full-steps``
@@ -424,7 +424,7 @@ def row_tree(row: str, args: argparse.Namespace) -> tuple[Task, Any]:
     key = jax.random.fold_in(jax.random.key(args.seed), 2)
     example = (np.zeros((1, 8), np.int32),)
     tree = ll.init(
-        params, lora_config(args), key=key, fn=model.apply, args=example, quantize=quantize
+        params, lora_config(args), key=key, fn=model.apply, args=example, quantization=quantize
     )
     return task, tree
 

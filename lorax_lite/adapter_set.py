@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .deprecation import renamed_keywords
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
 from .trees import base_of, content_hash, dtype_name, storage
@@ -138,15 +139,16 @@ class AdapterSet:
             raise KeyError(f"no adapter named {name!r}; the set holds {list(self.names)}")
         return self.names.index(name)
 
-    def select(self, which: str | int | jax.Array) -> Any:
+    @renamed_keywords(which="adapter_id")
+    def select(self, adapter_id: str | int | jax.Array) -> Any:
         """One adapter as a full LoRA tree (padded rank, set scale), for `ll.lora(fn)`.
 
         Args:
-            which: a name, or an integer index (a Python int or an integer array, e.g.
+            adapter_id: a name, or an integer index (a Python int or an integer array, e.g.
                 traced under ``jax.jit``); ``-1`` selects the base model (zero adapter
                 delta). A traced index cannot be checked: one outside ``[-1, len(self))``
                 gives NaN factors, so the outputs it touches are NaN, never another
-                adapter's.
+                adapter's. (``which=`` before: warns ``DeprecationWarning``.)
 
         Returns:
             A LoRA tree with the structure of ``combine(stacked, frozen)`` minus the
@@ -160,10 +162,15 @@ class AdapterSet:
             ValueError: for ``-1`` when the base values of leaves trained in full
                 are unknown (pass ``base=`` to `from_trees`).
         """
-        index = self.index(which) if isinstance(which, str) else _as_index(which, len(self))
+        index = (
+            self.index(adapter_id)
+            if isinstance(adapter_id, str)
+            else _as_index(adapter_id, len(self))
+        )
         return self._pick(index)[0]
 
-    def per_example(self, ids: jax.Array) -> tuple[Any, Any]:
+    @renamed_keywords(ids="adapter_ids")
+    def per_example(self, adapter_ids: jax.Array) -> tuple[Any, Any]:
         """Each example's adapter as one LoRA tree to map over, and its ``jax.vmap`` axes.
 
         What `ll.route` maps the model over: the factors are `Gathered` (each example's
@@ -172,19 +179,20 @@ class AdapterSet:
         full are gathered here, examples on axis 0; the base is shared.
 
         Args:
-            ids: an integer vector, one adapter index per example (``-1``: the base
+            adapter_ids: an integer vector, one adapter index per example (``-1``: the base
                 model). A traced id cannot be checked: as for `select`, one outside
-                ``[-1, len(self))`` gives its example NaN factors.
+                ``[-1, len(self))`` gives its example NaN factors. (``ids=`` before: warns
+                ``DeprecationWarning``.)
 
         Returns:
             ``(tree, in_axes)``: ``jax.vmap(ll.lora(f), in_axes=(in_axes, ...))(tree,
-            ...)`` runs ``f`` with ``select(ids[i])``'s tree for example ``i``.
+            ...)`` runs ``f`` with ``select(adapter_ids[i])``'s tree for example ``i``.
 
         Raises:
             ValueError: for ``-1`` among the ids when the base values of leaves trained
                 in full are unknown (pass ``base=`` to `from_trees`).
         """
-        return self._pick(jnp.asarray(ids), examples=True)
+        return self._pick(jnp.asarray(adapter_ids), examples=True)
 
     def _pick(self, index: int | jax.Array, *, examples: bool = False) -> tuple[Any, Any]:
         """The LoRA tree of adapter ``index`` (``-1``: zero delta, base values), and each

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from .atomic import NEW, current, recover, sibling, swap_in
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
+from .deprecation import warn
 from .metadata import (
     FORMAT,
     FORMAT_VERSION,
@@ -37,12 +38,12 @@ from .placement import factor_shardings, same_shape_sharding
 from .quant import is_quantized
 from .targets import named_leaves, path_str, unflatten
 from .trees import (
-    TrainState,
     base_of,
     combine,
     content_hash,
     dtype_name,
     fingerprint,
+    lora_tree,
     storage,
     trainable_mask,
 )
@@ -80,8 +81,9 @@ def save_adapter(
 
     Args:
         path: the checkpoint directory to create.
-        tree: the LoRA tree (from `init`), base weights included; or its
-            ``(trainable, frozen)`` pair from `partition`, or a `TrainState`.
+        tree: the LoRA tree (from `init`), base weights included, or a `TrainState`
+            (its ``.tree``), as every writer takes. A ``(trainable, frozen)`` pair from
+            `partition` warns ``DeprecationWarning``: pass ``ll.combine(trainable, frozen)``.
         config: the configuration the adapters were made with.
         metadata: optional JSON-serializable user data stored alongside.
         overwrite: replace an existing checkpoint at ``path``.
@@ -91,8 +93,8 @@ def save_adapter(
 
     Raises:
         ValueError: if ``tree`` holds no adapter or trained leaf, if some adapters
-            lack their base weight (the trainable partition alone: pass the pair
-            ``(trainable, frozen)``), if ``path`` exists and ``overwrite``
+            lack their base weight (the trainable partition alone: pass
+            ``ll.combine(trainable, frozen)``), if ``path`` exists and ``overwrite``
             is False, or if ``path`` exists and is not an adapter checkpoint (never
             replaced, even with ``overwrite``).
         TypeError: if ``config`` or ``metadata`` cannot be serialized to JSON (the
@@ -112,8 +114,9 @@ def save_adapter(
     no_base = [p for p, n in adapters if n.w is None or n.a is None or n.b is None]
     if no_base:
         raise ValueError(
-            "save_adapter needs the base weights and the factors (the full LoRA tree, its "
-            "(trainable, frozen) pair from partition, or a TrainState) to fingerprint the "
+            "save_adapter needs the base weights and the factors (the full LoRA tree, a "
+            "TrainState, or ll.combine of the (trainable, frozen) pair from partition) to "
+            "fingerprint the "
             f"base; these adapters lack one: {no_base}"
         )
     arrays = {
@@ -140,11 +143,13 @@ def save_adapter(
 
 
 def _full_tree(tree: Any) -> Any:
-    """``tree`` as one LoRA tree: a `TrainState` or a ``(trainable, frozen)`` pair is combined
-    (the leaves are shared, not copied); anything else is taken as it is."""
-    if isinstance(tree, TrainState):
-        return tree.tree
-    return combine(*tree) if _is_partition_pair(tree) else tree
+    """``tree`` as one LoRA tree (`lora_tree`); a ``(trainable, frozen)`` pair is still
+    combined this release, with a ``DeprecationWarning`` (the leaves are shared, not copied)."""
+    if _is_partition_pair(tree):
+        instead = "save_adapter(ll.combine(trainable, frozen))"
+        warn("save_adapter((trainable, frozen))", instead, stacklevel=4)
+        return combine(*tree)
+    return lora_tree(tree)
 
 
 def _is_partition_pair(tree: Any) -> bool:

@@ -200,6 +200,7 @@ def export_command(args: argparse.Namespace) -> None:
         LoraConfig.from_dict(info["config"]),
         name_map,
         base_model_name_or_path=args.base_model,
+        overwrite=True,  # the command replaces an export, as merge replaces its file
     )
     print(f"wrote {args.out / CONFIG_NAME} and {args.out / WEIGHTS_NAME}")
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import decompose
 from .config import LoraConfig
+from .deprecation import renamed_keywords
 from .quant import is_quantized, quantize_array
 from .selection import select
 from .targets import Spec, named_leaves, no_match, path_str, to_predicate
@@ -30,6 +31,7 @@ from .weight import (
 )
 
 
+@renamed_keywords(quantize="quantization")
 def init(
     params: Any,
     config: LoraConfig,
@@ -37,7 +39,7 @@ def init(
     key: jax.Array,
     fn: Callable | None = None,
     args: Sequence[Any] = (),
-    quantize: str | Mapping[str, Any] | None = None,
+    quantization: str | Mapping[str, Any] | None = None,
 ) -> Any:
     """Wraps the targeted leaves of ``params`` in `LoraWeight` and marks trained leaves.
 
@@ -49,8 +51,9 @@ def init(
             to learn the fan-in, fan-out and stacked axes of weights with more than two
             dimensions, and which kernels are linear for ``"all-linear"``.
         args: example arguments for ``fn`` after ``params``.
-        quantize: quantize the frozen base in the same call (QLoRA): a kind such as
+        quantization: quantize the frozen base in the same call (QLoRA): a kind such as
             ``"nf4"``, or the keywords of `quantize` (``dict(kind="int8", block=32)``).
+            (``quantize=`` before, which shadowed `quantize`: warns ``DeprecationWarning``.)
 
     Returns:
         The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
@@ -59,7 +62,7 @@ def init(
         targeted one becomes the ``w`` of its `LoraWeight` as it is, with factors sized
         by its logical shape; the others stay quantized and frozen.
         With ``init="pissa"``/``"olora"`` each ``w`` is the residual ``W - s A B``
-        (then quantized, with ``quantize``); save it with the adapter (`save_adapter`
+        (then quantized, with ``quantization``); save it with the adapter (`save_adapter`
         records its fingerprint and `load_adapter` refuses the original weights).
 
     Raises:
@@ -111,7 +114,7 @@ def init(
             return LoraWeight(leaf, a, b, scale, layout, config.dropout)
         return Trainable(leaf) if path in trained else leaf
 
-    tree = _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantize)
+    tree = _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantization)
     return with_magnitudes(tree, config.dora_detach_norm) if config.use_dora else tree
 
 
@@ -125,7 +128,7 @@ def _residual_init_problems(
     return [
         f"{path}: init={config.init!r} decomposes the weight's values, found a "
         f"{type(leaf).__name__}; pass the float weights (for a quantized base, its "
-        "dequantized weights, with quantize= to quantize the residual)"
+        "dequantized weights, with quantization= to quantize the residual)"
         for path, leaf in named
         if path in targeted and not is_array(leaf)
     ]

@@ -50,10 +50,11 @@ from .atomic import current, replace_files
 from .checks import is_int, is_number, is_positive
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
+from .deprecation import renamed_keywords
 from .linear_regex import compile_pattern, pattern_error
 from .quant import is_quantized
 from .targets import leaf_name, module_of, named_leaves, path_str
-from .trees import base_of
+from .trees import base_of, lora_tree
 from .weight import (
     Layout,
     LoraWeight,
@@ -133,13 +134,15 @@ class Piece(NamedTuple):
         return self.path if self.layer is None else f"{self.path} (layer {self.layer})"
 
 
+@renamed_keywords(directory="path")
 def to_peft(
-    directory: str | pathlib.Path,
+    path: str | pathlib.Path,
     tree: Any,
     config: LoraConfig,
     name_map: NameMap,
     *,
     base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> pathlib.Path:
     """Writes ``tree``'s adapters in the PEFT LoRA format.
 
@@ -148,7 +151,7 @@ def to_peft(
     ``alpha_pattern`` (keyed by escaped full module names). Fully trained biases
     are written as PEFT's trained biases (``bias`` is ``"lora_only"`` or ``"all"``);
     other fully trained leaves make their module one of ``modules_to_save``. Both files are
-    written to a fresh sibling of ``directory`` (with links to its other files) that is then
+    written to a fresh sibling of ``path`` (with links to its other files) that is then
     renamed into place, so a write that fails (a full disk) or is killed at any point
     leaves the previous export or the new one, whole, never a mix of the two.
 
@@ -167,12 +170,16 @@ def to_peft(
     the same.
 
     Args:
-        directory: the output directory (created if missing).
-        tree: a LoRA tree, or its trainable partition (base weights are not needed).
+        path: the output directory (created if missing; ``directory=`` before, which
+            warns ``DeprecationWarning``).
+        tree: a LoRA tree, or its trainable partition (base weights are not needed), or
+            a `TrainState` (its ``.tree``), as every writer takes.
         config: the adapters' configuration (dropout, rsLoRA, default rank and alpha).
         name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
             of stacked layers, as a dict or a callable.
         base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+        overwrite: replace an export already at ``path`` (as `save_adapter`'s; other
+            files in the directory are always kept).
 
     Returns:
         The directory.
@@ -182,7 +189,8 @@ def to_peft(
             whose layout PEFT cannot express, every stacked leaf without a ``{layer}``
             template and every unstacked one with one; for adapters initialized with
             ``init="pissa"``/``"olora"`` (their base is a residual, not the original);
-            naming the plain adapters of a tree that also holds DoRA ones.
+            naming the plain adapters of a tree that also holds DoRA ones; if ``path``
+            holds an export (either file) and ``overwrite`` is False.
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query",
@@ -195,7 +203,14 @@ def to_peft(
             "replaced each adapted base weight by its residual W - s*A0@B0, and a PEFT "
             "adapter is read onto the original weights; export ll.merge(tree) instead"
         )
-    pieces, problems = _pieces(tree, resolve_name_map(name_map))
+    path = pathlib.Path(path)
+    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (current(path.resolve()) / n).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"to_peft: {path} already holds an export ({', '.join(existing)}); pass "
+            "overwrite=True to replace it"
+        )
+    pieces, problems = _pieces(lora_tree(tree), resolve_name_map(name_map))
     adapters = [p for p in pieces if isinstance(p.value, LoraWeight)]
     dora, dora_problems = _dora_mix(adapters)
     problems += dora_problems
@@ -214,7 +229,6 @@ def to_peft(
     peft_config.update(
         target_modules=sorted(targeted), bias=bias, modules_to_save=sorted(to_save) or None
     )
-    directory = pathlib.Path(directory)
     text = json.dumps(peft_config, indent=2, sort_keys=True) + "\n"
     header = {"format": "pt", FIELDS_DIGEST: fields_digest(peft_config)}
 
@@ -222,8 +236,8 @@ def to_peft(
         save_file(tensors, new / WEIGHTS_NAME, header)
         (new / CONFIG_NAME).write_text(text)
 
-    replace_files(directory.resolve(), (WEIGHTS_NAME, CONFIG_NAME), write)
-    return directory
+    replace_files(path.resolve(), (WEIGHTS_NAME, CONFIG_NAME), write)
+    return path
 
 
 def fields_digest(peft_config: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from .deprecation import renamed_keywords
 from .quant import QuantizedWeight, is_quantized
 from .targets import named_leaves
 from .trees import TrainState
@@ -102,12 +103,13 @@ def shard_batch(batch: Any, n: int) -> Any:
     return jax.tree_util.tree_map(lambda x: x.reshape(n, -1, *x.shape[1:]), batch)
 
 
+@renamed_keywords(data_axis="axis_name")
 def place(
     state: TrainState,
     batch: Any = None,
     *,
     mesh: Mesh,
-    data_axis: str = "data",
+    axis_name: str = "data",
     base_sharding: str = "replicated",
 ) -> tuple[TrainState, Any]:
     """Puts a state (and a batch) on ``mesh`` the way `sharded_train_step` expects them.
@@ -118,10 +120,11 @@ def place(
     Args:
         state: a `TrainState` (on the host, one device, or already on the mesh).
         batch: optional pytree of arrays with a leading batch axis, split over
-            ``data_axis``; with several processes, each passes its own rows (see
+            ``axis_name``; with several processes, each passes its own rows (see
             ``jax.make_array_from_process_local_data``).
         mesh: the device mesh.
-        data_axis: the mesh axis the batch is split over.
+        axis_name: the mesh axis the batch is split over (``data_axis=`` before; that
+            spelling warns ``DeprecationWarning`` and goes in the next release).
         base_sharding: ``"replicated"`` or ``"fsdp"``: each frozen leaf split along its
             largest axis divisible by the number of mesh devices, over all mesh axes
             (leaves with no such axis stay replicated). A `QuantizedWeight`'s codes,
@@ -139,7 +142,7 @@ def place(
         >>> mesh = jax.make_mesh((8,), ("data",))  # doctest: +SKIP
         >>> state, batch = place(state, batch, mesh=mesh, base_sharding="fsdp")  # doctest: +SKIP
     """
-    check_layout(mesh, data_axis, base_sharding, "place")
+    check_layout(mesh, axis_name, base_sharding, "place")
     mesh = auto_axes(mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     base = (
@@ -154,7 +157,7 @@ def place(
     else:
         state = jax.tree_util.tree_map(_put_global, state, shardings)
     if batch is not None:
-        batch = _place_batch(batch, NamedSharding(mesh, PartitionSpec(data_axis)))
+        batch = _place_batch(batch, NamedSharding(mesh, PartitionSpec(axis_name)))
     return state, batch
 
 
@@ -222,12 +225,12 @@ def auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
-def check_layout(mesh: Mesh, data_axis: str, base_sharding: str, caller: str) -> None:
+def check_layout(mesh: Mesh, axis_name: str, base_sharding: str, caller: str) -> None:
     """Raises naming ``caller`` (`sharded_train_step`, `place`) and every problem with
     its mesh layout."""
     problems = []
-    if data_axis not in mesh.axis_names:
-        problems.append(f"data_axis {data_axis!r} is not a mesh axis {mesh.axis_names}")
+    if axis_name not in mesh.axis_names:
+        problems.append(f"axis_name {axis_name!r} is not a mesh axis {mesh.axis_names}")
     if base_sharding not in ("replicated", "fsdp"):
         problems.append(f"base_sharding must be 'replicated' or 'fsdp', got {base_sharding!r}")
     if problems:

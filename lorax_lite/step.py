@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .adapter_set import AdapterSet
 from .checks import is_int
+from .deprecation import renamed_keywords
 from .optim import optimizer
 from .placement import auto_axes, check_layout, check_leading_axis, place, replicate, unreplicate
 from .trees import TrainState, combine, partition, require_trainable
@@ -169,12 +170,13 @@ def pmap_train_step(
     return TrainStep(init, _stepper(mapped, finish_metrics=unreplicate))
 
 
+@renamed_keywords(data_axis="axis_name")
 def sharded_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     *,
     mesh: Mesh,
-    data_axis: str = "data",
+    axis_name: str = "data",
     base_sharding: str = "replicated",
     donate: bool = True,
     accum_steps: int = 1,
@@ -183,7 +185,7 @@ def sharded_train_step(
 ) -> TrainStep:
     """The training step as one program over a device mesh (``jax.jit`` with shardings).
 
-    The batch is split over ``data_axis``; adapters, optimizer state, step and key
+    The batch is split over ``axis_name``; adapters, optimizer state, step and key
     are replicated; the frozen base is replicated or FSDP-sharded (see `place`). XLA
     inserts the collectives; the result equals `train_step` on the whole batch. The
     mesh may span several processes (after `lorax_lite.distributed.initialize`):
@@ -193,7 +195,8 @@ def sharded_train_step(
         loss_fn: as for `train_step`, on the global batch.
         tx: as for `train_step`.
         mesh: the device mesh, e.g. ``jax.make_mesh((2, 4), ("data", "model"))``.
-        data_axis: the mesh axis the batch is split over.
+        axis_name: the mesh axis the batch is split over (as `pmap_train_step`'s;
+            ``data_axis=`` before, which warns ``DeprecationWarning``).
         base_sharding: ``"replicated"`` (each device holds the whole base) or
             ``"fsdp"`` (each leaf split along its largest axis divisible by the
             number of devices, over all mesh axes: 1/N of the base per device; a
@@ -205,11 +208,11 @@ def sharded_train_step(
 
     Returns:
         `TrainStep` ``(init, step)``: ``init`` puts the state on the mesh; ``step``
-        places the batch (host arrays are split over ``data_axis``; with several
+        places the batch (host arrays are split over ``axis_name``; with several
         processes, each passes its local rows) and returns replicated metrics.
 
     Raises:
-        ValueError: if ``data_axis`` is not a mesh axis, ``base_sharding`` is unknown or
+        ValueError: if ``axis_name`` is not a mesh axis, ``base_sharding`` is unknown or
             ``accum_steps < 1``; from ``init``, as `train_step`'s.
         TypeError: if ``skip_nonfinite`` is not a bool.
 
@@ -218,14 +221,14 @@ def sharded_train_step(
         >>> init, step = ll.sharded_train_step(loss_fn, tx, mesh=mesh)  # doctest: +SKIP
         >>> state, metrics = step(init(lora_params, jax.random.key(0)), batch)  # doctest: +SKIP
     """
-    check_layout(mesh, data_axis, base_sharding, "sharded_train_step")
+    check_layout(mesh, axis_name, base_sharding, "sharded_train_step")
     tx = optimizer(tx)
     update = _make_update(
         loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
     )
     replicated = NamedSharding(auto_axes(mesh), PartitionSpec())
     jitted = jax.jit(update, out_shardings=replicated, donate_argnums=(0,) if donate else ())
-    on_mesh = functools.partial(place, mesh=mesh, data_axis=data_axis, base_sharding=base_sharding)
+    on_mesh = functools.partial(place, mesh=mesh, axis_name=axis_name, base_sharding=base_sharding)
 
     def init(tree: Any, key: jax.Array) -> TrainState:
         return on_mesh(_init_state(tree, key, tx=tx, caller="sharded_train_step"))[0]

@@ -108,6 +108,12 @@ class TrainState:
         return combine(self.trainable, self.frozen)
 
 
+def lora_tree(tree: Any) -> Any:
+    """What every writer (`save_adapter`, `to_peft`, `merge`) writes: a `TrainState`'s full
+    tree, or ``tree`` itself (a LoRA tree, or for `to_peft` its trainable partition)."""
+    return tree.tree if isinstance(tree, TrainState) else tree
+
+
 def base_leaf(node: Any) -> Any:
     """The base under a node: ``w`` of a `LoraWeight`, the value of a `Trainable`, else the node."""
     if isinstance(node, LoraWeight):

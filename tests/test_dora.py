@@ -362,7 +362,7 @@ def test_quantized_init_starts_at_the_quantized_model(net):
     params, config, _, ids = net
     quantize = dict(kind="nf4", block=8)
     init = lambda c: ll.init(
-        params, c, key=jax.random.key(1), fn=Net().apply, args=(ids,), quantize=quantize
+        params, c, key=jax.random.key(1), fn=Net().apply, args=(ids,), quantization=quantize
     )
     tree = init(config)
     node = tree["params"]["proj"]["kernel"]

@@ -664,7 +664,13 @@ def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr("lorax_lite.peft.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        ll.to_peft(tmp_path, lora_tree(ll.LoraConfig(rank=1, targets="query")), CONFIG, NAMES)
+        ll.to_peft(
+            tmp_path,
+            lora_tree(ll.LoraConfig(rank=1, targets="query")),
+            CONFIG,
+            NAMES,
+            overwrite=True,
+        )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file
     chex.assert_trees_all_equal(
         ll.from_peft(tmp_path, base_params(), NAMES), lora_tree(), strict=True
@@ -704,7 +710,7 @@ def test_sigkill_at_each_step_of_a_re_export_leaves_one_whole_export(
     read = ll.from_peft(path, worker.big_base(), default_name_map)
     chex.assert_trees_all_equal(read, _exported(survivor), strict=True)
     # The next export recovers, keeps the other files and leaves no hidden sibling.
-    ll.to_peft(path, _exported(3), worker.peft_config(3), default_name_map)
+    ll.to_peft(path, _exported(3), worker.peft_config(3), default_name_map, overwrite=True)
     assert os.listdir(tmp_path) == ["peft"]
     assert (path / "README.md").read_text() == "a model card"
     read = ll.from_peft(path, worker.big_base(), default_name_map)
@@ -914,7 +920,7 @@ def test_from_peft_names_the_layer_whose_rank_or_alpha_differs(tmp_path):
         "  params/layers/up/kernel: its layers must share one rank; rank 2 in 2 layers, but "
         "rank 4 in layers.1.up"
     ]
-    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES)
+    ll.to_peft(tmp_path, tree, SCAN_CONFIG, SCAN_NAMES, overwrite=True)
     alphas = lambda c: {**c, "alpha_pattern": {r"layers\.2\.up": 3, "up": 6}}
     edit_peft(tmp_path, config=alphas)
     text = from_peft_error(tmp_path, params, SCAN_NAMES)

@@ -165,13 +165,13 @@ def test_randomized_pissa_differs_by_key_and_is_reproducible():
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_quantized_base_holds_the_quantized_residual(kind, init):
-    """init(..., quantize=kind) quantizes the residual (QPiSSA): the model at step 0 is
+    """init(..., quantization=kind) quantizes the residual (QPiSSA): the model at step 0 is
     the original up to the residual's quantization error. For PiSSA on a weight with a
     few large directions that error is below quantizing W itself (the residual's range
     is smaller); OLoRA's is reported as is, at most twice quantizing W's."""
     w = low_rank_plus_noise((64, 48), 4, 4, noise=0.05).astype(np.float32)
     config = ll.LoraConfig(rank=4, alpha=4.0, targets="k", init=init)
-    tree = ll.init({"k": jnp.asarray(w)}, config, key=jax.random.key(0), quantize=kind)
+    tree = ll.init({"k": jnp.asarray(w)}, config, key=jax.random.key(0), quantization=kind)
     node = tree["k"]
     assert isinstance(node.w, ll.QuantizedWeight) and node.w.kind == kind
     merged = np.asarray(ll.merge(tree)["k"], np.float64)

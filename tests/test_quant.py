@@ -322,7 +322,7 @@ def test_count_reports_stored_bytes():
 def test_init_quantizes_in_one_call():
     params = {"dense": {"kernel": heavy_tailed((64, 8)), "bias": jnp.zeros(8)}}
     config = ll.LoraConfig(rank=2, targets="dense")
-    tree = ll.init(params, config, key=jax.random.key(0), quantize=dict(kind="int8", block=16))
+    tree = ll.init(params, config, key=jax.random.key(0), quantization=dict(kind="int8", block=16))
     w = tree["dense"]["kernel"].w
     assert isinstance(w, ll.QuantizedWeight) and (w.kind, w.block, w.axis) == ("int8", 16, -2)
 
@@ -348,9 +348,9 @@ def test_init_on_a_quantized_tree_equals_init_with_quantize(targets):
     config = ll.LoraConfig(rank=2, targets=targets)
     ids = jnp.array([[1, 5, 9]])
     kwargs = dict(key=jax.random.key(0), fn=_scanned_model, args=(ids,))
-    expected = ll.init(params, config, quantize=dict(kind="nf4", block=32), **kwargs)
+    expected = ll.init(params, config, quantization=dict(kind="nf4", block=32), **kwargs)
     tree = ll.init(quantized, config, **kwargs)
-    expected["embed"] = quantized["embed"]  # `quantize=` leaves plain leaves as they are
+    expected["embed"] = quantized["embed"]  # `quantization=` leaves plain leaves as they are
     equal = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(expected)
     jax.tree_util.tree_map(equal, tree, expected)

@@ -432,10 +432,10 @@ def test_replicate_unreplicate_and_shard_batch():
 def test_sharded_step_rejects_bad_layouts_and_batches():
     mesh = jax.make_mesh((8, 1), ("data", "model"))
     with pytest.raises(
-        ValueError, match="^sharded_train_step: data_axis 'rows' is not a mesh axis.*'zero'"
+        ValueError, match="^sharded_train_step: axis_name 'rows' is not a mesh axis.*'zero'"
     ):
         ll.sharded_train_step(
-            worker.loss_fn, optax.sgd(0.1), mesh=mesh, data_axis="rows", base_sharding="zero"
+            worker.loss_fn, optax.sgd(0.1), mesh=mesh, axis_name="rows", base_sharding="zero"
         )
     init, step = ll.sharded_train_step(worker.loss_fn, optax.sgd(0.1), mesh=mesh)
     with pytest.raises(ValueError, match="^place: base_sharding must be"):

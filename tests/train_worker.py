@@ -93,7 +93,7 @@ def main(process_id: int, num_processes: int, port: int, out: str, shared: str) 
         raise SystemExit("the distributed runtime did not start")
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     init, step = ll.sharded_train_step(
-        loss_fn, TX, mesh=mesh, data_axis="data", base_sharding="fsdp"
+        loss_fn, TX, mesh=mesh, axis_name="data", base_sharding="fsdp"
     )
     state = init(lora_tree(), jax.random.key(1))
     rows = local_rows(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")), BATCH)
