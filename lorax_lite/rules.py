@@ -123,6 +123,20 @@ class Context:
 
     def __init__(self, key: jax.Array | None, strict: bool, warned: set[tuple[str, str]]):
         self.key, self.strict, self.warned, self.sites = key, strict, warned, 0
+        self._shared: dict[tuple, tuple[Any, Any]] = {}
+
+    def shared(self, fn: Callable, x: Any, *static: Any) -> Any:
+        """``fn(x, *static)``, computed once per traced value ``x`` in this block.
+
+        Products of one input (q, k and v of one hidden state) then read one prepared
+        copy of it, which the backward pass of a scan keeps once per layer, not once per
+        product.
+        """
+        key = (id(x), fn, static)
+        hit = self._shared.get(key)
+        if hit is None or hit[0] is not x:  # an id is only unique while its object lives
+            hit = self._shared[key] = (x, fn(x, *static))
+        return hit[1]
 
     def next_key(self) -> jax.Array | None:
         """A fresh key for the next adapter site or nested block (None without dropout)."""
@@ -144,12 +158,15 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Array:
+def dot_general(
+    eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None, ctx: Context | None = None
+) -> jax.Array:
     """``dot_general`` with a `LoraValue` on one side, any contracting/batch dims.
 
     The low-rank term is two small contractions: the input meets ``A`` first when
     the product contracts fan-in axes (``x @ W``), ``B`` first when it contracts
-    fan-out axes (``x @ W.T``, a tied embedding head).
+    fan-out axes (``x @ W.T``, a tied embedding head). Products of the same input
+    share its prepared copy (`Context.shared`).
     """
     on_right = isinstance(rhs, LoraValue)
     lora, x = (rhs, lhs) if on_right else (lhs, rhs)
@@ -185,10 +202,11 @@ def dot_general(eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None) -> jax.Arra
     # under `route` the adapter path's input is batched per example, so it has another
     # shape than the base product's, and the producer was duplicated (experiments/bench/
     # NOTES.md, routing).
-    x = jax.lax.optimization_barrier(x)
+    shared = ctx.shared if ctx is not None else lambda fn, x, *static: fn(x, *static)
+    x = shared(jax.lax.optimization_barrier, x)
     base = views.bind(eqn, (x, lora.w) if on_right else (lora.w, x))
     x = dropout(x, lora.dropout, key)
-    x, x_spec = _merge_free_axes(x, x_spec, x_batch, x_contract, next(letters))
+    x, x_spec = _merge_free_axes(x, x_spec, x_batch, x_contract, next(letters), shared)
     x_free = [s for s in x_spec if s not in w_spec]
     out = batch + (x_free + w_free if on_right else w_free + x_free)
 
@@ -224,7 +242,12 @@ def _scaled(y: jax.Array, ratio: jax.Array) -> jax.Array:
 
 
 def ragged_dot(
-    eqn: Any, x: jax.Array, lora: LoraValue, group_sizes: jax.Array, key: jax.Array | None
+    eqn: Any,
+    x: jax.Array,
+    lora: LoraValue,
+    group_sizes: jax.Array,
+    key: jax.Array | None,
+    ctx: Context | None = None,
 ) -> jax.Array | None:
     """``ragged_dot``/``ragged_dot_general`` of grouped rows with a LoRA expert stack.
 
@@ -275,7 +298,7 @@ def ragged_dot(
     return base + delta.astype(base.dtype)
 
 
-def _merge_free_axes(x, x_spec, x_batch, x_contract, letter) -> tuple[jax.Array, list[str]]:
+def _merge_free_axes(x, x_spec, x_batch, x_contract, letter, shared) -> tuple[jax.Array, list[str]]:
     """``x`` with its free axes (neither batch nor contracted) merged into one, ``letter``.
 
     Laid out as ``(batch..., free, contract...)``. The adapter path then contracts
@@ -286,18 +309,23 @@ def _merge_free_axes(x, x_spec, x_batch, x_contract, letter) -> tuple[jax.Array,
     free = [i for i in range(x.ndim) if i not in (*x_batch, *x_contract)]
     if len(free) < 2:
         return x, x_spec
-    x = jnp.transpose(x, (*x_batch, *free, *x_contract))
-    shape = x.shape
-    nb, nf = len(x_batch), len(free)
-    x = x.reshape(*shape[:nb], math.prod(shape[nb : nb + nf]), *shape[nb + nf :])
+    x = shared(_merged, x, tuple(x_batch), tuple(free), tuple(x_contract))
     return x, [x_spec[i] for i in x_batch] + [letter] + [x_spec[i] for i in x_contract]
+
+
+def _merged(x: jax.Array, batch: tuple, free: tuple, contract: tuple) -> jax.Array:
+    x = jnp.transpose(x, (*batch, *free, *contract))
+    nb, nf = len(batch), len(free)
+    return x.reshape(*x.shape[:nb], math.prod(x.shape[nb : nb + nf]), *x.shape[nb + nf :])
 
 
 def _einsum(s1, s2, s_out, x, y, **options) -> jax.Array:
     return jnp.einsum(f"{''.join(s1)},{''.join(s2)}->{''.join(s_out)}", x, y, **options)
 
 
-def conv(eqn: Any, x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
+def conv(
+    eqn: Any, x: jax.Array, lora: LoraValue, key: jax.Array | None, ctx: Context | None = None
+) -> Any:
     """``conv_general_dilated`` with a LoRA kernel: ``A`` is a conv to ``r`` channels,
     ``B`` a 1x1 map from ``r`` to the output channels (as PEFT's Conv LoRA)."""
     view = views.conv(eqn)
@@ -320,7 +348,9 @@ def conv(eqn: Any, x: jax.Array, lora: LoraValue, key: jax.Array | None) -> Any:
     return _scaled(out, _spread(lora.magnitude_ratio(), [feature], spec))
 
 
-def gather(eqn: Any, lora: LoraValue, indices: jax.Array, key: jax.Array | None) -> Any:
+def gather(
+    eqn: Any, lora: LoraValue, indices: jax.Array, key: jax.Array | None, ctx: Context | None = None
+) -> Any:
     """A lookup of single entries along fan-in, fan-out or stacked axes, other axes whole.
 
     Fan-in lookups (an embedding table) are ``w[i] + scale * drop(A[i]) @ B``: a
@@ -634,7 +664,7 @@ def _listed(out: Any) -> list[Any] | None:
 
 
 def _product(op: Callable, *patterns: tuple[bool, ...], recompute: bool = True) -> Rule:
-    """The rule of a product ``op(eqn, *operands, key)`` whose LoRA operands sit as
+    """The rule of a product ``op(eqn, *operands, key, ctx)`` whose LoRA operands sit as
     one of ``patterns`` says; each site draws its own dropout key.
 
     With a quantized operand and ``recompute``, the product runs under `jax.checkpoint`
@@ -651,7 +681,7 @@ def _product(op: Callable, *patterns: tuple[bool, ...], recompute: bool = True) 
         dropout = any(lazy) and operands[lazy.index(True)].dropout
         key = ctx.next_key() if dropout else None
 
-        run = _first_order(lambda eqn, ops, ctx: _listed(op(eqn, *ops, key)))
+        run = _first_order(lambda eqn, ops, ctx: _listed(op(eqn, *ops, key, ctx)))
         if not (recompute and any(map(_recomputed, operands))):
             return run(eqn, operands, ctx)
         flat, rebuild = flatten_values(operands)

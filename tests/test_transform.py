@@ -975,3 +975,36 @@ def test_a_primitive_without_a_rule_takes_the_materializing_fallback():
     chex.assert_trees_all_close(out, X() @ (2 * ll.merge(weight)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ll.MaterializationError, match="'lorax_test_double'"):
         ll.lora(fn, strict=True)(weight, X())
+
+
+def test_products_of_one_input_keep_one_copy_of_it_per_scanned_layer():
+    """q, k and v of one hidden state: the backward pass of the scan keeps that state once
+    per layer for the three adapters' gradients, as LoRA written by hand does (not once per
+    product: each product's own barrier and merged-token copy were three residuals)."""
+    layers, batch, length, d, rank = 8, 4, 128, 256, 8
+
+    def model(params, x):
+        def body(h, p):
+            return jnp.tanh(h @ p["q"] + (h @ p["k"]) * (h @ p["v"])), None
+
+        return jax.lax.scan(body, x, params["layers"])[0].sum()
+
+    def by_hand(trainable, frozen, x):
+        def body(h, p):
+            q, k, v = (h @ p[n] + 2.0 * (h @ p[n + "_a"]) @ p[n + "_b"] for n in "qkv")
+            return jnp.tanh(q + k * v), None
+
+        return jax.lax.scan(body, x, {**trainable, **frozen})[0].sum()
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    weights = {n: jax.random.normal(k, (layers, d, d)) / 16 for n, k in zip("qkv", keys)}
+    x = jax.random.normal(keys[3], (batch, length, d))
+    config = ll.LoraConfig(rank=rank, alpha=2.0 * rank, targets=("q", "k", "v"))
+    tree = ll.init({"layers": weights}, config, key=jax.random.key(1), fn=model, args=(x,))
+    _, lora_bytes = grad_and_temp_bytes(model, tree, x)
+    factors = {f"{n}_a": jnp.zeros((layers, d, rank)) for n in "qkv"}
+    factors |= {f"{n}_b": jnp.zeros((layers, rank, d)) for n in "qkv"}
+    grad = jax.jit(jax.grad(by_hand))
+    hand_bytes = grad.lower(factors, weights, x).compile().memory_analysis().temp_size_in_bytes
+    one_copy = layers * batch * length * d * 4  # the hidden state of every layer, float32
+    assert lora_bytes <= hand_bytes + one_copy / 2, (lora_bytes, hand_bytes, one_copy)
