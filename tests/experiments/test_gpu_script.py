@@ -33,3 +33,18 @@ def test_unknown_run_names_are_refused(capsys):
     with pytest.raises(SystemExit, match="2"):
         gpu.parse_args(["--only", "small,huge"])
     assert "unknown runs ['huge']" in capsys.readouterr().err
+
+
+def test_peers_rehearsal_runs_on_random_weights_without_the_gguf_wheel(tmp_path):
+    assert gpu.main(["--small", "--only", "peers", "--out-dir", str(tmp_path)]) == 0
+    (run,) = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert run["status"] == "ok" and "--preset tiny" in run["command"]
+    rows = json.loads((tmp_path / "peers.json").read_text())["rows"]
+    assert rows["lorax"]["status"] == rows["full"]["status"] == "ok"
+    assert rows["full"]["loss_start"] == pytest.approx(rows["lorax"]["loss_start"], rel=1e-5)
+    for name in ("qwix", "peft-eager"):  # ok where installed, skipped (not failed) elsewhere
+        assert rows[name]["status"] in ("ok", "skipped"), rows[name].get("reason")
+    if rows["peft-eager"]["status"] == "ok":  # the same random weights, copied into torch
+        assert rows["peft-eager"]["loss_start"] == pytest.approx(
+            rows["lorax"]["loss_start"], rel=1e-5
+        )
