@@ -1,5 +1,6 @@
 """lorax_lite: small, functional LoRA fine-tuning for JAX."""
 
+from . import distributed as distributed
 from .adapter_set import AdapterSet as AdapterSet
 from .checkpoint import adapter_metadata as adapter_metadata
 from .checkpoint import load_adapter as load_adapter
@@ -51,16 +52,17 @@ __all__ = [
     "MaterializationError",
     "NonFiniteError",
     "QuantizedWeight",
-    "UnsupportedEquationError",
     "TrainCheckpointer",
     "TrainState",
     "TrainStep",
     "Trainable",
+    "UnsupportedEquationError",
     "adapter_metadata",
     "cast_base",
     "combine",
     "combine_adapters",
     "count",
+    "distributed",
     "fit",
     "from_peft",
     "init",
@@ -69,9 +71,9 @@ __all__ = [
     "merge",
     "optimizer",
     "partition",
-    "quantize",
     "place",
     "pmap_train_step",
+    "quantize",
     "replicate",
     "route",
     "save_adapter",

@@ -18,7 +18,7 @@ from .quant import is_quantized, quantize_array
 from .selection import select
 from .targets import Spec, named_leaves, no_match, path_str, to_predicate
 from .transform import lora
-from .trees import trainable_mask
+from .trees import lora_tree, trainable_mask
 from .usage import infer_usage
 from .weight import (
     LoraWeight,
@@ -187,7 +187,8 @@ def merge(
     (call them outside ``jax.jit``).
 
     Args:
-        tree: a LoRA tree from `init` (or `combine`).
+        tree: a LoRA tree from `init` (or `combine`), or a `TrainState` (its ``.tree``),
+            as every writer takes.
         check: raise if a merged float leaf holds NaN or inf.
         probe: ``(fn, args)``: compare ``fn(merged, *args)`` with the unmerged
             ``lora(fn)(tree, *args)``; the largest absolute deviation is logged at INFO
@@ -211,6 +212,7 @@ def merge(
         [[1.5, 1.5], [1.5, 1.5]]
     """
 
+    tree = lora_tree(tree)
     added = {}
 
     def unwrap(key_path, node):

@@ -428,7 +428,8 @@ def _trained_tensors(
     return tensors, bias, to_save, problems
 
 
-def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
+@renamed_keywords(directory="path")
+def from_peft(path: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
     """Reads a PEFT LoRA adapter onto the JAX base ``params``.
 
     Every field of ``adapter_config.json`` that describes the weights is checked,
@@ -451,7 +452,11 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     embedding adapters are refused then (lorax_lite's DoRA has no embedding rule).
 
     Args:
-        directory: holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        path: the directory holding ``adapter_config.json`` and
+            ``adapter_model.safetensors`` (``directory=`` before, which warns
+            ``DeprecationWarning``). The base is always checked against the tensors'
+            shapes; PEFT records no fingerprint of its base, so there is no
+            ``check_base`` to lift (`load_adapter`'s compares one).
         params: the base parameter tree whose leaf paths ``name_map`` maps.
         name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
             of stacked layers, as a dict or a callable.
@@ -481,7 +486,7 @@ def from_peft(directory: str | pathlib.Path, params: Any, name_map: NameMap) -> 
     Example:
         >>> lora_params = ll.from_peft("/tmp/peft", params, names)  # doctest: +SKIP
     """
-    directory = current(pathlib.Path(directory).resolve())  # or the old one, mid-swap
+    directory = current(pathlib.Path(path).resolve())  # or the old one, mid-swap
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(

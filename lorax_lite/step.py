@@ -417,19 +417,21 @@ def vmap_train_step(
             others take their step.
 
     Returns:
-        `TrainStep` ``(init, step)``: ``init(adapters, keys)`` takes an `AdapterSet`
-        and one key per adapter (shape ``(n,)``) and returns a `TrainState` whose
-        ``trainable``, ``opt_state``, ``key`` and ``step`` have a leading adapter axis
-        (the base in ``frozen`` has none); ``step(state, batch) -> (state, metrics)``
-        with per-adapter metrics. ``adapters.with_trainable(state.trainable)`` puts
-        the trained factors back into the set.
+        `TrainStep` ``(init, step)``: ``init(adapters, keys)`` takes an `AdapterSet` (or
+        ``{name: tree}``, made one with `AdapterSet.from_trees`) and one key per adapter
+        (shape ``(n,)``) and returns a `TrainState` whose ``trainable``, ``opt_state``,
+        ``key`` and ``step`` have a leading adapter axis (the base in ``frozen`` has none);
+        ``step(state, batch) -> (state, metrics)`` with per-adapter metrics.
+        ``adapters.with_trainable(state.trainable)`` puts the trained factors back into
+        the set.
 
     Raises:
         ValueError: if ``accum_steps < 1``; from ``init``, if the adapters' scales differ
             at a leaf (each would need its own static scale), if any adapter is padded
             (training would fill the padding), the keys are not one per adapter, or
             nothing trains.
-        TypeError: if ``skip_nonfinite`` is not a bool.
+        TypeError: if ``skip_nonfinite`` is not a bool; from ``init``, if ``adapters`` is
+            neither an `AdapterSet` nor a mapping.
 
     Example:
         >>> init, step = vmap_train_step(loss_fn, optax.adam(1e-3))  # doctest: +SKIP
@@ -446,7 +448,8 @@ def vmap_train_step(
     jitted = jax.jit(mapped, donate_argnums=(0,) if donate else ())
     init_one = functools.partial(_init_state, tx=tx, caller="vmap_train_step")
 
-    def init(adapters: AdapterSet, keys: jax.Array) -> TrainState:
+    def init(adapters: AdapterSet | Mapping[str, Any], keys: jax.Array) -> TrainState:
+        adapters = _as_adapter_set(adapters)
         _check_trainable_set(adapters, keys)
         tree = combine(adapters.stacked, adapters.frozen)
         state_axes = TrainState(0, 0, None, 0, 0)
@@ -454,6 +457,18 @@ def vmap_train_step(
         return jax.vmap(init_one, in_axes=in_axes, out_axes=state_axes)(tree, keys)
 
     return TrainStep(init, _stepper(jitted))
+
+
+def _as_adapter_set(adapters: Any) -> AdapterSet:
+    """An `AdapterSet`, or ``{name: LoRA tree}`` made one (as `combine_adapters` takes)."""
+    if isinstance(adapters, AdapterSet):
+        return adapters
+    if isinstance(adapters, Mapping):
+        return AdapterSet.from_trees(adapters)
+    raise TypeError(
+        "vmap_train_step.init takes an AdapterSet or a mapping {name: LoRA tree}, got "
+        f"{type(adapters).__name__}"
+    )
 
 
 def _check_trainable_set(adapters: AdapterSet, keys: jax.Array) -> None:

@@ -88,3 +88,15 @@ def test_module_names_are_not_exported_by_accident():
     public = {n for n in dir(ll) if not n.startswith("_")}
     modules = {n for n in public if inspect.ismodule(getattr(ll, n))}
     assert public - modules - set(ll.__all__) == set()
+
+
+def test_all_is_sorted():
+    assert ll.__all__ == sorted(ll.__all__)
+
+
+def test_distributed_is_exported_with_initialize_documented():
+    assert "distributed" in ll.__all__ and ll.distributed is importlib.import_module(
+        "lorax_lite.distributed"
+    )
+    doc = inspect.getdoc(ll.distributed.initialize)
+    assert "\nArgs:\n" in doc and "coordinator_address" in doc
