@@ -187,6 +187,13 @@ param-arithmetic: $(VENV)/.experiments
 memory: $(VENV)/.llm-data
 	$(PY) -m experiments.memory
 
+# Scale on paper: full, LoRA and QLoRA of Llama-3.1 8B and 70B (and SmolLM2-135M, checked
+# against a real step's RSS) compiled for 1 to 256 fake devices; bytes per device, FLOPs,
+# largest batches in 80 and 16 GB. Nothing is allocated but SmolLM2's real steps.
+.PHONY: scale
+scale: $(VENV)/.experiments
+	nice -n 15 $(PY) -m experiments.scale
+
 # lorax_lite beside qwix (LoRA, QLoRA NF4/int4, bf16 base), Flax NNX (lorax_lite on nnx.split,
 # qwix, nnx.LoRALinear), PEFT (eager, torch.compile) and full fine-tuning on SmolLM2-135M, in
 # one interleaved run; then ll.route against PEFT's mixed-adapter batch. Installs the interop

@@ -107,15 +107,21 @@ def build(variant: str, args: argparse.Namespace, remat: bool) -> tuple[Any, Any
     return model, tree
 
 
-def train_step(model: Llama) -> ll.TrainStep:
-    """``ll.train_step`` of the mean next-token cross-entropy over every position."""
+def next_token_loss(model: Llama) -> ll.step.LossFn:
+    """``loss_fn(tree, tokens, key)``: the mean next-token cross-entropy over every position
+    (full logits, in float32), of ``tokens`` ``(batch, seq + 1)``."""
     apply = ll.lora(model.apply)
 
     def loss_fn(tree: Any, tokens: jax.Array, key: jax.Array) -> jax.Array:
         logits = apply(tree, tokens[:, :-1], dropout_key=key).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    return ll.train_step(loss_fn, optax.adamw(1e-4))
+    return loss_fn
+
+
+def train_step(model: Llama) -> ll.TrainStep:
+    """``ll.train_step`` with AdamW of `next_token_loss`."""
+    return ll.train_step(next_token_loss(model), optax.adamw(1e-4))
 
 
 def tokens_of(batch: int, seq: int, vocab: int, seed: int = 0) -> jax.Array:

@@ -47,6 +47,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=256, d_model=64, n_layer=2, n_head=4, n_kv_head=2, d_ff=128, max_len=128
     ),
     "smollm2-135m": dict(),  # the defaults
+    # Llama-3.1 shapes (its "llama3" RoPE frequency scaling is not modelled; shapes only).
+    "llama-3.1-8b": dict(
+        vocab_size=128256,
+        d_model=4096,
+        n_layer=32,
+        n_head=32,
+        n_kv_head=8,
+        d_ff=14336,
+        rope_theta=500000.0,
+        max_len=131072,
+        tie_embeddings=False,
+    ),
+    "llama-3.1-70b": dict(
+        vocab_size=128256,
+        d_model=8192,
+        n_layer=80,
+        n_head=64,
+        n_kv_head=8,
+        d_ff=28672,
+        rope_theta=500000.0,
+        max_len=131072,
+        tie_embeddings=False,
+    ),
 }
 
 
@@ -108,7 +131,8 @@ class LlamaConfig:
 
 
 def make_config(name: str = "smollm2-135m", **overrides: Any) -> LlamaConfig:
-    """A preset (``tiny``, ``smollm2-135m``) with ``overrides`` applied.
+    """A preset (``tiny``, ``smollm2-135m``, ``llama-3.1-8b``, ``llama-3.1-70b``) with
+    ``overrides`` applied.
 
     Raises:
         ValueError: for an unknown preset name.
