@@ -65,8 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-batch", type=int, default=64, help="per device; the search stops here")
     p.add_argument("--rss-model", default="smollm2-135m")
+    p.add_argument("--rss-devices", default="1,8")
     p.add_argument(
-        "--rss-devices", default="1,8", help="also the only meshes the --rss-model is compiled on"
+        "--anchor",
+        default="smollm2-135m@1,8",
+        help="model@devices: compile this model on these meshes only (it anchors the RSS check)",
     )
     p.add_argument("--rss-variants", default="lora,qlora")
     p.add_argument("--rss-seq", type=int, default=128)
@@ -79,8 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.models, args.devices, args.search = "tiny", "1,2", "tiny@2@on@lora"
         args.seq, args.rank, args.quant_block, args.max_batch = 32, 2, 32, 8
-        args.budgets_gb, args.remat, args.rss_model = "0.0025", "on", "tiny"
-        args.rss_devices, args.rss_variants, args.rss_seq = "1,2", "lora", 16
+        args.budgets_gb, args.remat, args.rss_model, args.anchor = "0.001", "on", "tiny", "@"
+        args.rss_devices, args.rss_variants, args.rss_seq = "2", "lora", 16
     split = lambda s: tuple(x for x in s.split(",") if x)
     args.models, args.variants = split(args.models), split(args.variants)
     args.rss_variants = split(args.rss_variants)
@@ -91,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rss_devices = tuple(int(n) for n in split(args.rss_devices))
     args.remat = tuple(r == "on" for r in split(args.remat))
     args.budgets_gb = tuple(float(b) for b in split(args.budgets_gb))
+    anchor, devices = args.anchor.split("@")
+    args.anchor = dict(model=anchor, devices=[int(n) for n in split(devices)])
     models, devices, remat, variants = (args.search.split("@") + ["", "", "", ""])[:4]
     args.search = dict(
         models=split(models),

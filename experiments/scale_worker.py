@@ -140,9 +140,10 @@ class Cell:
 
 def compile_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every model, variant and remat setting at batch 1 per device, and the largest batch
-    per budget where ``--search`` asks for it (the ``--rss-model`` on its meshes only)."""
+    per budget where ``--search`` asks for it (the ``--anchor`` model on its meshes only)."""
     n = jax.device_count()
-    models = [m for m in args.models if m != args.rss_model or n in args.rss_devices]
+    anchor = args.anchor
+    models = [m for m in args.models if m != anchor["model"] or n in anchor["devices"]]
     rows = []
     for name in models:
         for variant in args.variants:
