@@ -517,7 +517,7 @@ def test_peft_refusals_name_the_module(tmp_path):
         ll.from_peft(tmp_path, params, NAMES)
     assert "attn.value: use_dora is true but lora_magnitude_vector is missing" in str(err.value)
     assert "attn.query.lora_magnitude_vector: shape (5,), expected (6,)" in str(err.value)
-    ll.to_peft(tmp_path, plain, config, NAMES)
+    ll.to_peft(tmp_path, plain, config, NAMES, overwrite=True)
     tensors = load_file(weights)
     tensors["base_model.model.attn.query.lora_magnitude_vector"] = np.ones(6, np.float32)
     tensors["base_model.model.other.lora_magnitude_vector"] = np.ones(6, np.float32)

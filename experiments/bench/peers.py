@@ -537,7 +537,7 @@ def save_lorax_adapter(state: Any, args: argparse.Namespace) -> dict[str, Any]:
     work = pathlib.Path(args.work)
     tree = state.tree
     ll.save_adapter(work / "lorax-orbax", tree, lora_config(args), overwrite=True)
-    ll.to_peft(work / "lorax-peft", tree, lora_config(args), peft_name_map())
+    ll.to_peft(work / "lorax-peft", tree, lora_config(args), peft_name_map(), overwrite=True)
     probe = jnp.asarray(token_ids(2, 16, config.vocab_size, seed=1))
     logits = jax.jit(model.apply)(ll.merge(tree), probe)
     np.save(work / "lorax-logits.npy", np.asarray(logits, np.float32))
