@@ -36,6 +36,7 @@ import json
 import math
 import pathlib
 import re
+import struct
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -234,10 +235,24 @@ def to_peft(
 
     def write(new: pathlib.Path) -> None:
         save_file(tensors, new / WEIGHTS_NAME, header)
+        _sort_metadata(new / WEIGHTS_NAME)
         (new / CONFIG_NAME).write_text(text)
 
     replace_files(path.resolve(), (WEIGHTS_NAME, CONFIG_NAME), write)
     return path
+
+
+def _sort_metadata(path: pathlib.Path) -> None:
+    """Sorts the keys of a safetensors file's ``__metadata__`` in place (same length), so one
+    export always gives the same bytes: safetensors writes them in hash-map order."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) <= size:  # the same entries reordered: never longer
+            f.seek(8)
+            f.write(text.ljust(size))
 
 
 def fields_digest(peft_config: dict[str, Any]) -> str:

@@ -974,3 +974,12 @@ def test_the_command_line_exports_scanned_layers_with_a_json_template_map(tmp_pa
     chex.assert_trees_all_equal(
         ll.from_peft(tmp_path / "peft", params, SCAN_NAMES), tree, strict=True
     )
+
+
+def test_an_export_is_the_same_bytes_every_time(tmp_path):
+    """The tensors' header metadata is written sorted (safetensors writes hash-map order,
+    which differs from one call to the next)."""
+    for i in range(6):
+        ll.to_peft(tmp_path / str(i), lora_tree(), CONFIG, NAMES)
+    files = {(tmp_path / str(i) / "adapter_model.safetensors").read_bytes() for i in range(6)}
+    assert len(files) == 1
