@@ -321,6 +321,12 @@ def count(tree: Any) -> dict[str, int]:
     """Parameter and byte counts: ``trainable``, ``total``, ``trainable_bytes``, ``total_bytes``.
 
     A `QuantizedWeight` counts its logical entries and the bytes it is stored in.
+
+    Args:
+        tree: a LoRA tree (or any parameter tree: nothing in it trains).
+
+    Returns:
+        ``{"trainable", "total", "trainable_bytes", "total_bytes"}`` as Python ints.
     """
     mask = jax.tree_util.tree_leaves(trainable_mask(tree))
     leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)

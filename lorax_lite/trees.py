@@ -62,6 +62,12 @@ def partition(tree: Any) -> tuple[Any, Any]:
     ``trainable`` holds every ``a``, ``b``, DoRA ``m`` and `Trainable` value; ``frozen`` holds
     every base weight and untouched leaf. `combine` is the exact inverse.
 
+    Args:
+        tree: a LoRA tree.
+
+    Returns:
+        ``(trainable, frozen)``, each of ``tree``'s structure.
+
     Example:
         >>> lp = {"k": LoraWeight(jnp.ones((2, 2)), jnp.ones((2, 1)), jnp.zeros((1, 2)))}
         >>> trainable, frozen = partition(lp)
@@ -75,7 +81,14 @@ def partition(tree: Any) -> tuple[Any, Any]:
 
 
 def combine(*trees: Any) -> Any:
-    """Fills the ``None`` holes of the first tree from the others (inverse of `partition`)."""
+    """Fills the ``None`` holes of the first tree from the others (inverse of `partition`).
+
+    Args:
+        *trees: trees of one structure; each leaf is the first of them that is not ``None``.
+
+    Returns:
+        The combined tree.
+    """
 
     def first(*xs):
         return next((x for x in xs if x is not None), None)

@@ -655,10 +655,12 @@ def test_a_cast_base_is_recast_in_the_backward_not_kept_per_layer():
         # jaxlib 0.10's CPU compiler keeps a float32 copy of each bfloat16 product operand
         # itself (a bf16 model with no cast keeps it too): there, at 8 layers of d=512, the
         # bf16 base took 11.2 MB (20.0 before `rules.Cast`), the float32 base 2.8 MB.
-        skip = stored == jnp.bfloat16 and jax.__version_info__ < (0, 11)
-        if cast_bytes is not None and not skip:
-            one_weight = d * d * jnp.dtype(compute).itemsize
-            assert cast_bytes < ref_bytes + n_layers * one_weight / 2, (stored, compute)
+        if cast_bytes is None:
+            pytest.skip("this backend reports no memory analysis")
+        if stored == jnp.bfloat16 and jax.__version_info__ < (0, 11):
+            continue
+        one_weight = d * d * jnp.dtype(compute).itemsize
+        assert cast_bytes < ref_bytes + n_layers * one_weight / 2, (stored, compute)
 
 
 # ----- no dense weight gradient ------------------------------------------------------
