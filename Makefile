@@ -201,3 +201,8 @@ scale: $(VENV)/.experiments
 .PHONY: bench-peers
 bench-peers: $(VENV)/.interop
 	nice -n 5 $(PY) -m experiments.bench.peers --out experiments/results/peers
+
+# The matrix products of one SmolLM2 step, XLA:CPU against torch (what bounds bench-peers here).
+.PHONY: bench-gemm
+bench-gemm: $(VENV)/.interop
+	nice -n 5 $(PY) -m experiments.bench.gemm --out experiments/results/gemm_cpu
