@@ -51,7 +51,9 @@ class Pattern:
                 moved = [pc for pc in moved if self._program[pc - 1][1](char)]
                 self._steps[key] = self._closure(moved, at_start=False)
             states = self._steps[key]
-        return MATCH in {self._program[pc][0] for pc in self._closure(states, at_end=True)}
+        # At the end of an empty text the start assertions hold too (``$^`` matches "").
+        final = self._closure(states, at_start=not text, at_end=True)
+        return MATCH in {self._program[pc][0] for pc in final}
 
     def _closure(self, pcs: Any, *, at_start: bool = False, at_end: bool = False) -> frozenset[int]:
         """The states reached from ``pcs`` without reading a character: those that read one,

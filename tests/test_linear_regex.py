@@ -54,6 +54,11 @@ def patterns(draw):
     return f"({body})" + draw(st.sampled_from(["", "*", "|b"]))
 
 
+@pytest.mark.parametrize("pattern", ["($^)", "$^", "(a|$)^", "^$", "(^)*$"])
+def test_anchors_at_both_ends_of_the_empty_text(pattern):
+    assert compile_pattern(pattern).fullmatch("") == bool(re.fullmatch(pattern, ""))
+
+
 @settings(max_examples=300, deadline=None)
 @given(patterns(), st.lists(st.text("ab.", max_size=6), min_size=1, max_size=8))
 def test_fullmatch_agrees_with_re_on_generated_patterns(pattern, texts):
