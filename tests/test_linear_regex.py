@@ -59,7 +59,7 @@ def test_anchors_at_both_ends_of_the_empty_text(pattern):
     assert compile_pattern(pattern).fullmatch("") == bool(re.fullmatch(pattern, ""))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)  # the same 300 in every CI run
 @given(patterns(), st.lists(st.text("ab.", max_size=6), min_size=1, max_size=8))
 def test_fullmatch_agrees_with_re_on_generated_patterns(pattern, texts):
     compiled = compile_pattern(pattern)
