@@ -56,7 +56,7 @@ from experiments import demo
 from experiments.data import rotten_tomatoes
 from experiments.models import llama_gguf
 from experiments.models.llama import KVCache, Llama, forward, generate, init_cache
-from experiments.outputs import write_outputs
+from experiments.outputs import directory_bytes, write_outputs
 from experiments.provenance import begin, command, end, run_line
 from experiments.requirements import check_installed
 
@@ -482,11 +482,6 @@ def train(task: Task, tree: Any, args: argparse.Namespace, *, lr: float, steps: 
         tokens,
         seconds,
     )
-
-
-def directory_bytes(path: pathlib.Path) -> int:
-    """The bytes of every file under ``path``."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def run_row(args: argparse.Namespace) -> dict[str, Any]:

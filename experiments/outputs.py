@@ -8,6 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 
+def directory_bytes(path: str | pathlib.Path) -> int:
+    """The bytes of every file under ``path`` (an adapter's size on disk)."""
+    return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
+
+
 def write_outputs(
     out: str | pathlib.Path,
     stem: str,

@@ -61,7 +61,7 @@ import numpy as np
 
 from experiments import provenance
 from experiments.bench import workers
-from experiments.outputs import write_outputs
+from experiments.outputs import directory_bytes, write_outputs
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QWIX_PATTERN = ".*/(" + "|".join(PROJECTIONS) + ")"
@@ -205,10 +205,6 @@ def _size(tree: Any) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
-def directory_bytes(path: pathlib.Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 # ----- JAX rows ---------------------------------------------------------------------------
 
 
@@ -259,13 +255,13 @@ def _train_step_runner(apply: Callable, tree: Any, tokens: Any, args: argparse.N
 
 
 def _dequantized_loss(apply: Callable, tree: Any, tokens: Any) -> float:
+    """The first loss over ``tree`` with its quantized weights dequantized beforehand."""
     import jax
 
-    import lorax_lite as ll
+    from experiments.models.llama_gguf import dequantize
 
-    is_q = lambda x: isinstance(x, ll.QuantizedWeight)
-    plain = jax.tree_util.tree_map(lambda x: x.dequantize() if is_q(x) else x, tree, is_leaf=is_q)
-    return float(jax.jit(lambda t: next_token_loss(apply(t, tokens[:, :-1]), tokens))(plain))
+    loss = jax.jit(lambda t: next_token_loss(apply(t, tokens[:, :-1]), tokens))
+    return float(loss(dequantize(tree)))
 
 
 def build_lorax(row: str, args: argparse.Namespace) -> workers.Runner:

@@ -12,6 +12,5 @@ def test_one_round_times_every_shape_in_both_libraries(tmp_path):
     for name, (m, k, n) in gemm.SHAPES.items():
         assert f"| {name} ({m} x {k} x {n}) |" in text
     rows = gemm.measure(1)
+    assert set(rows) == set(gemm.SHAPES)
     assert all(row["xla_gflops"] > 0 and row["torch_gflops"] > 0 for row in rows.values())
-    ratio = rows["tied head"]["xla_s"] / rows["tied head"]["torch_s"]
-    assert rows["tied head"]["xla_over_torch"] == pytest.approx(ratio)
