@@ -1,5 +1,5 @@
-"""Checks of the numbers (and dtypes) a user passes or a file holds, for the validating
-code's messages.
+"""Checks of the numbers (and dtypes) a user passes or a file holds, and the one way a
+validating function reports what it found.
 
 Booleans are not numbers here (``True`` is not a rank of 1); NumPy scalars are.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -36,3 +37,16 @@ def is_float_dtype(dtype: Any) -> bool:
         return dtype is not None and jnp.issubdtype(np.dtype(dtype), jnp.floating)
     except TypeError:
         return False
+
+
+def raise_problems(
+    header: str, problems: Sequence[str], error: type[Exception] = ValueError, *, hint: str = ""
+) -> None:
+    """Raises ``error`` listing every problem, one per indented line, if there are any.
+
+    Validating code collects every problem it finds before raising, so that one run
+    names them all: ``header:`` then the problems, then ``hint`` on its own line.
+    """
+    if problems:
+        message = f"{header}:\n  " + "\n  ".join(problems)
+        raise error(message + (f"\n{hint}" if hint else ""))
