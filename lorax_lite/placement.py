@@ -262,12 +262,10 @@ def factor_shardings(base: Any, layout: Layout) -> tuple[Any, Any, Any]:
     sharding = getattr(base, "sharding", None)
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (base.ndim - len(sharding.spec))
-        pick = lambda axes: tuple(spec[i] for i in axes)
-        stack = pick(layout.stack)
-        a_spec = PartitionSpec(*stack, *pick(layout.fan_in), None)
-        b_spec = PartitionSpec(*stack, None, *pick(layout.fan_out))
-        m_spec = PartitionSpec(*stack, *pick(layout.fan_out))
-        return tuple(NamedSharding(sharding.mesh, s) for s in (a_spec, b_spec, m_spec))
+        pick = lambda axes: PartitionSpec(*(None if i is None else spec[i] for i in axes))
+        axes = (*layout.factor_axes(), layout.magnitude_axes())
+        a, b, m = (NamedSharding(sharding.mesh, pick(x)) for x in axes)
+        return a, b, m
     if sharding is None or isinstance(sharding, SingleDeviceSharding):
         single = same_shape_sharding(base)
         return single, single, single

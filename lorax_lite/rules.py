@@ -46,7 +46,7 @@ from jax import lax
 
 from . import views
 from .quant import QuantizedWeight
-from .weight import Layout, LoraWeight, factored_squares, magnitude_ratio
+from .weight import Layout, LoraWeight, factored_squares, magnitude_ratio, spread
 
 
 class LoraValue(NamedTuple):
@@ -190,11 +190,11 @@ def dot_general(
     if lora.m is not None:
         # DoRA scales the weight's output units: the product's output where they are
         # free, its input where they are contracted (``x @ W.T``).
-        m_spec = [w_spec[i] for i in lora.layout.stack + lora.layout.fan_out]
+        m_spec = [w_spec[i] for i in lora.layout.magnitude_axes()]
         if set(m_spec) <= set(out):
             ratio = (lora.magnitude_ratio(), m_spec, out)
         elif set(m_spec) <= set(x_spec):
-            x = _scaled(x, _spread(lora.magnitude_ratio(), m_spec, x_spec))
+            x = _scaled(x, spread(lora.magnitude_ratio(), m_spec, x_spec))
         else:
             return None
     # One buffer for both products. Without the barrier XLA may fuse x's producer (a
@@ -210,10 +210,11 @@ def dot_general(
     x_free = [s for s in x_spec if s not in w_spec]
     out = batch + (x_free + w_free if on_right else w_free + x_free)
 
-    stack, fan_in, fan_out = lora.layout
-    a_spec = [w_spec[i] for i in stack + fan_in] + [rank]
-    b_spec = [w_spec[i] for i in stack] + [rank] + [w_spec[i] for i in fan_out]
+    a_spec, b_spec = (
+        [rank if i is None else w_spec[i] for i in axes] for axes in lora.layout.factor_axes()
+    )
     first, second = (lora.a, a_spec), (lora.b, b_spec)
+    _, fan_in, fan_out = lora.layout
     if not set(w_contract) & set(fan_in) and set(w_contract) & set(fan_out):
         first, second = second, first
     keep = set(second[1]) | set(out)
@@ -225,15 +226,7 @@ def dot_general(
     t = t * jnp.asarray(lora.scale, t.dtype)
     delta = _einsum(t_spec, second[1], out, t, second[0].astype(dtype), **options)
     y = base + delta.reshape(base.shape).astype(base.dtype)
-    return y if ratio is None else _scaled(y, _spread(*ratio))
-
-
-def _spread(x: jax.Array, spec: list[str], target: list[str]) -> jax.Array:
-    """``x`` (axes named by ``spec``) transposed and given size-1 axes to broadcast
-    against an array whose axes are named by ``target``."""
-    order = sorted(range(len(spec)), key=lambda k: target.index(spec[k]))
-    x = jnp.transpose(x, order)
-    return jnp.expand_dims(x, tuple(k for k, s in enumerate(target) if s not in spec))
+    return y if ratio is None else _scaled(y, spread(*ratio))
 
 
 def _scaled(y: jax.Array, ratio: jax.Array) -> jax.Array:
@@ -274,7 +267,7 @@ def ragged_dot(
         return None
     base = views.bind(eqn, [x, lora.w, group_sizes])
     (group,) = stack
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
     options = dict(
         precision=view.dot.precision, preferred_element_type=view.dot.preferred_element_type
     )
@@ -345,7 +338,7 @@ def conv(
     if lora.m is None:
         return out
     spec = list(range(out.ndim))  # the ratio's one axis is the output feature axis
-    return _scaled(out, _spread(lora.magnitude_ratio(), [feature], spec))
+    return _scaled(out, spread(lora.magnitude_ratio(), [feature], spec))
 
 
 def gather(
@@ -368,12 +361,14 @@ def gather(
     if dims.operand_batching_dims or not whole:
         return None
     stack, fan_in, fan_out = lora.layout
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
     base = views.bind(eqn, [lora.w, indices])
     if set(indexed) <= set(stack):
         a = _gather_factor(view, lora.a, a_axes, indices, base.ndim)
         b = _gather_factor(view, lora.b, b_axes, indices, base.ndim)
-        lora = lora.map_m(lambda m: _gather_factor(view, m, stack + fan_out, indices, base.ndim))
+        lora = lora.map_m(
+            lambda m: _gather_factor(view, m, lora.layout.magnitude_axes(), indices, base.ndim)
+        )
         return lora._replace(w=base, a=a, b=b, layout=_gathered_layout(lora.layout, dims, base))
     if lora.m is not None:
         raise ValueError(
@@ -404,17 +399,6 @@ def gather(
     )
     delta = jnp.einsum(f"{rows_spec},{spec(other_axes)}->{out}", rows, other.astype(rows.dtype))
     return base + (lora.scale * delta).astype(base.dtype)
-
-
-def factor_axes(layout: Layout) -> tuple[tuple, tuple]:
-    """The weight axis each axis of ``A`` and ``B`` stands for (``None`` for the rank)."""
-    stack, fan_in, fan_out = layout
-    return (*stack, *fan_in, None), (*stack, None, *fan_out)
-
-
-def magnitude_axes(layout: Layout) -> tuple[int, ...]:
-    """The weight axis each axis of a DoRA magnitude ``m`` stands for."""
-    return layout.stack + layout.fan_out
 
 
 def _gather_factor(view, factor, axes, indices, out_ndim) -> jax.Array:
@@ -474,12 +458,12 @@ def transpose(eqn: Any, lora: LoraValue) -> LoraValue:
 def slice_any(eqn: Any, lora: LoraValue, *starts: Any) -> LoraValue:
     """``slice``/``dynamic_slice`` on any axes: each factor is cut along its own copies
     of the cut axes (a layer of a stack, rows of ``A``, columns of ``B``)."""
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
     view = views.slicing(eqn)
     w = views.bind(eqn, [lora.w, *starts])
     a = _slice_factor(view, lora.a, a_axes, starts)
     b = _slice_factor(view, lora.b, b_axes, starts)
-    m_axes = magnitude_axes(lora.layout)
+    m_axes = lora.layout.magnitude_axes()
     return lora.map_m(lambda m: _slice_factor(view, m, m_axes, starts))._replace(w=w, a=a, b=b)
 
 
@@ -503,7 +487,7 @@ def _slice_factor(view: views.Slice, factor, axes, starts) -> jax.Array:
 def split(eqn: Any, lora: LoraValue) -> list[LoraValue]:
     """``split`` along any axis (a fused QKV kernel): the factors holding it split alike."""
     axis, sizes = views.split(eqn)
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
 
     def pieces(factor, axes):
         if axis not in axes:
@@ -511,7 +495,7 @@ def split(eqn: Any, lora: LoraValue) -> list[LoraValue]:
         return lax.split(factor, sizes, axis=axes.index(axis))
 
     ws = lax.split(lora.w, sizes, axis=axis)
-    ms = [None] * len(sizes) if lora.m is None else pieces(lora.m, magnitude_axes(lora.layout))
+    ms = [None] * len(sizes) if lora.m is None else pieces(lora.m, lora.layout.magnitude_axes())
     parts = zip(ws, pieces(lora.a, a_axes), pieces(lora.b, b_axes), ms)
     return [lora._replace(w=w, a=a, b=b, m=m) for w, a, b, m in parts]
 
@@ -519,10 +503,10 @@ def split(eqn: Any, lora: LoraValue) -> list[LoraValue]:
 def squeeze(eqn: Any, lora: LoraValue) -> LoraValue:
     """Drops size-1 axes of any role (one layer of a stack, one row of a table)."""
     gone = {d % lora.w.ndim for d in views.dimensions(eqn)}
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
     a = jnp.squeeze(lora.a, tuple(k for k, i in enumerate(a_axes) if i in gone))
     b = jnp.squeeze(lora.b, tuple(k for k, i in enumerate(b_axes) if i in gone))
-    m_axes = magnitude_axes(lora.layout)
+    m_axes = lora.layout.magnitude_axes()
     lora = lora.map_m(lambda m: jnp.squeeze(m, tuple(k for k, i in enumerate(m_axes) if i in gone)))
     renumber = lambda axes: tuple(i - sum(d < i for d in gone) for i in axes if i not in gone)
     layout = Layout(*(renumber(g) for g in lora.layout))
@@ -533,10 +517,10 @@ def squeeze(eqn: Any, lora: LoraValue) -> LoraValue:
 def rev(eqn: Any, lora: LoraValue) -> LoraValue:
     """Reverses axes: each factor reverses its own copies of them."""
     flipped = set(views.dimensions(eqn))
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
     flip = lambda f, axes: lax.rev(f, tuple(k for k, i in enumerate(axes) if i in flipped))
     w = views.bind(eqn, [lora.w])
-    lora = lora.map_m(lambda m: flip(m, magnitude_axes(lora.layout)))
+    lora = lora.map_m(lambda m: flip(m, lora.layout.magnitude_axes()))
     return lora._replace(w=w, a=flip(lora.a, a_axes), b=flip(lora.b, b_axes))
 
 
@@ -551,9 +535,9 @@ def broadcast(eqn: Any, lora: LoraValue) -> LoraValue:
         sizes = tuple(n if i is None else shape[kept[i]] for i, n in zip(axes, factor.shape))
         return jnp.broadcast_to(factor, lead + sizes)
 
-    a_axes, b_axes = factor_axes(lora.layout)
+    a_axes, b_axes = lora.layout.factor_axes()
     moved = lambda axes: tuple(kept[i] for i in axes)
-    lora = lora.map_m(lambda m: expand(m, magnitude_axes(lora.layout)))
+    lora = lora.map_m(lambda m: expand(m, lora.layout.magnitude_axes()))
     layout = Layout(new + moved(lora.layout.stack), *(moved(g) for g in lora.layout[1:]))
     w = views.bind(eqn, [lora.w])
     return lora._replace(w=w, a=expand(lora.a, a_axes), b=expand(lora.b, b_axes), layout=layout)
@@ -593,12 +577,10 @@ def reshape(eqn: Any, lora: LoraValue) -> LoraValue | None:
         new_axes[role] = tuple(range(start, start + len(dims)))
         start += len(dims)
     layout = Layout(new_axes.get("stack", ()), new_axes.get("in", ()), new_axes.get("out", ()))
-    dims_of = lambda role: [new_shape[i] for i in new_axes.get(role, ())]
     lora = sorted_groups(lora)
-    rank = lora.a.shape[-1]
-    a = lora.a.reshape(dims_of("stack") + dims_of("in") + [rank])
-    b = lora.b.reshape(dims_of("stack") + [rank] + dims_of("out"))
-    lora = lora.map_m(lambda m: m.reshape(dims_of("stack") + dims_of("out")))
+    a_shape, b_shape = layout.factor_shapes(new_shape, lora.a.shape[-1])
+    a, b = lora.a.reshape(a_shape), lora.b.reshape(b_shape)
+    lora = lora.map_m(lambda m: m.reshape(layout.magnitude_shape(new_shape)))
     return lora._replace(w=views.bind(eqn, [lora.w]), a=a, b=b, layout=layout)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,23 +40,40 @@ class Layout(NamedTuple):
 
     def roles(self) -> tuple[str, ...]:
         """One role per axis of the weight, inverse of `from_roles`."""
-        ndim = len(self.stack) + len(self.fan_in) + len(self.fan_out)
-        out = [""] * ndim
+        out = [""] * self.ndim
         for role, axes in zip(("stack", "in", "out"), self):
             for axis in axes:
                 out[axis] = role
         return tuple(out)
 
-    def factor_shapes(self, shape: tuple[int, ...], rank: int) -> tuple[tuple, tuple]:
+    @property
+    def ndim(self) -> int:
+        """The number of axes of the weight."""
+        return len(self.stack) + len(self.fan_in) + len(self.fan_out)
+
+    def factor_axes(self) -> tuple[tuple[int | None, ...], tuple[int | None, ...]]:
+        """The weight axis each axis of ``A`` and ``B`` stands for (``None``: the rank).
+
+        ``A`` is ``(stack..., fan_in..., r)`` and ``B`` is ``(stack..., r, fan_out...)``.
+        """
+        return (*self.stack, *self.fan_in, None), (*self.stack, None, *self.fan_out)
+
+    def magnitude_axes(self) -> tuple[int, ...]:
+        """The weight axis each axis of a DoRA magnitude ``m`` stands for:
+        ``(stack..., fan_out...)``, one entry per output unit of each stacked weight."""
+        return self.stack + self.fan_out
+
+    def factor_shapes(
+        self, shape: tuple[int, ...], rank: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes of ``A`` and ``B`` for a weight of ``shape``."""
-        dims = lambda axes: tuple(shape[i] for i in axes)
-        stack = dims(self.stack)
-        return stack + dims(self.fan_in) + (rank,), stack + (rank,) + dims(self.fan_out)
+        a_axes, b_axes = self.factor_axes()
+        pick = lambda axes: tuple(rank if i is None else shape[i] for i in axes)
+        return pick(a_axes), pick(b_axes)
 
     def magnitude_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of a DoRA magnitude ``m``: ``(stack..., fan_out...)``, one entry per
-        output unit of each stacked weight."""
-        return tuple(shape[i] for i in self.stack + self.fan_out)
+        """The shape of a DoRA magnitude ``m`` for a weight of ``shape``."""
+        return tuple(shape[i] for i in self.magnitude_axes())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +176,9 @@ def column_squares(v: jax.Array, layout: Layout) -> jax.Array:
     """``||v||^2`` per output unit over the fan-in axes, in float32, shaped
     ``(stack..., fan_out...)`` in the layout's order."""
     squares = jnp.sum(jnp.square(v.astype(jnp.float32)), axis=layout.fan_in)
-    kept = sorted(layout.stack + layout.fan_out)  # the summed array's axes, in weight order
-    return jnp.transpose(squares, [kept.index(i) for i in layout.stack + layout.fan_out])
+    axes = layout.magnitude_axes()
+    kept = sorted(axes)  # the summed array's axes, in weight order
+    return jnp.transpose(squares, [kept.index(i) for i in axes])
 
 
 def column_norm(v: jax.Array, layout: Layout) -> jax.Array:
@@ -182,12 +201,18 @@ def magnitude_ratio(m: jax.Array, squares: jax.Array, detach_norm: bool) -> jax.
     return m.astype(jnp.float32) / norm
 
 
+def spread(x: jax.Array, axes: Sequence[Any], target: Sequence[Any]) -> jax.Array:
+    """``x``, whose axes are named by ``axes``, transposed and given size-1 axes to
+    broadcast against an array whose axes are named by ``target``."""
+    order = sorted(range(len(axes)), key=lambda k: list(target).index(axes[k]))
+    x = jnp.transpose(x, order)
+    return jnp.expand_dims(x, tuple(k for k, name in enumerate(target) if name not in axes))
+
+
 def to_weight_axes(x: jax.Array, layout: Layout) -> jax.Array:
-    """A ``(stack..., fan_out...)`` array laid out to broadcast against the weight: its
-    axes in the weight's order, with size-1 axes at the fan-in positions."""
-    axes = layout.stack + layout.fan_out
-    x = jnp.transpose(x, sorted(range(len(axes)), key=axes.__getitem__))
-    return jnp.expand_dims(x, tuple(sorted(layout.fan_in)))
+    """A ``(stack..., fan_out...)`` array (a magnitude, a ratio) laid out to broadcast
+    against the weight."""
+    return spread(x, layout.magnitude_axes(), range(layout.ndim))
 
 
 def factored_squares(
@@ -202,15 +227,15 @@ def factored_squares(
     f32, hi = jnp.float32, jax.lax.Precision.HIGHEST
     letters = iter("abcdefghijklmnopqtuvwxyz")  # r and s name the rank axes
     w_spec = [next(letters) for _ in range(w.ndim)]
-    pick = lambda axes: "".join(w_spec[i] for i in axes)
-    stack, fan_in, fan_out = (pick(axes) for axes in layout)
-    a_spec, b_spec = f"{stack}{fan_in}r", f"{stack}r{fan_out}"
+    pick = lambda axes, rank="r": "".join(rank if i is None else w_spec[i] for i in axes)
+    a_axes, b_axes = layout.factor_axes()
+    a_spec, b_spec, stack = pick(a_axes), pick(b_axes), pick(layout.stack)
     einsum = lambda spec, *xs: jnp.einsum(spec, *xs, precision=hi, preferred_element_type=f32)
     a, b = a.astype(f32), b.astype(f32)
     w_squared = column_squares(w, layout)
     a_t_w = einsum(f"{a_spec},{''.join(w_spec)}->{b_spec}", a.astype(w.dtype), w)
-    gram = einsum(f"{a_spec},{stack}{fan_in}s->{stack}rs", a, a)
-    gram_b = einsum(f"{stack}rs,{stack}s{fan_out}->{b_spec}", gram, b)
+    gram = einsum(f"{a_spec},{pick(a_axes, 's')}->{stack}rs", a, a)
+    gram_b = einsum(f"{stack}rs,{pick(b_axes, 's')}->{b_spec}", gram, b)
     cross = jnp.sum(a_t_w * b, axis=len(layout.stack))
     low_rank = jnp.sum(gram_b * b, axis=len(layout.stack))
     # Rounding can take a (near) zero norm's square below zero (`magnitude_ratio`).
