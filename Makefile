@@ -206,3 +206,18 @@ bench-peers: $(VENV)/.interop
 .PHONY: bench-gemm
 bench-gemm: $(VENV)/.interop
 	nice -n 5 $(PY) -m experiments.bench.gemm --out experiments/results/gemm_cpu
+
+# The docs site (docs/, Sphinx + MyST + sphinx-book-theme): HTML under docs/_build/html, every
+# warning an error (a broken cross-reference, a page outside the tree, a docstring autodoc cannot
+# read); offline: no intersphinx inventories. The Results pages are generated from
+# experiments/results at build time. docs-serve browses the build at http://localhost:8000.
+.PHONY: docs docs-serve
+$(VENV)/.docs: $(VENV)/.dev
+	$(PIP) install -q -e ".[dev,docs]"
+	touch $@
+
+docs: $(VENV)/.docs
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+docs-serve: docs
+	$(PY) -m http.server --directory docs/_build/html 8000
