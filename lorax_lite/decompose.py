@@ -25,7 +25,8 @@ from .weight import Layout, LoraWeight
 RESIDUAL_INITS = ("pissa", "olora")
 """The `LoraConfig.init` values that change the base weight."""
 OVERSAMPLE = 10  # extra random directions of the randomized SVD (Halko et al.'s default)
-_HIGHEST = jax.lax.Precision.HIGHEST
+HIGHEST = jax.lax.Precision.HIGHEST
+"""The matmul precision of every decomposition and of the errors reported on it."""
 
 
 def residual_init(
@@ -59,11 +60,9 @@ def residual_init(
     Raises:
         ValueError: for another ``init``, or ``niter`` without a ``key``.
     """
-    matrix = _as_matrices(w, layout)
+    matrix = weight_matrices(w, layout)
     if init == "pissa":
-        u, s, vh = _svd(matrix, rank, niter=niter, key=key)
-        root = jnp.sqrt(s / scale)
-        a, b = u * root[..., None, :], root[..., :, None] * vh
+        a, b = split_svd(*_svd(matrix, rank, niter=niter, key=key), scale=scale)
     elif init == "olora":
         q, r = jnp.linalg.qr(jnp.swapaxes(matrix, -1, -2))
         a, b = jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
@@ -75,14 +74,46 @@ def residual_init(
     return a, b, (w.astype(jnp.float32) - delta).astype(w.dtype)
 
 
-def _as_matrices(w: jax.Array, layout: Layout) -> jax.Array:
-    """``w`` in float32 as ``(stack..., prod(fan_in), prod(fan_out))``, each group in the
-    layout's order (the order of the factors' axes)."""
+def weight_matrices(w: jax.Array, layout: Layout) -> jax.Array:
+    """``w`` in float32 as matrices ``(stack..., prod(fan_in), prod(fan_out))``, each group
+    of axes in the layout's order (the order of the factors' axes)."""
     w = jnp.transpose(w.astype(jnp.float32), layout.stack + layout.fan_in + layout.fan_out)
-    size = lambda axes: math.prod(w.shape[len(layout.stack) + k] for k in axes)
-    n_in, n_out = len(layout.fan_in), len(layout.fan_out)
-    d_in, d_out = size(range(n_in)), size(range(n_in, n_in + n_out))
-    return w.reshape(*w.shape[: len(layout.stack)], d_in, d_out)
+    return as_matrices(w, len(layout.stack), len(layout.fan_in))
+
+
+def as_matrices(x: jax.Array, n_stack: int, n_rows: int) -> jax.Array:
+    """``x`` reshaped to ``(stack..., rows, columns)``: its first ``n_stack`` axes kept, the
+    next ``n_rows`` flattened into the rows, the rest into the columns.
+
+    ``A`` of a layout is ``as_matrices(a, n_stack, n_fan_in)`` (``(stack..., d_in, r)``),
+    ``B`` is ``as_matrices(b, n_stack, 1)`` (``(stack..., r, d_out)``).
+    """
+    stack = x.shape[:n_stack]
+    return x.reshape(*stack, math.prod(x.shape[n_stack : n_stack + n_rows]), -1)
+
+
+def split_svd(
+    u: jax.Array, s: jax.Array, vh: jax.Array, *, scale: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """``(A, B)`` with ``scale * A @ B == U diag(S) Vh``: ``sqrt(S / scale)`` on each side.
+
+    Args:
+        u: left singular vectors ``(..., m, r)``.
+        s: singular values ``(..., r)``.
+        vh: right singular vectors ``(..., r, n)``.
+        scale: the adapter's scale ``s``.
+
+    Returns:
+        ``A (..., m, r)`` and ``B (..., r, n)``, balanced (equal column and row norms).
+    """
+    root = jnp.sqrt(s / scale)
+    return u * root[..., None, :], root[..., :, None] * vh
+
+
+def truncated_svd(m: jax.Array, rank: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The top-``rank`` ``(U, S, Vh)`` of each matrix in ``m`` by the exact SVD."""
+    u, s, vh = jnp.linalg.svd(m, full_matrices=False)
+    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
 
 
 def _svd(
@@ -90,8 +121,7 @@ def _svd(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The top-``rank`` ``(U, S, Vh)`` of each matrix in ``m``, exact or randomized."""
     if niter is None:
-        u, s, vh = jnp.linalg.svd(m, full_matrices=False)
-        return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+        return truncated_svd(m, rank)
     if key is None:
         raise ValueError("residual_init: a randomized SVD (niter) needs a key")
     return randomized_svd(m, rank, niter=niter, key=key)
@@ -122,10 +152,10 @@ def randomized_svd(
     width = min(rank + oversample, d_in, d_out)
     sketch = jax.random.normal(key, (*m.shape[:-2], d_out, width), m.dtype)
     mt = jnp.swapaxes(m, -1, -2)
-    q, _ = jnp.linalg.qr(jnp.matmul(m, sketch, precision=_HIGHEST))
+    q, _ = jnp.linalg.qr(jnp.matmul(m, sketch, precision=HIGHEST))
     for _ in range(niter):
-        q, _ = jnp.linalg.qr(jnp.matmul(mt, q, precision=_HIGHEST))
-        q, _ = jnp.linalg.qr(jnp.matmul(m, q, precision=_HIGHEST))
-    projected = jnp.matmul(jnp.swapaxes(q, -1, -2), m, precision=_HIGHEST)
+        q, _ = jnp.linalg.qr(jnp.matmul(mt, q, precision=HIGHEST))
+        q, _ = jnp.linalg.qr(jnp.matmul(m, q, precision=HIGHEST))
+    projected = jnp.matmul(jnp.swapaxes(q, -1, -2), m, precision=HIGHEST)
     u, s, vh = jnp.linalg.svd(projected, full_matrices=False)
-    return jnp.matmul(q, u[..., :rank], precision=_HIGHEST), s[..., :rank], vh[..., :rank, :]
+    return jnp.matmul(q, u[..., :rank], precision=HIGHEST), s[..., :rank], vh[..., :rank, :]

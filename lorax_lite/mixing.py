@@ -16,9 +16,8 @@ import jax.numpy as jnp
 
 from .adapter_set import AdapterSet, adapter_factors, flat_nodes
 from .checks import is_int
+from .decompose import HIGHEST, as_matrices, split_svd, truncated_svd
 from .weight import Layout, LoraWeight, Trainable
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Combined(NamedTuple):
@@ -156,17 +155,17 @@ def _task_vector(values: jax.Array, base: jax.Array | None, chosen: list) -> Tra
     return Trainable(total.astype(base.dtype))
 
 
-def _as_matrices(a: jax.Array, b: jax.Array, layout: Layout) -> tuple[jax.Array, jax.Array]:
-    """``A`` as ``(S, d_in, r)`` and ``B`` as ``(S, r, d_out)`` (S: stacked entries)."""
+def _factor_matrices(a: jax.Array, b: jax.Array, layout: Layout) -> tuple[jax.Array, jax.Array]:
+    """``A`` as ``(stack..., d_in, r)`` and ``B`` as ``(stack..., r, d_out)`` in float32."""
     n_stack = len(layout.stack)
-    stack = math.prod(a.shape[:n_stack])
-    return a.reshape(stack, -1, a.shape[-1]), b.reshape(stack, b.shape[n_stack], -1)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return as_matrices(a, n_stack, len(layout.fan_in)), as_matrices(b, n_stack, 1)
 
 
 def _from_matrices(
     a: jax.Array, b: jax.Array, like_a: jax.Array, like_b: jax.Array, layout: Layout
 ) -> tuple[jax.Array, jax.Array]:
-    """The inverse of `_as_matrices` at a new rank, in the factors' dtype."""
+    """The inverse of `_factor_matrices` at a new rank, in the factors' dtype."""
     n_stack, rank = len(layout.stack), a.shape[-1]
     a = a.reshape(*like_a.shape[:-1], rank).astype(like_a.dtype)
     b = b.reshape(*like_b.shape[:n_stack], rank, *like_b.shape[n_stack + 1 :])
@@ -174,18 +173,18 @@ def _from_matrices(
 
 
 def _target(parts: list[tuple], layout: Layout) -> jax.Array:
-    """``sum_i w_i s_i A_i @ B_i`` as ``(S, d_in, d_out)`` in float32."""
+    """``sum_i w_i s_i A_i @ B_i`` as ``(stack..., d_in, d_out)`` in float32."""
     total = 0.0
     for coef, (a, b), _ in parts:
-        a, b = _as_matrices(a.astype(jnp.float32), b.astype(jnp.float32), layout)
-        total = total + coef * jnp.matmul(a, b, precision=_HIGHEST)
+        a, b = _factor_matrices(a, b, layout)
+        total = total + coef * jnp.matmul(a, b, precision=HIGHEST)
     return total
 
 
 def _relative_error(target: jax.Array, a: jax.Array, b: jax.Array, layout: Layout) -> jax.Array:
-    a, b = _as_matrices(a.astype(jnp.float32), b.astype(jnp.float32), layout)
+    a, b = _factor_matrices(a, b, layout)
     norm = jnp.linalg.norm(target)
-    residual = jnp.linalg.norm(target - jnp.matmul(a, b, precision=_HIGHEST))
+    residual = jnp.linalg.norm(target - jnp.matmul(a, b, precision=HIGHEST))
     # Exact is 0 even for a zero target; a NaN anywhere stays NaN, never reads as 0.
     return jnp.where(residual == 0, 0.0, residual / norm)
 
@@ -210,11 +209,8 @@ def _combine_linear(parts: list[tuple], layout: Layout, rank: int | None) -> tup
 
 def _combine_svd(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
     target = _target(parts, layout)
-    keep = min(rank or max(r for _, _, r in parts), target.shape[1], target.shape[2])
-    u, s, vt = jnp.linalg.svd(target, full_matrices=False)
-    root = jnp.sqrt(s[:, :keep])
-    a = u[:, :, :keep] * root[:, None, :]
-    b = root[:, :, None] * vt[:, :keep, :]
+    keep = min(rank or max(r for _, _, r in parts), *target.shape[-2:])
+    a, b = split_svd(*truncated_svd(target, keep))
     a, b = _from_matrices(a, b, *parts[0][1], layout)
     return a, b, _relative_error(target, a, b, layout)
 
