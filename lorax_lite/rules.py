@@ -774,11 +774,13 @@ def _on_w_only(eqn: Any, operands: list[Any], ctx: Context) -> list[Any] | None:
 
 
 RULES: dict[str, Rule] = {
+    **dict.fromkeys(views.PASS_THROUGH, _per_component),
+    prim.convert_element_type_p.name: _cast(_structural(convert)),
+    prim.sharding_constraint_p.name: _on_w_only,
     prim.dot_general_p.name: _product(dot_general, (True, False), (False, True)),
     prim.conv_general_dilated_p.name: _product(conv, (False, True)),
     views.RAGGED_DOT: _product(ragged_dot, (False, True, False)),
     prim.gather_p.name: _product(gather, (True, False), recompute=False),
-    prim.convert_element_type_p.name: _cast(_structural(convert)),
     prim.transpose_p.name: _structural(transpose),
     prim.reshape_p.name: _structural(reshape),
     prim.squeeze_p.name: _structural(squeeze),
@@ -787,9 +789,6 @@ RULES: dict[str, Rule] = {
     prim.slice_p.name: _structural(slice_any),
     prim.dynamic_slice_p.name: _structural(slice_any),
     "split": _structural(split),  # no public primitive object
-    prim.sharding_constraint_p.name: _on_w_only,
-    # ``pvary`` (varying over shard_map axes) has no public primitive object either.
-    **dict.fromkeys(("copy", "device_put", "stop_gradient", "pvary"), _per_component),
 }
 """The first-order rules, by primitive name; `lorax_lite.transform` adds the
 higher-order ones (calls, ``remat``, custom derivatives, loops, ``cond``)."""

@@ -33,6 +33,7 @@ from . import rules, views
 from .quant import QuantizedWeight
 from .rules import Context, LoraValue, dequantized
 from .targets import path_str
+from .usage import split_static
 from .weight import Gathered, Layout, LoraWeight, Trainable, is_array, is_node
 
 
@@ -80,18 +81,15 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
         nodes, treedef = jax.tree_util.tree_flatten_with_path((args, kwargs), is_leaf=is_node)
         values = [as_lazy_value(_arg_path(path), node) for path, node in nodes]
         standins = [_standin(v) for v in values]
-        dynamic = [is_array(x, abstract=True) for x in standins]
-        static = tuple(None if d else x for x, d in zip(standins, dynamic))
+        dynamic, rebuild, static = split_static(jax.tree_util.tree_unflatten(treedef, standins))
         # Abstract values keep weak types, shardings and shard_map's varying axes.
-        avals = tuple(_aval(x) for x, d in zip(standins, dynamic) if d)
+        avals = tuple(_aval(x) for x in dynamic)
 
         def flat_fn(*arrays):
-            it = iter(arrays)
-            leaves = [next(it) if d else x for x, d in zip(standins, dynamic)]
-            call_args, call_kwargs = jax.tree_util.tree_unflatten(treedef, leaves)
+            call_args, call_kwargs = rebuild(arrays)
             return fn(*call_args, **call_kwargs)
 
-        cache_key = (treedef, static, avals)
+        cache_key = (static, avals)
         try:
             closed, out_shape = cache[cache_key]
         except (KeyError, TypeError):  # TypeError: an unhashable static argument
@@ -103,7 +101,7 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
                 except TypeError:
                     pass
         ctx = Context(dropout_key, strict, warned)
-        inputs = [v for v, d in zip(values, dynamic) if d]
+        inputs = [v for v, x in zip(values, standins) if is_array(x, abstract=True)]
         outs = evaluate(closed.jaxpr, closed.consts, inputs, ctx)
         outs = [materialize(x, "output", ctx) for x in outs]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

@@ -18,17 +18,6 @@ from .quant import is_quantized
 from .targets import named_leaves
 from .weight import Layout, is_array
 
-# Primitives that pass a weight through unchanged (up to dtype or placement).
-PASS_THROUGH = frozenset(
-    {
-        prim.convert_element_type_p,
-        prim.copy_p,
-        prim.sharding_constraint_p,
-        prim.reduce_precision_p,
-        prim.device_put_p,
-    }
-)
-
 
 class Usage(NamedTuple):
     """How a weight is first used: ``kind`` is ``"dot"`` (``dot_general``, or
@@ -96,48 +85,94 @@ def _walk(jaxpr: Any, env: dict, found: dict[str, Usage]) -> None:
         tracked = [env.get(v) if not hasattr(v, "val") else None for v in eqn.invars]
         if not any(tracked):
             continue
-        p, first = eqn.primitive, tracked[0]
-        if p in PASS_THROUGH or (p in (prim.slice_p, prim.dynamic_slice_p) and first):
-            env[eqn.outvars[0]] = first
-        elif p is prim.squeeze_p and first:
-            # Indexing one entry of an axis (``w[i]``) makes that axis a stack of weights.
-            gone = {d % len(first.axes) for d in views.dimensions(eqn)}
-            kept = tuple(ax for i, ax in enumerate(first.axes) if i not in gone)
-            stack = first.stack + tuple(first.axes[i] for i in sorted(gone))
-            env[eqn.outvars[0]] = first._replace(axes=kept, stack=stack)
-        elif p is prim.transpose_p and first:
-            axes = tuple(first.axes[i] for i in views.permutation(eqn))
-            env[eqn.outvars[0]] = first._replace(axes=axes)
-        elif p is prim.dot_general_p:
-            dot = views.dot(eqn)
-            for t, contract, batch in zip(tracked, dot.contract, dot.batch):
-                if t:
-                    roles = {
-                        ax: "in" if ax in contract else "stack" if ax in batch else "out"
-                        for ax in range(len(t.axes))
-                    }
-                    _record(found, t, "dot", roles)
-        elif p.name == views.RAGGED_DOT and len(tracked) > 1 and tracked[1]:
-            ragged = views.ragged_dot(eqn)
-            contract, batch = ragged.dot.contract[1], ragged.dot.batch[1]
-            stacked = set(batch) | set(ragged.rhs_group)
-            roles = {
-                ax: "in" if ax in contract else "stack" if ax in stacked else "out"
-                for ax in range(len(tracked[1].axes))
-            }
-            _record(found, tracked[1], "dot", roles)
-        elif p is prim.conv_general_dilated_p and tracked[1]:
-            out_axis = views.conv(eqn).kernel_spec[0]
-            roles = {ax: "out" if ax == out_axis else "in" for ax in range(len(tracked[1].axes))}
-            _record(found, tracked[1], "conv", roles)
-        elif p is prim.gather_p and first:
-            indexed = views.gather(eqn).dimension_numbers.start_index_map
-            roles = {ax: "in" if ax in indexed else "out" for ax in range(len(first.axes))}
-            _record(found, first, "gather", roles)
-        else:
-            for region in views.regions(eqn) or ():
-                inner = region.inputs(tracked, slice_one=_sliced)
-                _walk(region.jaxpr, _bind(region.jaxpr.invars, inner), found)
+        step = _STEPS.get(eqn.primitive.name)
+        if step is not None:
+            step(eqn, tracked, env, found)
+            continue
+        for region in views.regions(eqn) or ():
+            inner = region.inputs(tracked, slice_one=_sliced)
+            _walk(region.jaxpr, _bind(region.jaxpr.invars, inner), found)
+
+
+Step = Callable[[Any, list[Any], dict, dict[str, Usage]], None]
+"""The one calling convention of `_STEPS`: ``step(eqn, tracked, env, found)`` follows a
+tracked weight through one equation (into ``env``) or records its use (into ``found``)."""
+
+
+def _pass(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    """The weight passes on unchanged (a cast, a copy, a slice of it)."""
+    if tracked[0]:
+        env[eqn.outvars[0]] = tracked[0]
+
+
+def _squeeze(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    """Indexing one entry of an axis (``w[i]``) makes that axis a stack of weights."""
+    first = tracked[0]
+    if first:
+        gone = {d % len(first.axes) for d in views.dimensions(eqn)}
+        kept = tuple(ax for i, ax in enumerate(first.axes) if i not in gone)
+        stack = first.stack + tuple(first.axes[i] for i in sorted(gone))
+        env[eqn.outvars[0]] = first._replace(axes=kept, stack=stack)
+
+
+def _transpose(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    first = tracked[0]
+    if first:
+        axes = tuple(first.axes[i] for i in views.permutation(eqn))
+        env[eqn.outvars[0]] = first._replace(axes=axes)
+
+
+def _dot(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    dot = views.dot(eqn)
+    for t, contract, batch in zip(tracked, dot.contract, dot.batch):
+        if t:
+            _record(found, t, "dot", _roles(len(t.axes), contract, batch))
+
+
+def _ragged_dot(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    """The weight is the right operand, its group (expert) axis stacked."""
+    if len(tracked) > 1 and tracked[1]:
+        ragged = views.ragged_dot(eqn)
+        stacked = (*ragged.dot.batch[1], *ragged.rhs_group)
+        roles = _roles(len(tracked[1].axes), ragged.dot.contract[1], stacked)
+        _record(found, tracked[1], "dot", roles)
+
+
+def _conv(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    if tracked[1]:
+        out_axis = views.conv(eqn).kernel_spec[0]
+        roles = {ax: "out" if ax == out_axis else "in" for ax in range(len(tracked[1].axes))}
+        _record(found, tracked[1], "conv", roles)
+
+
+def _gather(eqn: Any, tracked: list[Any], env: dict, found: dict[str, Usage]) -> None:
+    first = tracked[0]
+    if first:
+        indexed = views.gather(eqn).dimension_numbers.start_index_map
+        roles = {ax: "in" if ax in indexed else "out" for ax in range(len(first.axes))}
+        _record(found, first, "gather", roles)
+
+
+def _roles(ndim: int, contract: Sequence[int], stacked: Sequence[int]) -> dict[int, str]:
+    """A product's roles of a weight's axes: contracted fan-in, batch stacked, else fan-out."""
+    return {
+        ax: "in" if ax in contract else "stack" if ax in stacked else "out" for ax in range(ndim)
+    }
+
+
+_STEPS: dict[str, Step] = {
+    **dict.fromkeys(views.PASS_THROUGH, _pass),
+    prim.slice_p.name: _pass,
+    prim.dynamic_slice_p.name: _pass,
+    prim.squeeze_p.name: _squeeze,
+    prim.transpose_p.name: _transpose,
+    prim.dot_general_p.name: _dot,
+    views.RAGGED_DOT: _ragged_dot,
+    prim.conv_general_dilated_p.name: _conv,
+    prim.gather_p.name: _gather,
+}
+"""The first-order steps, by primitive name; other equations are entered through their
+sub-jaxprs (`views.regions`), if any."""
 
 
 def _sliced(t: _Tracked | None) -> _Tracked | None:

@@ -295,6 +295,21 @@ RAGGED_DOT = "ragged_dot_general"
 public primitive object in any supported JAX)."""
 
 
+PASS_THROUGH = frozenset(
+    {
+        prim.convert_element_type_p.name,
+        prim.copy_p.name,
+        prim.device_put_p.name,
+        prim.reduce_precision_p.name,
+        prim.sharding_constraint_p.name,
+        "stop_gradient",  # no public primitive object
+        "pvary",  # varying over shard_map axes; no public primitive object
+    }
+)
+"""The names of the primitives that pass a weight through unchanged up to its dtype,
+precision, placement or differentiability."""
+
+
 class RaggedDot(NamedTuple):
     """``ragged_dot_general``: a `Dot`'s axes, the ragged axes of the left operand and
     the group (expert) axes of the right one; ``group_offset`` is None unless given."""
