@@ -158,7 +158,7 @@ def export_peft(path: str, seed: int, kill_after: str | None) -> None:
         return wrapped
 
     os.rename, os.replace = then_maybe_die(os.rename), then_maybe_die(os.replace)
-    peft.save_file = then_maybe_die(peft.save_file)
+    peft.write.save_file = then_maybe_die(peft.write.save_file)
     config = peft_config(seed)
     ll.to_peft(path, big_adapter(seed, config), config, peft.default_name_map, overwrite=True)
     print("exported", flush=True)

@@ -220,7 +220,7 @@ def test_an_interrupted_export_keeps_the_old_export(files, capsys, monkeypatch):
         pathlib.Path(path).write_bytes(b"half an export")
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lorax_lite.peft.save_file", write_then_fail)
+    monkeypatch.setattr("lorax_lite.peft.write.save_file", write_then_fail)
     assert main(args) == 2
     assert capsys.readouterr().err == "lorax-lite: error: No space left on device\n"
     assert _snapshot(tmp_path / "p") == before

@@ -662,7 +662,7 @@ def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
         pathlib.Path(path).write_bytes(b"half a file")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("lorax_lite.peft.save_file", disk_full)
+    monkeypatch.setattr("lorax_lite.peft.write.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         ll.to_peft(
             tmp_path,
