@@ -21,7 +21,7 @@ import numpy as np
 from .deprecation import renamed_keywords
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
-from .trees import base_of, content_hash, dtype_name, storage
+from .trees import base_leaf, base_of, content_hash, dtype_name, storage
 from .weight import Gathered, LoraWeight, Trainable, is_array, is_lora_node, is_node
 
 
@@ -469,7 +469,7 @@ def _quantized_like_adapters(
     quantization, which `_base_problems` then reports as different values)."""
     out = list(base)
     for k, path in enumerate(paths):
-        held = (_weight(nodes[k]) for _, nodes in adapters)
+        held = (base_leaf(nodes[k]) for _, nodes in adapters)
         ours = next((x for x in held if isinstance(x, QuantizedWeight)), None)
         x = base[k]
         if ours is None or _is_node(x):
@@ -478,13 +478,8 @@ def _quantized_like_adapters(
             again = quantize_array(x, kind=ours.kind, block=ours.block, axis=ours.axis, path=path)
         except (TypeError, ValueError):
             continue  # another shape or dtype: `_base_problems` names it
-        out[k] = ours if _mismatch(again, ours) is None else again
+        out[k] = ours if base_mismatch(again, ours) is None else again
     return out
-
-
-def _weight(node: Any) -> Any:
-    """A node's base weight: ``w`` of a `LoraWeight`, the node itself otherwise."""
-    return node.w if isinstance(node, LoraWeight) else node
 
 
 def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: list) -> list[str]:
@@ -497,13 +492,17 @@ def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: lis
     problems = []
     for k, path in enumerate(paths):
         # Values trained in full are the adapter's own, not the base: skip them.
-        seen = [("base", base[k])] + [(name, _weight(nodes[k])) for name, nodes in adapters]
+        seen = [("base", base[k])] + [
+            (name, base_leaf(nodes[k]))
+            for name, nodes in adapters
+            if not isinstance(nodes[k], Trainable)
+        ]
         seen = [(who, x) for who, x in seen if x is not None and not is_lora_node(x)]
         if not seen:
             continue
         ref_name, ref = seen[0]
         for who, x in seen[1:]:
-            why = _mismatch(x, ref)
+            why = base_mismatch(x, ref)
             if why:
                 problems.append(
                     f"{path}: {who!r} has another base weight than {ref_name!r} ({why})"
@@ -511,9 +510,9 @@ def _base_problems(paths: list[str], adapters: list[tuple[str, list]], base: lis
     return problems
 
 
-def _mismatch(x: Any, ref: Any) -> str | None:
-    """How weight ``x`` differs from ``ref`` (shape, dtype and storage, then the
-    `content_hash` of what it stores), or None."""
+def base_mismatch(x: Any, ref: Any) -> str | None:
+    """How base weight ``x`` differs from ``ref`` (shape, dtype and storage, then the
+    `content_hash` of what it stores), or None when they agree."""
     if x is ref:
         return None
     got, want = _describe(x), _describe(ref)

@@ -1,9 +1,11 @@
 """Per-example serving: every example of a batch runs with its own adapter, in one call.
 
-`route` wraps a model function like `ll.lora` does, taking an `AdapterSet` and one adapter
-id per example: the base product stays one matmul over the batch, the adapter path becomes
-batched matmuls over each example's factors, gathered where they are used (see
-`AdapterSet.per_example`).
+`route` wraps a model function like `ll.lora` does, taking an `AdapterSet` (or
+`AdapterSlots`, for a server that swaps adapters) and one adapter id per example: the
+base product stays one matmul over the batch, the adapter path becomes batched matmuls
+over each example's factors, gathered where they are used (see
+`AdapterSet.per_example`). A decode step maps a key/value cache whose examples are on
+another axis through ``in_axes`` and ``out_axes``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .adapter_set import AdapterSet
+from .slots import AdapterSlots
 from .transform import lora
 
+Axes = Any  # an int, None, or a pytree prefix of ints and Nones, as jax.vmap takes
 
-def route(fn: Callable, *, strict: bool = False) -> Callable:
+
+def route(fn: Callable, *, strict: bool = False, in_axes: Axes = 0, out_axes: Axes = 0) -> Callable:
     """Makes ``fn`` run each example of a batch with its own adapter, in one call.
 
     The routed function takes an `AdapterSet` and an ``adapter_ids`` vector (one id
@@ -32,17 +37,23 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
 
     Args:
         fn: the model function ``fn(params, *batch, **kwargs)``, e.g. ``model.apply``;
-            it sees each example as a batch of one, and its outputs must keep that
-            leading batch axis (per-example outputs, not a batch mean).
+            it sees each example as a batch of one (a size-1 axis where its examples
+            were), and its outputs must keep that axis (per-example outputs, not a
+            batch mean).
         strict: as for `ll.lora`.
+        in_axes: where each ``batch`` argument holds the examples, as ``jax.vmap``'s
+            ``in_axes`` for ``batch`` (``None``: shared by every example, e.g. a decode
+            position); a key/value cache ``(layers, batch, ...)`` maps on axis 1.
+        out_axes: where each output holds the examples, as ``jax.vmap``'s.
 
     Returns:
         ``routed(adapters, adapter_ids, *batch, dropout_key=None, **kwargs)``: every
-        ``batch`` leaf has the examples on axis 0; keyword arguments are passed to
-        every example unbatched; with a ``dropout_key``, each example draws its own
-        masks. Returns ``fn``'s outputs stacked over the examples. Under ``jax.jit``
-        the ids are traced and cannot be checked: an id outside ``[-1, len(adapters))``
-        makes that example's output NaN (see `AdapterSet.select`).
+        mapped ``batch`` leaf has the examples on its ``in_axes`` axis; keyword
+        arguments are passed to every example unbatched; with a ``dropout_key``, each
+        example draws its own masks. Returns ``fn``'s outputs stacked over the examples
+        on ``out_axes``. ``adapters`` is an `AdapterSet` or an `AdapterSlots` (ids are
+        slots). Under ``jax.jit`` the ids are traced and cannot be checked: an id
+        outside ``[-1, len(adapters))`` makes that example's output NaN.
 
     Raises:
         TypeError: from ``routed``, for ids that are not integers.
@@ -52,13 +63,17 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
     Example:
         >>> routed = jax.jit(route(model.apply))  # doctest: +SKIP
         >>> logits = routed(adapters, jnp.array([0, 2, -1, 0]), tokens)  # doctest: +SKIP
+        >>> step = jax.jit(route(model.apply, in_axes=(0, 1, None), out_axes=(0, 1)))
+        ...                                                      # doctest: +SKIP
+        >>> logits, cache = step(slots, ids, tokens, cache, start, method="decode")
+        ...                                                      # doctest: +SKIP
     """
     apply = lora(fn, strict=strict)
 
     def one_example(kwargs, tree, example, key):
-        batch_of_one = jax.tree_util.tree_map(lambda x: x[None], example)
+        batch_of_one = _at_axes(jnp.expand_dims, _batch_axes(in_axes, example), example)
         out = apply(tree, *batch_of_one, dropout_key=key, **kwargs)
-        return jax.tree_util.tree_map(lambda y: y[0], out)
+        return _at_axes(jnp.squeeze, out_axes, out)
 
     @functools.wraps(fn)
     def routed(
@@ -68,31 +83,64 @@ def route(fn: Callable, *, strict: bool = False) -> Callable:
         dropout_key: jax.Array | None = None,
         **kwargs: Any,
     ) -> Any:
-        if not isinstance(adapters, AdapterSet):
-            raise TypeError(f"routed: expected an AdapterSet, got {type(adapters).__name__}")
-        ids = _check_ids(adapter_ids, batch, len(adapters))
+        if not isinstance(adapters, AdapterSet | AdapterSlots):
+            raise TypeError(
+                f"routed: expected an AdapterSet or AdapterSlots, got {type(adapters).__name__}"
+            )
+        axes = _batch_axes(in_axes, batch)
+        ids = _check_ids(adapter_ids, batch, axes, len(adapters))
         keys = None if dropout_key is None else jax.random.split(dropout_key, ids.shape[0])
         # The factors stay stacked, each example holding its index (Gathered): gathered
         # where used, per layer inside a scan, never every layer's up front. The keyword
         # arguments are closed over: kwargs may hold Python values (flags) that the
         # model branches on.
-        tree, axes = adapters.per_example(ids)
-        mapped = jax.vmap(functools.partial(one_example, kwargs), in_axes=(axes, 0, 0))
+        tree, tree_axes = adapters.per_example(ids)
+        mapped = jax.vmap(
+            functools.partial(one_example, kwargs),
+            in_axes=(tree_axes, axes, 0),
+            out_axes=out_axes,
+        )
         return mapped(tree, batch, keys)
 
     return routed
 
 
-def _check_ids(adapter_ids: Any, batch: tuple, n: int) -> jax.Array:
+def _batch_axes(in_axes: Axes, batch: tuple) -> tuple:
+    """``in_axes`` as one prefix per ``batch`` argument."""
+    if in_axes is None or isinstance(in_axes, int):
+        return (in_axes,) * len(batch)
+    axes = tuple(in_axes)
+    if len(axes) != len(batch):
+        raise ValueError(f"in_axes has {len(axes)} entries for {len(batch)} batch arguments")
+    return axes
+
+
+def _is_axis(x: Any) -> bool:
+    return x is None or isinstance(x, int)
+
+
+def _at_axes(fn: Callable, axes: Axes, tree: Any) -> Any:
+    """``fn(leaf, axis)`` for every leaf of ``tree`` under a mapped axis of the prefix
+    ``axes`` (leaves under ``None`` as they are)."""
+    on_leaves = lambda axis, sub: (
+        sub if axis is None else jax.tree_util.tree_map(lambda x: fn(x, axis), sub)
+    )
+    return jax.tree_util.tree_map(on_leaves, axes, tree, is_leaf=_is_axis)
+
+
+def _check_ids(adapter_ids: Any, batch: tuple, axes: tuple, n: int) -> jax.Array:
     """``adapter_ids`` as int32, checked: a vector, one per example, in ``[-1, n)`` if concrete."""
     ids = jnp.asarray(adapter_ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"adapter_ids must be integers, got dtype {ids.dtype}")
-    sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(batch)}
+    sizes = set()
+    _at_axes(
+        lambda x, axis: sizes.add(np.shape(x)[axis] if np.ndim(x) > axis else None), axes, batch
+    )
     if ids.ndim != 1 or sizes - {ids.shape[0]}:
         raise ValueError(
             f"adapter_ids must be a vector with one id per example; got shape {ids.shape} "
-            f"for batch leaves with leading sizes {sorted(sizes, key=str)}"
+            f"for batch leaves with sizes {sorted(sizes, key=str)} on their mapped axes"
         )
     if not isinstance(ids, jax.core.Tracer):
         concrete = np.asarray(ids)

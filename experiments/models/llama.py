@@ -15,8 +15,10 @@ does; GGUF files store Q/K rows permuted for interleaved pairs, and the loader
 The tied head multiplies by the whole ``(vocab, d_model)`` embedding, which dominates
 the cost of a small model with a large vocabulary: `Llama.hidden_states` and
 `Llama.logits_at` let a loss compute logits only where it needs them. `generate`
-decodes with a key/value cache (greedy, or sampled with a key) through a jitted step,
-and runs float, quantized (`lorax_lite.QuantizedWeight`) and LoRA parameter trees alike.
+decodes with a key/value cache (greedy, or sampled with a key) through a jitted step
+(`decode_step`), and runs float, quantized (`lorax_lite.QuantizedWeight`) and LoRA
+parameter trees alike, or a batch whose rows each run with their own adapter
+(``adapter_ids``, through ``ll.route``).
 
 Example:
     >>> config = make_config("tiny")
@@ -410,15 +412,26 @@ def pick_token(
 
 
 @functools.cache
-def _decoder(config: LlamaConfig, temperature: float, top_k: int) -> Callable:
-    """One jitted step: run ``tokens`` at ``start`` over the cache, pick the next token."""
-    apply = ll.lora(Llama(config).apply)
+def decode_step(
+    config: LlamaConfig, *, temperature: float = 0.0, top_k: int = 0, routed: bool = False
+) -> Callable:
+    """The jitted step of `generate`: run ``tokens`` at ``start`` over the cache (donated),
+    pick the next token.
 
-    def step(params, tokens, cache, start, key):
-        logits, cache = apply(params, tokens, cache, start, method="decode")
+    ``step(params, tokens, cache, start, key)``, or with ``routed``
+    ``step(adapters, adapter_ids, tokens, cache, start, key)``: every sequence runs with
+    its own adapter of an `lorax_lite.AdapterSet` or `AdapterSlots` (``ll.route``, the
+    cache mapped on its batch axis 1), ``-1`` the base model.
+    """
+    apply = Llama(config).apply
+    run = ll.route(apply, in_axes=(0, 1, None), out_axes=(0, 1)) if routed else ll.lora(apply)
+
+    def step(*args):
+        *params, tokens, cache, start, key = args
+        logits, cache = run(*params, tokens, cache, start, method="decode")
         return pick_token(logits[:, -1], key, temperature=temperature, top_k=top_k), cache
 
-    return jax.jit(step, donate_argnums=2)
+    return jax.jit(step, donate_argnums=3 if routed else 2)  # the cache
 
 
 def generate(
@@ -431,6 +444,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     eos_id: int | None = None,
+    adapter_ids: jax.Array | np.ndarray | None = None,
 ) -> np.ndarray:
     """Continues ``prompt`` token by token with a key/value cache.
 
@@ -439,13 +453,16 @@ def generate(
 
     Args:
         config: the model's config.
-        params: a float, quantized or LoRA parameter tree (run through `lorax_lite.lora`).
+        params: a float, quantized or LoRA parameter tree (run through `lorax_lite.lora`),
+            or with ``adapter_ids`` an `lorax_lite.AdapterSet` or `AdapterSlots`.
         prompt: ``(batch, length)`` int token ids; the rows share one length.
         max_new_tokens: how many tokens to add at most.
         key: PRNG key for sampling; required when ``temperature > 0``.
         temperature: 0 for greedy decoding (the default), else the sampling temperature.
         top_k: sample among the ``top_k`` likeliest tokens only (0: all).
         eos_id: stop once every row has produced this token (it is included).
+        adapter_ids: one adapter id per row (``-1``: the base model): each row runs with
+            its own adapter of ``params`` (`decode_step`'s ``routed``).
 
     Returns:
         ``(batch, n)`` int32 new tokens, ``n <= max_new_tokens``.
@@ -468,13 +485,19 @@ def generate(
         )
     # Cache lengths rounded up to 64 reuse one compiled step across nearby lengths.
     cache = init_cache(config, batch, min(-(-(length + max_new_tokens) // 64) * 64, config.max_len))
-    step = _decoder(config, float(temperature), int(top_k))
+    step = decode_step(
+        config, temperature=float(temperature), top_k=int(top_k), routed=adapter_ids is not None
+    )
+    if adapter_ids is not None:
+        step = functools.partial(step, params, jnp.asarray(adapter_ids, jnp.int32))
+    else:
+        step = functools.partial(step, params)
     step_key = lambda i: jax.random.fold_in(key, i) if temperature else None
-    token, cache = step(params, prompt, cache, 0, step_key(0))
+    token, cache = step(prompt, cache, 0, step_key(0))
     out = [np.asarray(token)]
     for i in range(1, max_new_tokens):
         if eos_id is not None and (out[-1] == eos_id).all():
             break
-        token, cache = step(params, token[:, None], cache, length + i - 1, step_key(i))
+        token, cache = step(token[:, None], cache, length + i - 1, step_key(i))
         out.append(np.asarray(token))
     return np.stack(out, axis=1)
