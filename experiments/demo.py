@@ -22,17 +22,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
 import functools
-import importlib.util
-import json
-import os
-import pathlib
-import resource
-import subprocess
-import sys
-import tempfile
 import time
 import zlib
 from typing import Any, NamedTuple
@@ -42,23 +32,17 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
+from experiments import runner
 from experiments.data import rotten_tomatoes
 from experiments.models import bert
-from experiments.outputs import write_outputs
-from experiments.provenance import begin, command, end, run_line
+from experiments.outputs import directory_bytes
+from experiments.provenance import run_line
 from experiments.requirements import check_installed
 
 VARIANTS = ("lora", "head", "full")
-REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOKE_BERT = bert.BertConfig(
     vocab_size=97, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64, max_positions=32
 )
-SMOKE_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-SMOKE_WORDS = {
-    0: ("dull", "bland", "tedious", "awful", "stale"),
-    1: ("sharp", "lovely", "gripping", "witty", "moving"),
-    None: ("the", "film", "plot", "cast", "is", "a", "and", "story"),
-}
 
 
 class Encoded(NamedTuple):
@@ -79,49 +63,44 @@ class Task(NamedTuple):
     test: Encoded
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def task_flags(p: argparse.ArgumentParser, *, max_length: int = 48, study: bool = False) -> None:
+    """Adds the flags of the demo's task to ``p``: the split, batches, tokens, adapters, seed.
+
+    `experiments.variants` and `experiments.alpha_dropout` train on the same task.
+
+    Args:
+        p: the parser.
+        max_length: the default of ``--max-length``.
+        study: leave out ``--rank`` and ``--n-train`` (a study sets its own ranks and
+            training sets).
+    """
+    p.add_argument("--steps", type=int, default=120, help="training steps per run")
+    p.add_argument("--batch", type=int, default=16, help="examples per step")
+    p.add_argument("--max-length", type=int, default=max_length, help="tokens per snippet")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, LoRA")
+    if not study:
+        p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+        p.add_argument("--n-train", type=int, default=0, help="training snippets (0: all)")
+    p.add_argument("--n-validation", type=int, default=200, help="validation snippets")
+    p.add_argument("--n-test", type=int, default=1000, help="test snippets")
+    p.add_argument("--seed", type=int, default=0, help="split, head, adapter and batch seed")
+
+
+# The smoke run's task: a tiny random BERT on generated snippets.
+SMOKE_TASK = dict(batch=8, max_length=16, n_validation=32, n_test=48, lr=3e-2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags (``--help`` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=120, help="training steps per variant")
-    parser.add_argument("--batch", type=int, default=16, help="examples per step")
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, LoRA")
-    parser.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate, head")
-    parser.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate, full")
-    parser.add_argument("--n-train", type=int, default=0, help="training snippets (0: all)")
-    parser.add_argument("--n-validation", type=int, default=200, help="validation snippets")
-    parser.add_argument("--n-test", type=int, default=1000, help="test snippets")
-    parser.add_argument("--eval-every", type=int, default=20, help="steps between validations")
-    parser.add_argument("--seed", type=int, default=0, help="split, head, adapter and batch seed")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "experiments" / "results")
-    parser.add_argument("--smoke", action="store_true", help="tiny generated data and model")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--reload-check", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--work-dir", type=pathlib.Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(
-            steps=30, batch=8, max_length=16, n_validation=32, n_test=48, eval_every=10, lr=3e-2,
-            head_lr=1e-1, full_lr=3e-3,
-        )  # fmt: skip
-        args = parser.parse_args(argv)
-    return args
-
-
-def write_smoke_corpus(path: pathlib.Path, *, n: int, seed: int) -> None:
-    """Writes ``n`` generated snippets in the Rotten Tomatoes corpus format (``.csv.bz2``)."""
-    rng = np.random.default_rng([seed, 1])  # not the split's stream (seed)
-    with bz2.open(path, "wt", encoding="utf-8", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
-        for i in range(n):
-            label = int(rng.integers(2))
-            words = list(rng.choice(SMOKE_WORDS[None], size=4))
-            words += list(rng.choice(SMOKE_WORDS[label], size=3))
-            text = " ".join(rng.permutation(words)) + f" #{i}"
-            writer.writerow([rotten_tomatoes.LABELS[label], text, f"movie_{i % 7}", "False"])
+    p = runner.parser(__doc__)
+    task_flags(p)
+    p.add_argument("--head-lr", type=float, default=1e-2, help="peak learning rate, head")
+    p.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate, full")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between validations")
+    runner.part_flags(p, "variant", VARIANTS)
+    smoke = dict(SMOKE_TASK, steps=30, eval_every=10, head_lr=1e-1, full_lr=3e-3)
+    return runner.parse(p, argv, **smoke)
 
 
 def hash_encode(texts: list[str], *, max_length: int, vocab_size: int) -> tuple[np.ndarray, ...]:
@@ -139,7 +118,7 @@ def load_task(args: argparse.Namespace) -> Task:
     if args.smoke:
         corpus = args.work_dir / "smoke_corpus.csv.bz2"
         if not corpus.exists():
-            write_smoke_corpus(corpus, n=400, seed=args.seed)
+            rotten_tomatoes.write_generated(corpus, n=400, seed=args.seed)
         config = SMOKE_BERT
         encoder = bert.from_torch(bert.random_checkpoint(config, seed=args.seed), config)
 
@@ -327,11 +306,6 @@ def final_loss(history: list[dict[str, Any]], *, last: int = 10) -> float:
     return float(np.mean([h["loss"] for h in history[-last:]]))
 
 
-def peak_rss_bytes() -> int:
-    """The peak resident memory of this process so far (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     """Trains one variant, evaluates it, saves the LoRA adapter; the variant's process."""
     start = time.perf_counter()
@@ -352,7 +326,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         desc=args.variant,
     )
     test_logits = predict(logits_fn(task.model), trained.state.tree, task.test)
-    peak = peak_rss_bytes()  # training and evaluation, before the adapter is saved
+    peak = runner.peak_rss_bytes()  # training and evaluation, before the adapter is saved
     saved_bytes = save_trained(args, trained.state.tree, counts, base_bytes)
     np.save(args.work_dir / f"{args.variant}_test_logits.npy", test_logits)
     return {
@@ -379,7 +353,7 @@ def save_trained(args: argparse.Namespace, tree: Any, counts: dict, base_bytes: 
         return counts["trainable_bytes"] if args.variant == "head" else base_bytes
     path = args.work_dir / "adapter"
     ll.save_adapter(path, tree, lora_config(args))
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return directory_bytes(path)
 
 
 def reload_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -401,27 +375,6 @@ def reload_check(args: argparse.Namespace) -> dict[str, Any]:
             and (unmerged.argmax(-1) == trained.argmax(-1)).all()
         ),
     }
-
-
-def run_in_subprocess(
-    argv: list[str],
-    extra: list[str],
-    result: pathlib.Path,
-    *,
-    smoke: bool,
-    module: str = "experiments.demo",
-) -> dict[str, Any]:
-    """Runs ``python -m module argv extra`` and reads the JSON it writes.
-
-    Smoke runs compile with XLA's cheap settings: they test code paths, and the
-    tiny model's compile time, not its run time, is what the test suite waits for.
-    """
-    env = dict(os.environ)
-    if smoke:
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SMOKE_XLA_FLAGS}".strip()
-    cmd = [sys.executable, "-m", module, *argv, *extra]
-    subprocess.run(cmd, cwd=REPO, check=True, env=env)
-    return json.loads(result.read_text())
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -451,34 +404,26 @@ def variant_name(variant: str, rank: int) -> str:
 
 def plot_curves(results: dict[str, Any], path: str) -> None:
     """Validation accuracy and loss against step, one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for r in results["variants"]:
-        curve = r["validation_curve"]
-        label = variant_name(r["variant"], results["args"]["rank"])
+    with runner.figure(path, 1, 2, size=(10, 4)) as (fig, axes):
+        for r in results["variants"]:
+            curve = r["validation_curve"]
+            label = variant_name(r["variant"], results["args"]["rank"])
+            for ax, key in zip(axes, ("accuracy", "loss")):
+                ax.plot(curve["step"], curve[key], marker="o", label=label)
         for ax, key in zip(axes, ("accuracy", "loss")):
-            ax.plot(curve["step"], curve[key], marker="o", label=label)
-    for ax, key in zip(axes, ("accuracy", "loss")):
-        ax.set(xlabel="step", ylabel=f"validation {key}")
-        ax.grid(alpha=0.3)
-    axes[0].axhline(results["variants"][0]["majority_test_accuracy"], color="gray", ls=":")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(results["task"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            ax.set(xlabel="step", ylabel=f"validation {key}")
+            ax.grid(alpha=0.3)
+        axes[0].axhline(results["variants"][0]["majority_test_accuracy"], color="gray", ls=":")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(results["task"], fontsize=10)
 
 
-def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot: bool) -> str:
-    """Writes ``stem.json``, ``stem.md`` and (if ``plot``) ``stem.png``; returns the Markdown."""
+def report(results: dict[str, Any]) -> str:
+    """The Markdown report."""
     check = results["reload_check"]
     lora = next(r for r in results["variants"] if r["variant"] == "lora")
     args = results["args"]
-    text = "\n\n".join(
+    return "\n\n".join(
         [
             f"# {results['task']}",
             f"{args['steps']} steps of batch "
@@ -505,37 +450,22 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
-    write_outputs(out, stem, results, text, plot_curves if plot else None)
-    return text
 
 
-def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """Runs every variant and the reload check in their own processes; gathers the results."""
-    start, record = time.perf_counter(), begin()
-    with tempfile.TemporaryDirectory(prefix="lorax_demo_") as tmp:
-        work = ["--work-dir", tmp]
-        variants = [
-            run_in_subprocess(
-                argv, [*work, "--variant", v], pathlib.Path(tmp, f"{v}.json"), smoke=args.smoke
-            )
-            for v in VARIANTS
-        ]
-        check = run_in_subprocess(
-            argv,
-            [*work, "--reload-check"],
-            pathlib.Path(tmp, "reload_check.json"),
-            smoke=args.smoke,
-        )
+def gather(
+    args: argparse.Namespace, variants: list[dict], check: dict, stamp: runner.Stamp
+) -> dict[str, Any]:
+    """The results of every variant's process and of the reload check."""
     task = "all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)"
     return {
         "task": task if not args.smoke else "smoke: generated snippets, tiny random BERT",
-        "command": command("experiments.demo", argv),
+        "command": stamp.command,
         "args": {k: v for k, v in vars(args).items() if k in DATA_ARGS},
         "split": check.pop("split"),
         "variants": variants,
         "reload_check": check,
-        "wall_seconds": time.perf_counter() - start,
-        "machine": end(record),
+        "wall_seconds": stamp.seconds,
+        "machine": stamp.machine,
     }
 
 
@@ -552,25 +482,23 @@ def check_packages() -> None:
     )
 
 
+DEMO = runner.Parts(
+    module="experiments.demo",
+    flag="variant",
+    parts=VARIANTS,
+    run_part=run_variant,
+    reload_check=reload_check,
+    gather=gather,
+    report=report,
+    plot=plot_curves,
+    requirements=check_packages,
+    mismatch="The reloaded, merged adapter does not reproduce the predictions.",
+)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Runs the demo; with the hidden ``--variant``/``--reload-check``, one part of it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.variant or args.reload_check:
-        part = run_variant(args) if args.variant else reload_check(args)
-        name = args.variant or "reload_check"
-        (args.work_dir / f"{name}.json").write_text(json.dumps(part))
-        return None
-    if not args.smoke:
-        check_packages()
-    results = orchestrate(args, argv)
-    # Smoke runs (the test suite) need no plotting package; the real run does.
-    plot = not args.smoke or importlib.util.find_spec("matplotlib") is not None
-    text = write_results(results, args.out, "demo_smoke" if args.smoke else "demo", plot=plot)
-    print(text)
-    if not results["reload_check"]["same_predictions"]:
-        raise SystemExit("The reloaded, merged adapter does not reproduce the predictions.")
-    return results
+    return runner.main_in_parts(DEMO, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -34,14 +34,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
 import functools
-import importlib.util
-import json
 import pathlib
-import sys
-import tempfile
 import time
 from typing import Any, NamedTuple
 
@@ -52,12 +46,12 @@ import optax
 from tqdm.auto import tqdm
 
 import lorax_lite as ll
-from experiments import demo
+from experiments import runner
 from experiments.data import rotten_tomatoes
 from experiments.models import llama_gguf
 from experiments.models.llama import KVCache, Llama, forward, generate, init_cache
-from experiments.outputs import directory_bytes, write_outputs
-from experiments.provenance import begin, command, end, run_line
+from experiments.outputs import directory_bytes
+from experiments.provenance import run_line
 from experiments.requirements import check_installed
 
 ROWS = ("zero-shot", "lora", "qlora-gguf", "qlora-nf4", "full")
@@ -65,79 +59,50 @@ TRAINED = ("lora", "qlora-gguf", "qlora-nf4", "full")
 SYSTEM = "Is this movie review snippet fresh (positive) or rotten (negative)? Answer in one word."
 ANSWERS = rotten_tomatoes.LABELS  # ("rotten", "fresh"): label 0, label 1
 GENERATION_PROMPTS = ("What is the capital of France?",)
-REPO = demo.REPO
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags (``--help`` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=30, help="training steps per row")
-    parser.add_argument("--batch", type=int, default=8, help="snippets per step")
-    parser.add_argument("--train-length", type=int, default=48, help="tokens after the prefix")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, LoRA")
-    parser.add_argument("--nf4-block", type=int, default=64, help="entries per NF4 block")
-    parser.add_argument("--full-lr", type=float, default=2e-5, help="peak learning rate, full")
-    parser.add_argument(
+    p = runner.parser(__doc__, smoke="tiny GGUF file, generated data")
+    p.add_argument("--steps", type=int, default=30, help="training steps per row")
+    p.add_argument("--batch", type=int, default=8, help="snippets per step")
+    p.add_argument("--train-length", type=int, default=48, help="tokens after the prefix")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, LoRA")
+    p.add_argument("--nf4-block", type=int, default=64, help="entries per NF4 block")
+    p.add_argument("--full-lr", type=float, default=2e-5, help="peak learning rate, full")
+    p.add_argument(
         "--full-steps",
         type=int,
         default=30,
         help="steps of the full row (fewer than --steps: timed only)",
     )
     # The split is the demo's: its validation and test sizes cut the same shuffled order.
-    parser.add_argument("--n-validation", type=int, default=200, help="validation snippets")
-    parser.add_argument("--n-test", type=int, default=1000, help="test snippets")
-    parser.add_argument("--n-curve", type=int, default=64, help="validation snippets (curve)")
-    parser.add_argument("--eval-every", type=int, default=15, help="steps between validations")
-    parser.add_argument("--eval-batch", type=int, default=32, help="snippets per eval batch")
-    parser.add_argument("--n-heldout", type=int, default=8, help="held-out plot summaries")
-    parser.add_argument("--heldout-length", type=int, default=128, help="tokens of each")
-    parser.add_argument("--new-tokens", type=int, default=24, help="tokens per generation")
-    parser.add_argument("--seed", type=int, default=0, help="split, adapter and batch seed")
-    parser.add_argument("--gguf", type=pathlib.Path, help="the GGUF file (default SmolLM2)")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "experiments" / "results")
-    parser.add_argument("--smoke", action="store_true", help="tiny GGUF file, generated data")
-    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
-    parser.add_argument("--reload-check", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--work-dir", type=pathlib.Path, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(
-            steps=4, batch=4, train_length=96, full_steps=4, n_validation=16, n_test=24,
-            n_curve=8, eval_every=2, eval_batch=8, nf4_block=32, n_heldout=2, heldout_length=32,
-            new_tokens=4, lr=1e-2,
-        )  # fmt: skip
-        args = parser.parse_args(argv)
-        if args.gguf is None:
-            parser.error(
-                "--smoke needs --gguf (a tiny GGUF file, as tests/experiments/test_llama.py writes)"
-            )
+    p.add_argument("--n-validation", type=int, default=200, help="validation snippets")
+    p.add_argument("--n-test", type=int, default=1000, help="test snippets")
+    p.add_argument("--n-curve", type=int, default=64, help="validation snippets (curve)")
+    p.add_argument("--eval-every", type=int, default=15, help="steps between validations")
+    p.add_argument("--eval-batch", type=int, default=32, help="snippets per eval batch")
+    p.add_argument("--n-heldout", type=int, default=8, help="held-out plot summaries")
+    p.add_argument("--heldout-length", type=int, default=128, help="tokens of each")
+    p.add_argument("--new-tokens", type=int, default=24, help="tokens per generation")
+    p.add_argument("--seed", type=int, default=0, help="split, adapter and batch seed")
+    p.add_argument("--gguf", type=pathlib.Path, help="the GGUF file (default SmolLM2)")
+    runner.part_flags(p, "row", ROWS)
+    args = runner.parse(
+        p, argv, steps=4, batch=4, train_length=96, full_steps=4, n_validation=16, n_test=24,
+        n_curve=8, eval_every=2, eval_batch=8, nf4_block=32, n_heldout=2, heldout_length=32,
+        new_tokens=4, lr=1e-2,
+    )  # fmt: skip
+    if args.smoke and args.gguf is None:
+        p.error(
+            "--smoke needs --gguf (a tiny GGUF file, as tests/experiments/test_llama.py writes)"
+        )
     return args
 
 
 # ----- data ---------------------------------------------------------------------------------
-
-
-def read_plots(path: pathlib.Path) -> list[str]:
-    """The corpus's plot summaries (category ``plot``), in file order, without duplicates."""
-    with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
-        plots = [row["text"] for row in csv.DictReader(file) if row["category"] == "plot"]
-    if not plots:
-        raise ValueError(f"{path}: no plot summaries (category 'plot') for the held-out loss")
-    return list(dict.fromkeys(plots))
-
-
-def write_smoke_corpus(path: pathlib.Path, *, seed: int) -> None:
-    """The demo's generated snippets, then a few generated plot summaries (a second
-    bz2 stream, which ``bz2`` reads as one file)."""
-    demo.write_smoke_corpus(path, n=160, seed=seed)
-    words = demo.SMOKE_WORDS[None]
-    rng = np.random.default_rng([seed, 2])
-    with bz2.open(path, "at", encoding="utf-8", newline="") as file:
-        for i in range(8):
-            text = " ".join(rng.choice(words, size=40)) + "."
-            csv.writer(file).writerow(["plot", text, f"movie_{i}", "True"])
 
 
 class Prompts(NamedTuple):
@@ -194,7 +159,7 @@ def load_task(args: argparse.Namespace, *, quantized: bool = False) -> Task:
     if args.smoke:
         corpus = args.work_dir / "smoke_corpus.csv.bz2"
         if not corpus.exists():
-            write_smoke_corpus(corpus, seed=args.seed)
+            rotten_tomatoes.write_generated(corpus, n=160, seed=args.seed, plots=8)
     pretrained = load_model(args, quantized=quantized)
     data = rotten_tomatoes.load(
         corpus, n_validation=args.n_validation, n_test=args.n_test, seed=args.seed
@@ -203,7 +168,7 @@ def load_task(args: argparse.Namespace, *, quantized: bool = False) -> Task:
     curve = rotten_tomatoes.Split(
         data.validation.texts[: args.n_curve], data.validation.labels[: args.n_curve]
     )
-    plots = read_plots(corpus or rotten_tomatoes.corpus_path())[: args.n_heldout]
+    plots = rotten_tomatoes.read_plots(corpus or rotten_tomatoes.corpus_path())[: args.n_heldout]
     heldout = np.zeros((len(plots), args.heldout_length), np.int32)
     mask = np.zeros(heldout.shape, bool)
     for row, text in enumerate(plots):
@@ -508,7 +473,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
             "train_seconds": trained.train_seconds,
         }
     if row == "full" and args.full_steps != args.steps:  # timed only
-        result["peak_rss_bytes"] = demo.peak_rss_bytes()
+        result["peak_rss_bytes"] = runner.peak_rss_bytes()
         result["adapter_bytes"] = counts["trainable_bytes"]
         result["process_seconds"] = time.perf_counter() - start
         return result
@@ -518,7 +483,7 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     result["heldout_loss"] = heldout_loss(task, tree)
     if row in ("zero-shot", "lora"):
         result["generations"] = generations(task, tree, new_tokens=args.new_tokens)
-    result["peak_rss_bytes"] = demo.peak_rss_bytes()  # before saving
+    result["peak_rss_bytes"] = runner.peak_rss_bytes()  # before saving
     if row == "full":
         result["adapter_bytes"] = counts["trainable_bytes"]
     elif row != "zero-shot":
@@ -589,29 +554,21 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 def plot_curves(results: dict[str, Any], path: str) -> None:
     """Training loss and validation accuracy against step, one line per trained row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     rank = results["args"]["rank"]
-    for r in results["rows"]:
-        if r["row"] == "zero-shot":
-            axes[1].axhline(r["test_accuracy"], color="gray", ls=":", label="zero-shot (test)")
-        if not r.get("curve", {}).get("step"):
-            continue
-        axes[0].plot(r["losses"]["step"], r["losses"]["loss"], label=row_name(r["row"], rank))
-        axes[1].plot(r["curve"]["step"], r["curve"]["accuracy"], marker="o")
-    axes[0].set(xlabel="step", ylabel="training loss (answer tokens, nats)", yscale="log")
-    axes[1].set(xlabel="step", ylabel=f"validation accuracy ({results['args']['n_curve']})")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(results["task"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with runner.figure(path, 1, 2, size=(10, 4)) as (fig, axes):
+        for r in results["rows"]:
+            if r["row"] == "zero-shot":
+                axes[1].axhline(r["test_accuracy"], color="gray", ls=":", label="zero-shot (test)")
+            if not r.get("curve", {}).get("step"):
+                continue
+            axes[0].plot(r["losses"]["step"], r["losses"]["loss"], label=row_name(r["row"], rank))
+            axes[1].plot(r["curve"]["step"], r["curve"]["accuracy"], marker="o")
+        axes[0].set(xlabel="step", ylabel="training loss (answer tokens, nats)", yscale="log")
+        axes[1].set(xlabel="step", ylabel=f"validation accuracy ({results['args']['n_curve']})")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(results["task"], fontsize=10)
 
 
 def full_note(results: dict[str, Any]) -> str:
@@ -643,11 +600,11 @@ def generation_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot: bool) -> str:
-    """Writes ``stem.json``, ``stem.md`` and (if ``plot``) ``stem.png``; returns the Markdown."""
+def report(results: dict[str, Any]) -> str:
+    """The Markdown report."""
     args, check = results["args"], results["reload_check"]
     zero = results["rows"][0]
-    text = "\n\n".join(
+    return "\n\n".join(
         [
             f"# {results['task']}",
             f"Prompt: the chat template with the system message {SYSTEM!r} and the snippet as "
@@ -680,41 +637,28 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
-    write_outputs(out, stem, results, text, plot_curves if plot else None)
-    return text
 
 
-def orchestrate(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """Runs every row and the reload check in their own processes; gathers the results."""
-    start, record = time.perf_counter(), begin()
-    with tempfile.TemporaryDirectory(prefix="lorax_llm_") as tmp:
-        work = ["--work-dir", tmp]
-        run = lambda extra, name: demo.run_in_subprocess(
-            argv, [*work, *extra], pathlib.Path(tmp, f"{name}.json"), smoke=args.smoke,
-            module="experiments.llm",
-        )  # fmt: skip
-        rows = [run(["--row", row], row) for row in ROWS]
-        check = run(["--reload-check"], "reload_check")
+KEPT_ARGS = (
+    "steps", "batch", "train_length", "rank", "alpha", "lr", "nf4_block", "full_lr",
+    "full_steps", "n_validation", "n_test", "n_curve", "eval_every", "n_heldout",
+    "heldout_length", "seed",
+)  # fmt: skip
+
+
+def gather(
+    args: argparse.Namespace, rows: list[dict], check: dict, stamp: runner.Stamp
+) -> dict[str, Any]:
+    """The results of every row's process and of the reload check."""
     task = "SmolLM2-135M-Instruct on Rotten Tomatoes (fresh or rotten?), LoRA and QLoRA"
-    keep = ("steps", "batch", "train_length", "rank", "alpha", "lr", "nf4_block", "full_lr")
-    keep += ("full_steps",)
-    keep += (
-        "n_validation",
-        "n_test",
-        "n_curve",
-        "eval_every",
-        "n_heldout",
-        "heldout_length",
-        "seed",
-    )
     return {
         "task": task if not args.smoke else "smoke: tiny random GGUF model, generated snippets",
-        "command": command("experiments.llm", argv),
-        "args": {k: v for k, v in vars(args).items() if k in keep},
+        "command": stamp.command,
+        "args": {k: v for k, v in vars(args).items() if k in KEPT_ARGS},
         "rows": rows,
         "reload_check": check,
-        "wall_seconds": time.perf_counter() - start,
-        "machine": end(record),
+        "wall_seconds": stamp.seconds,
+        "machine": stamp.machine,
     }
 
 
@@ -727,24 +671,23 @@ def check_packages() -> None:
     )
 
 
+LLM = runner.Parts(
+    module="experiments.llm",
+    flag="row",
+    parts=ROWS,
+    run_part=run_row,
+    reload_check=reload_check,
+    gather=gather,
+    report=report,
+    plot=plot_curves,
+    requirements=check_packages,
+    mismatch="The reloaded adapter does not reproduce the trained predictions.",
+)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Runs the experiment; with the hidden ``--row``/``--reload-check``, one part of it."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    if args.row or args.reload_check:
-        part = run_row(args) if args.row else reload_check(args)
-        name = args.row or "reload_check"
-        (args.work_dir / f"{name}.json").write_text(json.dumps(part))
-        return None
-    if not args.smoke:
-        check_packages()
-    results = orchestrate(args, argv)
-    plot = not args.smoke or importlib.util.find_spec("matplotlib") is not None
-    text = write_results(results, args.out, "llm_smoke" if args.smoke else "llm", plot=plot)
-    print(text)
-    if not results["reload_check"]["same_predictions"]:
-        raise SystemExit("The reloaded adapter does not reproduce the trained predictions.")
-    return results
+    return runner.main_in_parts(LLM, parse_args(argv))
 
 
 if __name__ == "__main__":

