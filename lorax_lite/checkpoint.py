@@ -22,12 +22,12 @@ from .atomic import NEW, current, recover, sibling, swap_in
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .deprecation import warn
+from .json_values import check_json
 from .metadata import (
     FORMAT,
     FORMAT_VERSION,
     adapter_entry,
     array_entry,
-    check_json,
     factor_arrays,
     metadata_digest,
     metadata_problems,

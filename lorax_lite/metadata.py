@@ -1,16 +1,14 @@
-"""The JSON metadata of checkpoints: what an adapter checkpoint records, and how a read checks it.
+"""What an adapter checkpoint's metadata records, and how a read checks it.
 
 `adapter_entry` and `array_entry` describe what `save_adapter` writes (each adapter's path,
 base shape and dtype, rank, scale, axis roles and the checksums of its arrays);
 `metadata_problems` lists every field of a read that is not what it writes, naming the field
-and what was expected and found. `check_json` and `json_digest` check and checksum the JSON
-that adapter and training checkpoints carry.
+and what was expected and found.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import string
 from collections.abc import Mapping
@@ -23,55 +21,13 @@ import orbax.checkpoint as ocp
 
 from .checks import is_int, is_number
 from .config import AXIS_ROLES, LoraConfig
+from .json_values import clipped, json_digest
 from .trees import dtype_name, host_array
 from .version import __version__
 from .weight import Layout, LoraWeight
 
 FORMAT = "lorax_lite.adapter"
 FORMAT_VERSION = 1
-
-
-def check_json(value: Any, caller: str, name: str) -> None:
-    """Raises ``TypeError`` naming every part of ``value`` that JSON would not round-trip.
-
-    Allowed: dicts with string keys, lists, tuples, strings, bools, None, ints and
-    floats (Python's, or subclasses such as ``np.float64``).
-    """
-    problems = _json_problems(value, name)
-    if problems:
-        raise TypeError(
-            f"{caller}: {name} must be JSON-serializable; these parts are not:\n  "
-            + "\n  ".join(problems)
-            + "\n(convert NumPy and JAX scalars with int(...) or float(...))"
-        )
-
-
-def _json_problems(value: Any, where: str) -> list[str]:
-    if isinstance(value, Mapping):
-        problems = []
-        for key, item in value.items():
-            if isinstance(key, str):
-                problems += _json_problems(item, f"{where}[{key!r}]")
-            else:
-                problems.append(
-                    f"{where}: key {key!r} ({_type_name(key)}) is not a string, as JSON keys are"
-                )
-        return problems
-    if isinstance(value, list | tuple):
-        return [p for i, item in enumerate(value) for p in _json_problems(item, f"{where}[{i}]")]
-    if value is None or isinstance(value, str | bool | int | float):
-        return []
-    shown = str(value) if len(str(value)) <= 40 else str(value)[:37] + "..."
-    return [f"{where}: {_type_name(value)} {shown} is not JSON-serializable"]
-
-
-def _type_name(value: Any) -> str:
-    kind = type(value)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
 
 
 def metadata_digest(info: Mapping[str, Any]) -> str:
@@ -313,13 +269,3 @@ def _is_dtype(value: Any, kind: str) -> bool:
 
 def _is_hex(value: Any, length: int) -> bool:
     return isinstance(value, str) and len(value) == length and set(value) <= set(string.hexdigits)
-
-
-def clipped(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def json_digest(value: Any) -> str:
-    """SHA-256 of the canonical JSON of ``value`` (keys sorted)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

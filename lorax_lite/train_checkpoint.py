@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
-from .metadata import check_json, clipped, json_digest
+from .json_values import check_json, clipped, json_digest
 
 
 class Restored(NamedTuple):
