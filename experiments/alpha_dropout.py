@@ -31,20 +31,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import pathlib
-import sys
 import tempfile
-import time
 from typing import Any, NamedTuple
 
 import lorax_lite as ll
-from experiments import demo
-from experiments.outputs import write_outputs
-from experiments.provenance import begin, command, end, run_line
-
-DEMO = demo.parse_args([])  # the demo's defaults
+from experiments import demo, runner
+from experiments.provenance import run_line
 
 
 class Run(NamedTuple):
@@ -76,37 +70,25 @@ class Run(NamedTuple):
         return (self.rank, round(self.scale, 9), self.dropout, self.n_train)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags (``--help`` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=DEMO.steps, help="training steps per run")
-    parser.add_argument("--batch", type=int, default=DEMO.batch, help="examples per step")
-    parser.add_argument("--max-length", type=int, default=32, help="tokens per snippet")
-    parser.add_argument("--lr", type=float, default=DEMO.lr, help="peak LR, every run")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 8, 32], help="scaling ranks")
-    parser.add_argument("--ref-rank", type=int, default=8, help="rank where the scalings agree")
-    parser.add_argument("--alpha", type=float, default=DEMO.alpha, help="alpha of alpha/r")
-    parser.add_argument(
+    p = runner.parser(__doc__)
+    demo.task_flags(p, max_length=32, study=True)
+    p.add_argument("--ranks", type=int, nargs="+", default=[2, 8, 32], help="scaling ranks")
+    p.add_argument("--ref-rank", type=int, default=8, help="rank where the scalings agree")
+    p.add_argument(
         "--dropouts", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.3], help="dropout rates"
     )
-    parser.add_argument("--n-small", type=int, default=1000, help="snippets of the small set")
-    parser.add_argument("--n-validation", type=int, default=DEMO.n_validation, help="validation")
-    parser.add_argument("--n-test", type=int, default=DEMO.n_test, help="held-out size")
-    parser.add_argument("--eval-every", type=int, default=20, help="steps between validations")
-    parser.add_argument("--seed", type=int, default=DEMO.seed, help="split, init and batch seed")
-    parser.add_argument("--out", type=pathlib.Path, default=demo.REPO / "experiments" / "results")
-    parser.add_argument("--smoke", action="store_true", help="tiny generated data and model")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(
-            steps=8, batch=8, max_length=16, lr=3e-2, ranks=[2, 4], ref_rank=2,
-            dropouts=[0.0, 0.3], n_small=40, n_validation=32, n_test=48, eval_every=4,
-        )  # fmt: skip
-        args = parser.parse_args(argv)
+    p.add_argument("--n-small", type=int, default=1000, help="snippets of the small set")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between validations")
+    args = runner.parse(
+        p, argv, **demo.SMOKE_TASK, steps=8, ranks=[2, 4], ref_rank=2, dropouts=[0.0, 0.3],
+        n_small=40, eval_every=4,
+    )  # fmt: skip
     if args.ref_rank < 1 or min(args.ranks) < 1:
-        parser.error("ranks must be positive")
+        p.error("ranks must be positive")
     if not all(0.0 <= p < 1.0 for p in args.dropouts):
-        parser.error(f"dropout rates must lie in [0, 1); got {args.dropouts}")
+        p.error(f"dropout rates must lie in [0, 1); got {args.dropouts}")
     return args
 
 
@@ -231,49 +213,44 @@ def markdown_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
 
 def plot(results: dict[str, Any], path: str) -> None:
     """Validation curves: scaling (accuracy, loss), dropout on the small and full sets (loss)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = results["runs"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    scaling = [r for r in runs if r["study"] == "scaling"]
-    colors = {rank: f"C{i}" for i, rank in enumerate(sorted({r["rank"] for r in scaling}))}
-    for r in scaling:
-        style = dict(
-            color=colors[r["rank"]],
-            ls="--" if r["use_rslora"] else "-",
-            label=f"r={r['rank']} {'rsLoRA' if r['use_rslora'] else 'alpha/r'} s={r['scale']:.2f}",
-        )
-        curve = r["validation_curve"]
-        axes[0, 0].plot(curve["step"], curve["accuracy"], **style)
-        axes[0, 1].plot(curve["step"], curve["loss"], **style)
-    axes[0, 0].set(title="alpha/r vs rsLoRA: validation accuracy", ylabel="accuracy")
-    axes[0, 1].set(title="alpha/r vs rsLoRA: validation loss", ylabel="loss")
-    dropout = [r for r in runs if r["study"] == "dropout"]
-    sizes = sorted({r["n_train"] for r in dropout})
-    for ax, n in zip(axes[1], sizes):
-        for i, r in enumerate(r for r in dropout if r["n_train"] == n):
+    with runner.figure(path, 2, 2, size=(11, 8), dpi=110) as (fig, axes):
+        scaling = [r for r in runs if r["study"] == "scaling"]
+        colors = {rank: f"C{i}" for i, rank in enumerate(sorted({r["rank"] for r in scaling}))}
+        for r in scaling:
+            name = "rsLoRA" if r["use_rslora"] else "alpha/r"
+            style = dict(
+                color=colors[r["rank"]],
+                ls="--" if r["use_rslora"] else "-",
+                label=f"r={r['rank']} {name} s={r['scale']:.2f}",
+            )
             curve = r["validation_curve"]
-            ax.plot(curve["step"], curve["loss"], color=f"C{i}", label=f"dropout {r['dropout']:g}")
-        ax.set(title=f"dropout, {n:,} training snippets: validation loss", ylabel="loss")
-    for ax in axes.flat:
-        ax.set(xlabel="step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(results["task"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            axes[0, 0].plot(curve["step"], curve["accuracy"], **style)
+            axes[0, 1].plot(curve["step"], curve["loss"], **style)
+        axes[0, 0].set(title="alpha/r vs rsLoRA: validation accuracy", ylabel="accuracy")
+        axes[0, 1].set(title="alpha/r vs rsLoRA: validation loss", ylabel="loss")
+        dropout = [r for r in runs if r["study"] == "dropout"]
+        sizes = sorted({r["n_train"] for r in dropout})
+        for ax, n in zip(axes[1], sizes):
+            for i, r in enumerate(r for r in dropout if r["n_train"] == n):
+                curve = r["validation_curve"]
+                ax.plot(
+                    curve["step"], curve["loss"], color=f"C{i}", label=f"dropout {r['dropout']:g}"
+                )
+            ax.set(title=f"dropout, {n:,} training snippets: validation loss", ylabel="loss")
+        for ax in axes.flat:
+            ax.set(xlabel="step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(results["task"], fontsize=10)
 
 
-def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot_png: bool) -> str:
-    """Writes ``stem.{json,md}`` and (if ``plot_png``) ``stem.png``; returns the Markdown."""
+def report(results: dict[str, Any]) -> str:
+    """The Markdown report."""
     scaling, dropout = markdown_tables(results["runs"])
     a = results["args"]
     distinct = sum(r["first_run"] for r in results["runs"])
-    text = "\n\n".join(
+    return "\n\n".join(
         [
             f"# {results['task']}",
             f"LoRA on query and value + a trained head; {a['steps']} AdamW steps of batch "
@@ -290,36 +267,33 @@ def write_results(results: dict[str, Any], out: pathlib.Path, stem: str, *, plot
             run_line(results["command"], results["wall_seconds"], results["machine"]),
         ]
     )
-    write_outputs(out, stem, results, text, plot if plot_png else None)
-    return text
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs both studies and writes the results."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if not args.smoke:
         demo.check_packages()
-    start, record = time.perf_counter(), begin()
+    clock = runner.Clock("experiments.alpha_dropout", args.argv)
     with tempfile.TemporaryDirectory(prefix="lorax_alpha_") as tmp:
         task_args = argparse.Namespace(**vars(args), work_dir=pathlib.Path(tmp), n_train=0)
         task_args.rank = args.ref_rank
         task = demo.load_task(task_args)
         runs = run_all(task_args, task)
+    stamp = clock.stop()
     results = {
         "task": "all-MiniLM-L6-v2 on Rotten Tomatoes: alpha/r vs rsLoRA, and dropout"
         if not args.smoke
         else "smoke: generated snippets, tiny random BERT",
-        "command": command("experiments.alpha_dropout", argv),
-        "args": {k: v for k, v in vars(args).items() if k not in ("out", "smoke")},
+        "command": stamp.command,
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "smoke", "argv")},
         "n_train_full": len(task.train.labels),
         "runs": runs,
-        "wall_seconds": time.perf_counter() - start,
-        "machine": end(record),
+        "wall_seconds": stamp.seconds,
+        "machine": stamp.machine,
     }
-    has_plot = not args.smoke or importlib.util.find_spec("matplotlib") is not None
     stem = "alpha_dropout_smoke" if args.smoke else "alpha_dropout"
-    print(write_results(results, args.out, stem, plot_png=has_plot))
+    runner.publish(args.out, stem, results, report(results), plot, smoke=args.smoke)
     return results
 
 

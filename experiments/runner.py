@@ -4,7 +4,8 @@ Each experiment keeps its own part (data, model, training, the report's text) an
 the rest from here:
 
 - `parser` and `parse`: ``--out`` and ``--smoke`` on every command line; ``--smoke``
-  switches to small defaults that flags given explicitly still override.
+  switches to small defaults that flags given explicitly still override, and writes to
+  a temporary folder unless ``--out`` says where.
 - `Clock`: the command line, wall time and machine record of a run, and its run line
   (`experiments.provenance`).
 - `publish`: ``STEM.json``, ``STEM.md`` and ``STEM.png`` (`experiments.outputs`).
@@ -50,20 +51,13 @@ REPLY = "EXPERIMENT-REPLY "  # the prefix of a worker's answer on stdout
 
 
 def parser(
-    doc: str,
-    *,
-    smoke: str = "tiny generated data and model",
-    out: str | pathlib.Path | None = RESULTS,
-    out_help: str = "results folder",
-    full_doc: bool = False,
+    doc: str, *, smoke: str = "tiny generated data and model", full_doc: bool = False
 ) -> argparse.ArgumentParser:
     """An argument parser with the flags every experiment has: ``--out`` and ``--smoke``.
 
     Args:
         doc: the experiment's module docstring.
         smoke: the help of ``--smoke``.
-        out: the default of ``--out``.
-        out_help: the help of ``--out``.
         full_doc: describe the command with the whole docstring (raw text) instead of
             its first line.
 
@@ -74,13 +68,18 @@ def parser(
         p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     else:
         p = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
-    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument(
+        "--out", help=f"results folder (default {RESULTS.relative_to(REPO)}; with --smoke, "
+        f"{SMOKE_RESULTS})",
+    )  # fmt: skip
     p.add_argument("--smoke", action="store_true", help=smoke)
     return p
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, **smoke: Any) -> Any:
     """Parses ``argv``; with ``--smoke``, from the ``smoke`` defaults (flags given win).
+
+    Without ``--out``, results go to `RESULTS`, or with ``--smoke`` to `SMOKE_RESULTS`.
 
     Args:
         p: the experiment's parser (from `parser`).
@@ -95,6 +94,8 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, **smoke: Any) 
     if args.smoke and smoke:
         p.set_defaults(**smoke)
         args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(SMOKE_RESULTS if args.smoke else RESULTS)
     args.argv = argv
     return args
 

@@ -28,37 +28,20 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
-from experiments import demo
-from experiments.outputs import write_outputs
-from experiments.provenance import begin, command, end, run_line
+from experiments import demo, runner
 
 VARIANTS = ("lora", "lora-plus", "pissa", "olora", "dora")
-REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_TASK = "all-MiniLM-L6-v2 on Rotten Tomatoes"
 SMOKE_TASK = "a tiny random BERT on generated snippets (--smoke)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=120, help="training steps per variant")
-    parser.add_argument("--batch", type=int, default=16, help="examples per step")
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (A, head)")
-    parser.add_argument("--b-lr-ratio", type=float, default=16.0, help="LoRA+ lr_B / lr_A")
-    parser.add_argument("--n-train", type=int, default=0, help="training snippets (0: all)")
-    parser.add_argument("--n-validation", type=int, default=200, help="validation snippets")
-    parser.add_argument("--n-test", type=int, default=1000, help="test snippets")
-    parser.add_argument("--seed", type=int, default=0, help="split, head, adapter and batch seed")
-    parser.add_argument("--out", type=pathlib.Path, default=REPO / "experiments" / "results")
-    parser.add_argument("--smoke", action="store_true", help="tiny generated data and model")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(steps=20, batch=8, max_length=16, n_validation=32, n_test=48, lr=3e-2)
-        args = parser.parse_args(argv)
-    return args
+    """The command-line flags (``--help`` lists them)."""
+    p = runner.parser(__doc__)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    demo.task_flags(p)
+    p.add_argument("--b-lr-ratio", type=float, default=16.0, help="LoRA+ lr_B / lr_A")
+    return runner.parse(p, argv, **demo.SMOKE_TASK, steps=20)
 
 
 def variant_config(variant: str, args: argparse.Namespace) -> ll.LoraConfig:
@@ -99,6 +82,7 @@ def run_variant(variant: str, task: demo.Task, args: argparse.Namespace) -> dict
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The Markdown report."""
     a = results["args"]
     lines = [
         "# LoRA variants on the demo task (one seed, a short run)",
@@ -133,37 +117,28 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Test accuracy of each variant, as bars."""
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar([r["variant"] for r in rows], [r["test_accuracy"] for r in rows])
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.5, 1.0)
-    ax.set_title(f"rank {results['args']['rank']}, {results['args']['steps']} steps, one seed")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with runner.figure(path, size=(6, 3), dpi=100) as (_, ax):
+        ax.bar([r["variant"] for r in rows], [r["test_accuracy"] for r in rows])
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0.5, 1.0)
+        ax.set_title(f"rank {results['args']['rank']}, {results['args']['steps']} steps, one seed")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Trains every variant on the demo's task and writes the results."""
     args = parse_args(argv)
-    record, start = begin(), time.perf_counter()
+    clock = runner.Clock("experiments.variants", args.argv)
     with tempfile.TemporaryDirectory() as work_dir:
         args.work_dir = pathlib.Path(work_dir)
         task = demo.load_task(args)
         rows = [run_variant(v, task, args) for v in args.variants]
-    shown = {k: v for k, v in vars(args).items() if k not in ("out", "work_dir")}
-    results = {"args": shown, "rows": rows, "provenance": end(record)}
-    results["run_line"] = run_line(
-        command("experiments.variants", argv), time.perf_counter() - start, results["provenance"]
-    )
-    text = markdown(results)
-    write_outputs(args.out, "variants" + ("_smoke" if args.smoke else ""), results, text, plot)
-    print(text)
+    shown = {k: v for k, v in vars(args).items() if k not in ("out", "work_dir", "argv")}
+    stamp = clock.stop()
+    results = {"args": shown, "rows": rows, "provenance": stamp.machine, "run_line": stamp.line}
+    stem = "variants" + ("_smoke" if args.smoke else "")
+    runner.publish(args.out, stem, results, markdown(results), plot, smoke=args.smoke)
     return results
 
 
