@@ -44,8 +44,8 @@ from .trees import (
     dtype_name,
     fingerprint,
     lora_tree,
+    partition,
     storage,
-    trainable_mask,
 )
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
@@ -105,19 +105,18 @@ def save_adapter(
         >>> save_adapter("/tmp/run/adapter", state, config, overwrite=True)  # doctest: +SKIP
     """
     path = pathlib.Path(path).absolute()
-    tree = _full_tree(tree)
+    tree = _full_tree(lora_tree(tree))
     nodes = named_leaves(tree, is_leaf=is_lora_node)
     adapters = [(p, n) for p, n in nodes if isinstance(n, LoraWeight)]
     trained = [(p, n.value) for p, n in nodes if isinstance(n, Trainable)]
     if not adapters and not trained:
         raise ValueError("save_adapter: the tree holds no LoraWeight or Trainable leaf")
-    no_base = [p for p, n in adapters if n.w is None or n.a is None or n.b is None]
-    if no_base:
+    holes = _holes(tree)
+    if holes:
         raise ValueError(
             "save_adapter needs the base weights and the factors (the full LoRA tree, a "
             "TrainState, or ll.combine of the (trainable, frozen) pair from partition) to "
-            "fingerprint the "
-            f"base; these adapters lack one: {no_base}"
+            f"fingerprint the base; these leaves lack one: {holes}"
         )
     arrays = {
         "adapters": [factor_arrays(n) for _, n in adapters],
@@ -143,39 +142,33 @@ def save_adapter(
 
 
 def _full_tree(tree: Any) -> Any:
-    """``tree`` as one LoRA tree (`lora_tree`); a ``(trainable, frozen)`` pair is still
-    combined this release, with a ``DeprecationWarning`` (the leaves are shared, not copied)."""
-    if _is_partition_pair(tree):
+    """``tree``, or the ``(trainable, frozen)`` pair from `partition` combined (deprecated:
+    warns ``DeprecationWarning``). A pair is a 2-tuple with holes that is the partition of
+    its combination: no LoRA tree has holes, so no tree that `save_adapter` can write is
+    taken for a pair."""
+    if isinstance(tree, tuple) and len(tree) == 2 and _holes(tree):
+        try:
+            combined = combine(*tree)
+        except ValueError:  # the halves differ in structure
+            return tree
+        structure = jax.tree_util.tree_structure
+        if structure(partition(combined)) != structure(tree):  # a leaf in the wrong half
+            return tree
         instead = "save_adapter(ll.combine(trainable, frozen))"
         warn("save_adapter((trainable, frozen))", instead, stacklevel=4)
-        return combine(*tree)
-    return lora_tree(tree)
+        return combined
+    return tree
 
 
-def _is_partition_pair(tree: Any) -> bool:
-    """Whether ``tree`` is a ``(trainable, frozen)`` pair as `partition` returns, rather than
-    a LoRA tree that is itself a 2-tuple.
-
-    It is when both halves have one structure (``None`` holes included) and every leaf
-    sits in the half `partition` puts it in: factors and trained values in the first, base
-    weights and untouched leaves in the second, each in one half only. A LoRA tree whose
-    adapters hold their base weight never passes, whatever its shape.
-    """
-    if not (isinstance(tree, tuple) and len(tree) == 2):
-        return False
-    trainable, frozen = tree
-    try:
-        mask = trainable_mask(combine(trainable, frozen))
-    except ValueError:  # the halves differ in structure
-        return False
-    present = {True: (True, False), False: (False, True), None: (False, False)}
-
-    def in_its_half(trains: bool | None, t: Any, f: Any) -> bool:
-        return present[trains] == (t is not None, f is not None)
-
-    hole = lambda x: x is None
-    fits = jax.tree_util.tree_map(in_its_half, mask, trainable, frozen, is_leaf=hole)
-    return all(jax.tree_util.tree_leaves(fits))
+def _holes(tree: Any) -> list[str]:
+    """The paths of the nodes of ``tree`` that a partition emptied: a `LoraWeight` without
+    its base weight or a factor, a `Trainable` without its value."""
+    return [
+        path
+        for path, node in named_leaves(tree, is_leaf=is_lora_node)
+        if (isinstance(node, LoraWeight) and (node.w is None or node.a is None or node.b is None))
+        or (isinstance(node, Trainable) and node.value is None)
+    ]
 
 
 def _save_beside_and_swap(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -14,7 +14,12 @@ from .targets import Spec, from_serial, most_specific, to_predicate, to_serial
 from .weight import scale_from_alpha
 
 AXIS_ROLES = ("stack", "in", "out")
-INITS = ("kaiming", "gaussian", "pissa", "olora")
+# How factors start (see `LoraConfig.init`).
+Init = Literal["kaiming", "gaussian", "pissa", "olora"]
+INITS: tuple[str, ...] = get_args(Init)
+# Which biases train in full (see `LoraConfig.bias`); PEFT's ``bias`` field spells them alike.
+Bias = Literal["none", "all", "lora_only"]
+BIAS_MODES: tuple[str, ...] = get_args(Bias)
 _FLAGS = ("use_rslora", "use_dora", "dora_detach_norm")
 SEQUENCE_OPTIONS = ("targets", "exclude", "train")
 MAPPING_OPTIONS = ("rank_pattern", "alpha_pattern", "axes")
@@ -86,11 +91,11 @@ class LoraConfig:
     rank_pattern: Mapping[Spec, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[Spec, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
-    init: Literal["kaiming", "gaussian", "pissa", "olora"] = "kaiming"
+    init: Init = "kaiming"
     pissa_niter: int | None = None
     dtype: str = "float32"
     train: Spec | tuple[Spec, ...] = ()
-    bias: Literal["none", "all", "lora_only"] = "none"
+    bias: Bias = "none"
     axes: Mapping[Spec, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     use_dora: bool = False
     dora_detach_norm: bool = True
@@ -162,6 +167,12 @@ class LoraConfig:
             )
         decoded = {k: _decoded(k, v) if k in PATTERN_OPTIONS else v for k, v in data.items()}
         return cls(**decoded)
+
+
+def either(choices: Sequence[Any], show: Callable[[Any], str] = repr) -> str:
+    """The choices of an option for a message: ``'none', 'all' or 'lora_only'``."""
+    shown = [show(c) for c in choices]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
 
 
 def _serial(name: str, value: tuple | dict) -> list | dict:
@@ -259,8 +270,8 @@ def _validate(config: LoraConfig) -> list[str]:
             problems.append(f"pissa_niter must be None or an int >= 0, got {config.pissa_niter!r}")
         elif config.init != "pissa":
             problems.append(f"pissa_niter is for init='pissa', not init={config.init!r}")
-    if config.bias not in ("none", "all", "lora_only"):
-        problems.append(f"bias must be 'none', 'all' or 'lora_only', got {config.bias!r}")
+    if config.bias not in BIAS_MODES:
+        problems.append(f"bias must be {either(BIAS_MODES)}, got {config.bias!r}")
     if not config.targets:
         problems.append("targets is empty: name at least one weight to adapt")
     strings = lambda patterns: {p for p in patterns if isinstance(p, str)}

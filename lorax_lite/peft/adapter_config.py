@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..checks import is_int, is_number, is_positive
+from ..config import BIAS_MODES, either
 from ..linear_regex import pattern_error
 from .format import json_text, key_pattern
 
@@ -77,8 +78,8 @@ def _config_problems(config: dict[str, Any]) -> list[str]:
     for field in UNSUPPORTED_IF_SET:
         if config.get(field) not in (None, [], {}):
             bad(field, "null (lorax_lite adapters are plain LoRA)")
-    if config["bias"] not in ("none", "all", "lora_only"):
-        bad("bias", '"none", "all" or "lora_only"')
+    if config["bias"] not in BIAS_MODES:
+        bad("bias", either(BIAS_MODES, json_text))
     problems += _pattern_problems(config, "rank_pattern", lambda r: is_int(r, 1), "an int >= 1")
     problems += _pattern_problems(config, "alpha_pattern", is_positive, "a finite number > 0")
     for field in ("target_modules", "modules_to_save"):
