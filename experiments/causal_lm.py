@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -42,12 +40,11 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
+from experiments import runner
 from experiments.data import corpora
 from experiments.models.gpt import GPT, GPTConfig, make_config
-from experiments.outputs import write_outputs
-from experiments.provenance import begin, command, end, run_line
+from experiments.provenance import run_line
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 CORPUS_NAMES = {"moby-dick": "Moby Dick", "kjv": "King James Bible"}
 SELF_PRETRAINED = (
     "The base model is self-pretrained here (no registry offers a pretrained causal LM): "
@@ -447,7 +444,7 @@ def adapt(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Pretrains the base, adapts it both ways, scores and samples; returns the results."""
-    started, record = time.perf_counter(), begin()
+    clock = runner.Clock("experiments.causal_lm", args.argv)
     data = load_data(args)
     model = GPT(model_config(args, data.tokenizer.vocab_size))
     windows = {
@@ -502,12 +499,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         for kind, params in models.items()
     }
+    stamp = clock.stop()
     return {
         "experiment": "causal_lm",
         "smoke": args.smoke,
         "note": SELF_PRETRAINED,
-        "command": command("experiments.causal_lm", args.argv),
-        "machine": end(record),
+        "command": stamp.command,
+        "machine": stamp.machine,
         "settings": settings(args),
         "source": "generated A" if args.smoke else CORPUS_NAMES[args.source],
         "target": "generated B" if args.smoke else CORPUS_NAMES[args.target],
@@ -527,18 +525,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "prompt": prompt,
         "samples": samples,
-        "seconds": time.perf_counter() - started,
+        "seconds": stamp.seconds,
     }
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The flags as JSON-ready values (run-time helpers left out)."""
     return {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
-
-
-def provenance(results: dict[str, Any]) -> str:
-    """The run line of `experiments.provenance` for these results."""
-    return run_line(results["command"], results["seconds"], results["machine"])
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -568,41 +561,33 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['settings']['temperature']}):", ""]  # fmt: skip
     for kind, text in results["samples"].items():
         lines.append(f"- **{kind}**: {results['prompt'] + text!r}")
-    return "\n".join([*lines, "", provenance(results)])
+    run = run_line(results["command"], results["seconds"], results["machine"])
+    return "\n".join([*lines, "", run])
 
 
 def plot(results: dict[str, Any], path: str) -> None:
     """Loss curves: pretraining (left), adaptation by LoRA and full fine-tuning (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    pre = results["pretrain"]["curve"]
-    left.plot(pre["train_step"], pre["train_loss"], alpha=0.5, label="train batches")
-    left.plot(pre["heldout_step"], pre["heldout_loss"], "o-", label="held-out")
-    left.set_title(f"pretraining on {results['source']} (self-pretrained base)")
-    for row, color in zip(results["rows"][1:], ("C2", "C3")):
-        c = row["curve"]
-        right.plot(c["train_step"], c["train_loss"], color=color, alpha=0.4)
-        right.plot(c["heldout_step"], c["heldout_loss"], "o-", color=color,
-                   label=f"{row['method']} ({row['trainable']:,} trainable), held-out")  # fmt: skip
-    right.set_title(f"adaptation to {results['target']}")
-    for ax in (left, right):
-        ax.set_xlabel("step")
-        ax.set_ylabel("next-token loss (nats)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with runner.figure(path, 1, 2, size=(10, 4)) as (_, (left, right)):
+        pre = results["pretrain"]["curve"]
+        left.plot(pre["train_step"], pre["train_loss"], alpha=0.5, label="train batches")
+        left.plot(pre["heldout_step"], pre["heldout_loss"], "o-", label="held-out")
+        left.set_title(f"pretraining on {results['source']} (self-pretrained base)")
+        for row, color in zip(results["rows"][1:], ("C2", "C3")):
+            c = row["curve"]
+            right.plot(c["train_step"], c["train_loss"], color=color, alpha=0.4)
+            label = f"{row['method']} ({row['trainable']:,} trainable), held-out"
+            right.plot(c["heldout_step"], c["heldout_loss"], "o-", color=color, label=label)
+        right.set_title(f"adaptation to {results['target']}")
+        for ax in (left, right):
+            ax.set_xlabel("step")
+            ax.set_ylabel("next-token loss (nats)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; ``--smoke`` shrinks everything to generated text for tests."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="generated text, tiny model, seconds")
+    p = runner.parser(__doc__, smoke="generated text, tiny model, seconds")
     p.add_argument("--source", choices=sorted(CORPUS_NAMES), default="moby-dick")
     p.add_argument("--target", choices=sorted(CORPUS_NAMES), default="kjv")
     p.add_argument("--moby-dick", help="Moby Dick tarball/folder/data.txt (default .venv/datasets)")
@@ -631,28 +616,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=60)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="results folder (default experiments/results; temp with --smoke)")
-    args = p.parse_args(argv)
-    args.argv = argv  # for the recorded command line
-    if args.smoke:
-        args.d_model, args.n_layer, args.n_head, args.seq_len = 32, 2, 2, 32
-        args.batch_size, args.block, args.rank, args.alpha = 16, 256, 4, 8.0
+    return runner.parse(
+        p, argv, d_model=32, n_layer=2, n_head=2, seq_len=32, batch_size=16, block=256, rank=4,
+        alpha=8.0,
         # One schedule for pretraining and full fine-tuning: one compiled step for both.
-        args.pretrain_steps, args.steps, args.warmup, args.eval_every = 100, 100, 10, 50
-        args.lr, args.lr_lora, args.lr_full = 1e-2, 1e-2, 1e-2
-        args.eval_windows, args.curve_windows = 64, 16
-        args.prompt, args.sample_tokens = None, 12
-    if args.out is None:
-        smoke_dir = os.path.join(tempfile.gettempdir(), "lorax_lite_smoke")
-        args.out = smoke_dir if args.smoke else RESULTS_DIR
-    return args
+        pretrain_steps=100, steps=100, warmup=10, eval_every=50, lr=1e-2, lr_lora=1e-2,
+        lr_full=1e-2, eval_windows=64, curve_windows=16, prompt=None, sample_tokens=12,
+    )  # fmt: skip
 
 
-def print_table(results: dict[str, Any]) -> None:
-    """The headline figures on stdout."""
+def print_summary(results: dict[str, Any]) -> None:
+    """What the table does not show, on stdout: the base, the tokenizer, LoRA's checks."""
     print(f"\n{SELF_PRETRAINED}")
     print(f"tokenizer: {results['tokenizer']}; tokens {results['tokens']}")
-    print(markdown(results))
     lora = next(r for r in results["rows"] if r["method"] == "lora")
     print(
         f"\nLoRA: frozen base bit-identical: {lora['base_unchanged']}; lazy vs merged "
@@ -664,9 +640,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the experiment, prints the table and writes JSON, Markdown and PNG results."""
     args = parse_args(argv)
     results = run(args)
-    paths = write_outputs(args.out, "causal_lm", results, markdown(results), plot)
-    print_table(results)
-    print(f"\n{provenance(results)}\nWrote {', '.join(paths.values())}")
+    print_summary(results)
+    runner.publish(args.out, "causal_lm", results, markdown(results), plot)
     return results
 
 

@@ -18,8 +18,6 @@ Run ``make rank-sweep`` (installs the data) or ``python -m experiments.rank_swee
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -32,16 +30,14 @@ import optax
 from tqdm import tqdm
 
 import lorax_lite as ll
+from experiments import runner
 from experiments.data.images import (
     ImageSet,
     load_fashion_mnist,
     load_mnist_5k,
     synthetic_images,
 )
-from experiments.outputs import write_outputs
-from experiments.provenance import begin, command, end, run_line
-
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+from experiments.provenance import run_line
 
 
 class MLP(nn.Module):
@@ -230,7 +226,7 @@ def pretrain(model: MLP, data: ImageSet, args: argparse.Namespace) -> tuple[Any,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Pretrains the base and runs every variant with every seed; returns the results."""
-    start, record = time.perf_counter(), begin()
+    clock = runner.Clock("experiments.rank_sweep", args.argv)
     data = load_data(smoke=args.smoke, target_train_size=args.target_train_size, seed=args.seed)
     model = MLP(hidden=tuple(args.hidden))
     check = make_evaluator(model, ll.lora(model.apply))
@@ -242,15 +238,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     full = next(r["trainable"] for r in rows if r["variant"] == "full")
     for row in rows:
         row["compression"] = full / row["trainable"]
+    stamp = clock.stop()
     return {
         "experiment": "rank_sweep",
         "smoke": args.smoke,
-        "command": command("experiments.rank_sweep", args.argv),
-        "machine": end(record),
+        "command": stamp.command,
+        "machine": stamp.machine,
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet", "argv")},
         "pretrain": {"final_loss": pretrain_loss, "source_test_accuracy": base_accuracy},
         "rows": rows,
-        "seconds": time.perf_counter() - start,
+        "seconds": stamp.seconds,
     }
 
 
@@ -355,45 +352,40 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
     """Accuracy against trainable parameters (log x), error bars spanning min to max."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for kind, marker in (("lora", "o-"), ("head", "s"), ("full", "D")):
-        picked = [r for r in rows if r["variant"].startswith(kind)]
-        x = [r["trainable"] for r in picked]
-        y = [100 * r["accuracy_mean"] for r in picked]
-        lo = [100 * (r["accuracy_mean"] - min(s["accuracy"] for s in r["runs"])) for r in picked]
-        hi = [100 * (max(s["accuracy"] for s in r["runs"]) - r["accuracy_mean"]) for r in picked]
-        ax.errorbar(x, y, yerr=[lo, hi], fmt=marker, capsize=3, label=kind)
-    for r in rows:
-        if r["rank"] is not None:
-            ax.annotate(
-                f"r={r['rank']}",
-                (r["trainable"], 100 * r["accuracy_mean"]),
-                textcoords="offset points",
-                xytext=(4, -10),
-                fontsize=7,
-            )
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test accuracy (%)")
-    title = "synthetic smoke data" if results["smoke"] else "MNIST -> Fashion-MNIST"
-    ax.set_title(f"LoRA rank sweep, {title}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with runner.figure(path, size=(6.5, 4)) as (_, ax):
+        for kind, marker in (("lora", "o-"), ("head", "s"), ("full", "D")):
+            picked = [r for r in rows if r["variant"].startswith(kind)]
+            x = [r["trainable"] for r in picked]
+            y = [100 * r["accuracy_mean"] for r in picked]
+            lo = [
+                100 * (r["accuracy_mean"] - min(s["accuracy"] for s in r["runs"])) for r in picked
+            ]
+            hi = [
+                100 * (max(s["accuracy"] for s in r["runs"]) - r["accuracy_mean"]) for r in picked
+            ]
+            ax.errorbar(x, y, yerr=[lo, hi], fmt=marker, capsize=3, label=kind)
+        for r in rows:
+            if r["rank"] is not None:
+                ax.annotate(
+                    f"r={r['rank']}",
+                    (r["trainable"], 100 * r["accuracy_mean"]),
+                    textcoords="offset points",
+                    xytext=(4, -10),
+                    fontsize=7,
+                )
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("test accuracy (%)")
+        title = "synthetic smoke data" if results["smoke"] else "MNIST -> Fashion-MNIST"
+        ax.set_title(f"LoRA rank sweep, {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; ``--smoke`` shrinks everything for tests."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny synthetic data, a few steps")
+    p = runner.parser(__doc__, smoke="tiny synthetic data, a few steps")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
@@ -407,30 +399,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--scale", type=float, default=2.0, help="LoRA alpha/rank, the same at every rank"
     )
     p.add_argument("--seed", type=int, default=0, help="pretraining and data split seed")
-    p.add_argument(
-        "--out", help="results folder (default experiments/results, or a temp folder with --smoke)"
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    args.argv = argv  # for the recorded command line
-    if args.smoke:
-        args.hidden, args.ranks, args.seeds = [32, 32], [4], args.seeds[:2]
-        args.pretrain_steps, args.steps, args.batch_size = 60, 40, 64
-        args.lr, args.lr_lora = 1e-2, 1e-2
-    if args.out is None:
-        smoke_dir = os.path.join(tempfile.gettempdir(), "lorax_lite_smoke")
-        args.out = smoke_dir if args.smoke else RESULTS_DIR
-    return args
+    return runner.parse(
+        p, argv, hidden=[32, 32], ranks=[4], seeds=[0, 1], pretrain_steps=60, steps=40,
+        batch_size=64, lr=1e-2, lr_lora=1e-2,
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the sweep, prints the table and writes JSON, Markdown and PNG results."""
     args = parse_args(argv)
     results = run(args)
-    paths = write_outputs(args.out, "rank_sweep", results, markdown(results), plot)
-    print(f"\nbase: {100 * results['pretrain']['source_test_accuracy']:.2f}% on held-out digits")
-    print(markdown(results))
-    print(f"\nWrote {', '.join(paths.values())}")
+    base = results["pretrain"]["source_test_accuracy"]
+    print(f"\nbase: {100 * base:.2f}% on held-out digits")
+    runner.publish(args.out, "rank_sweep", results, markdown(results), plot)
     return results
 
 
