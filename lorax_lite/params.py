@@ -26,8 +26,10 @@ from .weight import (
     column_norm,
     init_factors,
     is_array,
+    is_hole_or_node,
     is_lora_node,
     is_node,
+    stored_value,
 )
 
 
@@ -142,8 +144,7 @@ def with_magnitudes(tree: Any, detach_norm: bool) -> Any:
     def add(node):
         if not isinstance(node, LoraWeight):
             return node
-        w = node.w.dequantize() if is_quantized(node.w) else node.w
-        merged = w.astype(jnp.float32) + node.delta(jnp.float32)
+        merged = stored_value(node.w).astype(jnp.float32) + node.delta(jnp.float32)
         m = column_norm(merged, node.layout).astype(node.a.dtype)
         return dataclasses.replace(node, m=m, detach_norm=detach_norm)
 
@@ -239,7 +240,7 @@ def merge(
             worst,
         )
     if check:
-        bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _all_finite(x)]
+        bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _host_all_finite(x)]
         if bad:
             raise ValueError(f"merge: non-finite values (NaN or inf) in merged leaves: {bad}")
     if probe is not None:
@@ -256,7 +257,7 @@ def _is_float(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _all_finite(x: Any) -> bool:
+def _host_all_finite(x: Any) -> bool:
     return bool(np.isfinite(np.asarray(x, np.float32)).all())
 
 
@@ -302,10 +303,9 @@ def unmerge(merged: Any, tree: Any) -> Any:
             return dataclasses.replace(node, w=base.astype(value.dtype))
         return Trainable(value) if isinstance(node, Trainable) else value
 
-    hole_or_node = lambda x: x is None or is_lora_node(x)
     dora = [
         p
-        for p, node in named_leaves(tree, is_leaf=hole_or_node)
+        for p, node in named_leaves(tree, is_leaf=is_hole_or_node)
         if isinstance(node, LoraWeight) and node.w is None and node.m is not None
     ]
     if dora:
@@ -314,7 +314,7 @@ def unmerge(merged: Any, tree: Any) -> Any:
             "cannot be recovered from the merged weight and the factors; pass the full tree "
             f"(with w) for: {dora}"
         )
-    return jax.tree_util.tree_map(restore, tree, merged, is_leaf=hole_or_node)
+    return jax.tree_util.tree_map(restore, tree, merged, is_leaf=is_hole_or_node)
 
 
 def count(tree: Any) -> dict[str, int]:
@@ -350,6 +350,7 @@ def quantize(
     block: int = 64,
     axis: int | None = None,
     also: Spec | Sequence[Spec] = (),
+    double_quant: bool = False,
 ) -> Any:
     """Quantizes the frozen base of a LoRA tree (QLoRA): each `LoraWeight`'s ``w``.
 
@@ -363,10 +364,15 @@ def quantize(
         kind: ``"int8"``, ``"int4"``, ``"int4-asym"`` or ``"nf4"`` (see `lorax_lite.quant`).
         block: entries per block (each block has its own scale).
         axis: the blocked axis of every quantized weight; by default a LoRA weight's
-            last fan-in axis (the input features of an ``(in, out)`` kernel) and the last
-            axis of other leaves (an embedding's features, as GGUF blocks them).
+            last fan-in axis (the input features of an ``(in, out)`` kernel), with blocks
+            running across the fan-in axes before it where ``block`` needs (a
+            DenseGeneral kernel's ``(heads, head_dim)``), and the last axis of other
+            leaves (an embedding's features, as GGUF blocks them).
         also: patterns (as in ``LoraConfig.targets``) naming frozen plain leaves to
             quantize too, e.g. an embedding table or a frozen output head.
+        double_quant: quantize the block scales too (QLoRA's double quantization, see
+            `lorax_lite.quant.quantize_array`): NF4 at block 64 stores about 4.127 bits
+            a weight instead of 4.5.
 
     Returns:
         The same tree with `QuantizedWeight` bases.
@@ -400,7 +406,9 @@ def quantize(
             continue
         blocked = axis if axis is not None else _default_axis(node)
         try:
-            out[path] = quantize_array(weight, kind=kind, block=block, axis=blocked, path=path)
+            out[path] = quantize_array(
+                weight, kind=kind, block=block, axis=blocked, double_quant=double_quant, path=path
+            )
         except (TypeError, ValueError) as e:
             problems.append(str(e))
     if problems:
@@ -416,7 +424,11 @@ def quantize(
     return jax.tree_util.tree_map(replace, tree, is_leaf=is_node)
 
 
-def _default_axis(node: Any) -> int:
+def _default_axis(node: Any) -> int | tuple[int, ...]:
+    """A LoRA weight's fan-in axes when consecutive (blocks may run across them), else
+    its last fan-in axis; the last axis of other leaves."""
     if isinstance(node, LoraWeight) and node.layout.fan_in:
-        return node.layout.fan_in[-1] - node.w.ndim
+        fan_in = [i - node.w.ndim for i in node.layout.fan_in]
+        consecutive = fan_in == list(range(fan_in[0], fan_in[-1] + 1))
+        return tuple(fan_in) if consecutive else fan_in[-1]
     return -1

@@ -46,7 +46,15 @@ from jax import lax
 
 from . import views
 from .quant import QuantizedWeight
-from .weight import Layout, LoraWeight, factored_squares, magnitude_ratio, spread
+from .weight import (
+    Cast,
+    Layout,
+    LoraWeight,
+    factored_squares,
+    magnitude_ratio,
+    spread,
+    stored_value,
+)
 
 
 class LoraValue(NamedTuple):
@@ -82,30 +90,6 @@ class LoraValue(NamedTuple):
     def fan_in_size(self) -> int:
         """The number of fan-in entries per output unit (what DoRA's norm sums over)."""
         return math.prod(self.w.shape[i] for i in self.layout.fan_in)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["array"], meta_fields=["dtype"])
-@dataclasses.dataclass(frozen=True)
-class Cast:
-    """A LoRA weight's frozen base with a float cast left to the product that uses it
-    (see `_cast`), so that the product recomputes the cast weight in the backward pass
-    instead of keeping it as a residual."""
-
-    array: jax.Array
-    dtype: Any
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.array.shape
-
-    def dequantize(self) -> jax.Array:
-        """The cast weight (named like `QuantizedWeight.dequantize`, which it stands beside)."""
-        return lax.convert_element_type(self.array, self.dtype)
-
-
-def stored_value(w: Any) -> Any:
-    """A base weight as an array: a `QuantizedWeight` dequantized, a `Cast` applied."""
-    return w.dequantize() if isinstance(w, QuantizedWeight | Cast) else w
 
 
 def dequantized(x: Any) -> Any:

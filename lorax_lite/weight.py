@@ -4,6 +4,7 @@ for DoRA, its trainable magnitude)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -131,7 +132,7 @@ class LoraWeight:
         accumulated in float32 and cast to ``w.dtype`` (a quantized ``w`` is dequantized
         first). DoRA's norm is taken of the dense sum here, not from the factors, and
         is a constant for differentiation if ``detach_norm``, as in `lora`."""
-        w = self.w.dequantize() if isinstance(self.w, QuantizedWeight) else self.w
+        w = stored_value(self.w)
         merged = w.astype(jnp.float32) + self.delta(jnp.float32)
         if self.m is not None:
             squares = column_squares(merged, self.layout)
@@ -242,6 +243,32 @@ def factored_squares(
     return w_squared + 2 * scale * cross + scale**2 * low_rank
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["array"], meta_fields=["dtype"])
+@dataclasses.dataclass(frozen=True)
+class Cast:
+    """A frozen base with a float cast deferred to the product that uses it (inside
+    `ll.lora`), which then recomputes the cast in the backward pass instead of keeping
+    the cast weight as a residual."""
+
+    array: jax.Array
+    dtype: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape."""
+        return self.array.shape
+
+    def dequantize(self) -> jax.Array:
+        """The cast weight (named like `QuantizedWeight.dequantize`)."""
+        return jax.lax.convert_element_type(self.array, self.dtype)
+
+
+def stored_value(w: Any) -> Any:
+    """A base weight as an array: a `QuantizedWeight` dequantized, a `Cast` applied,
+    anything else as it is."""
+    return w.dequantize() if isinstance(w, QuantizedWeight | Cast) else w
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Gathered:
@@ -302,6 +329,12 @@ def is_node(x: Any) -> bool:
     """Whether ``x`` is a node the library keeps whole when walking a tree: a
     `LoraWeight`, a `Trainable` or a `QuantizedWeight` (one frozen leaf)."""
     return is_lora_node(x) or isinstance(x, QuantizedWeight)
+
+
+def is_hole_or_node(x: Any) -> bool:
+    """Whether ``x`` is a partition's ``None`` hole or an `is_node` node: the leaves of a
+    walk over several trees, one of them partitioned."""
+    return x is None or is_node(x)
 
 
 def is_array(x: Any, *, abstract: bool = False) -> bool:
