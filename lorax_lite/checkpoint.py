@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from .atomic import NEW, current, recover, sibling, swap_in
+from .checks import raise_problems
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .deprecation import warn
@@ -263,11 +264,11 @@ def adapter_metadata(path: str | pathlib.Path) -> dict[str, Any]:
     problems = metadata_problems(info)
     if not problems and "sha256" in info and info["sha256"] != metadata_digest(info):
         problems = ["sha256: the metadata does not match the checksum written with it"]
-    if problems:
-        raise ValueError(
-            f"The adapter metadata {path / 'metadata' / 'metadata'} is corrupted or was edited:"
-            "\n  " + "\n  ".join(problems) + "\nSave the adapter again or load another copy."
-        )
+    raise_problems(
+        f"The adapter metadata {path / 'metadata' / 'metadata'} is corrupted or was edited",
+        problems,
+        hint="Save the adapter again or load another copy.",
+    )
     return info
 
 
@@ -323,19 +324,16 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     problems = list(misfits.values())
     if check_base:
         problems += _fingerprint_problems(info, named, misfits)
-    if problems:
-        hint = "\n(check_base=False loads onto a different base with the same shapes)"
-        if info["config"].get("init") in RESIDUAL_INITS:
-            hint += (
-                f"\nThis adapter was initialized with init={info['config']['init']!r}: its "
-                "base is the residual W - s*A0@B0 that ll.init put in the tree, not the "
-                "original weights. Load it onto that residual base (save "
-                "ll.partition(tree)[1] beside the adapter; ll.init with the same config "
-                "and key rebuilds it on the same JAX and device), or use ll.merge(tree)."
-            )
-        raise ValueError(
-            f"Cannot load the adapter {path} onto this base:\n  " + "\n  ".join(problems) + hint
+    hint = "(check_base=False loads onto a different base with the same shapes)"
+    if info["config"].get("init") in RESIDUAL_INITS:
+        hint += (
+            f"\nThis adapter was initialized with init={info['config']['init']!r}: its "
+            "base is the residual W - s*A0@B0 that ll.init put in the tree, not the "
+            "original weights. Load it onto that residual base (save "
+            "ll.partition(tree)[1] beside the adapter; ll.init with the same config "
+            "and key rebuilds it on the same JAX and device), or use ll.merge(tree)."
         )
+    raise_problems(f"Cannot load the adapter {path} onto this base", problems, hint=hint)
     arrays = _restore_arrays(path, info, named)
     adapted = {e["path"]: (e, ab) for e, ab in zip(info["adapters"], arrays["adapters"])}
     trained = {e["path"]: v for e, v in zip(info["trained"], arrays["trained"])}

@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 
 from .atomic import current, replace_file
 from .checkpoint import adapter_metadata, load_adapter
+from .checks import raise_problems
 from .config import LoraConfig
 from .metadata import path_conflicts
 from .params import merge
@@ -162,9 +163,7 @@ def merge_command(args: argparse.Namespace) -> None:
     (writing nothing) a merge whose result holds NaN or inf, naming the leaves."""
     _refuse_overwriting_inputs(args.out, {"--base": args.base, "--adapter": args.adapter})
     flat = _read_safetensors(args.base)
-    conflicts = path_conflicts(list(flat))
-    if conflicts:
-        raise ValueError(f"{args.base}: the tensor names are not leaf paths: {conflicts}")
+    raise_problems(f"{args.base}: the tensor names are not leaf paths", path_conflicts(list(flat)))
     tree = load_adapter(args.adapter, unflatten(flat), check_base=not args.no_check_base)
     try:
         merged = {path: np.asarray(x) for path, x in named_leaves(merge(tree, check=True))}

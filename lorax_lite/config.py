@@ -9,7 +9,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from .checks import is_float_dtype, is_int, is_number, is_positive
+from .checks import is_float_dtype, is_int, is_number, is_positive, raise_problems
 from .targets import Spec, from_serial, most_specific, to_predicate, to_serial
 from .weight import scale_from_alpha
 
@@ -103,8 +103,7 @@ class LoraConfig:
     def __post_init__(self):
         problems = _normalize_containers(self)
         problems += _validate(self)
-        if problems:
-            raise ValueError("Invalid LoraConfig:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid LoraConfig", problems)
         # NumPy scalars and dtypes pass validation; plain Python values keep it JSON-ready.
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         for flag in _FLAGS:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import orbax.checkpoint as ocp
 
+from .checks import raise_problems
 from .json_values import check_json, clipped, json_digest
 
 
@@ -185,11 +186,11 @@ class TrainCheckpointer:
         ]
         problems += [f"{p}: in `like`, not in the saved state" for p in wanted if p not in saved]
         problems += [f"{p}: in the saved state, not in `like`" for p in saved if p not in wanted]
-        if problems:
-            raise ValueError(
-                f"Cannot restore step {step} from {self.directory} onto `like`: its leaves "
-                "differ from the saved state's:\n  " + "\n  ".join(problems)
-            )
+        raise_problems(
+            f"Cannot restore step {step} from {self.directory} onto `like`: its leaves differ "
+            "from the saved state's",
+            problems,
+        )
 
     def _checked_data(self, step: int, data: Any) -> dict[str, Any]:
         """The restored ``data``, checked against the digest saved with it (if any)."""

@@ -7,7 +7,7 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-from ..checks import is_int, is_number, is_positive
+from ..checks import is_int, is_number, is_positive, raise_problems
 from ..config import BIAS_MODES, either
 from ..linear_regex import pattern_error
 from .format import json_text, key_pattern
@@ -46,9 +46,7 @@ def read_peft_config(path: pathlib.Path) -> dict[str, Any]:
     }  # fmt: skip
     # PEFT writes null for an option left at its default.
     config = {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
-    problems = _config_problems(config)
-    if problems:
-        raise ValueError(f"{path}: invalid or unsupported fields:\n  " + "\n  ".join(problems))
+    raise_problems(f"{path}: invalid or unsupported fields", _config_problems(config))
     return config
 
 

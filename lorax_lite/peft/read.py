@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
 from ..atomic import current
+from ..checks import raise_problems
 from ..deprecation import renamed_keywords
 from ..linear_regex import compile_pattern
 from ..quant import is_quantized
@@ -124,11 +125,10 @@ def from_peft(path: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
     problems += tensor_problems
     built, stack_problems = _stack_layers(pieces, base, resolve)
     problems += stack_problems
-    if problems:
-        raise ValueError(
-            f"from_peft cannot read {directory / WEIGHTS_NAME} onto the base with "
-            f"{CONFIG_NAME}:\n  " + "\n  ".join(problems)
-        )
+    raise_problems(
+        f"from_peft cannot read {directory / WEIGHTS_NAME} onto the base with {CONFIG_NAME}",
+        problems,
+    )
 
     def rebuild(key_path, leaf):
         return built.get(path_str(key_path), leaf)

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..atomic import current, replace_files
+from ..checks import raise_problems
 from ..config import LoraConfig
 from ..decompose import RESIDUAL_INITS
 from ..deprecation import renamed_keywords
@@ -122,8 +123,7 @@ def to_peft(
     trained = [p for p in pieces if not isinstance(p.value, LoraWeight)]
     tensors, bias, to_save, trained_problems = _trained_tensors(trained, targeted)
     problems += trained_problems
-    if problems:
-        raise ValueError("to_peft cannot export this tree:\n  " + "\n  ".join(problems))
+    raise_problems("to_peft cannot export this tree", problems)
     peft_config = _base_config(config, base_model_name_or_path)
     peft_config["use_dora"] = dora
     for piece in adapters:
