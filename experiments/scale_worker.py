@@ -20,9 +20,10 @@ import optax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 import lorax_lite as ll
-from experiments import demo
+from experiments import runner
 from experiments.bench.workers import compiled_sizes
-from experiments.memory import PROJECTIONS, largest_batch, next_token_loss, tree_bytes
+from experiments.memory import largest_batch, next_token_loss, tree_bytes
+from experiments.models import LLAMA_PROJECTIONS
 from experiments.models.llama import Llama, LlamaConfig, make_config
 
 GB = 1e9
@@ -41,7 +42,7 @@ def build_tree(config: LlamaConfig, variant: str, args: argparse.Namespace) -> A
     params = model.init(jax.random.key(0), tokens)
     if variant == "full":
         return jax.tree_util.tree_map(ll.Trainable, params)
-    lora = ll.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=PROJECTIONS)
+    lora = ll.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LLAMA_PROJECTIONS)
     tree = ll.init(params, lora, key=jax.random.key(1), fn=model.apply, args=(tokens,))
     if variant == "qlora":  # the adapted weights only, as QLoRA does
         tree = ll.quantize(tree, kind="nf4", block=args.quant_block)
@@ -215,7 +216,7 @@ def measure_rss(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     for _ in range(2):
         state, metrics = step.step(state, tokens)
         losses.append(float(metrics["loss"]))
-    peak = demo.peak_rss_bytes()
+    peak = runner.peak_rss_bytes()
     return dict(
         variant=variant, devices=mesh.size, batch_per_device=args.rss_batch, seq=args.rss_seq,
         start_rss=start_rss, state_rss=state_rss, peak_rss=peak, step_rss=peak - start_rss,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,8 +21,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from experiments.runner import REPO, peak_rss_bytes
+
 PROTOCOL = "@@"  # prefix of the worker's protocol lines on stdout
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PEERS = ("torch", "transformers", "peft", "qwix")  # versions recorded when installed
 
 
@@ -53,11 +53,6 @@ def timed_steps(runner: Runner, state: Any, n: int) -> tuple[Any, Any, list[floa
     return state, loss, walls, cpus
 
 
-def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def peak_memory(torch_row: bool) -> tuple[int, str]:
     """Peak bytes of this process: the accelerator allocator's peak, else peak RSS."""
     if torch_row:
@@ -71,7 +66,7 @@ def peak_memory(torch_row: bool) -> tuple[int, str]:
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             return int(stats["peak_bytes_in_use"]), "peak_bytes_in_use"
-    return peak_rss(), "peak RSS"
+    return peak_rss_bytes(), "peak RSS"
 
 
 def compiled_sizes(compiled: Any) -> dict[str, int]:
@@ -163,7 +158,7 @@ def serve(
         **runner.info,
         first_step_s=compile_s + first[0],
         loss_start=loss_start,
-        rss_built=peak_rss(),
+        rss_built=peak_rss_bytes(),
         machine=machine_facts(),
     )
     for line in sys.stdin:
@@ -177,7 +172,7 @@ def serve(
                 extra = finish(state)
             except Exception:
                 extra = dict(finish_failed=traceback.format_exc(limit=4))
-            emit(peak_bytes=peak, memory_source=source, rss_peak=peak_rss(),
+            emit(peak_bytes=peak, memory_source=source, rss_peak=peak_rss_bytes(),
                  loss_end=float(loss), **extra)  # fmt: skip
             return 0
     return 0
@@ -203,7 +198,7 @@ def start(variant: str, argv: Sequence[str], env: dict[str, str]) -> Worker:
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
     )
     return Worker(variant, proc, stderr)
@@ -211,8 +206,8 @@ def start(variant: str, argv: Sequence[str], env: dict[str, str]) -> Worker:
 
 def environment(**extra: str) -> dict[str, str]:
     """This process's environment with the repository on ``PYTHONPATH``, plus ``extra``."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    return env | extra
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, PYTHONPATH=path) | extra
 
 
 def read(worker: Worker) -> dict[str, Any]:
