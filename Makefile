@@ -154,23 +154,24 @@ llm: $(VENV)/.demo-data $(VENV)/.llm-data
 
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
 .PHONY: bench-cpu bench-quant bench-dora routing-bench routing-llm param-arithmetic memory
+# The train-step benchmarks' model and timing: a 4-layer GPT, batch 2 x 256, 5 steps a repeat.
+BENCH_STEP := nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 \
+	--layers 4 --heads 4 --vocab 4096 --seq 256 --batch 2
+BENCH_TIMING := --steps 5 --warmup 2
+
 bench-cpu: $(VENV)/.experiments
-	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
-		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,full,materialized,inline \
-		--steps 5 --warmup 2 --repeats 9 --out experiments/results/bench_cpu
+	$(BENCH_STEP) --variants lora,full,materialized,inline $(BENCH_TIMING) --repeats 9 \
+		--out experiments/results/bench_cpu
 
 # LoRA step over fp32, bf16, int8, int4 and nf4 bases: base bytes and step-time ratios.
 bench-quant: $(VENV)/.experiments
-	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
-		--heads 4 --vocab 4096 --seq 256 --batch 2 \
-		--variants lora,lora-bf16,lora-int8,lora-int4,lora-nf4 \
-		--steps 5 --warmup 2 --repeats 15 --out experiments/results/bench_quant
+	$(BENCH_STEP) --variants lora,lora-bf16,lora-int8,lora-int4,lora-nf4 $(BENCH_TIMING) \
+		--repeats 15 --out experiments/results/bench_quant
 
 # DoRA (norm from the factors) and DoRA the dense way (PEFT's) over the LoRA step, paired.
 bench-dora: $(VENV)/.experiments
-	nice -n 5 $(PY) -m experiments.bench.train_step --config custom --d-model 256 --layers 4 \
-		--heads 4 --vocab 4096 --seq 256 --batch 2 --variants lora,dora,dora-materialized \
-		--steps 5 --warmup 2 --repeats 15 --out experiments/results/bench_dora
+	$(BENCH_STEP) --variants lora,dora,dora-materialized $(BENCH_TIMING) --repeats 15 \
+		--out experiments/results/bench_dora
 
 routing-bench: $(VENV)/.experiments
 	nice -n 5 $(PY) -m experiments.bench.routing
