@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .deprecation import renamed_keywords
+from .fingerprints import content_hash, dtype_name, storage
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
-from .trees import base_leaf, base_of, content_hash, dtype_name, storage
+from .trees import base_leaf, base_of
 from .weight import Gathered, LoraWeight, Trainable, is_array, is_lora_node, is_node
 
 

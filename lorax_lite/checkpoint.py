@@ -23,6 +23,7 @@ from .checks import raise_problems
 from .config import LoraConfig
 from .decompose import RESIDUAL_INITS
 from .deprecation import warn
+from .fingerprints import content_hash, dtype_name, fingerprint, storage
 from .json_values import check_json
 from .metadata import (
     FORMAT,
@@ -38,16 +39,7 @@ from .metadata import (
 from .placement import factor_shardings, same_shape_sharding
 from .quant import is_quantized
 from .targets import named_leaves, path_str, unflatten
-from .trees import (
-    base_of,
-    combine,
-    content_hash,
-    dtype_name,
-    fingerprint,
-    lora_tree,
-    partition,
-    storage,
-)
+from .trees import base_of, combine, lora_tree, partition
 from .weight import Layout, LoraWeight, Trainable, is_lora_node
 
 
@@ -152,8 +144,8 @@ def _full_tree(tree: Any) -> Any:
             combined = combine(*tree)
         except ValueError:  # the halves differ in structure
             return tree
-        structure = jax.tree_util.tree_structure
-        if structure(partition(combined)) != structure(tree):  # a leaf in the wrong half
+        present = lambda t: [path for path, _ in jax.tree_util.tree_leaves_with_path(t)]
+        if present(partition(combined)) != present(tree):  # a leaf in the wrong half
             return tree
         instead = "save_adapter(ll.combine(trainable, frozen))"
         warn("save_adapter((trainable, frozen))", instead, stacklevel=4)

@@ -21,8 +21,8 @@ import orbax.checkpoint as ocp
 
 from .checks import is_int, is_number
 from .config import AXIS_ROLES, LoraConfig
+from .fingerprints import dtype_name, host_array
 from .json_values import clipped, json_digest
-from .trees import dtype_name, host_array
 from .version import __version__
 from .weight import Layout, LoraWeight
 
@@ -42,6 +42,8 @@ def factor_arrays(node: LoraWeight) -> dict[str, Any]:
 
 def adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
     """What the metadata records of the adapter ``node`` at ``path``."""
+    if node.w is None:
+        raise ValueError(f"{path}: the adapter has no base weight to describe")
     dora = {} if node.m is None else {"m": array_entry(node.m), "detach_norm": node.detach_norm}
     return {
         "path": path,

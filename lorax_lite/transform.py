@@ -2,7 +2,7 @@
 
 ``fn`` is traced once per input structure, shapes and dtypes (plain arrays stand in
 for each `LoraWeight`), and its jaxpr is evaluated with the LoRA leaves carried as
-lazy `rules.LoraValue`\\ s. An equation with a lazy (or quantized) operand runs
+lazy `lazy.LoraValue`\\ s. An equation with a lazy (or quantized) operand runs
 the rule `RULES` holds for its primitive, each called as ``rule(eqn, operands,
 ctx)``: products, convolutions, lookups and structural ops from `rules`; and, here,
 the higher-order ones: calls, ``remat``, ``cond``, ``while`` and ``scan`` are
@@ -30,8 +30,8 @@ import numpy as np
 from jax import lax
 
 from . import rules, views
+from .lazy import Context, LoraValue, dequantized, flatten_values, rebuilt_value
 from .quant import QuantizedWeight
-from .rules import Context, LoraValue, dequantized
 from .targets import path_str
 from .usage import split_static
 from .weight import Gathered, Layout, LoraWeight, Trainable, is_array, is_node
@@ -242,7 +242,7 @@ def _call(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 def _remat(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """Keeps ``jax.checkpoint`` around the block, with the factors as its inputs."""
     view, (region,) = views.remat(eqn), views.regions(eqn)
-    flat, rebuild = rules.flatten_values(region.inputs(operands))
+    flat, rebuild = flatten_values(region.inputs(operands))
     block = lambda flat, key: _dense_outputs(region, rebuild(flat), ctx, key, "remat output")
     remat = jax.checkpoint(block, prevent_cse=view.prevent_cse, policy=view.policy)
     return remat(flat, ctx.next_key())
@@ -263,7 +263,7 @@ def _custom_derivative(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]
     view, (region,) = views.custom(eqn), views.regions(eqn)
     inputs = region.inputs(operands)
     n_closed = view.n_closed if view.vjp else 0
-    closed, (flat, rebuild) = inputs[:n_closed], rules.flatten_values(inputs[n_closed:])
+    closed, (flat, rebuild) = inputs[:n_closed], flatten_values(inputs[n_closed:])
     name = eqn.primitive.name
 
     def forward(flat):
@@ -312,7 +312,7 @@ def _sliced_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
     if isinstance(meta.a, Gathered):
         w, a, b, m = parts
         parts = w, dataclasses.replace(meta.a, layer=a), dataclasses.replace(meta.b, layer=b), m
-    return rules.rebuilt_value(meta, parts)
+    return rebuilt_value(meta, parts)
 
 
 def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
@@ -341,7 +341,7 @@ def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 def _cond(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """``lax.switch`` again (operand 0 picks the branch), the factors as operands."""
     branches = views.regions(eqn)
-    flat, rebuild = rules.flatten_values(branches[0].inputs(operands))
+    flat, rebuild = flatten_values(branches[0].inputs(operands))
 
     def branch_fn(region):
         return lambda flat, key: _dense_outputs(region, rebuild(flat), ctx, key, "cond output")

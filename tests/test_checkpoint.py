@@ -21,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lorax_lite as ll
 from lorax_lite.checkpoint import adapter_metadata
+from lorax_lite.fingerprints import content_hash
 from lorax_lite.train_checkpoint import TrainCheckpointer
-from lorax_lite.trees import content_hash
 
 KEY = jax.random.key(0)
 CONFIG = ll.LoraConfig(

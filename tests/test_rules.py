@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from jax import lax
 
 import lorax_lite as ll
-from lorax_lite import rules
-from lorax_lite.rules import LoraValue
+from lorax_lite import lazy, products, structural
+from lorax_lite.lazy import LoraValue
 
 
 def make_value(shape, layout, *, rank=2, scale=0.7, seed=0, dtype=jnp.float32) -> LoraValue:
@@ -84,12 +84,12 @@ OUT_2_SWAPPED = ll.Layout((), (0,), (2, 1))  # B holds the fan-out axes in rever
 stack_copies = lambda w: jnp.broadcast_to(w, (3, 5, 4))
 expand_and_stack = lambda w: lax.broadcast_in_dim(w, (2, 3, 5, 4), (1, 2, 3))
 RULES = {
-    prim.transpose_p: rules.transpose,
-    prim.convert_element_type_p: rules.convert,
-    prim.reshape_p: rules.reshape,
-    prim.squeeze_p: rules.squeeze,
-    prim.rev_p: rules.rev,
-    prim.broadcast_in_dim_p: rules.broadcast,
+    prim.transpose_p: structural.transpose,
+    prim.convert_element_type_p: structural.convert,
+    prim.reshape_p: structural.reshape,
+    prim.squeeze_p: structural.squeeze,
+    prim.rev_p: structural.rev,
+    prim.broadcast_in_dim_p: structural.broadcast,
 }
 STRUCTURAL = {
     "transpose": (prim.transpose_p, lambda w: w.T, (5, 4), DENSE),
@@ -125,7 +125,7 @@ def test_structural_rule_stays_lazy_and_exact(name):
 def test_convert_casts_factors_to_the_compute_dtype():
     value = make_value((5, 4), ll.Layout.dense())
     out = apply_rule(
-        rules.convert, lambda w: w.astype(jnp.bfloat16), prim.convert_element_type_p, value
+        structural.convert, lambda w: w.astype(jnp.bfloat16), prim.convert_element_type_p, value
     )
     assert out.a.dtype == out.b.dtype == out.w.dtype == jnp.bfloat16
 
@@ -133,9 +133,9 @@ def test_convert_casts_factors_to_the_compute_dtype():
 def test_reshape_mixing_fan_in_and_fan_out_is_refused():
     value = make_value((4, 6), ll.Layout.dense())
     eqn = traced_eqn(lambda w: w.reshape(8, 3), prim.reshape_p, value.w)
-    assert rules.reshape(eqn, value) is None
+    assert structural.reshape(eqn, value) is None
     eqn = traced_eqn(lambda w: w.reshape(24), prim.reshape_p, value.w)
-    assert rules.reshape(eqn, value) is None
+    assert structural.reshape(eqn, value) is None
 
 
 SLICE_CASES = [
@@ -153,7 +153,7 @@ SLICE_CASES = [
 def test_static_slices_cut_the_factors(op, shape, layout):
     value = make_value(shape, layout)
     eqn = traced_eqn(op, prim.slice_p, value.w)
-    out = rules.slice_any(eqn, value)
+    out = structural.slice_any(eqn, value)
     assert_close(out.materialize(), op(jnp.asarray(reference(value), jnp.float32)))
 
 
@@ -165,7 +165,7 @@ def test_dynamic_slices_cut_the_factors(start):
     eqn = traced_eqn(
         lambda w, *s: lax.dynamic_slice(w, s, sizes), prim.dynamic_slice_p, value.w, *starts
     )
-    out = rules.slice_any(eqn, value, *starts)
+    out = structural.slice_any(eqn, value, *starts)
     expected = lax.dynamic_slice(jnp.asarray(reference(value), jnp.float32), starts, sizes)
     assert_close(out.materialize(), expected)
 
@@ -207,7 +207,7 @@ def test_gather_from_a_table_equals_lookup_in_the_merged_table(axis, mode, fill_
     indices = jnp.asarray(rng.integers(-2 if high > 10 else 0, high, (2, 3, 1)), jnp.int32)
     op = lookup(axis, mode, fill_value)
     eqn = traced_eqn(op, prim.gather_p, value.w, indices)
-    out = jitted(lambda v, i: rules.gather(eqn, v, i, None), value, indices)
+    out = jitted(lambda v, i: products.gather(eqn, v, i, None), value, indices)
     expected = op(jnp.asarray(reference(value), jnp.float32), indices)
     assert not isinstance(out, LoraValue)
     assert_close(out, expected)  # NaN (the default fill) where the lookup fills
@@ -219,7 +219,7 @@ def test_gather_of_stacked_axes_stays_lazy():
     experts = jnp.array([[0, 2], [1, 1], [2, 0]])[..., None]
     op = lookup(0, "promise_in_bounds")
     eqn = traced_eqn(op, prim.gather_p, value.w, experts)
-    out = rules.gather(eqn, value, experts, None)
+    out = products.gather(eqn, value, experts, None)
     assert isinstance(out, LoraValue)
     assert out.layout == ll.Layout((0, 1), (2,), (3,))
     assert_close(out.materialize(), reference(value)[np.asarray(experts[..., 0])])
@@ -230,7 +230,7 @@ def test_gather_of_a_slice_window_is_refused():
     op = lambda w, i: lax.dynamic_slice_in_dim(w, i, 2, axis=0)
     eqn = jax.make_jaxpr(jax.vmap(op, in_axes=(None, 0)))(value.w, jnp.array([1, 3])).jaxpr
     gather = next(e for e in eqn.eqns if e.primitive is prim.gather_p)
-    assert rules.gather(gather, value, jnp.zeros((2, 1), jnp.int32), None) is None
+    assert products.gather(gather, value, jnp.zeros((2, 1), jnp.int32), None) is None
 
 
 # ----- dot_general: property test over shapes, layouts and dimension numbers ----------
@@ -276,9 +276,9 @@ def test_dot_general_matches_float64_reference(problem):
         lambda lhs, rhs: lax.dot_general(lhs, rhs, dims), prim.dot_general_p, *operands
     )
     if on_right:
-        out = jitted(lambda v, x: rules.dot_general(eqn, x, v, None), value, x)
+        out = jitted(lambda v, x: products.dot_general(eqn, x, v, None), value, x)
     else:
-        out = jitted(lambda v, x: rules.dot_general(eqn, v, x, None), value, x)
+        out = jitted(lambda v, x: products.dot_general(eqn, v, x, None), value, x)
 
     dense, x64 = reference(value), np.asarray(x, np.float64)
     expected = (
@@ -309,14 +309,14 @@ def test_dot_general_contracting_fan_out_meets_b_first():
     eqn = traced_eqn(
         lambda lhs, rhs: lax.dot_general(lhs, rhs, dims), prim.dot_general_p, x, value.w
     )
-    run = lambda w, a, b: rules.dot_general(eqn, x, value._replace(w=w, a=a, b=b), None)
+    run = lambda w, a, b: products.dot_general(eqn, x, value._replace(w=w, a=a, b=b), None)
     jaxpr = jax.make_jaxpr(run)(value.w, value.a, value.b)
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive is prim.dot_general_p]
     shapes = [tuple(v.aval.shape) for e in dots for v in e.outvars]
     assert (2, 2) in shapes, "x (2, 5) @ B.T (5, r=2) should come first"
     assert (7, 5) not in shapes and (5, 7) not in shapes
     assert_close(
-        rules.dot_general(eqn, x, value, None),
+        products.dot_general(eqn, x, value, None),
         np.asarray(x, np.float64) @ reference(value).T,
     )
 
@@ -329,16 +329,16 @@ def test_dot_general_honours_preferred_element_type():
         lhs, rhs, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
     eqn = traced_eqn(op, prim.dot_general_p, x, value.w)
-    out = rules.dot_general(eqn, x, value, None)
+    out = products.dot_general(eqn, x, value, None)
     assert out.dtype == jnp.float32
     assert_close(out, np.asarray(x, np.float64) @ reference(value), rtol=2e-2)
 
 
 def test_dropout_is_inverted_and_identity_without_key():
     x = jnp.ones((200, 50))
-    assert rules.dropout(x, 0.3, None) is x
-    assert rules.dropout(x, 0.0, jax.random.key(0)) is x
-    dropped = np.asarray(rules.dropout(x, 0.3, jax.random.key(0)))
+    assert lazy.dropout(x, 0.3, None) is x
+    assert lazy.dropout(x, 0.0, jax.random.key(0)) is x
+    dropped = np.asarray(lazy.dropout(x, 0.3, jax.random.key(0)))
     kept = dropped[dropped != 0]
     np.testing.assert_allclose(kept, 1 / 0.7, rtol=1e-6)
     assert abs((dropped == 0).mean() - 0.3) < 5 * np.sqrt(0.3 * 0.7 / x.size)
