@@ -34,8 +34,8 @@ from .atomic import current, replace_file
 from .checkpoint import adapter_metadata, load_adapter
 from .checks import raise_problems
 from .config import LoraConfig
+from .merging import merge
 from .metadata import path_conflicts
-from .params import merge
 from .peft import CONFIG_NAME, WEIGHTS_NAME, default_name_map, to_peft
 from .targets import named_leaves, unflatten
 

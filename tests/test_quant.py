@@ -100,8 +100,8 @@ def test_gguf_blocks_import_bit_exact(name):
 
 
 def test_gguf_errors_name_the_tensor():
-    with pytest.raises(ValueError, match="blk.0.attn_q.weight: GGUF tensor type Q5_K"):
-        from_gguf(np.zeros((2, 176), np.uint8), "Q5_K", path="blk.0.attn_q.weight")
+    with pytest.raises(ValueError, match="blk.0.attn_q.weight: GGUF tensor type Q2_K"):
+        from_gguf(np.zeros((2, 84), np.uint8), "Q2_K", path="blk.0.attn_q.weight")
     with pytest.raises(ValueError, match="token_embd.weight: Q8_0 rows must be whole 34-byte"):
         from_gguf(np.zeros((2, 35), np.uint8), "Q8_0", path="token_embd.weight")
 
