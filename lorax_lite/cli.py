@@ -153,7 +153,7 @@ def _inspect_peft(path: pathlib.Path) -> None:
     print(f"{sum(v.size for v in tensors.values()):,} parameters")
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 

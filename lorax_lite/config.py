@@ -230,11 +230,13 @@ def _normalize_containers(config: LoraConfig) -> list[str]:
             problems.append(f"{name} must be a dict {{regex: value}}, got {value!r}")
             value = {}
         put(name, dict(value))
+    axes = {}
     for pattern, roles in config.axes.items():
         if isinstance(roles, str) or not isinstance(roles, Iterable):
             problems.append(f"axes[{pattern!r}] must be a sequence of roles, got {roles!r}")
             roles = ("in", "out")
-        config.axes[pattern] = tuple(roles)
+        axes[pattern] = tuple(roles)
+    put("axes", axes)
     return problems
 
 
@@ -253,8 +255,8 @@ def _validate(config: LoraConfig) -> list[str]:
     check_alpha("alpha", config.alpha)
     for pattern, value in config.rank_pattern.items():
         check_rank(f"rank_pattern[{pattern!r}]", value)
-    for pattern, value in config.alpha_pattern.items():
-        check_alpha(f"alpha_pattern[{pattern!r}]", value)
+    for pattern, alpha in config.alpha_pattern.items():
+        check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
     if not is_number(config.dropout) or not 0 <= config.dropout < 1:
         problems.append(f"dropout must be in [0, 1), got {config.dropout!r}")
     for flag in _FLAGS:

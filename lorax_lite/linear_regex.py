@@ -246,9 +246,17 @@ class _Parser:
                     self.pos += 1
                 if high < char:
                     self.fail("bad character range")
-                tests[-1] = lambda c, low=char, high=high: low <= c <= high
+
+                def in_range(c: str, low: str = char, high: str = high) -> bool:
+                    return low <= c <= high
+
+                tests[-1] = in_range
         self.pos += 1
         return lambda c: any(test(c) for test in tests) != negated
+
+
+# The place of an instruction that is filled in once the jump's target is known.
+_PENDING: tuple = ()
 
 
 def _emit(node: tuple, program: list[tuple]) -> None:
@@ -267,16 +275,17 @@ def _emit(node: tuple, program: list[tuple]) -> None:
         jumps = []
         for branch in node[1][:-1]:
             split = len(program)
-            program.append(None)
+            program.append(_PENDING)
             _emit(branch, program)
             jumps.append(len(program))
-            program.append(None)
+            program.append(_PENDING)
             program[split] = (SPLIT, split + 1, len(program))
         _emit(node[1][-1], program)
         for jump in jumps:
             program[jump] = (JUMP, len(program))
     else:
-        _emit_repeat(*node[1:], program)
+        _, part, low, high = node
+        _emit_repeat(part, low, high, program)
 
 
 def _emit_repeat(part: tuple, low: int, high: int | None, program: list[tuple]) -> None:
@@ -284,7 +293,7 @@ def _emit_repeat(part: tuple, low: int, high: int | None, program: list[tuple]) 
         _emit(part, program)
     if high is None:
         loop = len(program)
-        program.append(None)
+        program.append(_PENDING)
         _emit(part, program)
         program.append((JUMP, loop))
         program[loop] = (SPLIT, loop + 1, len(program))
@@ -292,7 +301,7 @@ def _emit_repeat(part: tuple, low: int, high: int | None, program: list[tuple]) 
     splits = []
     for _ in range(high - low):
         splits.append(len(program))
-        program.append(None)
+        program.append(_PENDING)
         _emit(part, program)
     for split in splits:
         program[split] = (SPLIT, split + 1, len(program))

@@ -263,6 +263,6 @@ def _without_frozen(state: Any) -> Any:
 def _with_frozen(state: Any, like: Any) -> Any:
     if _without_frozen(like) is like:
         return state
-    if dataclasses.is_dataclass(like):
+    if dataclasses.is_dataclass(like) and not isinstance(like, type):
         return dataclasses.replace(like, **state)
     return like._replace(**state)

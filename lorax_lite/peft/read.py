@@ -6,7 +6,7 @@ import dataclasses
 import pathlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -220,9 +220,9 @@ def _read_tensors(
                 continue
             if {key, f"{module}.{b_name}"} & broken:
                 continue
-            piece, problem = _weight_piece(leaves_of.get(module, {}), module)
-            if problem:
-                problems.append(problem)
+            piece = _weight_piece(leaves_of.get(module, {}), module)
+            if isinstance(piece, str):
+                problems.append(piece)
                 continue
             a_t, b_t = tensors[key], tensors[f"{module}.{b_name}"]
             found = _factor_problems(module, (a_name, a_t), (b_name, b_t), piece, base, peft_config)
@@ -246,18 +246,18 @@ def _read_tensors(
     for key in sorted(set(tensors) - used - broken):
         module, _, param = key.rpartition(".")
         module = module.removesuffix(".base_layer")
-        piece = _param_piece(leaves_of.get(module, {}), param)
-        if piece is None:
+        target = _param_piece(leaves_of.get(module, {}), param)
+        if target is None:
             problems.append(f"{key}: maps to no base leaf")
             continue
         value = tensors[key]
-        if leaf_name(piece.path) == "kernel" and value.ndim == 2:
+        if leaf_name(target.path) == "kernel" and value.ndim == 2:
             value = value.T  # torch Linear (out, in) -> Flax (in, out)
-        shape = _piece_shape(base, piece)
+        shape = _piece_shape(base, target)
         if value.shape != shape:
-            problems.append(f"{key}: shape {value.shape}, the base leaf {piece.label} has {shape}")
-        elif claim(piece, key):
-            built[piece.path, piece.layer] = Trainable(jnp.asarray(value))
+            problems.append(f"{key}: shape {value.shape}, the base leaf {target.label} has {shape}")
+        elif claim(target, key):
+            built[target.path, target.layer] = Trainable(jnp.asarray(value))
     return built, problems
 
 
@@ -273,7 +273,8 @@ def _stack_layers(
     resolve: Callable[[str], str | None],
 ) -> tuple[dict[str, Any], list[str]]:
     """``{leaf path: LoraWeight or Trainable}``: whole leaves as read, layers stacked."""
-    nodes, layers = {}, {}
+    nodes: dict[str, Any] = {}
+    layers: dict[str, dict[int, Any]] = {}
     for (path, layer), node in built.items():
         if layer is None:
             nodes[path] = node
@@ -281,7 +282,8 @@ def _stack_layers(
             layers.setdefault(path, {})[layer] = node
     problems = []
     for path, by_layer in layers.items():
-        node, problem = _stacked_node(path, resolve(path), by_layer, base[path])
+        template = cast(str, resolve(path))  # the pieces of layers came from a template
+        node, problem = _stacked_node(path, template, by_layer, base[path])
         if problem:
             problems.append(problem)
         else:
@@ -351,15 +353,15 @@ def _value_problem(x: np.ndarray) -> str | None:
     return None
 
 
-def _weight_piece(leaves: dict[str, Piece], module: str) -> tuple[Piece | None, str | None]:
-    """The module's weight leaf (``kernel``, ``embedding`` or ``weight``), or a problem."""
+def _weight_piece(leaves: dict[str, Piece], module: str) -> Piece | str:
+    """The module's weight leaf (``kernel``, ``embedding`` or ``weight``), or the problem."""
     found = [leaves[name] for name in WEIGHT_NAMES if name in leaves]
     if not found:
-        return None, f"{module}: no 2-D base leaf maps to this module"
+        return f"{module}: no 2-D base leaf maps to this module"
     if len(found) > 1:
         labels = " and ".join(p.label for p in found)
-        return None, f"{module}: the adapter fits several base leaves: {labels}"
-    return found[0], None
+        return f"{module}: the adapter fits several base leaves: {labels}"
+    return found[0]
 
 
 def _param_piece(leaves: dict[str, Piece], param: str) -> Piece | None:

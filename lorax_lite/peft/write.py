@@ -160,8 +160,10 @@ def _sort_metadata(path: pathlib.Path) -> None:
 def _pieces(tree: Any, resolve: Callable[[str], str | None]) -> tuple[list[Piece], list[str]]:
     """The adapters (`LoraWeight` values) and fully trained arrays of ``tree``, one piece
     per PyTorch module, and a problem for each leaf that cannot be exported."""
-    pieces, problems = [], []
+    pieces: list[Piece] = []
+    problems: list[str] = []
     for path, node in named_leaves(tree, is_leaf=is_lora_node):
+        value: Any
         if isinstance(node, LoraWeight) and node.a is not None:
             value = node
         elif isinstance(node, Trainable) and node.value is not None:
@@ -169,6 +171,9 @@ def _pieces(tree: Any, resolve: Callable[[str], str | None]) -> tuple[list[Piece
         else:
             continue
         module = resolve(path)
+        if not module:
+            problems.append(f"{path}: the name map gives no PyTorch module")
+            continue
         problem = _leaf_problem(path, value, module)
         if problem:
             problems.append(problem)
@@ -177,11 +182,9 @@ def _pieces(tree: Any, resolve: Callable[[str], str | None]) -> tuple[list[Piece
     return pieces, problems
 
 
-def _leaf_problem(path: str, value: Any, module: str | None) -> str | None:
-    """Why a leaf cannot be exported under ``module``, if it cannot: no module, a layout
-    PEFT cannot express, a stack without a ``{layer}`` template or a template without one."""
-    if not module:
-        return f"{path}: the name map gives no PyTorch module"
+def _leaf_problem(path: str, value: Any, module: str) -> str | None:
+    """Why a leaf cannot be exported under ``module``, if it cannot: a layout PEFT cannot
+    express, a stack without a ``{layer}`` template or a template without one."""
     if isinstance(value, LoraWeight):
         layout = value.layout
         if len(layout.fan_in) != 1 or len(layout.fan_out) != 1 or layout.stack not in ((), (0,)):
@@ -303,7 +306,10 @@ def _trained_tensors(
     by_module: dict[str, list[Piece]] = {}
     for piece in pieces:
         by_module.setdefault(piece.module, []).append(piece)
-    tensors, to_save, problems, bias_modes = {}, set(), [], set()
+    tensors: dict[str, np.ndarray] = {}
+    to_save: set[str] = set()
+    problems: list[str] = []
+    bias_modes: set[str] = set()
     written: dict[str, str] = {}  # tensor key -> the leaf it came from
     for module, leaves in by_module.items():
         only_biases = all(leaf_name(p.path) == "bias" for p in leaves)
