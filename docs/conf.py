@@ -24,6 +24,7 @@ extensions = [
     "sphinx.ext.napoleon",
     "results_pages",
     "ll_refs",
+    "module_table",
 ]
 source_suffix = {".md": "markdown"}
 exclude_patterns = ["_build", "results/notes"]
