@@ -53,30 +53,17 @@ def save_adapter(
 ) -> pathlib.Path:
     """Writes the adapters and fully trained leaves of ``tree``, never the base.
 
-    The directory holds an orbax checkpoint of every ``a``, ``b``, DoRA ``m`` and
-    `Trainable` value, and JSON metadata: the format version, ``config``, each adapter's
-    path, base shape/dtype, rank, scale, axis roles, dropout and (DoRA) whether the
-    norm is detached, the trained paths, a
-    fingerprint of the base (every leaf's path, shape and dtype, and a hash of a
-    strided sample of each adapted weight), checksums of the saved arrays, the
-    library and JAX versions, ``metadata``, and a checksum of the metadata itself.
-
-    The write is atomic: the checkpoint is written to a hidden sibling directory
-    and renamed into place when complete. An overwrite moves the old checkpoint
-    aside, renames the new one in and only then deletes the old one, so a save
-    that fails or is killed at any point leaves the old checkpoint or the new one,
-    never neither (a failed save puts the old one back; the next save or load
-    recovers from a killed one).
-
-    In a multi-process run every process calls it with the same ``path`` and its
-    copy of ``tree`` (arrays may span processes): orbax writes each array once,
-    and process 0 alone writes the metadata and renames the directories.
+    The directory holds an orbax checkpoint of every ``a``, ``b``, DoRA ``m`` and `Trainable`
+    value, and JSON metadata (see `adapter_metadata`): ``config``, each adapter's
+    description, a fingerprint of the base, checksums, versions and ``metadata``. The
+    write is atomic: a save that fails or is killed leaves the old checkpoint or the new
+    one. In a multi-process run every process calls it with the same ``path``.
 
     Args:
         path: the checkpoint directory to create.
-        tree: the LoRA tree (from `init`), base weights included, or a `TrainState`
-            (its ``.tree``), as every writer takes. A ``(trainable, frozen)`` pair from
-            `partition` warns ``DeprecationWarning``: pass ``ll.combine(trainable, frozen)``.
+        tree: the LoRA tree (from `init`), base weights included, or a `TrainState`, as
+            every writer takes. A ``(trainable, frozen)`` pair from `partition` warns
+            ``DeprecationWarning``: pass ``ll.combine(trainable, frozen)``.
         config: the configuration the adapters were made with.
         metadata: optional JSON-serializable user data stored alongside.
         overwrite: replace an existing checkpoint at ``path``.
@@ -85,13 +72,11 @@ def save_adapter(
         The absolute checkpoint path.
 
     Raises:
-        ValueError: if ``tree`` holds no adapter or trained leaf, if some adapters
-            lack their base weight (the trainable partition alone: pass
-            ``ll.combine(trainable, frozen)``), if ``path`` exists and ``overwrite``
-            is False, or if ``path`` exists and is not an adapter checkpoint (never
-            replaced, even with ``overwrite``).
-        TypeError: if ``config`` or ``metadata`` cannot be serialized to JSON (the
-            message names every offending key); nothing is written then.
+        ValueError: if ``tree`` holds no adapter or trained leaf, if some adapters lack
+            their base weight (a partition), if ``path`` exists and ``overwrite`` is False,
+            or if ``path`` exists and is not an adapter checkpoint (never replaced).
+        TypeError: naming every offending key, if ``config`` or ``metadata`` cannot be
+            serialized to JSON; nothing is written then.
 
     Example:
         >>> save_adapter("/tmp/run/adapter", lora_params, config)  # doctest: +SKIP
@@ -212,23 +197,21 @@ def _sync_processes(name: str) -> None:
 
 
 def adapter_metadata(path: str | pathlib.Path) -> dict[str, Any]:
-    """The JSON metadata of an adapter checkpoint (what `save_adapter` wrote).
-
-    Reads the metadata alone, not the arrays.
+    """The JSON metadata of an adapter checkpoint (what `save_adapter` wrote), without the arrays.
 
     Args:
         path: a directory written by `save_adapter`.
 
     Returns:
-        The metadata dict: ``format``, ``format_version``, ``config``, ``adapters``,
-        ``trained``, ``base`` (the fingerprint), ``versions`` and ``user``.
+        The metadata dict: ``format``, ``format_version``, ``config``, ``adapters`` (each
+        one's path, base shape and dtype, rank, scale, axis roles, dropout, checksums),
+        ``trained``, ``base`` (the fingerprint), ``versions``, ``user`` and ``sha256``.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the metadata is missing, unreadable or of an unknown format
-            version, if a field of it is not what `save_adapter` writes (the message
-            names the file, each such field, what was expected and what was found),
-            or if it does not match its checksum (edited or corrupted).
+        ValueError: if the metadata is missing, unreadable or of an unknown format version,
+            listing every field that is not what `save_adapter` writes, or if it does not
+            match its checksum (edited or corrupted).
 
     Example:
         >>> info = adapter_metadata("/tmp/run/adapter")  # doctest: +SKIP
@@ -275,30 +258,25 @@ def _unreadable(path: pathlib.Path, err: Exception) -> ValueError:
 def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bool = True) -> Any:
     """Rebuilds the LoRA tree of a saved adapter on the base ``params``.
 
-    The arrays are restored against an abstract target built from the metadata
-    and the base: shapes and dtypes from the metadata, shardings derived from the
-    base leaves (an ``A`` factor takes its weight's sharding of the stacked and
-    fan-in axes), so a sharded base gives sharded adapters.
+    The arrays are restored with shardings derived from the base leaves, so a sharded base
+    gives sharded adapters.
 
     Args:
         path: a directory written by `save_adapter`.
-        params: the base parameter tree (a LoRA tree or its frozen partition is
-            accepted; its base is used, and the saved values fill the partition's
-            ``Trainable(None)`` holes). Without it, returns the adapters alone: a
-            nested dict keyed by path components holding ``LoraWeight(None, a, b, ...)``
-            and `Trainable` leaves, for inspection and export.
-        check_base: compare ``params`` with the fingerprint of the base the adapter
-            was trained on (every path, shape and dtype, and the content hash of
-            each adapted weight). ``False`` allows a deliberate transfer to another
-            base with the same paths and shapes.
+        params: the base parameter tree (a LoRA tree or its frozen partition is accepted:
+            its base is used). None returns the adapters alone, a nested dict of
+            ``LoraWeight(None, a, b, ...)`` and `Trainable` leaves, for inspection and export.
+        check_base: compare ``params`` with the fingerprint of the base the adapter was
+            trained on (paths, shapes, dtypes and a content hash of each adapted weight);
+            False allows a deliberate transfer to another base of the same shapes.
 
     Returns:
-        The LoRA tree: ``params`` with adapted leaves as `LoraWeight` and trained
-        leaves as `Trainable`.
+        The LoRA tree: ``params`` with adapted leaves as `LoraWeight` and trained leaves as
+        `Trainable`.
 
     Raises:
         FileNotFoundError: if there is no checkpoint at ``path``.
-        ValueError: listing every mismatch at once (missing path, wrong shape,
+        ValueError: listing every mismatch with the base at once (missing path, wrong shape,
             another base's fingerprint), for an unknown format version, or when the
             checkpoint is truncated or corrupted.
 

@@ -32,50 +32,35 @@ class LoraConfig:
 
     Attributes:
         rank: rank ``r`` of every adapter (``rank_pattern`` overrides it per leaf).
-        alpha: scaling numerator; the adapter is scaled by ``alpha / r`` (or
-            ``alpha / sqrt(r)`` with ``use_rslora``).
+        alpha: scaling numerator: an adapter is scaled by ``alpha / r`` (``alpha / sqrt(r)``
+            with ``use_rslora``).
         dropout: dropout rate on the adapter's input, in training only, in ``[0, 1)``.
-        targets: which weights to adapt: regexes matched against whole components of
-            the ``/``-joined leaf path (``"query"`` matches ``.../query/kernel``), a
-            callable ``(path, leaf) -> bool``, or ``"all-linear"``: every float kernel
-            that ``fn`` uses as a matmul weight, embeddings excluded, when `init` is
-            given ``fn``/``args``; without them, every leaf named ``kernel``. Every
-            pattern option (``targets``, ``exclude``, ``train`` and the keys of
-            ``rank_pattern``, ``alpha_pattern`` and ``axes``) takes these specs, and the
-            predicate objects of `lorax_lite.targets` (``Regex``, ``AllLinear``,
-            ``AnyOf``, ``AllOf``, ``Not``), which `to_dict` can serialize; a plain
-            callable it cannot.
+        targets: the weights to adapt: regexes matched against whole components of the
+            ``/``-joined leaf path (``"query"`` matches ``.../query/kernel``), a callable
+            ``(path, leaf) -> bool``, a predicate of `lorax_lite.targets`, or
+            ``"all-linear"`` (every float matmul kernel of ``fn`` when `init` is given it;
+            else every leaf named ``kernel``). Every pattern option takes these specs.
         exclude: patterns of leaves never adapted, even when a target matches them.
-        rank_pattern: ``{pattern: rank}``; the longest matching regex wins (regexes
-            match whole path components, as in ``targets``); a key that is no regex
-            (another predicate) ranks below every regex; ties go to the first key.
+        rank_pattern: ``{pattern: rank}``; the longest matching regex wins, then the first
+            key.
         alpha_pattern: ``{pattern: alpha}``, chosen as in ``rank_pattern``.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
-        init: ``"kaiming"`` (uniform, bound ``1/sqrt(fan_in)``) or ``"gaussian"``
-            (std ``1/r``) for ``A``, with ``B`` at zero; or ``"pissa"`` (``A``, ``B``
-            from the top-``r`` singular vectors and values of ``W``) or ``"olora"``
-            (from a QR decomposition of ``W``), which replace the base by the residual
-            ``W - s A B`` so the model is unchanged at step 0 (see `lorax_lite.decompose`).
-        pissa_niter: with ``init="pissa"``: None for the exact SVD, or the number of
-            power iterations of a randomized SVD (faster on large weights; PEFT's
-            ``"pissa_niter_[n]"``).
+        init: ``"kaiming"`` or ``"gaussian"`` for ``A`` with ``B`` at zero; or ``"pissa"``
+            (SVD of ``W``) or ``"olora"`` (QR of ``W``), which replace the base by the
+            residual ``W - s A B`` (see `lorax_lite.decompose`).
+        pissa_niter: with ``init="pissa"``: None for the exact SVD, or the number of power
+            iterations of a randomized SVD.
         dtype: dtype of the ``A`` and ``B`` factors, whatever the base dtype.
         train: patterns of leaves trained in full (a new head, layer norms).
-        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (the biases of
             adapted modules train).
         axes: ``{pattern: roles}`` naming each axis of a matching weight ``"stack"``,
-            ``"in"`` or ``"out"``, for weights of more than two dimensions when
-            ``init`` is not given the function that uses them; chosen as in
-            ``rank_pattern``.
-        use_dora: DoRA: each adapted weight becomes ``m * V / ||V||`` with
-            ``V = w + s A B``, the norm per output unit over the fan-in axes and a
-            trainable magnitude ``m`` starting at ``||w||``. `lora` takes the norm from
-            the factors, never forming ``V``. Matmul (Dense, DenseGeneral, einsum) and
-            conv kernels only: an embedding lookup of a DoRA weight raises.
-        dora_detach_norm: treat ``||V||`` as a constant in the backward pass (default
-            True): PEFT detaches it, and the DoRA paper (section 4.3) does so to save
-            the memory its gradient needs, at little cost in accuracy; ``m`` and the
-            direction still get gradients. False differentiates through the norm too.
+            ``"in"`` or ``"out"``, for weights of more than two dimensions when `init` is
+            not given the function that uses them.
+        use_dora: DoRA: each adapted weight becomes ``m * V / ||V||`` with ``V = w + s A B``
+            (norm per output unit, ``m`` trained from ``||w||``); matmul and conv kernels.
+        dora_detach_norm: treat ``||V||`` as a constant in the backward pass (as PEFT and
+            the DoRA paper do); False differentiates through it.
 
     Example:
         >>> config = LoraConfig(rank=8, alpha=16, targets=("query", "value"))

@@ -24,12 +24,9 @@ def initialize(
 ) -> bool:
     """Starts JAX's distributed runtime (``jax.distributed.initialize``), if there is one to join.
 
-    Call it first, before any other JAX call. With explicit arguments it calls
-    ``jax.distributed.initialize`` with them. With none, JAX looks for a cluster
-    (Slurm, Open MPI, Cloud TPU, ``JAX_COORDINATOR_ADDRESS``); where it finds none,
-    or where JAX has already started (so it can only run as one process), this is a
-    no-op and the program runs as a single process. Processes on CPU talk through
-    JAX's CPU collectives (``jax_cpu_collectives_implementation``, gloo by default).
+    Call it before any other JAX call. Without arguments JAX looks for a cluster (Slurm,
+    Open MPI, Cloud TPU, ``JAX_COORDINATOR_ADDRESS``); where it finds none, or where JAX
+    has already started, this is a no-op and the program runs as one process.
 
     Args:
         coordinator_address: ``"host:port"`` of process 0's coordinator service.

@@ -20,7 +20,13 @@ from .json_values import check_json, clipped, json_digest
 
 
 class Restored(NamedTuple):
-    """What `TrainCheckpointer.restore` returns."""
+    """What `TrainCheckpointer.restore` returns.
+
+    Attributes:
+        state: the restored state, with ``like``'s ``frozen`` field put back.
+        step: the step restored.
+        data: the JSON bookkeeping saved with it.
+    """
 
     state: Any
     step: int
@@ -30,17 +36,11 @@ class Restored(NamedTuple):
 class TrainCheckpointer:
     """Saves and restores training states with an orbax ``CheckpointManager``.
 
-    Each step directory holds the state (any pytree: adapters, optimizer state,
-    step counter, PRNG key) and a JSON dict of data position or other bookkeeping.
-    Saves are asynchronous (the arrays are copied to host, then written in a
-    background thread) and atomic: a process killed mid-save leaves the earlier
-    steps intact, and the half-written one is ignored and cleaned up. Only the
-    last ``max_to_keep`` steps are kept. In a multi-process run every process makes
-    the same calls on the same ``directory``; orbax writes each step once.
-
-    A state with a ``frozen`` field (lorax_lite's ``TrainState``, or any NamedTuple
-    or dataclass with one) is saved without it, so the base weights are never
-    written; `restore` takes them from ``like``.
+    Each step directory holds the state (adapters, optimizer state, step counter, PRNG
+    key) and a JSON dict of bookkeeping such as the data position. Saves are asynchronous
+    and atomic (a killed save leaves the earlier steps, and the half-written one is
+    cleaned up); the last ``max_to_keep`` steps are kept. A state's ``frozen`` field (the
+    base weights of a `TrainState`) is never written: `restore` takes it from ``like``.
 
     Args:
         directory: where the step directories go (created if missing).
@@ -49,8 +49,7 @@ class TrainCheckpointer:
         async_save: write in a background thread; `wait` or `close` to finish.
 
     Raises:
-        ValueError: if the metadata file of a saved step in ``directory`` is corrupted
-            (orbax reads them all when it opens the directory).
+        ValueError: if the metadata file of a saved step in ``directory`` is corrupted.
 
     Example:
         >>> with TrainCheckpointer("/tmp/run/ckpt", max_to_keep=3) as ckpt:  # doctest: +SKIP

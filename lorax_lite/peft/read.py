@@ -47,56 +47,35 @@ from .format import (
 def from_peft(path: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
     """Reads a PEFT LoRA adapter onto the JAX base ``params``.
 
-    Every field of ``adapter_config.json`` that describes the weights is checked,
-    and every tensor against it and against the base: floating dtypes, finite values,
-    ``lora_A`` of shape ``(r, d_in)`` and ``lora_B`` of ``(d_out, r)`` with ``r`` the
-    module's rank (``rank_pattern`` or ``r``), on a module ``target_modules`` names,
-    whose base leaf is ``(d_in, d_out)`` (a Flax kernel or embedding; a transposed
-    ``(d_out, d_in)`` leaf is refused, never silently reinterpreted).
-
-    A leaf whose name in ``name_map`` is a ``{layer}`` template holds one module per
-    index of its leading axis (``(n_layer, d_in, d_out)`` for a scanned kernel): the
-    modules' tensors are stacked back along that axis, into a `LoraWeight` whose layout
-    stacks axis 0 (as `init` gives a scanned kernel). Every layer must be present, with
-    one rank and one alpha (PEFT's ``rank_pattern``/``alpha_pattern`` may name layers,
-    as long as they agree across the layers of one leaf).
-
-    With ``use_dora: true`` every adapted module needs its ``lora_magnitude_vector``
-    ``(d_out,)``, read as DoRA's ``m`` (with the norm detached, as PEFT trains; the
-    layers' vectors of a stacked leaf are stacked into ``m`` of ``(n_layer, d_out)``);
-    embedding adapters are refused then (lorax_lite's DoRA has no embedding rule).
+    Every field of ``adapter_config.json`` that describes the weights is checked, and
+    every tensor against it and against the base: ``lora_A`` ``(r, d_in)`` and ``lora_B``
+    ``(d_out, r)`` on a module ``target_modules`` names, whose base leaf is ``(d_in,
+    d_out)`` (a transposed leaf is refused, never reinterpreted). A leaf whose name in
+    ``name_map`` is a ``{layer}`` template gets its layers' tensors stacked back along its
+    leading axis. With ``use_dora: true`` each ``lora_magnitude_vector`` becomes DoRA's ``m``.
 
     Args:
         path: the directory holding ``adapter_config.json`` and
-            ``adapter_model.safetensors`` (``directory=`` before, which warns
-            ``DeprecationWarning``). The base is always checked against the tensors'
-            shapes; PEFT records no fingerprint of its base, so there is no
-            ``check_base`` to lift (`load_adapter`'s compares one).
+            ``adapter_model.safetensors`` (``directory=`` before; warns). The base is always
+            checked against the tensors' shapes (PEFT records no base fingerprint to check).
         params: the base parameter tree whose leaf paths ``name_map`` maps.
         name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
             of stacked layers, as a dict or a callable.
 
     Returns:
-        The LoRA tree: adapted leaves as `LoraWeight` (scale from ``lora_alpha``,
-        ``alpha_pattern`` and ``use_rslora``; ``m`` with DoRA), trained biases and
-        ``modules_to_save`` parameters as `Trainable`.
+        The LoRA tree: adapted leaves as `LoraWeight`, trained biases and ``modules_to_save``
+        parameters as `Trainable`.
 
     Raises:
-        FileNotFoundError: if a file is missing (a pickled ``adapter_model.bin`` is
-            never read).
-        ValueError: naming the file: if it is not UTF-8 JSON or safetensors; listing
-            every field of the configuration that is missing, of the wrong type or out
-            of range, or that lorax_lite cannot represent (another PEFT type, a
-            base modified by PiSSA/OLoRA/CorDA/LoftQ initialization); listing every
-            tensor that maps to no base leaf, has a non-floating dtype, non-finite
-            values or a shape that does not fit, every DoRA magnitude that is missing
-            (with ``use_dora``), misshapen or stray, every leaf or tensor that two
-            modules or two tensors would share, and every stacked leaf with layers
-            missing or layers of different ranks or alphas (naming those layers).
-
-        ValueError: if the tensors' header records (as `to_peft` writes) other values of
-            the fields of ``adapter_config.json`` that give the tensors their meaning: the
-            directory mixes two exports.
+        FileNotFoundError: if a file is missing (a pickled ``adapter_model.bin`` is never
+            read).
+        ValueError: naming the file: if it is not UTF-8 JSON or safetensors; listing every
+            field of the configuration that is missing, invalid or that lorax_lite cannot
+            represent (another PEFT type, a base changed by PiSSA/OLoRA/CorDA/LoftQ init);
+            listing every tensor that maps to no base leaf or does not fit it, every DoRA
+            magnitude missing, misshapen or stray, and every stacked leaf whose layers are
+            missing or differ in rank or alpha; if the tensors' header records another
+            ``adapter_config.json`` than the one beside it (a directory mixing two exports).
 
     Example:
         >>> lora_params = ll.from_peft("/tmp/peft", params, names)  # doctest: +SKIP
