@@ -7,10 +7,36 @@ from typing import Any
 import jax
 import numpy as np
 
-from .params import count
 from .quant import is_quantized
 from .targets import named_leaves
+from .trees import trainable_mask
 from .weight import LoraWeight, Trainable, is_lora_node
+
+
+def count(tree: Any) -> dict[str, int]:
+    """Parameter and byte counts: ``trainable``, ``total``, ``trainable_bytes``, ``total_bytes``.
+
+    A `QuantizedWeight` counts its logical entries and the bytes it is stored in.
+
+    Args:
+        tree: a LoRA tree (or any parameter tree: nothing in it trains).
+
+    Returns:
+        ``{"trainable", "total", "trainable_bytes", "total_bytes"}`` as Python ints.
+    """
+    mask = jax.tree_util.tree_leaves(trainable_mask(tree))
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    nbytes = [
+        x.nbytes if is_quantized(x) else s * np.dtype(x.dtype).itemsize
+        for s, x in zip(sizes, leaves)
+    ]
+    return {
+        "trainable": sum(s for s, m in zip(sizes, mask) if m),
+        "total": sum(sizes),
+        "trainable_bytes": sum(b for b, m in zip(nbytes, mask) if m),
+        "total_bytes": sum(nbytes),
+    }
 
 
 def summary(tree: Any, *, per_leaf: bool = False) -> str:
