@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-small", type=int, default=1000, help="snippets of the small set")
     p.add_argument("--eval-every", type=int, default=20, help="steps between validations")
     args = runner.parse(
-        p, argv, **demo.SMOKE_TASK, steps=8, ranks=[2, 4], ref_rank=2, dropouts=[0.0, 0.3],
+        p, argv, **demo.SMOKE_FLAGS, steps=8, ranks=[2, 4], ref_rank=2, dropouts=[0.0, 0.3],
         n_small=40, eval_every=4,
     )  # fmt: skip
     if args.ref_rank < 1 or min(args.ranks) < 1:
@@ -185,30 +185,44 @@ def summary(result: dict[str, Any]) -> dict[str, float]:
 def markdown_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
     """The scaling table and the dropout table, in Markdown."""
     scaling = [
-        "| rank | scaling | alpha | scale s | trainable | val acc (final) | val acc (best) "
-        "| val loss (final) | train loss |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            r["rank"],
+            "rsLoRA alpha/sqrt(r)" if r["use_rslora"] else "alpha/r",
+            f"{r['alpha']:.2f}",
+            f"{r['scale']:.3f}",
+            f"{r['trainable']:,}",
+            f"{s['final_acc']:.3f}",
+            f"{s['best_acc']:.3f}",
+            f"{s['final_loss']:.3f}",
+            f"{r['train_loss']:.3f}",
+        )  # fmt: skip
+        for r, s in ((r, summary(r)) for r in results if r["study"] == "scaling")
     ]
-    for r in (r for r in results if r["study"] == "scaling"):
-        s = summary(r)
-        scaling.append(
-            f"| {r['rank']} | {'rsLoRA alpha/sqrt(r)' if r['use_rslora'] else 'alpha/r'} "
-            f"| {r['alpha']:.2f} | {r['scale']:.3f} | {r['trainable']:,} | {s['final_acc']:.3f} "
-            f"| {s['best_acc']:.3f} | {s['final_loss']:.3f} | {r['train_loss']:.3f} |"
-        )
     dropout = [
-        "| training set | dropout | val acc (final) | val acc (best) | val loss (final) "
-        "| val loss (min) | train loss | gap (val - train loss) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            f"{r['n_train']:,}",
+            f"{r['dropout']:g}",
+            f"{s['final_acc']:.3f}",
+            f"{s['best_acc']:.3f}",
+            f"{s['final_loss']:.3f}",
+            f"{s['min_loss']:.3f}",
+            f"{r['train_loss']:.3f}",
+            f"{s['final_loss'] - r['train_loss']:+.3f}",
+        )  # fmt: skip
+        for r, s in ((r, summary(r)) for r in results if r["study"] == "dropout")
     ]
-    for r in (r for r in results if r["study"] == "dropout"):
-        s = summary(r)
-        dropout.append(
-            f"| {r['n_train']:,} | {r['dropout']:g} | {s['final_acc']:.3f} | {s['best_acc']:.3f} "
-            f"| {s['final_loss']:.3f} | {s['min_loss']:.3f} | {r['train_loss']:.3f} "
-            f"| {s['final_loss'] - r['train_loss']:+.3f} |"
-        )
-    return "\n".join(scaling), "\n".join(dropout)
+    scaling_columns = (
+        "rank", "scaling", "alpha", "scale s", "trainable", "val acc (final)",
+        "val acc (best)", "val loss (final)", "train loss",
+    )  # fmt: skip
+    dropout_columns = (
+        "training set", "dropout", "val acc (final)", "val acc (best)", "val loss (final)",
+        "val loss (min)", "train loss", "gap (val - train loss)",
+    )  # fmt: skip
+    return (
+        runner.table(scaling_columns, "rlrrrrrrr", scaling),
+        runner.table(dropout_columns, "rrrrrrrr", dropout),
+    )
 
 
 def plot(results: dict[str, Any], path: str) -> None:

@@ -87,8 +87,8 @@ def task_flags(p: argparse.ArgumentParser, *, max_length: int = 48, study: bool 
     p.add_argument("--seed", type=int, default=0, help="split, head, adapter and batch seed")
 
 
-# The smoke run's task: a tiny random BERT on generated snippets.
-SMOKE_TASK = dict(batch=8, max_length=16, n_validation=32, n_test=48, lr=3e-2)
+# The task flags of a smoke run (a tiny random BERT on generated snippets).
+SMOKE_FLAGS = dict(batch=8, max_length=16, n_validation=32, n_test=48, lr=3e-2)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--full-lr", type=float, default=5e-5, help="peak learning rate, full")
     p.add_argument("--eval-every", type=int, default=20, help="steps between validations")
     runner.part_flags(p, "variant", VARIANTS)
-    smoke = dict(SMOKE_TASK, steps=30, eval_every=10, head_lr=1e-1, full_lr=3e-3)
+    smoke = dict(SMOKE_FLAGS, steps=30, eval_every=10, head_lr=1e-1, full_lr=3e-3)
     return runner.parse(p, argv, **smoke)
 
 
@@ -379,21 +379,25 @@ def reload_check(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown_table(results: dict[str, Any]) -> str:
     """The results table in Markdown."""
+    columns = (
+        "variant", "trainable params", "% of model", "peak LR", "test accuracy",
+        "train time (s)", "process time (s)", "peak RSS (MiB)", "to store",
+    )  # fmt: skip
     rows = [
-        "| variant | trainable params | % of model | peak LR | test accuracy | train time (s) "
-        "| process time (s) | peak RSS (MiB) | to store |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        (
+            variant_name(r["variant"], results["args"]["rank"]),
+            f"{r['trainable']:,}",
+            f"{100 * r['trainable'] / r['total']:.2f}",
+            f"{r['lr']:g}",
+            f"{r['test_accuracy']:.3f}",
+            f"{r['train_seconds']:.0f}",
+            f"{r['process_seconds']:.0f}",
+            f"{r['peak_rss_bytes'] / 2**20:.0f}",
+            runner.size_text(r["checkpoint_bytes"]),
+        )  # fmt: skip
+        for r in results["variants"]
     ]
-    for r in results["variants"]:
-        stored = r["checkpoint_bytes"]
-        stored = f"{stored / 2**10:.0f} KiB" if stored < 2**20 else f"{stored / 2**20:.1f} MiB"
-        rows.append(
-            f"| {variant_name(r['variant'], results['args']['rank'])} "
-            f"| {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} | {r['lr']:g} "
-            f"| {r['test_accuracy']:.3f} | {r['train_seconds']:.0f} | {r['process_seconds']:.0f} "
-            f"| {r['peak_rss_bytes'] / 2**20:.0f} | {stored} |"
-        )
-    return "\n".join(rows)
+    return runner.table(columns, "lrrrrrrrr", rows)
 
 
 def variant_name(variant: str, rank: int) -> str:
@@ -452,24 +456,7 @@ def report(results: dict[str, Any]) -> str:
     )
 
 
-def gather(
-    args: argparse.Namespace, variants: list[dict], check: dict, stamp: runner.Stamp
-) -> dict[str, Any]:
-    """The results of every variant's process and of the reload check."""
-    task = "all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)"
-    return {
-        "task": task if not args.smoke else "smoke: generated snippets, tiny random BERT",
-        "command": stamp.command,
-        "args": {k: v for k, v in vars(args).items() if k in DATA_ARGS},
-        "split": check.pop("split"),
-        "variants": variants,
-        "reload_check": check,
-        "wall_seconds": stamp.seconds,
-        "machine": stamp.machine,
-    }
-
-
-DATA_ARGS = (
+KEPT_ARGS = (
     "steps", "batch", "max_length", "rank", "alpha", "lr", "head_lr", "full_lr", "n_train",
     "n_validation", "n_test", "eval_every", "seed",
 )  # fmt: skip
@@ -486,9 +473,12 @@ DEMO = runner.Parts(
     module="experiments.demo",
     flag="variant",
     parts=VARIANTS,
+    task="all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)",
+    smoke_task="smoke: generated snippets, tiny random BERT",
+    kept=KEPT_ARGS,
     run_part=run_variant,
     reload_check=reload_check,
-    gather=gather,
+    gather=lambda variants, check: {"split": check.pop("split"), "variants": variants},
     report=report,
     plot=plot_curves,
     requirements=check_packages,

@@ -526,30 +526,27 @@ def row_name(row: str, rank: int) -> str:
     return NAMES[row].format(rank=rank)
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
-
-
 def markdown_table(results: dict[str, Any]) -> str:
     """The results table in Markdown."""
-    rows = [
-        "| row | test accuracy | held-out loss | trainable params | base bytes | adapter bytes "
-        "| peak RSS | step time (s) | tokens/s | wall time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    columns = (
+        "row", "test accuracy", "held-out loss", "trainable params", "base bytes",
+        "adapter bytes", "peak RSS", "step time (s)", "tokens/s", "wall time (s)",
+    )  # fmt: skip
+    rows = []
     for r in results["rows"]:
         timed = "step_seconds" in r
-        step = f"{r['step_seconds']:.2f} | {r['tokens_per_s']:.0f}" if timed else "- | -"
+        step = [f"{r['step_seconds']:.2f}", f"{r['tokens_per_s']:.0f}"] if timed else ["-", "-"]
         acc = f"{r['test_accuracy']:.3f}" if "test_accuracy" in r else "not trained (see below)"
         loss = f"{r['heldout_loss']:.3f}" if "heldout_loss" in r else "-"
+        adapter = runner.size_text(r["adapter_bytes"]) if r.get("adapter_bytes") else "-"
         rows.append(
-            f"| {row_name(r['row'], results['args']['rank'])} | {acc} | {loss} "
-            f"| {r['trainable']:,} | {_mib(r['base_bytes'])} "
-            f"| {_mib(r['adapter_bytes']) if r.get('adapter_bytes') else '-'} "
-            f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB "
-            f"| {step} | {r['process_seconds']:.0f} |"
-        )
-    return "\n".join(rows)
+            [
+                row_name(r["row"], results["args"]["rank"]), acc, loss, f"{r['trainable']:,}",
+                runner.size_text(r["base_bytes"]), adapter,
+                f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", *step, f"{r['process_seconds']:.0f}",
+            ]
+        )  # fmt: skip
+    return runner.table(columns, "lrrrrrrrrr", rows)
 
 
 def plot_curves(results: dict[str, Any], path: str) -> None:
@@ -646,22 +643,6 @@ KEPT_ARGS = (
 )  # fmt: skip
 
 
-def gather(
-    args: argparse.Namespace, rows: list[dict], check: dict, stamp: runner.Stamp
-) -> dict[str, Any]:
-    """The results of every row's process and of the reload check."""
-    task = "SmolLM2-135M-Instruct on Rotten Tomatoes (fresh or rotten?), LoRA and QLoRA"
-    return {
-        "task": task if not args.smoke else "smoke: tiny random GGUF model, generated snippets",
-        "command": stamp.command,
-        "args": {k: v for k, v in vars(args).items() if k in KEPT_ARGS},
-        "rows": rows,
-        "reload_check": check,
-        "wall_seconds": stamp.seconds,
-        "machine": stamp.machine,
-    }
-
-
 def check_packages() -> None:
     """Exits with a clear message if a package of the real run is missing."""
     check_installed(
@@ -675,9 +656,12 @@ LLM = runner.Parts(
     module="experiments.llm",
     flag="row",
     parts=ROWS,
+    task="SmolLM2-135M-Instruct on Rotten Tomatoes (fresh or rotten?), LoRA and QLoRA",
+    smoke_task="smoke: tiny random GGUF model, generated snippets",
+    kept=KEPT_ARGS,
     run_part=run_row,
     reload_check=reload_check,
-    gather=gather,
+    gather=lambda rows, check: {"rows": rows},
     report=report,
     plot=plot_curves,
     requirements=check_packages,

@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     demo.task_flags(p)
     p.add_argument("--b-lr-ratio", type=float, default=16.0, help="LoRA+ lr_B / lr_A")
-    return runner.parse(p, argv, **demo.SMOKE_TASK, steps=20)
+    return runner.parse(p, argv, **demo.SMOKE_FLAGS, steps=20)
 
 
 def variant_config(variant: str, args: argparse.Namespace) -> ll.LoraConfig:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 
 import jax
 import numpy as np
 import pytest
+from published import check_published
 
 import lorax_lite as ll
 from experiments import alpha_dropout, demo
@@ -86,11 +85,8 @@ def test_smoke_run_trains_every_configuration_and_reports(tmp_path):
     assert find(study="dropout", dropout=0.3, n_train=40) != find(
         study="dropout", dropout=0.0, n_train=40
     )
-    saved = json.loads((tmp_path / "alpha_dropout_smoke.json").read_text())
-    assert saved["runs"] == json.loads(json.dumps(runs))
-    text = (tmp_path / "alpha_dropout_smoke.md").read_text()
-    assert "| 4 | rsLoRA alpha/sqrt(r) | 11.31 | 5.657 | 578 |" in text
-    assert "| 40 | 0.3 |" in text
-    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    assert (tmp_path / "alpha_dropout_smoke.png").exists() == has_matplotlib
+    check_published(
+        tmp_path, "alpha_dropout_smoke", results, "runs",
+        "| 4 | rsLoRA alpha/sqrt(r) | 11.31 | 5.657 | 578 |", "| 40 | 0.3 |",
+    )  # fmt: skip
     assert jax.default_backend() == results["machine"]["backend"]

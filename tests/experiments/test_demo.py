@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 from helpers import randomize_b
+from published import check_published
 from safetensors.numpy import save_file
 
 import lorax_lite as ll
@@ -270,12 +271,9 @@ def test_smoke_demo_trains_saves_reloads_and_reports(tmp_path):
     check = results["reload_check"]
     assert check["same_predictions"] and check["max_abs_diff_merged_unmerged"] < 1e-5
     assert check["max_abs_diff_reloaded_trained"] < 1e-5
-    saved = json.loads((tmp_path / "demo_smoke.json").read_text())
-    assert saved["variants"] == json.loads(json.dumps(results["variants"]))
-    text = (tmp_path / "demo_smoke.md").read_text()
-    assert "| head only | 66 | " in text and "same predictions: True" in text
-    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    assert (tmp_path / "demo_smoke.png").exists() == has_matplotlib
+    check_published(
+        tmp_path, "demo_smoke", results, "variants", "| head only | 66 | ", "same predictions: True"
+    )
 
 
 def test_cross_entropy_matches_a_direct_formula():

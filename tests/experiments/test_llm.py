@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.util
-import json
 
 import jax
 import numpy as np
 import pytest
 from helpers import randomize_b
+from published import check_published
 from scipy.special import log_softmax
 
 import lorax_lite as ll
@@ -173,12 +172,9 @@ def test_smoke_llm_trains_saves_reloads_and_reports(gguf_file, tmp_path):
     check = results["reload_check"]
     assert check["same_predictions"] and check["max_abs_diff_scores"] < 1e-5
     assert check["test_accuracy"] == rows["lora"]["test_accuracy"]
-    saved = json.loads((tmp_path / "llm_smoke.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
-    text = (tmp_path / "llm_smoke.md").read_text()
-    assert "timed over 2 steps only" in text and "same predictions: True" in text
-    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    assert (tmp_path / "llm_smoke.png").exists() == has_matplotlib
+    check_published(
+        tmp_path, "llm_smoke", results, "rows", "timed over 2 steps only", "same predictions: True"
+    )
 
 
 def test_smoke_needs_a_gguf_file():
