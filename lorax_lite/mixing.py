@@ -2,7 +2,9 @@
 
 `combine_adapters` combines the adapters of an `AdapterSet` leaf by leaf: ``cat`` (exact,
 the ranks add up), ``linear`` (PEFT's, same rank, approximate) or ``svd`` (the weighted sum
-re-factored at a chosen rank), reporting each leaf's error against the exact weighted sum.
+re-factored at a chosen rank), and PEFT's pruning merges ``ties``, ``dare_linear``,
+``dare_ties`` and ``magnitude_prune``, reporting each leaf's error against the exact
+weighted sum.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from .adapter_set import AdapterSet, adapter_factors, flat_nodes
-from .checks import is_int
+from .checks import is_int, raise_problems
 from .decompose import HIGHEST, as_matrices, split_svd, truncated_svd
 from .weight import Layout, LoraWeight, Trainable
 
@@ -39,6 +41,10 @@ def combine_adapters(
     *,
     method: str = "cat",
     rank: int | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+    key: jax.Array | None = None,
+    dare_mask: Callable[[jax.Array, float], jax.Array] | None = None,
 ) -> Combined:
     """One adapter from a weighted combination of several over the same base.
 
@@ -52,6 +58,14 @@ def combine_adapters(
       same rank, not the target in general (cross terms), see ``errors``.
     * ``"svd"``: the target summed densely in float32, re-factored by truncated SVD
       to ``rank``, the singular values split as ``sqrt`` between ``A`` and ``B``.
+    * ``"magnitude_prune"``, ``"ties"``, ``"dare_linear"``, ``"dare_ties"`` (PEFT's
+      ``add_weighted_adapter``, same rank): ``linear``'s weighted sum of the ``A`` s and
+      of the ``B`` s, each factor first pruned to a fraction ``density`` of its entries
+      (per stacked slice): its largest magnitudes (``magnitude_prune``, TIES, Yadav et
+      al. 2023) or a random keep mask rescaled by ``1 / density`` (DARE, Yu et al.
+      2024). The ``ties`` kinds then keep, entry by entry, only the adapters whose
+      sign agrees with the majority (``majority_sign_method``: the sign of the sum,
+      ``"total"``, or the most frequent sign, ``"frequency"``) and average them.
 
     Leaves trained in full combine as task vectors: ``base + sum_i w_i (v_i - base)``.
 
@@ -61,15 +75,22 @@ def combine_adapters(
         method: ``"cat"``, ``"linear"`` or ``"svd"``.
         rank: the rank for ``"svd"`` (default: the largest input rank at each leaf),
             capped at ``min(d_in, d_out)``.
+        density: the fraction of each factor's entries the pruning methods keep, in
+            ``[0, 1]`` (1 keeps all).
+        majority_sign_method: ``"total"`` or ``"frequency"``, for the ``ties`` kinds.
+        key: the PRNG key of DARE's random masks.
+        dare_mask: instead of ``key``, ``(factor, density) -> keep mask`` (boolean,
+            the factor's shape), called for each adapter's ``A`` and ``B``: a fixed
+            mask, e.g. to compare with another library's merge.
 
     Returns:
         `Combined` ``(tree, errors)``; merge the tree with `ll.merge` for export.
 
     Raises:
         ValueError: for an unknown method or name, a weight that is not a finite
-            number, a bad rank, ``"linear"`` over
-            different ranks, or leaves trained in full without base values (naming
-            every such leaf).
+            number, a bad rank, density or sign method, DARE without ``key`` or
+            ``dare_mask``, ``"linear"`` or a pruning method over different ranks, or
+            leaves trained in full without base values (naming every such leaf).
 
     Example:
         >>> tree, errors = combine_adapters(adapters, {"a": 0.7, "b": 0.3}, method="svd",
@@ -78,6 +99,7 @@ def combine_adapters(
     if not isinstance(adapters, AdapterSet):
         adapters = AdapterSet.from_trees(adapters)
     _check_combination(adapters, weights, method, rank)
+    options = _options(method, rank, density, majority_sign_method, key, dare_mask)
     chosen = [(adapters.index(n), float(w)) for n, w in weights.items()]
     paths, stacked, treedef = flat_nodes(adapters.stacked)
     _, frozen, _ = flat_nodes(adapters.frozen)
@@ -89,11 +111,11 @@ def combine_adapters(
             if not parts:
                 out.append(base.w)
                 continue
-            if method == "linear" and len({r for _, _, r in parts}) > 1:
+            if method not in ("cat", "svd") and len({r for _, _, r in parts}) > 1:
                 problems.append(f"{path}: ranks {[r for _, _, r in parts]} differ")
                 out.append(None)
                 continue
-            a, b, errors[path] = _COMBINERS[method](parts, node.layout, rank)
+            a, b, errors[path] = _COMBINERS[method](parts, node.layout, options)
             out.append(LoraWeight(base.w, a, b, 1.0, node.layout, node.dropout))
         elif isinstance(node, Trainable):
             if base.value is None:
@@ -101,8 +123,7 @@ def combine_adapters(
             out.append(_task_vector(node.value, base.value, chosen))
         else:
             out.append(base)
-    if problems:
-        raise ValueError(f"combine_adapters(method={method!r}):\n  " + "\n  ".join(problems))
+    raise_problems(f"combine_adapters(method={method!r})", problems)
     return Combined(jax.tree_util.tree_unflatten(treedef, out), errors)
 
 
@@ -124,6 +145,44 @@ def _check_combination(
         problems.append(f"rank must be a positive int or None, got {rank!r}")
     if problems:
         raise ValueError("combine_adapters: " + "; ".join(problems))
+
+
+class _Options(NamedTuple):
+    rank: int | None
+    density: float
+    sign_method: str
+    mask: Callable[[jax.Array, float], jax.Array] | None
+
+
+def _options(
+    method: str,
+    rank: int | None,
+    density: float | None,
+    sign_method: str,
+    key: jax.Array | None,
+    dare_mask: Callable | None,
+) -> _Options:
+    """The pruning options, checked where ``method`` uses them."""
+    problems, mask = [], None
+    if method in _PRUNING:
+        if not _is_finite(density) or not 0 <= float(density) <= 1:
+            problems.append(f"density must be a number in [0, 1], got {density!r}")
+        if sign_method not in ("total", "frequency"):
+            problems.append(
+                f"majority_sign_method must be 'total' or 'frequency', got {sign_method!r}"
+            )
+    if method.startswith("dare"):
+        if dare_mask is None and key is None:
+            problems.append("DARE's random masks need key= (or dare_mask=)")
+        mask = dare_mask or _random_masks(key)
+    raise_problems(f"combine_adapters(method={method!r})", problems)
+    return _Options(rank, 1.0 if density is None else float(density), sign_method, mask)
+
+
+def _random_masks(key: jax.Array) -> Callable[[jax.Array, float], jax.Array]:
+    """Bernoulli keep masks, a fresh key for each factor."""
+    count = iter(range(2**31))
+    return lambda x, p: jax.random.bernoulli(jax.random.fold_in(key, next(count)), p, x.shape)
 
 
 def _is_finite(weight: Any) -> bool:
@@ -189,14 +248,14 @@ def _relative_error(target: jax.Array, a: jax.Array, b: jax.Array, layout: Layou
     return jnp.where(residual == 0, 0.0, residual / norm)
 
 
-def _combine_cat(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
+def _combine_cat(parts: list[tuple], layout: Layout, options: _Options) -> tuple:
     n_stack = len(layout.stack)
     a = jnp.concatenate([a for _, (a, _), _ in parts], axis=-1)
     bs = [(coef * b.astype(jnp.float32)).astype(b.dtype) for coef, (_, b), _ in parts]
     return a, jnp.concatenate(bs, axis=n_stack), jnp.zeros((), jnp.float32)
 
 
-def _combine_linear(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
+def _combine_linear(parts: list[tuple], layout: Layout, options: _Options) -> tuple:
     a_sum, b_sum = 0.0, 0.0
     for coef, (a, b), _ in parts:
         c = math.sqrt(abs(coef))
@@ -207,16 +266,73 @@ def _combine_linear(parts: list[tuple], layout: Layout, rank: int | None) -> tup
     return a, b, _relative_error(_target(parts, layout), a, b, layout)
 
 
-def _combine_svd(parts: list[tuple], layout: Layout, rank: int | None) -> tuple:
+def _combine_svd(parts: list[tuple], layout: Layout, options: _Options) -> tuple:
     target = _target(parts, layout)
-    keep = min(rank or max(r for _, _, r in parts), *target.shape[-2:])
+    keep = min(options.rank or max(r for _, _, r in parts), *target.shape[-2:])
     a, b = split_svd(*truncated_svd(target, keep))
     a, b = _from_matrices(a, b, *parts[0][1], layout)
     return a, b, _relative_error(target, a, b, layout)
 
 
+def _pruned_merge(method: str) -> Callable:
+    """A PEFT pruning merge: each factor pruned, then summed (or TIES' disjoint mean)
+    with ``linear``'s coefficients."""
+    random, ties = method.startswith("dare"), method.endswith("ties")
+
+    def combine(parts: list[tuple], layout: Layout, options: _Options) -> tuple:
+        n_stack, density = len(layout.stack), options.density
+        coefs = [coef for coef, _, _ in parts]
+        roots = [math.sqrt(abs(c)) for c in coefs]
+        factors = []
+        for k, signed in ((0, True), (1, False)):
+            xs = [f[k].astype(jnp.float32) for _, f, _ in parts]
+            if random and density < 1:
+                xs = [x * options.mask(x, density) / density for x in xs]
+            # One row per stacked slice: PEFT prunes each layer's factor on its own.
+            stacked = jnp.stack([as_matrices(x, n_stack, 0) for x in xs])
+            if not random:
+                stacked = _keep_largest(stacked, density)
+            c = [math.copysign(r, w) if signed else r for r, w in zip(roots, coefs)]
+            weighted = stacked * jnp.asarray(c, jnp.float32).reshape(-1, *[1] * n_stack, 1, 1)
+            if ties:
+                agree = _majority_sign_mask(stacked, options.sign_method)
+                count = jnp.maximum(agree.sum(0), 1)
+                merged = (weighted * agree).sum(0) / count
+            else:
+                merged = weighted.sum(0)
+            like = parts[0][1][k]
+            factors.append(merged.reshape(like.shape).astype(like.dtype))
+        a, b = factors
+        return a, b, _relative_error(_target(parts, layout), a, b, layout)
+
+    return combine
+
+
+def _keep_largest(x: jax.Array, density: float) -> jax.Array:
+    """``x`` (matrices ``(..., 1, n)``) with all but its ``int(density * n)`` largest
+    magnitudes of each matrix zeroed (``density >= 1`` keeps all, as PEFT)."""
+    n = x.shape[-1]
+    k = int(density * n)
+    if density >= 1:
+        return x
+    if k == 0:
+        return jnp.zeros_like(x)
+    threshold = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]
+    return jnp.where(jnp.abs(x) >= threshold, x, 0.0)
+
+
+def _majority_sign_mask(x: jax.Array, method: str) -> jax.Array:
+    """Where each adapter's entry (axis 0) has the majority's sign: that of the sum
+    (``"total"``) or the more frequent one (``"frequency"``), ties to ``+``."""
+    sign = jnp.sign(x)
+    votes = (x if method == "total" else sign).sum(0)
+    return sign == jnp.where(votes >= 0, 1.0, -1.0)
+
+
+_PRUNING = ("magnitude_prune", "ties", "dare_linear", "dare_ties")
 _COMBINERS: dict[str, Callable] = {
     "cat": _combine_cat,
     "linear": _combine_linear,
     "svd": _combine_svd,
+    **{method: _pruned_merge(method) for method in _PRUNING},
 }
