@@ -344,7 +344,7 @@ def test_linear_is_peft_linear_with_its_error_reported():
 def test_combine_argument_errors_are_listed():
     adapters, _ = mixed_set("mlp")
     with pytest.raises(ValueError, match=r"method must be.*unknown adapters \['z'\].*rank must"):
-        ll.combine_adapters(adapters, {"z": 1.0}, method="ties", rank=0)
+        ll.combine_adapters(adapters, {"z": 1.0}, method="ties_svd", rank=0)
 
 
 def test_combine_refuses_weights_that_are_not_finite_numbers():
