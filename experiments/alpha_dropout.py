@@ -186,31 +186,21 @@ def markdown_tables(results: list[dict[str, Any]]) -> tuple[str, str]:
     """The scaling table and the dropout table, in Markdown."""
     scaling = [
         (
-            r["rank"],
-            "rsLoRA alpha/sqrt(r)" if r["use_rslora"] else "alpha/r",
-            f"{r['alpha']:.2f}",
-            f"{r['scale']:.3f}",
-            f"{r['trainable']:,}",
-            f"{s['final_acc']:.3f}",
-            f"{s['best_acc']:.3f}",
-            f"{s['final_loss']:.3f}",
+            r["rank"], "rsLoRA alpha/sqrt(r)" if r["use_rslora"] else "alpha/r",
+            f"{r['alpha']:.2f}", f"{r['scale']:.3f}", f"{r['trainable']:,}",
+            f"{s['final_acc']:.3f}", f"{s['best_acc']:.3f}", f"{s['final_loss']:.3f}",
             f"{r['train_loss']:.3f}",
-        )  # fmt: skip
+        )
         for r, s in ((r, summary(r)) for r in results if r["study"] == "scaling")
-    ]
+    ]  # fmt: skip
     dropout = [
         (
-            f"{r['n_train']:,}",
-            f"{r['dropout']:g}",
-            f"{s['final_acc']:.3f}",
-            f"{s['best_acc']:.3f}",
-            f"{s['final_loss']:.3f}",
-            f"{s['min_loss']:.3f}",
-            f"{r['train_loss']:.3f}",
-            f"{s['final_loss'] - r['train_loss']:+.3f}",
-        )  # fmt: skip
+            f"{r['n_train']:,}", f"{r['dropout']:g}", f"{s['final_acc']:.3f}",
+            f"{s['best_acc']:.3f}", f"{s['final_loss']:.3f}", f"{s['min_loss']:.3f}",
+            f"{r['train_loss']:.3f}", f"{s['final_loss'] - r['train_loss']:+.3f}",
+        )
         for r, s in ((r, summary(r)) for r in results if r["study"] == "dropout")
-    ]
+    ]  # fmt: skip
     scaling_columns = (
         "rank", "scaling", "alpha", "scale s", "trainable", "val acc (final)",
         "val acc (best)", "val loss (final)", "train loss",

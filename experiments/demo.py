@@ -385,18 +385,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     )  # fmt: skip
     rows = [
         (
-            variant_name(r["variant"], results["args"]["rank"]),
-            f"{r['trainable']:,}",
-            f"{100 * r['trainable'] / r['total']:.2f}",
-            f"{r['lr']:g}",
-            f"{r['test_accuracy']:.3f}",
-            f"{r['train_seconds']:.0f}",
-            f"{r['process_seconds']:.0f}",
-            f"{r['peak_rss_bytes'] / 2**20:.0f}",
+            variant_name(r["variant"], results["args"]["rank"]), f"{r['trainable']:,}",
+            f"{100 * r['trainable'] / r['total']:.2f}", f"{r['lr']:g}",
+            f"{r['test_accuracy']:.3f}", f"{r['train_seconds']:.0f}",
+            f"{r['process_seconds']:.0f}", f"{r['peak_rss_bytes'] / 2**20:.0f}",
             runner.size_text(r["checkpoint_bytes"]),
-        )  # fmt: skip
+        )
         for r in results["variants"]
-    ]
+    ]  # fmt: skip
     return runner.table(columns, "lrrrrrrrr", rows)
 
 

@@ -334,20 +334,22 @@ def summarize(variant: Variant, tree: Any, runs: list[dict], lr: float) -> dict[
 
 def markdown(results: dict[str, Any]) -> str:
     """The results table in Markdown."""
-    lines = [
-        "| variant | rank | trainable params | compression vs full | test accuracy, mean "
-        "| min - max over seeds |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    columns = (
+        "variant", "rank", "trainable params", "compression vs full", "test accuracy, mean",
+        "min - max over seeds",
+    )  # fmt: skip
+    rows = []
     for row in results["rows"]:
-        rank = "-" if row["rank"] is None else str(row["rank"])
         accs = [100 * r["accuracy"] for r in row["runs"]]
-        lines.append(
-            f"| {row['variant']} | {rank} | {row['trainable']:,} | {row['compression']:.1f}x "
-            f"| {100 * row['accuracy_mean']:.2f}% | {min(accs):.2f} - {max(accs):.2f} |"
-        )
+        rows.append(
+            [
+                row["variant"], "-" if row["rank"] is None else row["rank"],
+                f"{row['trainable']:,}", f"{row['compression']:.1f}x",
+                f"{100 * row['accuracy_mean']:.2f}%", f"{min(accs):.2f} - {max(accs):.2f}",
+            ]
+        )  # fmt: skip
     run = run_line(results["command"], results["seconds"], results["machine"])
-    return "\n".join([*lines, "", run])
+    return "\n".join([runner.table(columns, "lrrrrr", rows), "", run])
 
 
 def plot(results: dict[str, Any], path: str) -> None:

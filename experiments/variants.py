@@ -81,9 +81,23 @@ def run_variant(variant: str, task: demo.Task, args: argparse.Namespace) -> dict
     }
 
 
+COLUMNS = (
+    "variant", "init", "step-0 max abs logit change", "train loss, first 10",
+    "train loss, last 10", "test accuracy", "test loss", "train time (s)",
+)  # fmt: skip
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report."""
     a = results["args"]
+    rows = [
+        (
+            r["variant"], r["init"], f"{r['step0_max_abs_logit_change']:.2g}",
+            f"{r['loss_first_10']:.4f}", f"{r['loss_last_10']:.4f}", f"{r['test_accuracy']:.3f}",
+            f"{r['test_loss']:.4f}", f"{r['train_seconds']:.0f}",
+        )
+        for r in results["rows"]
+    ]  # fmt: skip
     lines = [
         "# LoRA variants on the demo task (one seed, a short run)",
         "",
@@ -94,17 +108,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"LoRA+ ratio {a['b_lr_ratio']:g}; seed {a['seed']}. One seed and a short run: "
         "this table ranks no method.",
         "",
-        "| variant | init | step-0 max abs logit change | train loss, first 10 "
-        "| train loss, last 10 | test accuracy | test loss | train time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in results["rows"]:
-        lines.append(
-            f"| {r['variant']} | {r['init']} | {r['step0_max_abs_logit_change']:.2g} "
-            f"| {r['loss_first_10']:.4f} | {r['loss_last_10']:.4f} | {r['test_accuracy']:.3f} "
-            f"| {r['test_loss']:.4f} | {r['train_seconds']:.0f} |"
-        )
-    lines += [
+        runner.table(COLUMNS, "llrrrrrr", rows),
         "",
         "Step-0 logit change: the largest |logit| difference on the test split between the "
         "initialised LoRA tree and the base model (PiSSA and OLoRA move part of each weight "

@@ -11,7 +11,9 @@
   ``bible -f gen1:1-rev22:21`` one per line as ``<reference> <text>``.
 
 Every loader raises ``FileNotFoundError`` naming the package and its install command when
-the data is missing.
+the data is missing. `restricted_tokenizer` and `word_tokenizer` turn the texts into compact
+token ids, `synthetic_corpora` generates two word-level "languages" for smoke runs, and
+`split_blocks`, `train_batches` and `eval_windows` cut token streams for a causal LM.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import os
 import re
 import subprocess
 import tarfile
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASETS_DIR = os.path.join(REPO_ROOT, ".venv", "datasets")
@@ -216,3 +221,120 @@ def load_kjv(*, bible: str = "bible", data_dir: str | None = None) -> str:
             f"the text is the Debian package bible-kjv-text; run '{KJV_INSTALL}' as root"
         )
     return "\n".join(parse_bible_verses(done.stdout))
+
+
+# ----- tokens for a causal LM ----------------------------------------------------------
+
+
+class Tokenizer(NamedTuple):
+    """Text to compact token ids and back.
+
+    Attributes:
+        name: a description (e.g. ``"gpt2-8192 BPE, 6,480 types seen"``).
+        vocab_size: the number of ids (``0 .. vocab_size - 1``).
+        encode: ``str -> int32 array``.
+        decode: ``sequence of ids -> str``.
+    """
+
+    name: str
+    vocab_size: int
+    encode: Callable[[str], np.ndarray]
+    decode: Callable[[Sequence[int]], str]
+
+
+def restricted_tokenizer(encoding: Any, texts: Sequence[str]) -> Tokenizer:
+    """A BPE restricted to the token types occurring in ``texts``, renumbered densely.
+
+    Args:
+        encoding: a ``tiktoken.Encoding`` (or anything with ``encode_ordinary``/``decode``).
+        texts: the corpora that define the vocabulary.
+
+    Returns:
+        A `Tokenizer` whose id ``i`` is BPE token ``table[i]`` (``table`` sorted).
+        ``encode`` raises ``ValueError`` for text with BPE tokens outside the table.
+    """
+    table = np.unique(np.concatenate([encoding.encode_ordinary(t) for t in texts]))
+
+    def encode(text: str) -> np.ndarray:
+        ids = np.asarray(encoding.encode_ordinary(text), np.int64)
+        index = np.minimum(np.searchsorted(table, ids), len(table) - 1)
+        unknown = ids[table[index] != ids]
+        if unknown.size:
+            pieces = sorted({encoding.decode([int(t)]) for t in unknown[:20]})
+            raise ValueError(f"BPE tokens outside the restricted vocabulary: {pieces}")
+        return index.astype(np.int32)
+
+    decode = lambda ids: encoding.decode([int(table[i]) for i in ids])
+    name = f"{encoding.name} BPE restricted to the {len(table):,} token types seen"
+    return Tokenizer(name, len(table), encode, decode)
+
+
+def word_tokenizer(texts: Sequence[str]) -> Tokenizer:
+    """A whitespace word tokenizer over the words of ``texts`` (for generated smoke text)."""
+    words = sorted({w for t in texts for w in t.split()})
+    index = {w: i for i, w in enumerate(words)}
+    encode = lambda text: np.array([index[w] for w in text.split()], np.int32)
+    decode = lambda ids: " ".join(words[int(i)] for i in ids)
+    return Tokenizer(f"words ({len(words)} types)", len(words), encode, decode)
+
+
+def markov_text(words: Sequence[str], *, n_words: int, fan_out: int, seed: int) -> str:
+    """Text from a random first-order Markov chain: each word has ``fan_out`` successors."""
+    rng = np.random.default_rng(seed)
+    successors = np.stack([rng.choice(len(words), fan_out, replace=False) for _ in words])
+    state, out = 0, []
+    for _ in range(n_words):
+        out.append(words[state])
+        state = int(successors[state, rng.integers(fan_out)])
+    return " ".join(out)
+
+
+def synthetic_corpora(*, n_words: int = 12000, vocab: int = 48) -> tuple[str, str]:
+    """Two generated "languages" over the same words with different transitions."""
+    words = [f"w{i:02d}" for i in range(vocab)]
+    make = lambda seed: markov_text(words, n_words=n_words, fan_out=3, seed=seed)
+    return make(1), make(2)
+
+
+class Split(NamedTuple):
+    """A corpus's tokens: ``train`` blocks ``(n, block)`` and ``heldout`` blocks."""
+
+    train: np.ndarray
+    heldout: np.ndarray
+
+
+def split_blocks(ids: np.ndarray, *, block: int, heldout_every: int) -> Split:
+    """Cuts ``ids`` into blocks of ``block`` tokens; every ``heldout_every``-th is held out.
+
+    Raises:
+        ValueError: if there are fewer than ``heldout_every`` whole blocks.
+    """
+    n = len(ids) // block
+    if n < heldout_every:
+        raise ValueError(
+            f"{len(ids)} tokens make {n} blocks of {block}; need at least {heldout_every}"
+        )
+    blocks = ids[: n * block].reshape(n, block)
+    held = np.arange(n) % heldout_every == heldout_every - 1
+    return Split(blocks[~held], blocks[held])
+
+
+def train_batches(
+    blocks: np.ndarray, *, batch_size: int, seq_len: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Endless batches ``(batch_size, seq_len)`` of windows drawn inside random blocks."""
+    rng = np.random.default_rng(seed)
+    n, block = blocks.shape
+    while True:
+        rows = rng.integers(n, size=batch_size)
+        starts = rng.integers(block - seq_len + 1, size=batch_size)
+        yield blocks[rows[:, None], starts[:, None] + np.arange(seq_len)]
+
+
+def eval_windows(blocks: np.ndarray, *, seq_len: int, limit: int | None = None) -> np.ndarray:
+    """Non-overlapping windows ``(n, seq_len)`` of the blocks; ``limit`` evenly spaced ones."""
+    per_block = blocks.shape[1] // seq_len
+    windows = blocks[:, : per_block * seq_len].reshape(-1, seq_len)
+    if limit is not None and limit < len(windows):
+        windows = windows[np.linspace(0, len(windows) - 1, limit).round().astype(int)]
+    return windows

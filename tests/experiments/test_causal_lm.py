@@ -167,7 +167,7 @@ class CharEncoding:
 
 
 def test_restricted_tokenizer_remaps_densely_and_round_trips():
-    tok = causal_lm.restricted_tokenizer(CharEncoding(), ["abba", "cab"])
+    tok = corpora.restricted_tokenizer(CharEncoding(), ["abba", "cab"])
     assert tok.vocab_size == 3
     np.testing.assert_array_equal(tok.encode("cab"), [2, 0, 1])  # sorted: a, b, c
     assert tok.encode("cab").dtype == np.int32
@@ -178,17 +178,17 @@ def test_restricted_tokenizer_remaps_densely_and_round_trips():
 
 def test_split_blocks_holds_out_every_nth_block():
     ids = np.arange(105)
-    split = causal_lm.split_blocks(ids, block=10, heldout_every=5)
+    split = corpora.split_blocks(ids, block=10, heldout_every=5)
     np.testing.assert_array_equal(split.heldout, [np.arange(40, 50), np.arange(90, 100)])
     assert split.train.shape == (8, 10)
     assert not set(split.train.ravel()) & set(split.heldout.ravel())
     with pytest.raises(ValueError, match="need at least 20"):
-        causal_lm.split_blocks(ids, block=10, heldout_every=20)
+        corpora.split_blocks(ids, block=10, heldout_every=20)
 
 
 def test_train_batches_are_windows_inside_one_block():
     blocks = np.arange(60).reshape(6, 10)
-    batches = causal_lm.train_batches(blocks, batch_size=32, seq_len=4, seed=0)
+    batches = corpora.train_batches(blocks, batch_size=32, seq_len=4, seed=0)
     for _ in range(3):
         batch = next(batches)
         assert batch.shape == (32, 4)
@@ -198,12 +198,10 @@ def test_train_batches_are_windows_inside_one_block():
 
 def test_eval_windows_cover_blocks_without_overlap():
     blocks = np.arange(40).reshape(2, 20)
-    windows = causal_lm.eval_windows(blocks, seq_len=8)
+    windows = corpora.eval_windows(blocks, seq_len=8)
     np.testing.assert_array_equal(windows, [np.arange(8), np.arange(8, 16), np.arange(20, 28),
                                             np.arange(28, 36)])  # fmt: skip
-    np.testing.assert_array_equal(
-        causal_lm.eval_windows(blocks, seq_len=8, limit=2), windows[[0, 3]]
-    )
+    np.testing.assert_array_equal(corpora.eval_windows(blocks, seq_len=8, limit=2), windows[[0, 3]])
 
 
 def test_heldout_loss_matches_float64_reference():
@@ -221,7 +219,7 @@ def test_heldout_loss_matches_float64_reference():
 
 
 def test_sample_follows_logits_greedily():
-    tok = causal_lm.word_tokenizer(["a b c d"])
+    tok = corpora.word_tokenizer(["a b c d"])
 
     def next_is_plus_one(params, buffer):  # logits favour token (t + 1) mod 4 after t
         return np.eye(4)[(buffer + 1) % 4] * 10.0
