@@ -29,7 +29,6 @@ from .step import TrainStep as TrainStep
 from .step import pmap_train_step as pmap_train_step
 from .step import sharded_train_step as sharded_train_step
 from .step import train_step as train_step
-from .step import vmap_train_step as vmap_train_step
 from .train_checkpoint import TrainCheckpointer as TrainCheckpointer
 from .transform import MaterializationError as MaterializationError
 from .transform import lora as lora
@@ -39,6 +38,7 @@ from .trees import combine as combine
 from .trees import partition as partition
 from .version import __version__ as __version__
 from .views import UnsupportedEquationError as UnsupportedEquationError
+from .vmap_step import vmap_train_step as vmap_train_step
 from .weight import Layout as Layout
 from .weight import LoraWeight as LoraWeight
 from .weight import Trainable as Trainable

@@ -1,5 +1,5 @@
-"""Compiled training steps that update only the adapters: one device, `jax.pmap`, a mesh, or
-every adapter of a set at once.
+"""Compiled training steps that update only the adapters: one device, `jax.pmap` or a mesh
+(`lorax_lite.vmap_step`: every adapter of a set at once).
 
 All builders share one update: gradients of the loss with respect to the trainable partition
 only (the frozen base is passed beside the state and never differentiated or donated),
@@ -17,17 +17,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .adapter_set import AdapterSet
 from .checks import is_int
 from .deprecation import renamed_keywords
 from .optim import optimizer
 from .placement import auto_axes, check_layout, check_leading_axis, place, replicate, unreplicate
 from .trees import TrainState, combine, partition, require_trainable
-from .weight import LoraWeight, Trainable, is_node
 
 LossFn = Callable[[Any, Any, jax.Array], Any]
 
@@ -41,11 +38,12 @@ class TrainStep(NamedTuple):
     ``"skipped"`` (a bool: the update was not applied) and the loss
     function's aux, if any, as device arrays, so reading them is the only host
     synchronisation.
-    ``step.lower(state, batch)`` lowers the compiled update without running it.
+    ``step.lower(state, batch)`` lowers the compiled update without running it
+    (`CompiledStep`).
     """
 
     init: Callable[[Any, jax.Array], TrainState]
-    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]
+    step: CompiledStep
 
 
 def train_step(
@@ -100,12 +98,12 @@ def train_step(
         >>> state, metrics = step(state, (x, y))  # doctest: +SKIP
     """
     tx = optimizer(tx)
-    update = _make_update(
+    update = make_update(
         loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
     )
     jitted = jax.jit(update, donate_argnums=(0,) if donate else ())
-    init = functools.partial(_init_state, tx=tx, caller="train_step")
-    return TrainStep(init, _stepper(jitted))
+    init = functools.partial(init_state, tx=tx, caller="train_step")
+    return TrainStep(init, CompiledStep(jitted))
 
 
 def pmap_train_step(
@@ -152,7 +150,7 @@ def pmap_train_step(
         >>> state, metrics = step(state, batch)  # doctest: +SKIP
     """
     tx = optimizer(tx)
-    update = _make_update(
+    update = make_update(
         loss_fn,
         tx,
         accum_steps=accum_steps,
@@ -165,10 +163,10 @@ def pmap_train_step(
     )
 
     def init(tree: Any, key: jax.Array) -> TrainState:
-        state = _init_state(tree, key, tx=tx, caller="pmap_train_step")
+        state = init_state(tree, key, tx=tx, caller="pmap_train_step")
         return replicate(state, devices, axis_name=axis_name)
 
-    return TrainStep(init, _stepper(mapped, finish_metrics=unreplicate))
+    return TrainStep(init, CompiledStep(mapped, finish_metrics=unreplicate))
 
 
 @renamed_keywords(data_axis="axis_name")
@@ -224,7 +222,7 @@ def sharded_train_step(
     """
     check_layout(mesh, axis_name, base_sharding, "sharded_train_step")
     tx = optimizer(tx)
-    update = _make_update(
+    update = make_update(
         loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
     )
     replicated = NamedSharding(auto_axes(mesh), PartitionSpec())
@@ -232,12 +230,12 @@ def sharded_train_step(
     on_mesh = functools.partial(place, mesh=mesh, axis_name=axis_name, base_sharding=base_sharding)
 
     def init(tree: Any, key: jax.Array) -> TrainState:
-        return on_mesh(_init_state(tree, key, tx=tx, caller="sharded_train_step"))[0]
+        return on_mesh(init_state(tree, key, tx=tx, caller="sharded_train_step"))[0]
 
-    return TrainStep(init, _stepper(jitted, prepare=on_mesh))
+    return TrainStep(init, CompiledStep(jitted, prepare=on_mesh))
 
 
-def _init_state(
+def init_state(
     tree: Any, key: jax.Array, *, tx: optax.GradientTransformation, caller: str
 ) -> TrainState:
     """A fresh state; the trainable leaves and the key are copies, so donating them
@@ -249,31 +247,41 @@ def _init_state(
     return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, tx.init(trainable), key)
 
 
-def _stepper(
-    compiled: Callable,
-    *,
-    prepare: Callable | None = None,
-    finish_metrics: Callable | None = None,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
-    """The public ``step``: passes the frozen base beside the donated state, so the base
-    is never donated or copied, and puts it back into the new state."""
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The ``step`` of a `TrainStep`: ``step(state, batch) -> (state, metrics)``.
 
-    def arguments(state: TrainState, batch: Any) -> tuple[TrainState, Any, Any]:
-        if prepare is not None:
-            state, batch = prepare(state, batch)
+    Passes the frozen base beside the donated state (so it is never donated or copied)
+    and puts it back into the new state.
+
+    Attributes:
+        compiled: the jitted (or pmapped) update ``(state without base, base, batch)``.
+        prepare: puts ``(state, batch)`` where ``compiled`` expects them, or None.
+        finish_metrics: applied to the metrics before they are returned, or None.
+    """
+
+    compiled: Callable
+    prepare: Callable | None = None
+    finish_metrics: Callable | None = None
+
+    def _arguments(self, state: TrainState, batch: Any) -> tuple[TrainState, Any, Any]:
+        if self.prepare is not None:
+            state, batch = self.prepare(state, batch)
         return dataclasses.replace(state, frozen=None), state.frozen, batch
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
-        updated, metrics = compiled(*arguments(state, batch))
-        if finish_metrics is not None:
-            metrics = finish_metrics(metrics)
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+        """One update of ``state`` on ``batch``: ``(new state, metrics)``."""
+        updated, metrics = self.compiled(*self._arguments(state, batch))
+        if self.finish_metrics is not None:
+            metrics = self.finish_metrics(metrics)
         return dataclasses.replace(updated, frozen=state.frozen), metrics
 
-    step.lower = lambda state, batch: compiled.lower(*arguments(state, batch))
-    return step
+    def lower(self, state: TrainState, batch: Any) -> Any:
+        """The update lowered for ``(state, batch)`` without running it (``jax.stages.Lowered``)."""
+        return self.compiled.lower(*self._arguments(state, batch))
 
 
-def _make_update(
+def make_update(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     *,
@@ -382,120 +390,3 @@ def _micro_batches(batch: Any, accum_steps: int) -> Any:
         return jnp.swapaxes(x, 0, 1)
 
     return jax.tree_util.tree_map(split, batch)
-
-
-def vmap_train_step(
-    loss_fn: LossFn,
-    tx: optax.GradientTransformation,
-    *,
-    batch_axis: int | None = None,
-    donate: bool = True,
-    accum_steps: int = 1,
-    remat: bool = False,
-    skip_nonfinite: bool = True,
-) -> TrainStep:
-    """All adapters of a set trained at once, side by side, over one frozen base.
-
-    `ll.train_step`'s update under ``jax.vmap`` over the adapter axis: each adapter
-    has its own factors, optimizer state and PRNG key, and takes exactly the steps it
-    would take trained alone; the base is shared, unbatched and never differentiated.
-    For sweeps, vary the data (``batch_axis=0``), the keys, or hyperparameters held in
-    the optimizer state (``optax.inject_hyperparams``).
-
-    Args:
-        loss_fn: as for `ll.train_step`: ``loss_fn(tree, batch, key)`` on one adapter.
-        tx: a plain optax optimizer (wrapped with `ll.optimizer`).
-        batch_axis: ``None``: every adapter trains on the same batch; an int: the
-            batch leaves hold one batch per adapter along this axis.
-        donate: donate the stacked state (not the base) to the update.
-        accum_steps: as for `ll.train_step`.
-        remat: as for `ll.train_step`.
-        skip_nonfinite: as for `ll.train_step`, per adapter: an adapter whose loss or
-            gradients are NaN or inf keeps its factors and optimizer state; the
-            others take their step.
-
-    Returns:
-        `TrainStep` ``(init, step)``: ``init(adapters, keys)`` takes an `AdapterSet` (or
-        ``{name: tree}``, made one with `AdapterSet.from_trees`) and one key per adapter
-        (shape ``(n,)``) and returns a `TrainState` whose ``trainable``, ``opt_state``,
-        ``key`` and ``step`` have a leading adapter axis (the base in ``frozen`` has none);
-        ``step(state, batch) -> (state, metrics)`` with per-adapter metrics.
-        ``adapters.with_trainable(state.trainable)`` puts the trained factors back into
-        the set.
-
-    Raises:
-        ValueError: if ``accum_steps < 1``; from ``init``, if the adapters' scales differ
-            at a leaf (each would need its own static scale), if any adapter is padded
-            (training would fill the padding), the keys are not one per adapter, or
-            nothing trains.
-        TypeError: if ``skip_nonfinite`` is not a bool; from ``init``, if ``adapters`` is
-            neither an `AdapterSet` nor a mapping.
-
-    Example:
-        >>> init, step = vmap_train_step(loss_fn, optax.adam(1e-3))  # doctest: +SKIP
-        >>> state = init(adapters, jax.random.split(key, len(adapters)))  # doctest: +SKIP
-        >>> state, metrics = step(state, batch)  # metrics["loss"]: one per adapter
-        ...                                                       # doctest: +SKIP
-    """
-    tx = optimizer(tx)
-    update = _make_update(
-        loss_fn, tx, accum_steps=accum_steps, remat=remat, skip_nonfinite=skip_nonfinite
-    )
-    # One update per adapter; the frozen base (the second argument) is shared, not mapped.
-    mapped = jax.vmap(update, in_axes=(0, None, batch_axis))
-    jitted = jax.jit(mapped, donate_argnums=(0,) if donate else ())
-    init_one = functools.partial(_init_state, tx=tx, caller="vmap_train_step")
-
-    def init(adapters: AdapterSet | Mapping[str, Any], keys: jax.Array) -> TrainState:
-        adapters = _as_adapter_set(adapters)
-        _check_trainable_set(adapters, keys)
-        tree = combine(adapters.stacked, adapters.frozen)
-        state_axes = TrainState(0, 0, None, 0, 0)
-        in_axes = (_adapter_axes(tree), 0)
-        return jax.vmap(init_one, in_axes=in_axes, out_axes=state_axes)(tree, keys)
-
-    return TrainStep(init, _stepper(jitted))
-
-
-def _as_adapter_set(adapters: Any) -> AdapterSet:
-    """An `AdapterSet`, or ``{name: LoRA tree}`` made one (as `combine_adapters` takes)."""
-    if isinstance(adapters, AdapterSet):
-        return adapters
-    if isinstance(adapters, Mapping):
-        return AdapterSet.from_trees(adapters)
-    raise TypeError(
-        "vmap_train_step.init takes an AdapterSet or a mapping {name: LoRA tree}, got "
-        f"{type(adapters).__name__}"
-    )
-
-
-def _check_trainable_set(adapters: AdapterSet, keys: jax.Array) -> None:
-    problems = [
-        f"{path}: scales {sorted({s[k] for s in adapters.scales})} differ"
-        for k, path in enumerate(adapters.lora_paths)
-        if len({s[k] for s in adapters.scales}) > 1
-    ]
-    if problems:
-        problems.append("(give the adapters equal alpha / rank to train them side by side)")
-    # Training would fill the zero padding: a rank-2 adapter would come back rank 4.
-    problems += [
-        f"{name}: {path} is padded from rank {r} to {full} (train adapters of equal ranks "
-        "on the same leaves)"
-        for name, leaves in adapters.padding.items()
-        for path, (r, full) in leaves.items()
-    ]
-    if np.shape(keys) != (len(adapters),):
-        problems.append(f"keys of shape {np.shape(keys)}, expected ({len(adapters)},)")
-    if problems:
-        raise ValueError("vmap_train_step.init:\n  " + "\n  ".join(problems))
-
-
-def _adapter_axes(tree: Any) -> Any:
-    """``in_axes`` for a LoRA tree whose factors and trained values carry the adapter axis."""
-
-    def axes(node):
-        if isinstance(node, LoraWeight):
-            return dataclasses.replace(node, w=None, a=0, b=0)
-        return Trainable(0) if isinstance(node, Trainable) else None
-
-    return jax.tree_util.tree_map(axes, tree, is_leaf=is_node)
