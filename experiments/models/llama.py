@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -445,6 +446,7 @@ def generate(
     top_k: int = 0,
     eos_id: int | None = None,
     adapter_ids: jax.Array | np.ndarray | None = None,
+    times: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Continues ``prompt`` token by token with a key/value cache.
 
@@ -463,6 +465,8 @@ def generate(
         eos_id: stop once every row has produced this token (it is included).
         adapter_ids: one adapter id per row (``-1``: the base model): each row runs with
             its own adapter of ``params`` (`decode_step`'s ``routed``).
+        times: a dict that gets ``prefill_s`` (the prompt's step, to its first token on
+            the host) and ``decode_s`` (every later step) in seconds.
 
     Returns:
         ``(batch, n)`` int32 new tokens, ``n <= max_new_tokens``.
@@ -493,11 +497,15 @@ def generate(
     else:
         step = functools.partial(step, params)
     step_key = lambda i: jax.random.fold_in(key, i) if temperature else None
+    start = time.perf_counter()
     token, cache = step(prompt, cache, 0, step_key(0))
     out = [np.asarray(token)]
+    prefilled = time.perf_counter()
     for i in range(1, max_new_tokens):
         if eos_id is not None and (out[-1] == eos_id).all():
             break
         token, cache = step(token[:, None], cache, length + i - 1, step_key(i))
         out.append(np.asarray(token))
+    if times is not None:
+        times.update(prefill_s=prefilled - start, decode_s=time.perf_counter() - prefilled)
     return np.stack(out, axis=1)
