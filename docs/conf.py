@@ -75,6 +75,11 @@ KNOWN_DOCSTRING_ISSUES = [
     ("py:obj", "to_serial"),
     ("py:obj", "from_serial"),
     ("py:obj", "pattern_matches"),
+    ("py:obj", "lorax_lite.kquants"),
+    # TrainStep.step is typed with step.py's internal CompiledStep.
+    ("py:class", "CompiledStep"),
+    ("py:class", "lorax_lite.step.CompiledStep"),
+    ("py:obj", "CompiledStep"),
     # A name of the serving work in progress (issue 30), not yet public.
     ("py:obj", "AdapterSlots"),
 ]

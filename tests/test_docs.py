@@ -191,3 +191,12 @@ def test_the_docs_build_with_warnings_as_errors(tmp_path):
     assert done.returncode == 0, done.stderr[-5000:]
     assert (tmp_path / "html" / "reference" / "core.html").exists()
     assert (tmp_path / "html" / "results" / "generated" / "llm.html").exists()
+
+
+def test_getting_started_runs_the_readme_quickstart():
+    """The landing page and the docs show one quickstart (tests/test_readme.py checks what it
+    does)."""
+    quickstart = re.compile(r"^## Quickstart\n.*?^```python\n(.*?)^```", re.S | re.M)
+    readme = quickstart.search((ROOT / "README.md").read_text())
+    docs = quickstart.search((DOCS / "getting_started.md").read_text())
+    assert readme and docs and readme.group(1) == docs.group(1)

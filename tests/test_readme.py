@@ -1,4 +1,5 @@
-"""The README's quickstart runs as written and really trains."""
+"""The README's quickstart runs as written and really trains, and the docs' how-to blocks that
+continue it (moved there from the README) do what they say."""
 
 import contextlib
 import io
@@ -12,14 +13,17 @@ import pytest
 
 import lorax_lite as ll
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+HOWTO = ROOT / "docs" / "howto"
 
 
-def section_code(title: str) -> str:
-    """The first ```python block of the README section ``title``."""
-    pattern = rf"^## {re.escape(title)}\n.*?^```python\n(.*?)^```"
-    match = re.search(pattern, README.read_text(), re.S | re.M)
-    assert match, f"README.md has no ```python block under '## {title}'"
+def section_code(title: str, source: pathlib.Path = README) -> str:
+    """The first ```python block of the section ``title`` (a ``#`` or ``##`` heading) of
+    ``source``."""
+    pattern = rf"^##? {re.escape(title)}\n.*?^```python\n(.*?)^```"
+    match = re.search(pattern, source.read_text(), re.S | re.M)
+    assert match, f"{source.name} has no ```python block under '{title}'"
     return match.group(1)
 
 
@@ -69,7 +73,10 @@ def many_adapters(quickstart):
     """The namespace after the "Many adapters" block, run on the quickstart's namespace."""
     namespace = {k: v for k, v in quickstart.items() if k != "stdout"}
     with contextlib.redirect_stdout(io.StringIO()):
-        exec(compile(section_code("Many adapters over one base"), str(README), "exec"), namespace)
+        page = HOWTO / "many_adapters.md"
+        exec(
+            compile(section_code("Many adapters over one base", page), str(page), "exec"), namespace
+        )
     return namespace
 
 
@@ -101,7 +108,8 @@ def test_quantized_base_section_runs_on_the_quickstart(quickstart):
     namespace = dict(quickstart)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        exec(compile(section_code("Quantized base (QLoRA)"), str(README), "exec"), namespace)
+        page = HOWTO / "quantize.md"
+        exec(compile(section_code("Quantize the base (QLoRA)", page), str(page), "exec"), namespace)
     assert stdout.getvalue().startswith("quantized base: 2 weights (nf4)")
     q_params, x = namespace["q_params"], namespace["x"]
     reference = namespace["model"].apply(ll.merge(q_params), x)
@@ -112,8 +120,8 @@ def test_variants_section_runs_on_the_quickstart(quickstart):
     """PiSSA leaves the model unchanged at step 0, LoRA+ trains it, and the MoE adapter's
     output equals each row through its expert's merged weight (float64)."""
     ns = {k: v for k, v in quickstart.items() if k != "stdout"}
-    title = "LoRA variants: PiSSA, OLoRA, LoRA+ and MoE experts"
-    exec(compile(section_code(title), str(README), "exec"), ns)
+    page = HOWTO / "variants.md"
+    exec(compile(section_code("PiSSA, OLoRA, LoRA+ and MoE experts", page), str(page), "exec"), ns)
     model, x = ns["model"], ns["x"]
     np.testing.assert_allclose(ns["start"], model.apply(ns["params"], x), rtol=1e-5, atol=1e-5)
     kernel = ns["pissa_params"]["params"]["fc1"]["kernel"]
@@ -139,7 +147,11 @@ def test_dora_section_trains_on_the_quickstart(quickstart):
     namespace = {k: v for k, v in quickstart.items() if k != "stdout"}
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        exec(compile(section_code("DoRA (weight-decomposed LoRA)"), str(README), "exec"), namespace)
+        page = HOWTO / "variants.md"
+        exec(
+            compile(section_code("DoRA (weight-decomposed LoRA)", page), str(page), "exec"),
+            namespace,
+        )
     assert stdout.getvalue().startswith("(64,)")
     tree = namespace["dora_params"]
     fc1 = tree["params"]["fc1"]["kernel"]
