@@ -1,5 +1,6 @@
-"""PiSSA and OLoRA: adapters initialised from the weight itself, the base replaced by
-the residual, so that ``residual + scale * A @ B`` equals the weight at step 0.
+"""PiSSA, OLoRA and LoftQ: adapters initialised from the weight itself, the base replaced
+by a residual, so that ``residual + scale * A @ B`` equals (LoftQ: approximates, with a
+quantized residual) the weight at step 0.
 
 * PiSSA (Meng et al. 2024; PEFT ``init_lora_weights="pissa"``): ``A`` and ``B`` are the
   top-``r`` singular vectors of ``W``, each scaled by ``sqrt(S_r / scale)``, so that
@@ -7,6 +8,9 @@ the residual, so that ``residual + scale * A @ B`` equals the weight at step 0.
   SVD is randomized (Halko et al. 2011), ``niter`` power iterations, for large weights.
 * OLoRA (Büyükakyüz 2024; PEFT ``init_lora_weights="olora"``): from ``W^T = Q R``
   (PyTorch's ``(out, in)`` layout), ``A = R_r^T`` and ``B = Q_r^T``.
+* LoftQ (Li et al. 2024; PEFT ``init_lora_weights="loftq"``): alternately quantize
+  ``W - s A B`` to ``Q`` and refit ``s A B`` to ``W - Q`` by truncated SVD, so that the
+  quantized base plus the adapter is closer to ``W`` than the quantized ``W`` alone.
 
 Weights of more than two axes are decomposed per stacked slice (a scanned layer, an
 expert) as the matrix ``(prod(fan_in), prod(fan_out))`` of their layout.
@@ -15,14 +19,16 @@ expert) as the matrix ``(prod(fan_in), prod(fan_out))`` of their layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from .quant import fan_in_axis, quantize_array
 from .weight import Layout, LoraWeight
 
-RESIDUAL_INITS = ("pissa", "olora")
+RESIDUAL_INITS = ("pissa", "olora", "loftq")
 """The `LoraConfig.init` values that change the base weight."""
 OVERSAMPLE = 10  # extra random directions of the randomized SVD (Halko et al.'s default)
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -39,6 +45,8 @@ def residual_init(
     dtype: Any,
     niter: int | None = None,
     key: jax.Array | None = None,
+    quantization: str | Mapping[str, Any] | None = None,
+    loftq_iter: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(A, B, residual)`` for a weight ``w`` of ``layout``, decomposed in float32.
 
@@ -47,19 +55,26 @@ def residual_init(
         layout: its stacked, fan-in and fan-out axes.
         rank: the adapter's rank ``r``.
         scale: the adapter's scale ``s``.
-        init: ``"pissa"`` or ``"olora"``.
+        init: ``"pissa"``, ``"olora"`` or ``"loftq"``.
         dtype: the dtype of ``A`` and ``B``.
         niter: PiSSA only: None for the exact SVD, else the power iterations of a
             randomized SVD.
         key: the PRNG key of the randomized SVD.
+        quantization: LoftQ only: the base's quantization, as `ll.init` takes it.
+        loftq_iter: LoftQ only: alternations of quantizing and refitting.
 
     Returns:
         ``A``, ``B`` (shaped as `Layout.factor_shapes`) and ``w - s * A @ B`` in
-        ``w``'s dtype (the factors as stored in ``dtype`` are subtracted).
+        ``w``'s dtype (the factors as stored in ``dtype`` are subtracted); for LoftQ
+        the dequantized ``Q`` instead, which quantizes to itself.
 
     Raises:
-        ValueError: for another ``init``, or ``niter`` without a ``key``.
+        ValueError: for another ``init``, ``niter`` without a ``key``, or LoftQ
+            without ``quantization``.
     """
+    if init == "loftq":
+        return loftq(w, layout, rank, scale, quantization=quantization, dtype=dtype,
+                     iterations=loftq_iter)  # fmt: skip
     matrix = weight_matrices(w, layout)
     if init == "pissa":
         a, b = split_svd(*_svd(matrix, rank, niter=niter, key=key), scale=scale)
@@ -68,10 +83,74 @@ def residual_init(
         a, b = jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :, :rank], -1, -2)
     else:
         raise ValueError(f"residual_init: init must be one of {RESIDUAL_INITS}, got {init!r}")
-    a_shape, b_shape = layout.factor_shapes(w.shape, rank)
-    a, b = a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
+    a, b = _as_factors(a, b, w, layout, dtype)
+    return a, b, _minus_delta(w, a, b, scale, layout)
+
+
+def loftq(
+    w: jax.Array,
+    layout: Layout,
+    rank: int,
+    scale: float,
+    *,
+    quantization: str | Mapping[str, Any] | None,
+    dtype: Any = jnp.float32,
+    iterations: int = 1,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """LoftQ: factors that make the quantized base plus the adapter close to ``w``.
+
+    Starting from ``Q = quantize(W)``, each iteration fits ``s A B`` to ``W - Q`` (the
+    truncated SVD, split as in PiSSA) and quantizes ``W - s A B`` again (PEFT's
+    ``loftq_init``, whose last ``Q`` is the one the adapter was fitted to).
+
+    Args:
+        w: the float weight ``W``.
+        layout: its stacked, fan-in and fan-out axes.
+        rank: the adapter's rank ``r``.
+        scale: the adapter's scale ``s``.
+        quantization: a kind such as ``"nf4"`` or the keywords of `ll.quantize`
+            (``kind``, ``block``, ``axis``, ``double_quant``); by default blocks along
+            the fan-in axes, as `ll.quantize` places them.
+        dtype: the dtype of ``A`` and ``B``.
+        iterations: alternations (PEFT's ``loftq_iter``, default 1).
+
+    Returns:
+        ``A``, ``B`` and the dequantized base ``Q`` in ``w``'s dtype; quantized again
+        with the same options, ``Q`` gives the same codes.
+
+    Raises:
+        ValueError: without ``quantization``, or ``iterations < 1``.
+    """
+    if quantization is None:
+        raise ValueError("loftq: init='loftq' needs the base's quantization (quantization=)")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"loftq: iterations must be an int >= 1, got {iterations!r}")
+    spec = {"kind": quantization} if isinstance(quantization, str) else dict(quantization)
+    spec.pop("also", None)  # plain leaves: not this weight's business
+    spec.setdefault("axis", fan_in_axis(layout.fan_in, w.ndim))
+    target, base = w.astype(jnp.float32), w
+    for _ in range(iterations):
+        q = quantize_array(base, **spec).dequantize()
+        residual = weight_matrices(target - q.astype(jnp.float32), layout)
+        a, b = split_svd(*truncated_svd(residual, rank), scale=scale)
+        a, b = _as_factors(a, b, w, layout, dtype)
+        base = _minus_delta(w, a, b, scale, layout)
+    return a, b, q
+
+
+def _as_factors(
+    a: jax.Array, b: jax.Array, w: jax.Array, layout: Layout, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Matrices ``(stack..., d_in, r)`` and ``(stack..., r, d_out)`` as the layout's
+    factors, in ``dtype``."""
+    a_shape, b_shape = layout.factor_shapes(w.shape, a.shape[-1])
+    return a.reshape(a_shape).astype(dtype), b.reshape(b_shape).astype(dtype)
+
+
+def _minus_delta(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, layout: Layout):
+    """``w - s A B`` in ``w``'s dtype, computed in float32."""
     delta = LoraWeight(w, a, b, scale, layout).delta(jnp.float32)
-    return a, b, (w.astype(jnp.float32) - delta).astype(w.dtype)
+    return (w.astype(jnp.float32) - delta).astype(w.dtype)
 
 
 def weight_matrices(w: jax.Array, layout: Layout) -> jax.Array:

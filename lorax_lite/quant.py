@@ -395,6 +395,22 @@ def quantize_scales(scales: jax.Array, blocks_axis: int) -> QuantizedScales:
     )
 
 
+def fan_in_axis(fan_in: tuple[int, ...], ndim: int) -> int | tuple[int, ...]:
+    """The default blocked ``axis`` of a weight of ``ndim`` axes with these fan-in axes:
+    all of them when consecutive (blocks may run across them), else the last; ``-1``
+    (the last axis) without fan-in axes.
+
+    Example:
+        >>> fan_in_axis((0, 1), 3), fan_in_axis((0,), 2), fan_in_axis((), 2)
+        ((-3, -2), -2, -1)
+    """
+    if not fan_in:
+        return -1
+    axes = [i - ndim for i in fan_in]
+    consecutive = len(axes) > 1 and axes == list(range(axes[0], axes[-1] + 1))
+    return tuple(axes) if consecutive else axes[-1]
+
+
 def _divisor(n: int, most: int) -> int:
     """The largest divisor of ``n`` that is at most ``most``."""
     return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
