@@ -15,7 +15,7 @@ from .weight import scale_from_alpha
 
 AXIS_ROLES = ("stack", "in", "out")
 # How factors start (see `LoraConfig.init`).
-Init = Literal["kaiming", "gaussian", "pissa", "olora"]
+Init = Literal["kaiming", "gaussian", "pissa", "olora", "loftq"]
 INITS: tuple[str, ...] = get_args(Init)
 # Which biases train in full (see `LoraConfig.bias`); PEFT's ``bias`` field spells them alike.
 Bias = Literal["none", "all", "lora_only"]
@@ -47,7 +47,8 @@ class LoraConfig:
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
         init: ``"kaiming"`` or ``"gaussian"`` for ``A`` with ``B`` at zero; or ``"pissa"``
             (SVD of ``W``) or ``"olora"`` (QR of ``W``), which replace the base by the
-            residual ``W - s A B`` (see `lorax_lite.decompose`).
+            residual ``W - s A B`` (see `lorax_lite.decompose`); or ``"loftq"``, which
+            with ``ll.init(..., quantization=)`` fits ``A B`` to the quantization error.
         pissa_niter: with ``init="pissa"``: None for the exact SVD, or the number of power
             iterations of a randomized SVD.
         dtype: dtype of the ``A`` and ``B`` factors, whatever the base dtype.

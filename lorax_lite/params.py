@@ -60,7 +60,9 @@ def init(
         targeted one becomes the ``w`` of its `LoraWeight` as it is, with factors sized
         by its logical shape; the others stay quantized and frozen.
         With ``init="pissa"``/``"olora"`` each ``w`` is the residual ``W - s A B``
-        (then quantized, with ``quantization``); save it with the adapter (`save_adapter`
+        (then quantized, with ``quantization``), with ``init="loftq"`` (which needs
+        ``quantization``) LoftQ's quantized base (`lorax_lite.decompose.loftq`); save it
+        with the adapter (`save_adapter`
         records its fingerprint and `load_adapter` refuses the original weights).
 
     Raises:
@@ -104,6 +106,7 @@ def init(
                     dtype=config.dtype,
                     niter=config.pissa_niter,
                     key=next(keys),
+                    quantization=quantization,
                 )
             else:
                 a, b = init_factors(
