@@ -32,7 +32,7 @@ from lorax_lite.targets import AllLinear, AllOf, AnyOf, Not, Regex
         (dict(rank=np.float64(4)), "rank must be an int >= 1, got "),
         (
             dict(init="xavier"),
-            "init must be one of ('kaiming', 'gaussian', 'pissa', 'olora'), got 'xavier'",
+            "init must be one of ('kaiming', 'gaussian', 'pissa', 'olora', 'loftq'), got 'xavier'",
         ),
         (dict(bias="some"), "bias must be 'none', 'all' or 'lora_only', got 'some'"),
         (dict(targets=()), "targets is empty"),
