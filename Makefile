@@ -208,6 +208,13 @@ bench-peers: $(VENV)/.interop
 bench-gemm: $(VENV)/.interop
 	nice -n 5 $(PY) -m experiments.bench.gemm --out experiments/results/gemm_cpu
 
+# Serving many adapters: SmolLM2-135M decoding 16 sequences with an adapter each (AdapterSlots +
+# ll.route over the KV-cache decode step): 1, 4 and 16 distinct adapters, base, merged, hot swaps,
+# solo merged runs, PEFT's generate(adapter_names=) and a bytes model. Installs the interop extra.
+.PHONY: serve
+serve: $(VENV)/.interop
+	nice -n 5 $(PY) -m experiments.serve
+
 # The docs site (docs/, Sphinx + MyST + sphinx-book-theme): HTML under docs/_build/html, every
 # warning an error (a broken cross-reference, a page outside the tree, a docstring autodoc cannot
 # read); offline: no intersphinx inventories. The Results pages are generated from

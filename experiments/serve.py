@@ -440,8 +440,10 @@ def bytes_model(args: argparse.Namespace, served: Served, slots: AdapterSlots, r
     adapter = factor_bytes(slots, 1)
     shared = base + cache
     reference = rows["route-1"]["decode_tokens_per_s"]
+    distinct_adapters = {row: rows[row]["distinct_adapters"] for row in DISTINCT}
     predicted = {
-        row: reference * (shared + adapter) / (shared + n * adapter) for row, n in DISTINCT.items()
+        row: reference * (shared + adapter) / (shared + n * adapter)
+        for row, n in distinct_adapters.items()
     }
     return {
         "base_bytes": base,
@@ -492,8 +494,8 @@ def peft_rows(args: argparse.Namespace, served: Served, slots: AdapterSlots, nam
         for name, path in zip(names[1:], paths[1:]):
             model.load_adapter(str(path), adapter_name=name)
     model.eval()
-    prompt = torch.from_numpy(np.asarray(served.prompts)).long()
-    result = {}
+    prompt = torch.from_numpy(np.asarray(served.prompts)).long().to(model.device)
+    result = {"forward": forward_pair(args, served, slots, names, model)}
     for row in DISTINCT:
         n = distinct(row, served, slots)
         adapter_names = [names[i % n] for i in range(len(prompt))]
@@ -509,7 +511,7 @@ def peft_rows(args: argparse.Namespace, served: Served, slots: AdapterSlots, nam
                 start = time.perf_counter()
                 run()
                 seconds.append(time.perf_counter() - start)
-        new = out[:, prompt.shape[1] :].numpy()
+        new = out[:, prompt.shape[1] :].cpu().numpy()
         ours = tokens[row]
         total = statistics.median(seconds)
         result[f"peft-{row.split('-')[1]}"] = {
@@ -520,6 +522,37 @@ def peft_rows(args: argparse.Namespace, served: Served, slots: AdapterSlots, nam
             "first_tokens_equal": int((new[:, 0] == ours[:, 0]).sum()),
         }
     return result
+
+
+def forward_pair(args: argparse.Namespace, served: Served, slots: AdapterSlots, names, model):
+    """Forward only over the prompts, every sequence its own adapter: ``ll.route``'s time
+    over PEFT's ``model(adapter_names=)`` (median over rounds) and the logits' largest gap."""
+    import torch
+
+    n = distinct("route-16", served, slots)
+    ids = np.arange(len(served.prompts)) % n
+    routed = jax.jit(ll.route(llama.Llama(served.config).apply))
+    prompt = jnp.asarray(served.prompts)
+    torch_prompt = torch.from_numpy(np.asarray(served.prompts)).long().to(model.device)
+    adapter_names = [names[i] for i in ids]
+    ours = lambda: jax.block_until_ready(routed(slots, jnp.asarray(ids), prompt))
+    with torch.no_grad():
+        theirs = lambda: model(input_ids=torch_prompt, adapter_names=adapter_names).logits
+        gap = float(np.abs(np.asarray(ours()) - theirs().float().cpu().numpy()).max())
+        times = {"route": [], "peft": []}
+        for _ in range(args.rounds):
+            for name, run in (("route", ours), ("peft", theirs)):
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    route_s, peft_s = (statistics.median(times[k]) for k in ("route", "peft"))
+    return {
+        "distinct_adapters": n,
+        "route_s": route_s,
+        "peft_s": peft_s,
+        "route_over_peft_throughput": peft_s / route_s,
+        "max_abs_logit_gap": gap,
+    }
 
 
 # ----- the report ----------------------------------------------------------------------------
@@ -546,13 +579,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['decode_tokens_per_s'] / one:.2f}",
             f"{predicted:.0f}" if predicted else "-", f"{r['prefill_s'] * 1e3:.0f}",
         ])  # fmt: skip
-    for row, r in results.get("peft", {}).items():
+    peft = {k: v for k, v in results.get("peft", {}).items() if k != "forward"}
+    for row, r in peft.items():
         table.append([f"{row} (PEFT generate)", r["distinct_adapters"],
                       f"{r['tokens_per_s']:.0f} (end to end)", "-", "-", "-"])  # fmt: skip
     columns = ("row", "distinct adapters", "decode tokens/s", "over route-1",
                "bytes model tokens/s", "prefill (ms)")  # fmt: skip
     lines += [runner.table(columns, "lrrrrr", table), ""]
     lines += [verdict_lines(results), ""]
+    forward = results.get("peft", {}).get("forward")
+    if forward:
+        lines.append(
+            f"Forward only over the prompts, {forward['distinct_adapters']} distinct adapters: "
+            f"ll.route {forward['route_s'] * 1e3:.0f} ms, PEFT adapter_names= "
+            f"{forward['peft_s'] * 1e3:.0f} ms ({forward['route_over_peft_throughput']:.2f}x "
+            f"PEFT's throughput); logits agree to {forward['max_abs_logit_gap']:.1e}."
+        )
     swap = results["hot_swap"]
     lines.append(
         f"Hot swap: {swap['median_ms']:.1f} ms median over {len(swap['ms'])} loads into the "
@@ -622,9 +664,10 @@ def verdict_lines(results: dict[str, Any]) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
     rows = results["rows"]
-    labels = list(ROWS) + list(results.get("peft", {}))
+    peft = {k: v for k, v in results.get("peft", {}).items() if k != "forward"}
+    labels = list(ROWS) + list(peft)
     measured = [rows[r]["decode_tokens_per_s"] for r in ROWS] + [
-        r["tokens_per_s"] for r in results.get("peft", {}).values()
+        r["tokens_per_s"] for r in peft.values()
     ]
     with runner.figure(path, 1, 1, size=(8, 4)) as (fig, ax):
         ax.bar(range(len(labels)), measured, color="tab:blue", label="measured")
@@ -662,8 +705,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     solo = solo_check(args, served, names, tokens)
     outputs = decoded_outputs(served, names, tokens["route-16"])
     model = bytes_model(args, served, slots, rows)
-    slots, swap = hot_swaps(args, served, slots)
     peft_results = peft_rows(args, served, slots, names, tokens) if args.peft else {}
+    slots, swap = hot_swaps(args, served, slots)
     stamp = clock.stop()
     batch = len(served.prompts)
     results = {

