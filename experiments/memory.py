@@ -238,7 +238,27 @@ def mib(n: int | None) -> str:
 
 
 def markdown(results: dict[str, Any]) -> str:
+    """The Markdown report: bytes from the trees, compiled peaks, measured peak RSS."""
     a = results["args"]
+    first = {}  # each variant's first row: its tree bytes do not depend on remat
+    for row in results["compiled"]:
+        first.setdefault(row["variant"], row["bytes"])
+    trees = [
+        (variant, f"{b['trainable_params']:,}", mib(b["base"]), mib(b["trainable"]),
+         mib(b["gradients"]), mib(b["optimizer"]))
+        for variant, b in first.items()
+    ]  # fmt: skip
+    batches = a["batches"]
+    compiled = []
+    for row in results["compiled"]:
+        largest = row["largest_batch"]
+        if largest == a["max_batch"]:
+            largest = f">= {largest} (the search's limit)"
+        peaks = [mib(row["compiled"][str(b)]["peak"]) for b in batches]
+        compiled.append(
+            [row["variant"], "on" if row["remat"] else "off", *peaks, largest,
+             mib(row["largest_batch_peak"]), mib(row["next_batch_peak"])]
+        )  # fmt: skip
     lines = [
         f"# Fine-tuning memory: {results['model']}",
         "",
@@ -247,21 +267,11 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## From the trees",
         "",
-        "| variant | trainable params | base | trainable | gradients | AdamW state |",
-        "|---|---|---|---|---|---|",
-    ]
-    seen = set()
-    for row in results["compiled"]:
-        if row["variant"] in seen:
-            continue
-        seen.add(row["variant"])
-        b = row["bytes"]
-        lines.append(
-            f"| {row['variant']} | {b['trainable_params']:,} | {mib(b['base'])} | "
-            f"{mib(b['trainable'])} | {mib(b['gradients'])} | {mib(b['optimizer'])} |"
-        )
-    batches = a["batches"]
-    lines += [
+        runner.table(
+            ["variant", "trainable params", "base", "trainable", "gradients", "AdamW state"],
+            "",
+            trees,
+        ),
         "",
         f"## Compiled step (XLA buffer assignment), and the largest batch within "
         f"{a['budget_gib']:g} GiB",
@@ -269,40 +279,40 @@ def markdown(results: dict[str, Any]) -> str:
         "Peak = arguments + outputs - donated + temporaries, from "
         "`step.lower(...).compile().memory_analysis()`; every batch size listed was compiled.",
         "",
-        "| variant | remat | "
-        + " | ".join(f"peak, batch {b}" for b in batches)
-        + " | largest batch | its peak | next batch's peak |",
-        "|---|---|" + "---|" * len(batches) + "---|---|---|",
+        runner.table(
+            [
+                "variant",
+                "remat",
+                *(f"peak, batch {b}" for b in batches),
+                "largest batch",
+                "its peak",
+                "next batch's peak",
+            ],
+            "",
+            compiled,
+        ),  # fmt: skip
     ]
-    for row in results["compiled"]:
-        peaks = " | ".join(mib(row["compiled"][str(b)]["peak"]) for b in batches)
-        largest = row["largest_batch"]
-        if largest == a["max_batch"]:
-            largest = f">= {largest} (the search's limit)"
-        lines.append(
-            f"| {row['variant']} | {'on' if row['remat'] else 'off'} | {peaks} | "
-            f"{largest} | {mib(row['largest_batch_peak'])} | "
-            f"{mib(row['next_batch_peak'])} |"
-        )
     if results["measured"]:
+        no_remat = {r["variant"]: r for r in results["compiled"] if not r["remat"]}
+        measured = []
+        for m in results["measured"]:
+            c = no_remat.get(m["variant"], {}).get("compiled", {}).get(str(a["rss_batch"]))
+            losses = ", ".join(f"{x:.3f}" for x in m["losses"])
+            measured.append(
+                [m["variant"], mib(m["rss_loaded"]), mib(m["rss_peak"]),
+                 mib(c["peak"] if c else None), losses]
+            )  # fmt: skip
         lines += [
             "",
             f"## Measured peak RSS, batch {a['rss_batch']} x {a['seq']}, remat off "
             f"({a['rss_steps']} steps, a fresh process each)",
             "",
-            "| variant | RSS after building the state | peak RSS | compiled peak | losses |",
-            "|---|---|---|---|---|",
+            runner.table(
+                ["variant", "RSS after building the state", "peak RSS", "compiled peak", "losses"],
+                "",
+                measured,
+            ),
         ]
-        compiled = {
-            r["variant"]: r for r in results["compiled"] if not r["remat"]
-        }  # fmt: skip
-        for m in results["measured"]:
-            c = compiled.get(m["variant"], {}).get("compiled", {}).get(str(a["rss_batch"]))
-            losses = ", ".join(f"{x:.3f}" for x in m["losses"])
-            lines.append(
-                f"| {m['variant']} | {mib(m['rss_loaded'])} | {mib(m['rss_peak'])} | "
-                f"{mib(c['peak'] if c else None)} | {losses} |"
-            )
     lines += ["", results["run_line"]]
     return "\n".join(lines)
 

@@ -16,8 +16,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from typing import Any
 
 import jax
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 import lorax_lite as ll
+from experiments import runner
 from experiments.models.gpt import GPT, make_config
 from experiments.provenance import command, git_commit
 
@@ -40,10 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default=",".join(map(str, RANKS)), help="all-linear ranks")
     p.add_argument("--out", default="experiments/results/param_arithmetic", help="path stem")
     p.add_argument("--smoke", action="store_true", help="tiny and small, ranks 4 and 8")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.sizes, args.ranks = "tiny,small", "4,8"
-    return args
+    return runner.parse(p, argv, sizes="tiny,small", ranks="4,8")
 
 
 def abstract_lora_tree(size: str, targets: Any, rank: int) -> Any:
@@ -119,36 +115,29 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
-def plot(path: str, rows: list[dict[str, Any]]) -> None:
+def plot(results: dict[str, Any], path: str) -> None:
     """Trainable parameters against rank, one line per model size, log scales."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for size in dict.fromkeys(r["size"] for r in rows):
-        mine = [r for r in rows if r["size"] == size and r["targets"] == "all-linear"]
-        line = ax.plot([r["rank"] for r in mine], [r["trainable"] for r in mine], "o-")
-        attention = [r for r in rows if r["size"] == size and r["targets"] != "all-linear"]
-        ax.plot(
-            [r["rank"] for r in attention],
-            [r["trainable"] for r in attention],
-            "x",
-            color=line[0].get_color(),
-            markersize=9,
-        )
-        line[0].set_label(f"GPT-2 {size} ({mine[0]['base_params'] / 1e6:,.0f}M)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("rank r")
-    ax.set_ylabel("trainable parameters")
-    ax.set_title("LoRA all-linear (o) and c_attn+c_proj (x)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rows = results["rows"]
+    with runner.figure(path, size=(6, 4)) as (_, ax):
+        for size in dict.fromkeys(r["size"] for r in rows):
+            mine = [r for r in rows if r["size"] == size and r["targets"] == "all-linear"]
+            line = ax.plot([r["rank"] for r in mine], [r["trainable"] for r in mine], "o-")
+            attention = [r for r in rows if r["size"] == size and r["targets"] != "all-linear"]
+            ax.plot(
+                [r["rank"] for r in attention],
+                [r["trainable"] for r in attention],
+                "x",
+                color=line[0].get_color(),
+                markersize=9,
+            )
+            line[0].set_label(f"GPT-2 {size} ({mine[0]['base_params'] / 1e6:,.0f}M)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("rank r")
+        ax.set_ylabel("trainable parameters")
+        ax.set_title("LoRA all-linear (o) and c_attn+c_proj (x)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -161,20 +150,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows.sort(key=lambda r: (sizes.index(r["size"]), r["targets"] != "c_attn+c_proj", r["rank"]))
     example = single_layer_example()
     line = command("experiments.param_arithmetic", argv)
-    text = markdown(rows, example, line)
     commit, _ = git_commit()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(
-            dict(command=line, commit=commit, jax=jax.__version__, rows=rows,
-                 single_layer=example),
-            f,
-            indent=1,
-        )  # fmt: skip
-    with open(args.out + ".md", "w") as f:
-        f.write(text)
-    plot(args.out + ".png", rows)
-    print(text)
+    results = dict(
+        command=line, commit=commit, jax=jax.__version__, rows=rows, single_layer=example
+    )
+    text = markdown(rows, example, line).rstrip("\n")
+    runner.publish(*runner.stem_path(args.out), results, text, plot)
     return rows
 
 

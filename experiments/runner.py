@@ -170,7 +170,8 @@ def table(columns: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> 
 
     Args:
         columns: the header's cells.
-        align: a letter a column: ``l`` left-aligned, ``r`` right-aligned (numbers).
+        align: a letter a column: ``l`` left-aligned, ``r`` right-aligned (numbers);
+            columns past its end are left-aligned (``""``: all).
         rows: each row's cells (``str`` of each is shown).
 
     Example:
@@ -180,7 +181,7 @@ def table(columns: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> 
         | a | 1 |
     """
     line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
-    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align)
+    rule = "|" + "".join("---:|" if a == "r" else "---|" for a in align.ljust(len(columns), "l"))
     return "\n".join([line(columns), rule, *(line(r) for r in rows)])
 
 

@@ -22,10 +22,30 @@ def largest_cell(row: dict[str, Any], budget: str, max_batch: int) -> str:
     return f"{batch} ({gb(found['peak'])} / {gb(found['next_peak'])})"
 
 
+COLUMNS = [
+    "model", "variant", "remat", "devices", "arguments", "outputs", "temporaries", "peak",
+    "GFLOP/token (XLA raw)", "compile s",
+]  # fmt: skip
+MEASURED_COLUMNS = [
+    "variant", "devices", "predicted peak (all devices)", "of which arguments",
+    "measured peak RSS - start", "RSS with the state built - start", "measured / predicted",
+]  # fmt: skip
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The Markdown report."""
     a = results["args"]
     budgets = [str(b) for b in a["budgets_gb"]]
+    columns = COLUMNS + [f"largest batch, {b} GB" for b in budgets]
+    rows = []
+    for r in results["rows"]:
+        c = r["batch1"]
+        flops = f"{c['flops_per_token'] / 1e9:,.1f} ({c['xla_flops_per_token'] / 1e9:,.2f})"
+        rows.append(
+            [r["model"], r["variant"], "on" if r["remat"] else "off", r["devices"],
+             gb(c["arguments"]), gb(c["outputs"]), gb(c["temporaries"]), gb(c["peak"]), flops,
+             f"{c['compile_s']:.1f}", *(largest_cell(r, b, a["max_batch"]) for b in budgets)]
+        )  # fmt: skip
     lines = [
         "# Scale on paper: fine-tuning a Llama per device, from the compiler",
         "",
@@ -38,21 +58,8 @@ def markdown(results: dict[str, Any]) -> str:
         "other layers by formula. Largest batch per device within each budget: `batch (its "
         "peak / the next batch's peak)`, both compiled; `-` where not searched.",
         "",
-        "| model | variant | remat | devices | arguments | outputs | temporaries | peak | "
-        "GFLOP/token (XLA raw) | compile s | "
-        + " | ".join(f"largest batch, {b} GB" for b in budgets)
-        + " |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(budgets),
+        runner.table(columns, "", rows),
     ]
-    for r in results["rows"]:
-        c = r["batch1"]
-        largest = " | ".join(largest_cell(r, b, a["max_batch"]) for b in budgets)
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {'on' if r['remat'] else 'off'} | "
-            f"{r['devices']} | {gb(c['arguments'])} | {gb(c['outputs'])} | "
-            f"{gb(c['temporaries'])} | {gb(c['peak'])} | {c['flops_per_token'] / 1e9:,.1f} "
-            f"({c['xla_flops_per_token'] / 1e9:,.2f}) | {c['compile_s']:.1f} | {largest} |"
-        )
     if results["measured"]:
         lines += [
             "",
@@ -64,17 +71,13 @@ def markdown(results: dict[str, Any]) -> str:
             "started (`ru_maxrss`; it also holds the compilers' memory and the freshly "
             "initialized weights before they are placed).",
             "",
-            "| variant | devices | predicted peak (all devices) | of which arguments | "
-            "measured peak RSS - start | RSS with the state built - start | measured / "
-            "predicted |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for m in results["measured"]:
-            lines.append(
-                f"| {m['variant']} | {m['devices']} | {gb(m['predicted'])} | "
-                f"{gb(m['predicted_arguments'])} | {gb(m['step_rss'])} | "
-                f"{gb(m['state_rss'] - m['start_rss'])} | {m['step_rss'] / m['predicted']:.2f} |"
-            )
+            runner.table(MEASURED_COLUMNS, "", [
+                [m["variant"], m["devices"], gb(m["predicted"]), gb(m["predicted_arguments"]),
+                 gb(m["step_rss"]), gb(m["state_rss"] - m["start_rss"]),
+                 f"{m['step_rss'] / m['predicted']:.2f}"]
+                for m in results["measured"]
+            ]),
+        ]  # fmt: skip
     lines += ["", results["run_line"]]
     return "\n".join(lines)
 

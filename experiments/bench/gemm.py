@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import provenance
-from experiments.outputs import write_outputs
+from experiments import runner
 
 # (rows = batch 4 x 128 tokens, fan-in, fan-out) of SmolLM2-135M's products.
 SHAPES = {
@@ -100,17 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     args = parse_args(argv)
-    started, record = time.time(), provenance.begin()
+    clock = runner.Clock("experiments.bench.gemm", argv)
     rows = measure(args.repeats)
-    record = provenance.end(record)
-    cmd = provenance.command("experiments.bench.gemm", argv)
-    result = dict(record, command=cmd, jax=jax.__version__, torch=torch.__version__,
-                  repeats=args.repeats, rows=rows,
-                  run_line=provenance.run_line(cmd, time.time() - started, record))  # fmt: skip
-    text = markdown(result)
-    folder, stem = os.path.split(os.path.abspath(args.out))
-    write_outputs(folder, stem, result, text)
-    print(text)
+    stamp = clock.stop()
+    result = dict(stamp.machine, command=stamp.command, jax=jax.__version__,
+                  torch=torch.__version__, repeats=args.repeats, rows=rows,
+                  run_line=stamp.line)  # fmt: skip
+    runner.publish(*runner.stem_path(args.out), result, markdown(result))
     return 0
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import platform
 import statistics
@@ -49,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 import lorax_lite as ll
+from experiments import runner
 from experiments.models import llama_gguf
 from experiments.models.gpt import GPT, make_config
 from experiments.models.llama import Llama
@@ -343,13 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_after": loadavg(),
         **summarize(times, args.batch * args.seq),
     }
-    table = markdown(result)
-    print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
+    runner.publish(*runner.stem_path(args.out), result, markdown(result).rstrip("\n"))
     return 0
 
 

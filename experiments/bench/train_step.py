@@ -64,8 +64,8 @@ from experiments.bench.workers import (
     serve,
     start,
 )
-from experiments.outputs import write_outputs
 from experiments.provenance import command, git_commit, loadavg
+from experiments.runner import CHEAP_XLA_FLAGS, figure, publish
 
 BASE_STORAGE = ("bf16", "int8", "int4", "int4-asym", "nf4")  # ``lora-<storage>`` variants
 QUANT_REFERENCE = "lora-bf16"  # the quantized bases' byte and time ratios are over this one
@@ -86,9 +86,6 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # = "all-linear" without lm_head, a
 # ``--small``: a tiny model, few steps; every flag given explicitly overrides these.
 SMALL = dict(config="custom", d_model=64, layers=2, heads=2, vocab=256, batch=2, seq=32)
 SMALL.update(steps=3, warmup=1)
-# ``--small`` workers compile with XLA's cheap pipeline (about 3x less compile time on CPU):
-# their timings test the harness, not the model.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -546,7 +543,7 @@ def _env(coexisting: bool, small: bool = False) -> dict[str, str]:
     if coexisting:  # several workers share the accelerator: allocate on demand
         extra["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if small:
-        extra["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+        extra["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *CHEAP_XLA_FLAGS]).strip()
     return environment(**extra)
 
 
@@ -837,77 +834,62 @@ def base_storage_markdown(args: argparse.Namespace, table: dict[str, dict[str, A
     return lines
 
 
-def plot(path: str, result: dict[str, Any]) -> None:
+def plot(result: dict[str, Any], path: str) -> None:
     """Tokens/s per variant with the range of the repeat medians (or, with a frozen-base
     table, `plot_base_storage`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if result.get("base_storage"):
-        plot_base_storage(path, result)
+        plot_base_storage(result, path)
         return
     rows = [(v, r) for v, r in result["variants"].items() if "step_s" in r]
     tokens = [r["tokens_per_s"] for _, r in rows]
     per_step = [r["tokens_per_s"] * r["step_s"] for _, r in rows]
     low = [t - n / max(r["repeat_medians_s"]) for t, n, (_, r) in zip(tokens, per_step, rows)]
     high = [n / min(r["repeat_medians_s"]) - t for t, n, (_, r) in zip(tokens, per_step, rows)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([v for v, _ in rows], tokens, yerr=[low, high], capsize=4, color="tab:blue")
-    ax.set_ylabel("tokens / s (median; bars: repeat range)")
-    ax.set_title(f"{result['mode']} step, GPT {result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, size=(6, 3.5)) as (_, ax):
+        ax.bar([v for v, _ in rows], tokens, yerr=[low, high], capsize=4, color="tab:blue")
+        ax.set_ylabel("tokens / s (median; bars: repeat range)")
+        ax.set_title(f"{result['mode']} step, GPT {result['model']}", fontsize=10)
 
 
-def plot_base_storage(path: str, result: dict[str, Any]) -> None:
+def plot_base_storage(result: dict[str, Any], path: str) -> None:
     """Bars of base bytes and step time (wall, CPU) over the bf16 base's, with the targets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     table = result["base_storage"]
     names = list(table)
     base_dtype = result["args"]["base_dtype"]
     labels = [f"lora ({base_dtype})" if v == "lora" else v for v in names]
     one = dict(median=1.0, min=1.0, max=1.0)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.bar(labels, [table[v]["bytes_ratio"] for v in names], color="tab:blue")
-    left.axhline(0.3, color="tab:red", ls="--", lw=1, label="target for int4/nf4: 0.3")
-    left.set_ylabel(f"base bytes / {QUANT_REFERENCE}'s")
-    left.legend(fontsize=8)
-    x = range(len(names))
-    for shift, key, color, label in ((-0.2, "time_ratio", "tab:green", "wall clock"),
-                                     (0.2, "cpu_time_ratio", "tab:gray", "CPU time")):  # fmt: skip
-        ratios = [table[v][key] or (one if v == QUANT_REFERENCE else None) for v in names]
-        shown = [(i + shift, r) for i, r in zip(x, ratios) if r]
-        if not shown:
-            continue
-        right.bar(
-            [i for i, _ in shown],
-            [r["median"] for _, r in shown],
-            width=0.4,
-            yerr=[
-                [r["median"] - r["min"] for _, r in shown],
-                [r["max"] - r["median"] for _, r in shown],
-            ],
-            capsize=3,
-            color=color,
-            label=label,
-        )
-    right.axhline(1.25, color="tab:red", ls="--", lw=1, label="target for int4/nf4: 1.25")
-    right.set_xticks(list(x), labels)
-    right.set_ylabel(f"step time / {QUANT_REFERENCE}'s (median; range)")
-    right.legend(fontsize=8)
-    for ax in (left, right):
-        ax.tick_params(axis="x", labelsize=8, rotation=20)
-    fig.suptitle(f"LoRA train step by frozen base, GPT {result['model']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, 1, 2, size=(10, 3.8)) as (fig, (left, right)):
+        left.bar(labels, [table[v]["bytes_ratio"] for v in names], color="tab:blue")
+        left.axhline(0.3, color="tab:red", ls="--", lw=1, label="target for int4/nf4: 0.3")
+        left.set_ylabel(f"base bytes / {QUANT_REFERENCE}'s")
+        left.legend(fontsize=8)
+        x = range(len(names))
+        bars = ((-0.2, "time_ratio", "tab:green", "wall clock"),
+                (0.2, "cpu_time_ratio", "tab:gray", "CPU time"))  # fmt: skip
+        for shift, key, color, label in bars:
+            ratios = [table[v][key] or (one if v == QUANT_REFERENCE else None) for v in names]
+            shown = [(i + shift, r) for i, r in zip(x, ratios) if r]
+            if not shown:
+                continue
+            right.bar(
+                [i for i, _ in shown],
+                [r["median"] for _, r in shown],
+                width=0.4,
+                yerr=[
+                    [r["median"] - r["min"] for _, r in shown],
+                    [r["max"] - r["median"] for _, r in shown],
+                ],
+                capsize=3,
+                color=color,
+                label=label,
+            )
+        right.axhline(1.25, color="tab:red", ls="--", lw=1, label="target for int4/nf4: 1.25")
+        right.set_xticks(list(x), labels)
+        right.set_ylabel(f"step time / {QUANT_REFERENCE}'s (median; range)")
+        right.legend(fontsize=8)
+        for ax in (left, right):
+            ax.tick_params(axis="x", labelsize=8, rotation=20)
+        fig.suptitle(f"LoRA train step by frozen base, GPT {result['model']}", fontsize=10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -939,10 +921,8 @@ def main(argv: list[str] | None = None) -> int:
         args={k: v for k, v in vars(args).items() if k != "worker"},
         **summarize(args, records),
     )
-    text = markdown(args, result)
     folder, stem = os.path.split(os.path.abspath(args.out))
-    write_outputs(folder, stem, result, text.rstrip("\n"), lambda r, path: plot(path, r))
-    print(text)
+    publish(folder, stem, result, markdown(args, result).rstrip("\n"), plot)
     return 0
 
 
