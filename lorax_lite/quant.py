@@ -43,6 +43,7 @@ import numpy as np
 
 from . import kquants
 from .checks import is_float_dtype, is_int
+from .scales import QuantizedScales, nonzero, quantize_scales, stored_bytes
 
 KINDS = ("int8", "int4", "int4-asym", "nf4")
 
@@ -71,76 +72,11 @@ NF4_CODE = np.array(
 )
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedScales:
-    """Block scales (or minimums) stored as 8-bit codes: ``codes * factor + offset``.
-
-    Each factor serves a group of ``groups[i]`` consecutive codes along each axis ``i``,
-    counted from the end: slicing leading axes (a scan over stacked layers, whose groups
-    are 1) keeps the scales valid.
-
-    Attributes:
-        codes: ``int8`` or ``uint8``, shaped like the scales they stand for.
-        factors: one float factor per group: ``codes``' shape with axis ``i`` divided
-            by ``groups[i]``.
-        offsets: added after the product, broadcastable to ``codes`` once expanded
-            like ``factors`` (size 1 or the factors' size along each axis), or ``None``.
-        groups: codes per factor along each axis.
-    """
-
-    codes: jax.Array
-    factors: jax.Array
-    offsets: jax.Array | None
-    groups: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The shape of the scales."""
-        return tuple(self.codes.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes as stored: codes, factors and offsets."""
-        return _nbytes(self.codes, self.factors, self.offsets)
-
-    def value(self) -> jax.Array:
-        """The scales in float32."""
-        out = self.codes.astype(jnp.float32) * self._expand(self.factors)
-        return out if self.offsets is None else out + self._expand(self.offsets)
-
-    def _expand(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        for axis, g in zip(range(-1, -x.ndim - 1, -1), reversed(self.groups)):
-            if g > 1 and x.shape[axis] > 1:
-                x = jnp.repeat(x, g, axis=axis)
-        return x
-
-    def moveaxis(self, src: int, dst: int) -> QuantizedScales:
-        """The same scales with axis ``src`` moved to ``dst`` (as ``jnp.moveaxis``)."""
-        groups = list(self.groups)
-        groups.insert(dst % len(groups), groups.pop(src))
-        move = lambda x: None if x is None else jnp.moveaxis(x, src, dst)
-        return QuantizedScales(
-            move(self.codes), move(self.factors), move(self.offsets), tuple(groups)
-        )
-
-
 Scales = jax.Array | QuantizedScales
 
 
 def _value(x: Scales) -> jax.Array:
     return x.value() if isinstance(x, QuantizedScales) else x.astype(jnp.float32)
-
-
-def _nbytes(*parts: Any) -> int:
-    total = 0
-    for x in parts:
-        if isinstance(x, QuantizedScales):
-            total += x.nbytes
-        elif x is not None:
-            total += math.prod(x.shape) * x.dtype.itemsize
-    return total
 
 
 @jax.tree_util.register_dataclass
@@ -205,7 +141,7 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes as stored: codes, scales and offsets."""
-        return _nbytes(self.data, self.scales, self.offsets)
+        return stored_bytes(self.data, self.scales, self.offsets)
 
     def dequantize(self) -> jax.Array:
         """The weight in ``dtype``, computed in float32 block by block."""
@@ -259,8 +195,6 @@ GGUF_KINDS = ("int5-asym", "int6")
 """Kinds that only GGUF k-quant blocks make (`from_gguf`)."""
 _BITS = {"int8": 8, "int4": 4, "int4-asym": 4, "nf4": 4, "int5-asym": 5, "int6": 6}
 _ZERO = {"int4": 8, "int6": 32}  # stored code of the value 0 for symmetric kinds
-SCALE_GROUP = 256
-"""Block scales per float32 factor under double quantization (QLoRA's blocks of 256)."""
 
 
 def _unpack(data: jax.Array, pos: int, bits: int, block: int) -> jax.Array:
@@ -311,7 +245,7 @@ def quantize_array(
             many of the ones before it as ``block`` needs to divide their flattened size.
         double_quant: quantize the block scales too (QLoRA's double quantization): int8
             codes of ``scale - mean``, one float32 factor per group of up to
-            `SCALE_GROUP` scales (consecutive blocks, then neighbouring columns).
+            `lorax_lite.scales.SCALE_GROUP` scales (consecutive blocks, then neighbouring columns).
         path: the leaf's name, for error messages.
 
     Returns:
@@ -344,55 +278,23 @@ def quantize_array(
     if kind == "int4-asym":
         low, high = blocks.min(inner, keepdims=True), blocks.max(inner, keepdims=True)
         scales, offsets = (high - low) / 15, low
-        codes = jnp.clip(jnp.round((blocks - low) / _nonzero(scales)), 0, 15)
+        codes = jnp.clip(jnp.round((blocks - low) / nonzero(scales)), 0, 15)
     else:
         absmax = jnp.abs(blocks).max(inner, keepdims=True)
         if kind == "nf4":
             scales = absmax
             mid = jnp.asarray((NF4_CODE[1:] + NF4_CODE[:-1]) / 2)
-            codes = jnp.searchsorted(mid, blocks / _nonzero(absmax))
+            codes = jnp.searchsorted(mid, blocks / nonzero(absmax))
         else:
             top = 127 if kind == "int8" else 7
             scales = absmax / top
-            codes = jnp.clip(jnp.round(blocks / _nonzero(scales)), -top - (kind == "int4"), top)
+            codes = jnp.clip(jnp.round(blocks / nonzero(scales)), -top - (kind == "int4"), top)
             codes = codes.astype(jnp.int8) if kind == "int8" else codes + 8
     data = codes if kind == "int8" else _pack(codes, inner, 4)
     if double_quant:
         scales = quantize_scales(scales, inner - 1)
     merged = tuple(shape[first:last])
     return QuantizedWeight(data, scales, offsets, kind, block, pos, np.dtype(x.dtype), merged)
-
-
-def quantize_scales(scales: jax.Array, blocks_axis: int) -> QuantizedScales:
-    """Double quantization: float32 block scales as int8 codes of ``scale - mean``, with
-    a float32 factor (``max |scale - mean| / 127``) per group of up to `SCALE_GROUP`.
-
-    A group is the largest divisor of the number of blocks up to `SCALE_GROUP`, times
-    (if that is fewer) a divisor of the last axis, when it follows the blocks. The mean
-    is taken per slice of the axes before ``blocks_axis`` (a stacked layer keeps its own).
-
-    Args:
-        scales: the float32 scales, shaped like the codes with the in-block axis 1.
-        blocks_axis: the axis of ``scales`` that counts blocks.
-
-    Returns:
-        `QuantizedScales` whose `QuantizedScales.value` is within half a step
-        (``factor / 2``) of each scale.
-    """
-    groups = [1] * scales.ndim
-    groups[blocks_axis] = _divisor(scales.shape[blocks_axis], SCALE_GROUP)
-    if blocks_axis + 2 < scales.ndim:
-        groups[-1] = _divisor(scales.shape[-1], SCALE_GROUP // groups[blocks_axis])
-    mean = scales.mean(tuple(range(blocks_axis, scales.ndim)), keepdims=True)
-    centred = scales - mean
-    grouped = centred.reshape([n for size, g in zip(scales.shape, groups) for n in (size // g, g)])
-    inner = tuple(range(1, grouped.ndim, 2))
-    factors = jnp.abs(grouped).max(inner) / 127
-    expanded = jnp.expand_dims(factors, inner)
-    codes = jnp.clip(jnp.round(grouped / _nonzero(expanded)), -127, 127)
-    return QuantizedScales(
-        codes.astype(jnp.int8).reshape(scales.shape), factors, mean, tuple(groups)
-    )
 
 
 def fan_in_axis(fan_in: tuple[int, ...], ndim: int) -> int | tuple[int, ...]:
@@ -409,15 +311,6 @@ def fan_in_axis(fan_in: tuple[int, ...], ndim: int) -> int | tuple[int, ...]:
     axes = [i - ndim for i in fan_in]
     consecutive = len(axes) > 1 and axes == list(range(axes[0], axes[-1] + 1))
     return tuple(axes) if consecutive else axes[-1]
-
-
-def _divisor(n: int, most: int) -> int:
-    """The largest divisor of ``n`` that is at most ``most``."""
-    return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
-
-
-def _nonzero(scale: jax.Array) -> jax.Array:
-    return jnp.where(scale == 0, 1.0, scale)
 
 
 def _blocked_axes(

@@ -13,7 +13,8 @@ import pytest
 from helpers import normal
 
 import lorax_lite as ll
-from lorax_lite.quant import NF4_CODE, SCALE_GROUP, from_gguf, quantize_array
+from lorax_lite.quant import NF4_CODE, from_gguf, quantize_array
+from lorax_lite.scales import SCALE_GROUP
 
 
 class HeadsOut(nn.Module):
