@@ -6,6 +6,7 @@ from .checkpoint import adapter_metadata as adapter_metadata
 from .checkpoint import load_adapter as load_adapter
 from .checkpoint import save_adapter as save_adapter
 from .config import LoraConfig as LoraConfig
+from .gguf_export import write_gguf as write_gguf
 from .loop import NonFiniteError as NonFiniteError
 from .loop import fit as fit
 from .merging import merge as merge
@@ -85,4 +86,5 @@ __all__ = [
     "unmerge",
     "unreplicate",
     "vmap_train_step",
+    "write_gguf",
 ]
