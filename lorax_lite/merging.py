@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import raise_problems
 from .quant import is_quantized, quantize_array
 from .targets import named_leaves, path_str
 from .transform import lora
@@ -91,8 +92,7 @@ def merge(
         )
     if check:
         bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _host_all_finite(x)]
-        if bad:
-            raise ValueError(f"merge: non-finite values (NaN or inf) in merged leaves: {bad}")
+        raise_problems("merge: non-finite values (NaN or inf) in merged leaves", bad)
     if probe is not None:
         _probe_deviation(tree, merged, *probe)
     return merged
@@ -158,10 +158,9 @@ def unmerge(merged: Any, tree: Any) -> Any:
         for p, node in named_leaves(tree, is_leaf=is_hole_or_node)
         if isinstance(node, LoraWeight) and node.w is None and node.m is not None
     ]
-    if dora:
-        raise ValueError(
-            "unmerge: a DoRA weight m * V / ||V|| fixes only V's direction, so its base "
-            "cannot be recovered from the merged weight and the factors; pass the full tree "
-            f"(with w) for: {dora}"
-        )
+    raise_problems(
+        "unmerge: a DoRA weight m * V / ||V|| fixes only V's direction, so its base cannot "
+        "be recovered from the merged weight and the factors; pass the full tree (with w) for",
+        dora,
+    )
     return jax.tree_util.tree_map(restore, tree, merged, is_leaf=is_hole_or_node)

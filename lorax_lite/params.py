@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import decompose
+from .checks import raise_problems
 from .config import LoraConfig
 from .deprecation import renamed_keywords
 from .qlora import quantize
@@ -85,8 +86,7 @@ def init(
     usage = infer_usage(fn, params, args) if fn is not None else None
     adapted, trained, problems = select(named, config, usage)
     problems += _residual_init_problems(named, config, adapted)
-    if problems:
-        raise ValueError("lorax_lite.init found problems:\n  " + "\n  ".join(problems))
+    raise_problems("lorax_lite.init found problems", problems)
 
     paths = iter(named)
     keys = iter(jax.random.split(key, max(len(adapted), 1)))
@@ -164,9 +164,8 @@ def _refuse_lora_nodes(params: Any) -> None:
         for path, node in named_leaves(params, is_leaf=is_lora_node)
         if is_lora_node(node)
     ]
-    if nodes:
-        raise ValueError(
-            "lorax_lite.init: params already hold LoRA leaves, which init would nest; pass "
-            "the base parameters (ll.merge(tree) folds the adapters in) or train the tree "
-            "as it is:\n  " + "\n  ".join(nodes)
-        )
+    raise_problems(
+        "lorax_lite.init: params already hold LoRA leaves, which init would nest; pass the "
+        "base parameters (ll.merge(tree) folds the adapters in) or train the tree as it is",
+        nodes,
+    )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from .checks import raise_problems
 from .deprecation import renamed_keywords
 from .quant import QuantizedWeight, is_quantized
 from .targets import named_leaves
@@ -244,11 +245,9 @@ def check_leading_axis(batch: Any, n: int, what: str) -> None:
         for path, x in named_leaves(batch)
         if np.ndim(x) == 0 or np.shape(x)[0] % n
     ]
-    if bad:
-        raise ValueError(
-            f"{what} must divide the leading (batch) axis of every batch leaf; these do "
-            "not:\n  " + "\n  ".join(bad)
-        )
+    raise_problems(
+        f"{what} must divide the leading (batch) axis of every batch leaf; these do not", bad
+    )
 
 
 def factor_shardings(base: Any, layout: Layout) -> tuple[Any, Any, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from .checks import raise_problems
 from .quant import is_quantized, quantize_array
 from .targets import Spec, named_leaves, no_match, to_predicate
 from .weight import (
@@ -85,8 +86,7 @@ def quantize(
             )
         except (TypeError, ValueError) as e:
             problems.append(str(e))
-    if problems:
-        raise ValueError("lorax_lite.quantize found problems:\n  " + "\n  ".join(problems))
+    raise_problems("lorax_lite.quantize found problems", problems)
     paths = iter(named)
 
     def replace(node):

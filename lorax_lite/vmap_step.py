@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from .adapter_set import AdapterSet
+from .checks import raise_problems
 from .optim import optimizer
 from .step import CompiledStep, LossFn, TrainStep, init_state, make_update
 from .trees import TrainState, combine
@@ -120,8 +121,7 @@ def _check_trainable_set(adapters: AdapterSet, keys: jax.Array) -> None:
     ]
     if np.shape(keys) != (len(adapters),):
         problems.append(f"keys of shape {np.shape(keys)}, expected ({len(adapters)},)")
-    if problems:
-        raise ValueError("vmap_train_step.init:\n  " + "\n  ".join(problems))
+    raise_problems("vmap_train_step.init", problems)
 
 
 def _adapter_axes(tree: Any) -> Any:
