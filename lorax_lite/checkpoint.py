@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from .atomic import NEW, current, recover, sibling, swap_in
 from .checks import raise_problems
-from .config import LoraConfig
+from .config import LoraConfig, tree_conflicts
 from .decompose import RESIDUAL_INITS
 from .deprecation import warn
 from .fingerprints import content_hash, dtype_name, fingerprint, storage
@@ -46,7 +46,7 @@ from .weight import Layout, LoraWeight, Trainable, is_lora_node
 def save_adapter(
     path: str | pathlib.Path,
     tree: Any,
-    config: LoraConfig,
+    config: LoraConfig | None = None,
     *,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -64,7 +64,8 @@ def save_adapter(
         tree: the LoRA tree (from `init`), base weights included, or a `TrainState`, as
             every writer takes. A ``(trainable, frozen)`` pair from `partition` warns
             ``DeprecationWarning``: pass ``ll.combine(trainable, frozen)``.
-        config: the configuration the adapters were made with.
+        config: optional: the configuration the adapters were made with, recorded in the
+            metadata (null without one); its dropout and DoRA are checked against the tree.
         metadata: optional JSON-serializable user data stored alongside.
         overwrite: replace an existing checkpoint at ``path``.
 
@@ -73,7 +74,8 @@ def save_adapter(
 
     Raises:
         ValueError: if ``tree`` holds no adapter or trained leaf, if some adapters lack
-            their base weight (a partition), if ``path`` exists and ``overwrite`` is False,
+            their base weight (a partition), if ``config`` disagrees with the tree (naming
+            each leaf and field), if ``path`` exists and ``overwrite`` is False,
             or if ``path`` exists and is not an adapter checkpoint (never replaced).
         TypeError: naming every offending key, if ``config`` or ``metadata`` cannot be
             serialized to JSON; nothing is written then.
@@ -96,6 +98,10 @@ def save_adapter(
             "TrainState, or ll.combine of the (trainable, frozen) pair from partition) to "
             f"fingerprint the base; these leaves lack one: {holes}"
         )
+    if config is not None:
+        raise_problems(
+            "save_adapter: the config disagrees with the tree", tree_conflicts(config, tree)
+        )
     arrays = {
         "adapters": [factor_arrays(n) for _, n in adapters],
         "trained": [v for _, v in trained],
@@ -103,7 +109,7 @@ def save_adapter(
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
+        "config": None if config is None else config.to_dict(),
         "adapters": [adapter_entry(p, n) for p, n in adapters],
         "trained": [{"path": p, **array_entry(v)} for p, v in trained],
         "base": fingerprint(base_of(tree), [p for p, _ in adapters]),
@@ -295,7 +301,7 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     if check_base:
         problems += _fingerprint_problems(info, named, misfits)
     hint = "(check_base=False loads onto a different base with the same shapes)"
-    if info["config"].get("init") in RESIDUAL_INITS:
+    if (info["config"] or {}).get("init") in RESIDUAL_INITS:
         hint += (
             f"\nThis adapter was initialized with init={info['config']['init']!r}: its "
             "base is the residual W - s*A0@B0 that ll.init put in the tree, not the "

@@ -193,10 +193,11 @@ def export_command(args: argparse.Namespace) -> None:
     tree = load_adapter(args.adapter)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"the output {args.out} is a file; name a directory")
+    config = info["config"]  # null: saved without one, and to_peft derives it all
     to_peft(  # both files swapped in together: a kill leaves the old export or the new
         args.out,
         tree,
-        LoraConfig.from_dict(info["config"]),
+        None if config is None else LoraConfig.from_dict(config),
         name_map,
         base_model_name_or_path=args.base_model,
         overwrite=True,  # the command replaces an export, as merge replaces its file

@@ -10,8 +10,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from .checks import is_float_dtype, is_int, is_number, is_positive, raise_problems
-from .targets import Spec, from_serial, most_specific, to_predicate, to_serial
-from .weight import scale_from_alpha
+from .targets import Spec, from_serial, most_specific, named_leaves, to_predicate, to_serial
+from .weight import LoraWeight, is_lora_node, scale_from_alpha
 
 AXIS_ROLES = ("stack", "in", "out")
 # How factors start (see `LoraConfig.init`).
@@ -287,4 +287,30 @@ def _pattern_problems(config: LoraConfig) -> list[str]:
                 problems.append(f"{name} must be regexes or callables, got {spec!r}: {err}")
             except ValueError as err:
                 problems.append(f"{name}: {err}")
+    return problems
+
+
+def tree_conflicts(config: LoraConfig, tree: Any) -> list[str]:
+    """Where the adapters of ``tree`` differ from ``config`` in what holds for them all.
+
+    A writer given a ``config`` beside a tree checks it with this: the tree says what its
+    adapters are, so a config that says otherwise is a mistake. Ranks and scales may
+    differ leaf by leaf (patterns, or a tree edited after `init`), so they are not
+    compared, and the config's patterns are never matched; DoRA is each node's own.
+
+    Args:
+        config: the configuration the tree is said to be made with.
+        tree: a LoRA tree or its trainable partition.
+
+    Returns:
+        ``"path: the tree's dropout 0.0, the config's 0.1"`` for each adapter whose
+        dropout differs from the config's; empty if they agree.
+    """
+    problems = []
+    for path, node in named_leaves(tree, is_leaf=is_lora_node):
+        if isinstance(node, LoraWeight) and node.a is not None:
+            if node.dropout != config.dropout:
+                problems.append(
+                    f"{path}: the tree's dropout {node.dropout}, the config's {config.dropout}"
+                )
     return problems

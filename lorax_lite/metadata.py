@@ -84,20 +84,23 @@ _MISSING = _Missing()
 def metadata_problems(info: dict[str, Any]) -> list[str]:
     """``"field: expected ..., found ..."`` for every field of the metadata that is not
     what `save_adapter` writes."""
-    kinds = {"config": dict, "adapters": list, "trained": list, "base": dict}
-    kinds.update(versions=dict, user=dict)
+    kinds = {"adapters": list, "trained": list, "base": dict, "versions": dict, "user": dict}
     problems = [
         f"{key}: expected a JSON {'object' if kind is dict else 'array'}, found "
         f"{clipped(info.get(key, _MISSING))}"
         for key, kind in kinds.items()
         if not isinstance(info.get(key), kind)
     ]
+    config = info.get("config", _MISSING)
+    if config is not None and not isinstance(config, dict):  # null: saved without a config
+        problems.append(f"config: expected a JSON object or null, found {clipped(config)}")
     if "sha256" in info and not _is_hex(info["sha256"], 64):
         problems.append(f"sha256: expected 64 hexadecimal digits, found {clipped(info['sha256'])}")
     if problems:
         return problems
     try:
-        LoraConfig.from_dict(info["config"])
+        if config is not None:
+            LoraConfig.from_dict(config)
     except Exception as err:  # whatever LoraConfig raises for fields it cannot take
         problems.append(f"config: expected the fields of a valid LoraConfig ({err})")
     for i, entry in enumerate(info["adapters"]):

@@ -667,3 +667,19 @@ def adapter_metadata_of(tmp_path, tree):
     """The metadata `save_adapter` writes for ``tree``."""
     ll.save_adapter(tmp_path / "probe", tree, CONFIG, overwrite=True)
     return adapter_metadata(tmp_path / "probe")
+
+
+def test_save_adapter_without_a_config_records_null_and_loads(tmp_path):
+    tree = lora_tree()
+    ll.save_adapter(tmp_path / "adapter", tree)
+    assert adapter_metadata(tmp_path / "adapter")["config"] is None
+    chex.assert_trees_all_equal(
+        ll.load_adapter(tmp_path / "adapter", base_params()), tree, strict=True
+    )
+
+
+def test_save_adapter_refuses_a_config_that_disagrees_with_the_tree(tmp_path):
+    config = ll.LoraConfig(**{**CONFIG.to_dict(), "dropout": 0.25})
+    with pytest.raises(ValueError, match=r"disagrees with the tree:\n  .*: the tree's dropout"):
+        ll.save_adapter(tmp_path / "adapter", lora_tree(), config)
+    assert not (tmp_path / "adapter").exists()

@@ -131,6 +131,18 @@ def test_export_peft_default_name_map(files):
     assert config["modules_to_save"] == ["head"]
 
 
+def test_export_peft_of_an_adapter_saved_without_a_config(files):
+    """The config is derived from the adapters: the same export as with the one recorded."""
+    tmp_path, tree = files
+    ll.save_adapter(tmp_path / "bare", tree)
+    for name in ("adapter", "bare"):
+        out = str(tmp_path / f"{name}_peft")
+        assert main(["export-peft", "--adapter", str(tmp_path / name), "--out", out]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        expected = (tmp_path / "adapter_peft" / name).read_bytes()
+        assert (tmp_path / "bare_peft" / name).read_bytes() == expected
+
+
 def test_errors_exit_2_with_a_message(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.startswith("lorax-lite: error: No adapter checkpoint")

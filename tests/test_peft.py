@@ -104,6 +104,44 @@ def test_rslora_alphas_of_scales_unlike_the_config_s_are_written_and_read_back(t
     chex.assert_trees_all_close(read, tree)
 
 
+def test_to_peft_derives_the_config_from_the_tree(tmp_path):
+    """Without config=, r, lora_alpha, lora_dropout and the patterns come from the adapters:
+    the files are those the config they were made with gives."""
+    tree = lora_tree()
+    ll.to_peft(tmp_path / "given", tree, CONFIG, NAMES)
+    ll.to_peft(tmp_path / "derived", tree, name_map=NAMES)
+    for name in ("adapter_config.json", WEIGHTS):
+        assert (tmp_path / "derived" / name).read_bytes() == (
+            tmp_path / "given" / name
+        ).read_bytes()
+    written = json.loads((tmp_path / "derived" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (2, 5, 0.1)
+    rslora = ll.LoraConfig(**{**CONFIG.to_dict(), "use_rslora": True})
+    ll.to_peft(tmp_path / "rslora", lora_tree(rslora), name_map=NAMES)  # alpha = s * r
+    read = dict(
+        named_leaves(ll.from_peft(tmp_path / "rslora", base_params(), NAMES), is_leaf=is_lora_node)
+    )
+    adapters = [(p, n) for p, n in named_leaves(lora_tree(rslora), is_leaf=is_lora_node)]
+    for path, node in [(p, n) for p, n in adapters if isinstance(n, ll.LoraWeight)]:
+        assert read[path].scale == pytest.approx(node.scale, rel=1e-9)
+        chex.assert_trees_all_equal((read[path].a, read[path].b), (node.a, node.b))
+
+
+def test_a_config_that_disagrees_with_the_tree_is_refused(tmp_path):
+    config = dataclasses.replace(CONFIG, dropout=0.0)
+    with pytest.raises(ValueError, match="params/layer_0/query/kernel: the tree's dropout 0.1, "):
+        ll.to_peft(tmp_path, lora_tree(), config, NAMES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapters_of_different_dropouts_are_refused(tmp_path):
+    tree = lora_tree()
+    query = tree["params"]["layer_0"]["query"]["kernel"]
+    tree["params"]["layer_0"]["query"]["kernel"] = dataclasses.replace(query, dropout=0.3)
+    with pytest.raises(ValueError, match=r"dropout rates differ .*0.3: params/layer_0/query/k"):
+        ll.to_peft(tmp_path, tree, name_map=NAMES)
+
+
 def test_keys_shapes_and_values_are_peft_s(tmp_path):
     tree = lora_tree()
     ll.to_peft(tmp_path, tree, CONFIG, NAMES, base_model_name_or_path="tiny-bert")
@@ -667,8 +705,7 @@ def test_a_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
         ll.to_peft(
             tmp_path,
             lora_tree(ll.LoraConfig(rank=1, targets="query")),
-            CONFIG,
-            NAMES,
+            name_map=NAMES,
             overwrite=True,
         )
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file

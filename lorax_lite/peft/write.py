@@ -8,8 +8,9 @@ import math
 import pathlib
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -17,12 +18,19 @@ from safetensors.numpy import save_file
 
 from ..atomic import current, replace_files
 from ..checks import raise_problems
-from ..config import LoraConfig
+from ..config import LoraConfig, tree_conflicts
 from ..decompose import RESIDUAL_INITS
 from ..deprecation import renamed_keywords
 from ..targets import leaf_name, named_leaves
 from ..trees import lora_tree
-from ..weight import Layout, LoraWeight, Trainable, alpha_from_scale, is_lora_node
+from ..weight import (
+    Layout,
+    LoraWeight,
+    Trainable,
+    alpha_from_scale,
+    is_lora_node,
+    scale_from_alpha,
+)
 from .format import (
     CONFIG_NAME,
     FIELDS_DIGEST,
@@ -33,57 +41,50 @@ from .format import (
     WEIGHTS_NAME,
     NameMap,
     Piece,
+    default_name_map,
     fields_digest,
     resolve_name_map,
 )
+
+
+class Defaults(NamedTuple):
+    """The fields of ``adapter_config.json`` that adapters differing from them override
+    through ``rank_pattern`` and ``alpha_pattern``."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
 
 
 @renamed_keywords(directory="path")
 def to_peft(
     path: str | pathlib.Path,
     tree: Any,
-    config: LoraConfig,
-    name_map: NameMap,
+    config: LoraConfig | None = None,
+    name_map: NameMap = default_name_map,
     *,
     base_model_name_or_path: str | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Writes ``tree``'s adapters in the PEFT LoRA format.
 
-    ``target_modules`` lists the full PyTorch module names; ranks and alphas that
-    differ from ``config.rank``/``config.alpha`` go to ``rank_pattern`` and
-    ``alpha_pattern`` (keyed by escaped full module names). Fully trained biases
-    are written as PEFT's trained biases (``bias`` is ``"lora_only"`` or ``"all"``);
-    other fully trained leaves make their module one of ``modules_to_save``. Both files are
-    written to a fresh sibling of ``path`` (with links to its other files) that is then
-    renamed into place, so a write that fails (a full disk) or is killed at any point
-    leaves the previous export or the new one, whole, never a mix of the two.
-
-    Leaves of scanned layers (an adapter whose layout stacks the leading axis, or a
-    fully trained leaf) are unstacked: their name in ``name_map`` is a template with a
-    ``{layer}`` field, filled with each index of the leading axis
-    (``model.layers.{layer}.self_attn.q_proj`` -> ``model.layers.0.self_attn.q_proj``, ...).
-    An embedding adapter of a model whose head reuses the embedding (tied) acts on the head
-    too in lorax_lite, while PEFT's acts on the lookup only: export adapters of untied
-    weights for the same outputs.
-
-    DoRA adapters write their magnitude ``m`` as ``lora_magnitude_vector`` (layer ``i`` of
-    a stacked leaf writes ``m[i]``) and set ``use_dora: true`` (PEFT's flag covers every
-    module, so DoRA and plain adapters cannot share a file). PEFT always treats the norm as
-    a constant in its backward pass, whatever ``dora_detach_norm`` is; the forward pass is
-    the same.
+    What PEFT records comes from the tree: each adapter's rank, scale (as ``lora_alpha``),
+    dropout and DoRA magnitude; ranks and alphas other than the most common go to
+    ``rank_pattern``/``alpha_pattern``. Fully trained biases become PEFT's trained biases
+    (``bias``), other fully trained leaves ``modules_to_save``. Both files are swapped
+    into place together: a failed or killed write leaves the old export or the new one.
 
     Args:
-        path: the output directory (created if missing; ``directory=`` before, which
-            warns ``DeprecationWarning``).
-        tree: a LoRA tree, or its trainable partition (base weights are not needed), or
-            a `TrainState` (its ``.tree``), as every writer takes.
-        config: the adapters' configuration (dropout, rsLoRA, default rank and alpha).
+        path: the output directory (created if missing; ``directory=`` before; warns).
+        tree: a LoRA tree, its trainable partition, or a `TrainState`.
+        config: optional: the configuration the tree was made with, for PEFT's default
+            ``r``, ``lora_alpha`` and ``use_rslora``; checked against the tree.
         name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
-            of stacked layers, as a dict or a callable.
+            stacked along its leading axis (one module per layer), as a dict or a
+            callable; by default the module path without ``params/``, dot-joined.
         base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
-        overwrite: replace an export already at ``path`` (as `save_adapter`'s; other
-            files in the directory are always kept).
+        overwrite: replace an export already at ``path`` (other files are kept).
 
     Returns:
         The directory.
@@ -91,22 +92,17 @@ def to_peft(
     Raises:
         ValueError: listing every leaf that the name map does not map, every adapter
             whose layout PEFT cannot express, every stacked leaf without a ``{layer}``
-            template and every unstacked one with one; for adapters initialized with
-            ``init="pissa"``/``"olora"`` (their base is a residual, not the original);
-            naming the plain adapters of a tree that also holds DoRA ones; if ``path``
-            holds an export (either file) and ``overwrite`` is False.
+            template and every unstacked one with one, DoRA and plain adapters mixed,
+            adapters of different dropouts, and where ``config`` disagrees with the
+            tree; for adapters initialized by PiSSA or OLoRA (their base is a residual,
+            not the original); if ``path`` holds an export and ``overwrite`` is False.
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query",
         ...          "params/layers/self_attn/q_proj": "model.layers.{layer}.self_attn.q_proj"}
-        >>> ll.to_peft("/tmp/peft", lora_params, config, names)  # doctest: +SKIP
+        >>> ll.to_peft("/tmp/peft", lora_params, name_map=names)  # doctest: +SKIP
     """
-    if config.init in RESIDUAL_INITS:
-        raise ValueError(
-            f"to_peft: these adapters were initialized with init={config.init!r}, which "
-            "replaced each adapted base weight by its residual W - s*A0@B0, and a PEFT "
-            "adapter is read onto the original weights; export ll.merge(tree) instead"
-        )
+    tree = lora_tree(tree)
     path = pathlib.Path(path)
     existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (current(path.resolve()) / n).exists()]
     if existing and not overwrite:
@@ -114,21 +110,26 @@ def to_peft(
             f"to_peft: {path} already holds an export ({', '.join(existing)}); pass "
             "overwrite=True to replace it"
         )
-    pieces, problems = _pieces(lora_tree(tree), resolve_name_map(name_map))
+    _refuse_residual_bases(tree, config)
+    pieces, problems = _pieces(tree, resolve_name_map(name_map))
+    if config is not None:
+        problems += tree_conflicts(config, tree)
     adapters = [p for p in pieces if isinstance(p.value, LoraWeight)]
     dora, dora_problems = _dora_mix(adapters)
     problems += dora_problems
+    defaults, default_problems = _defaults(adapters, config)
+    problems += default_problems
     problems += _shared_modules(adapters, "adapters")
     targeted = {p.module for p in adapters}
     trained = [p for p in pieces if not isinstance(p.value, LoraWeight)]
     tensors, bias, to_save, trained_problems = _trained_tensors(trained, targeted)
     problems += trained_problems
     raise_problems("to_peft cannot export this tree", problems)
-    peft_config = _base_config(config, base_model_name_or_path)
+    peft_config = _base_config(defaults, base_model_name_or_path)
     peft_config["use_dora"] = dora
     for piece in adapters:
         tensors.update(_adapter_tensors(piece))
-        _add_patterns(peft_config, config, piece)
+        _add_patterns(peft_config, defaults, piece)
     peft_config.update(
         target_modules=sorted(targeted), bias=bias, modules_to_save=sorted(to_save) or None
     )
@@ -246,17 +247,61 @@ def _shared_modules(pieces: list[Piece], what: str) -> list[str]:
     ]
 
 
-def _base_config(config: LoraConfig, base_model: str | None) -> dict[str, Any]:
+def _refuse_residual_bases(tree: Any, config: LoraConfig | None) -> None:
+    """Raises if the adapters were initialized by PiSSA or OLoRA: their base is the
+    residual ``W - s*A0@B0``, and a PEFT adapter is read onto the original weights."""
+    if config is not None and config.init in RESIDUAL_INITS:
+        raise ValueError(
+            f"to_peft: these adapters were initialized with init={config.init!r}, which "
+            "replaced each adapted base weight by its residual W - s*A0@B0, and a PEFT "
+            "adapter is read onto the original weights; export ll.merge(tree) instead"
+        )
+
+
+def _defaults(adapters: list[Piece], config: LoraConfig | None) -> tuple[Defaults, list[str]]:
+    """PEFT's default rank, alpha, dropout and rsLoRA flag: ``config``'s, or else the most
+    common of the adapters' (alpha as ``scale * rank``); a problem if their dropouts differ
+    (PEFT has one ``lora_dropout``)."""
+    dropouts = Counter(float(p.value.dropout) for p in adapters)
+    problems = []
+    if len(dropouts) > 1:
+        by_rate = {
+            rate: sorted({p.path for p in adapters if p.value.dropout == rate}) for rate in dropouts
+        }
+        listed = "; ".join(f"{rate:g}: {', '.join(paths)}" for rate, paths in by_rate.items())
+        problems.append(f"the adapters' dropout rates differ ({listed}); PEFT has one lora_dropout")
+    if config is not None:
+        return Defaults(config.rank, config.alpha, config.dropout, config.use_rslora), problems
+    common = lambda values, default: Counter(values).most_common(1)[0][0] if values else default
+    return (
+        Defaults(
+            rank=common([p.value.rank for p in adapters], LoraConfig.rank),
+            alpha=common([_alpha(p.value, rslora=False) for p in adapters], LoraConfig.alpha),
+            dropout=common(list(dropouts.elements()), LoraConfig.dropout),
+            use_rslora=False,
+        ),
+        problems,
+    )
+
+
+def _alpha(node: LoraWeight, *, rslora: bool) -> float:
+    """The alpha giving ``node`` its scale, to 12 significant digits (32, not the
+    32.00000000000001 of ``s * sqrt(r)`` in floats); an int where it is one."""
+    alpha = float(f"{alpha_from_scale(node.scale, node.rank, rslora=rslora):.12g}")
+    return int(alpha) if alpha.is_integer() else alpha
+
+
+def _base_config(defaults: Defaults, base_model: str | None) -> dict[str, Any]:
     number = lambda x: int(x) if float(x).is_integer() else float(x)
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model,
         "revision": None,
-        "r": config.rank,
-        "lora_alpha": number(config.alpha),
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
+        "r": defaults.rank,
+        "lora_alpha": number(defaults.alpha),
+        "lora_dropout": defaults.dropout,
+        "use_rslora": defaults.use_rslora,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -281,21 +326,18 @@ def _adapter_tensors(piece: Piece) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _add_patterns(peft_config: dict, config: LoraConfig, piece: Piece) -> None:
+def _add_patterns(peft_config: dict, defaults: Defaults, piece: Piece) -> None:
     """Records the module's rank, and the alpha giving its scale, where they differ from the
-    config's defaults. The alpha comes from the node's scale, not from matching the config's
-    ``alpha_pattern`` (whose regexes may come from a checkpoint's file)."""
+    defaults."""
     node = piece.value
-    rank = node.rank
-    alpha = config.alpha
-    if not math.isclose(config.scale_for(rank, alpha), node.scale, rel_tol=1e-6):
-        # 12 significant digits: 32, not the 32.00000000000001 of s * sqrt(r) in floats.
-        alpha = float(f"{alpha_from_scale(node.scale, rank, rslora=config.use_rslora):.12g}")
-        alpha = int(alpha) if alpha.is_integer() else alpha
+    rank, alpha = node.rank, defaults.alpha
+    scale = scale_from_alpha(alpha, rank, rslora=defaults.use_rslora)
+    if not math.isclose(scale, node.scale, rel_tol=1e-6):
+        alpha = _alpha(node, rslora=defaults.use_rslora)
     key = re.escape(piece.module)
-    if rank != config.rank:
+    if rank != defaults.rank:
         peft_config["rank_pattern"][key] = rank
-    if alpha != config.alpha:
+    if alpha != defaults.alpha:
         peft_config["alpha_pattern"][key] = alpha
 
 
