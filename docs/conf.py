@@ -35,6 +35,7 @@ myst_heading_anchors = 3
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_typehints = "signature"
+python_use_unqualified_type_names = True
 autodoc_member_order = "bysource"
 
 # Every reference to one of our names must resolve; other libraries' names (no inventories
