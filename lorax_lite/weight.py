@@ -81,18 +81,26 @@ class Layout(NamedTuple):
 class LoraWeight:
     """A frozen weight ``w`` with a low-rank adapter: ``w + scale * A @ B``.
 
-    ``w`` is frozen; ``a`` and ``b`` train. ``scale``, ``layout`` and ``dropout``
-    are static metadata. After `partition`, ``w`` or ``a``/``b`` may be ``None``; in
-    `AdapterSet.per_example`'s tree (`ll.route`), ``a`` and ``b`` are `Gathered`.
+    With a magnitude ``m`` (DoRA) the weight is ``m * V / ||V||`` with
+    ``V = w + scale * A @ B``, the norm per output unit over the fan-in axes. All
+    fields but ``w``, ``a``, ``b`` and ``m`` are static pytree data.
 
-    With a magnitude ``m`` (DoRA, ``LoraConfig(use_dora=True)``) the weight is
-    ``m * V / ||V||`` with ``V = w + scale * A @ B``, the norm taken per output unit
-    over the fan-in axes; ``m`` has shape ``(stack..., fan_out...)`` and trains with
-    ``a`` and ``b``. ``detach_norm`` (static) treats ``||V||`` as a constant when
-    differentiating, as PEFT does. ``dora`` (static, set whenever ``m`` is given) makes
-    ``m`` a pytree child, also where a partition leaves it ``None``; a plain LoRA
-    weight has the children ``w``, ``a``, ``b`` only, as before DoRA existed, so
-    checkpoints of training states written then still restore.
+    Attributes:
+        w: the frozen base (an array or a `QuantizedWeight`; ``None`` in a trainable
+            partition).
+        a: ``A``, ``(stack..., fan_in..., r)`` (``None`` in a frozen partition; a
+            `Gathered` in `ll.route`'s tree).
+        b: ``B``, ``(stack..., r, fan_out...)``.
+        scale: ``s``, ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
+        layout: which axes of ``w`` are stacked, fan-in and fan-out.
+        dropout: the dropout rate on the adapter's input.
+        m: DoRA's magnitude, ``(stack..., fan_out...)``, trained, or ``None``.
+        detach_norm: DoRA: ``||V||`` is a constant when differentiating (as PEFT).
+        dora: whether ``m`` is a child (set whenever ``m`` is given), so a partition's
+            ``None`` keeps its place; a plain weight has the children ``w, a, b`` only.
+        residual_init: the init that replaced ``w`` by its residual ``W - s * A0 @ B0``
+            (``"pissa"``, ``"olora"``, ``"loftq"``), or ``None``: ``w`` is the original
+            weight (also in checkpoints written before this field existed).
 
     Example:
         >>> w = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), 2.0)
@@ -109,6 +117,7 @@ class LoraWeight:
     m: jax.Array | None = None
     detach_norm: bool = True
     dora: bool = False
+    residual_init: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dora", bool(self.dora) or self.m is not None)
@@ -142,7 +151,7 @@ class LoraWeight:
 
 
 # The pytree's static data (the registration below; the children are `_child_names`).
-_STATIC = ("scale", "layout", "dropout", "detach_norm", "dora")
+_STATIC = ("scale", "layout", "dropout", "detach_norm", "dora", "residual_init")
 
 
 def _child_names(node: LoraWeight) -> tuple[str, ...]:

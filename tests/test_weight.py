@@ -1,5 +1,6 @@
 """LoraWeight, Layout and factor init, checked against float64 numpy."""
 
+import dataclasses
 import math
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from helpers import dense_reference
 
 import lorax_lite as ll
-from lorax_lite.weight import init_factors
+from lorax_lite.weight import LoraWeight, init_factors
 
 KEY = jax.random.key(0)
 LAYOUTS = [
@@ -115,3 +116,18 @@ def test_lora_weight_is_a_pytree_with_static_metadata():
     rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
     assert rebuilt.scale == 1.5 and rebuilt.layout == ll.Layout.dense()
     assert jax.tree_util.tree_leaves(ll.Trainable(jnp.zeros(3)))[0].shape == (3,)
+
+
+def test_residual_init_survives_jit_tree_map_partition_and_combine():
+    node = dataclasses.replace(random_weight((5, 7), ll.Layout.dense()), residual_init="pissa")
+    tree = {"k": node, "bias": jnp.zeros(7)}
+    through_jit = jax.jit(lambda t: t)(tree)
+    mapped = jax.tree_util.tree_map(lambda x: x * 2, tree)
+    trainable, frozen = ll.partition(tree)
+    for out in (through_jit, mapped, ll.combine(trainable, frozen)):
+        assert out["k"].residual_init == "pissa"
+    assert trainable["k"].residual_init == frozen["k"].residual_init == "pissa"
+    # Static data: a tree of another init is another structure (jit retraces on it).
+    plain = jax.tree_util.tree_structure(dataclasses.replace(node, residual_init=None))
+    assert jax.tree_util.tree_structure(node) != plain
+    assert LoraWeight(node.w, node.a, node.b).residual_init is None  # the default
