@@ -38,15 +38,10 @@ def fit(
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Runs ``steps`` training steps with a progress bar; returns the state and a history.
 
-    The host reads the metrics only every ``log_every`` steps (and at the first, last
-    and eval steps), so the device runs ahead in between. The bar (loss, tokens/s) and
-    warnings show on process 0 only; every process must call `fit` with its own batches.
-
-    Steps whose loss or gradients are NaN or inf are skipped by the library's steps
-    (``skip_nonfinite=True``, their default): their history entries say
-    ``"skipped": True`` and `fit` warns with their count at the end. After
-    ``max_consecutive_nonfinite`` such steps in a row, `fit` raises (at the host read
-    that sees them).
+    The host reads the metrics every ``log_every`` steps (and at the first, last and
+    eval steps), so the device runs ahead in between; the bar and warnings show on
+    process 0 only (every process calls `fit` with its own batches). Skipped
+    non-finite steps are marked ``"skipped"`` in the history and counted in a warning.
 
     Args:
         step: a step function, e.g. ``ll.train_step(...).step``.

@@ -33,10 +33,9 @@ def merge(
 ) -> Any:
     """The plain parameter tree ``w + scale * A @ B``, with the original structure and dtypes.
 
-    Each merged weight is accumulated in float32 and cast to its base dtype;
-    `Trainable` leaves are unwrapped. A quantized base is dequantized first, and the
-    result is a float model unless ``requantize``. The checks need concrete arrays
-    (call them outside ``jax.jit``).
+    Each merged weight is accumulated in float32 and cast to its base dtype; `Trainable`
+    leaves are unwrapped; a quantized base is dequantized (re-quantized with
+    ``requantize``). The checks need concrete arrays (outside ``jax.jit``).
 
     Args:
         tree: a LoRA tree from `init` (or `combine`), or a `TrainState` (its ``.tree``),
@@ -128,11 +127,9 @@ def _probe_deviation(tree: Any, merged: Any, fn: Callable, args: Sequence[Any]) 
 def unmerge(merged: Any, tree: Any) -> Any:
     """Rebuilds the LoRA tree from merged parameters and the adapters in ``tree``.
 
-    Where ``tree`` still holds the base weight it is returned as is (exact); where
-    it holds only the factors (a trainable partition), the base is recovered as
-    ``merged - scale * A @ B`` in float32 (exact up to rounding of the base dtype).
-    Fully trained leaves and the holes of a partition take their merged values.
-    A DoRA weight needs its base in ``tree``: the merged weight does not determine it.
+    Where ``tree`` holds the base weight it is kept (exact); where it holds only the
+    factors (a trainable partition), the base is ``merged - scale * A @ B`` in float32.
+    Trained leaves and a partition's holes take their merged values.
 
     Args:
         merged: the output of `merge`.

@@ -39,18 +39,11 @@ def optimizer(
 ) -> optax.GradientTransformation:
     """Wraps ``tx`` so that frozen leaves get zero updates and no optimizer state.
 
-    Built on ``optax.multi_transform`` with ``optax.set_to_zero`` for frozen leaves.
-    The labels are computed from the tree passed to ``init``/``update``, so the
-    same optimizer works on the full LoRA tree and on its trainable partition.
-
-    LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): with
-    ``b_lr_ratio``, every ``B`` factor gets its own copy of ``tx`` (its own state)
-    whose updates are scaled by the ratio, ``optax.chain(tx, optax.scale(ratio))``.
-    For optimizers whose update is proportional to the learning rate (SGD, momentum,
-    Adam, AdamW with its decoupled weight decay, Lion, schedules of these) that is
-    ``B`` trained at ``ratio`` times ``A``'s learning rate. ``A`` and `Trainable`
-    leaves keep ``tx``'s rate. Unlike PEFT, 1-D trained leaves (biases) keep ``A``'s
-    rate and embedding adapters get no rate of their own.
+    Built on ``optax.multi_transform`` with ``optax.set_to_zero``; the labels come from
+    the tree passed to ``init``/``update``, so it works on the full tree and on its
+    trainable partition. With ``b_lr_ratio`` (LoRA+), each ``B`` gets its own
+    ``optax.chain(tx, optax.scale(ratio))``: ``ratio`` times ``A``'s learning rate for
+    optimizers whose update is proportional to it (SGD, Adam, AdamW, Lion).
 
     Args:
         tx: the optimizer for the trainable leaves, e.g. ``optax.adamw(1e-3)``.

@@ -57,14 +57,9 @@ def init(
     Returns:
         The same tree with targeted leaves replaced by ``LoraWeight(w, a, b, scale)``
         and fully trained leaves (``config.train``, biases) wrapped in `Trainable`. A
-        `QuantizedWeight` already in ``params`` (a GGUF file's blocks) is one weight: a
-        targeted one becomes the ``w`` of its `LoraWeight` as it is, with factors sized
-        by its logical shape; the others stay quantized and frozen.
-        With ``init="pissa"``/``"olora"`` each ``w`` is the residual ``W - s A B``
-        (then quantized, with ``quantization``), with ``init="loftq"`` (which needs
-        ``quantization``) LoftQ's quantized base (`lorax_lite.decompose.loftq`); save it
-        with the adapter (`save_adapter`
-        records its fingerprint and `load_adapter` refuses the original weights).
+        `QuantizedWeight` in ``params`` is one weight (targeted: the ``w`` of its
+        `LoraWeight`). With ``init="pissa"``, ``"olora"`` or ``"loftq"``, each ``w`` is
+        the residual base, which must be saved with the adapter.
 
     Raises:
         ValueError: if ``params`` already holds `LoraWeight` or `Trainable` leaves (naming

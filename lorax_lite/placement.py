@@ -124,13 +124,11 @@ def place(
             ``axis_name``; with several processes, each passes its own rows (see
             ``jax.make_array_from_process_local_data``).
         mesh: the device mesh.
-        axis_name: the mesh axis the batch is split over (``data_axis=`` before; that
-            spelling warns ``DeprecationWarning`` and goes in the next release).
-        base_sharding: ``"replicated"`` or ``"fsdp"``: each frozen leaf split along its
-            largest axis divisible by the number of mesh devices, over all mesh axes
-            (leaves with no such axis stay replicated). A `QuantizedWeight`'s codes,
-            scales and offsets are split along one and the same axis, never the
-            in-block one, so each device holds whole blocks with their scales.
+        axis_name: the mesh axis the batch is split over (``data_axis=`` before: warns
+            ``DeprecationWarning``).
+        base_sharding: ``"replicated"``, or ``"fsdp"``: each frozen leaf split over all
+            mesh axes along its largest axis the device count divides (else replicated);
+            a `QuantizedWeight` keeps whole blocks with their scales on each device.
 
     Returns:
         ``(state, batch)`` on the mesh: adapters, optimizer state, step and key replicated.

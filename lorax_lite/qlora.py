@@ -28,10 +28,8 @@ def quantize(
 ) -> Any:
     """Quantizes the frozen base of a LoRA tree (QLoRA): each `LoraWeight`'s ``w``.
 
-    The adapters, `Trainable` leaves and everything else keep their dtype. `lora`
-    dequantizes inside the compiled function, where each weight is used, so no
-    full-precision copy of a quantized weight is kept between steps; its integer
-    codes have no gradient and take no optimizer state.
+    Adapters, `Trainable` leaves and other leaves keep their dtype; `lora` dequantizes
+    each weight where it is used, inside the compiled function.
 
     Args:
         tree: a LoRA tree from `init`.

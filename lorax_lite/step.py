@@ -65,19 +65,15 @@ def train_step(
         tx: a plain optax optimizer, e.g. ``optax.adamw(1e-3)``; it is wrapped with
             `lorax_lite.optimizer` (one already wrapped works too: on the trainable
             partition every leaf is trained).
-        donate: donate the step counter, trainable partition, optimizer state and key
-            to the update, so they are updated in place (the frozen base is never
-            donated, and `init` copies what it donates).
-        accum_steps: split the batch's leading axis into this many micro-batches
-            (``lax.scan``) and average their gradients: the same update as the whole
-            batch at once, with the activation memory of one micro-batch. Micro-batch
-            ``i`` takes rows ``i, i + accum_steps, ...``.
-        remat: wrap ``loss_fn`` in ``jax.checkpoint`` (recompute activations in the
-            backward pass instead of storing them).
-        skip_nonfinite: when the loss or any gradient is NaN or inf, keep the adapters
-            and the optimizer state as they were (the step counter still advances) and
-            report ``"skipped"``; with False such an update is applied (NaN spreads into
-            the adapters). ``"nonfinite"`` is reported either way.
+        donate: update the state in place (the frozen base is never donated; `init`
+            copies what it donates).
+        accum_steps: split the batch's leading axis into this many micro-batches (rows
+            ``i, i + accum_steps, ...``) and average their gradients: the same update,
+            with one micro-batch's activation memory.
+        remat: wrap ``loss_fn`` in ``jax.checkpoint``.
+        skip_nonfinite: when the loss or a gradient is NaN or inf, keep the adapters
+            and optimizer state (the step counter advances) and report ``"skipped"``;
+            False applies such an update.
 
     Returns:
         `TrainStep` ``(init, step)``; ``step`` compiles once per batch shape.

@@ -51,13 +51,15 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
 
     Returns:
         A function with ``fn``'s signature plus a keyword ``dropout_key``: with a key,
-        each adapter site draws its own dropout mask on the adapter input (rates from
-        the `LoraWeight`\\ s); without one (evaluation), there is no dropout: the key is
-        the transform's own switch. A keyword ``deterministic=True`` (Flax's evaluation
-        flag, a Python bool, passed on to ``fn`` like every other argument) turns adapter
-        dropout off too, whatever the key, so that one flag switches the model's dropout
-        and the adapters' together; it can only turn dropout off. The function composes
-        with ``jax.jit``, ``grad``, ``vmap``, ``pmap`` and ``shard_map``.
+        each adapter site draws its own dropout mask on its input; without one, no
+        adapter dropout. ``deterministic=True`` (Flax's flag, a Python bool, also passed
+        on to ``fn``) turns adapter dropout off too. It composes with ``jax.jit``,
+        ``grad``, ``vmap``, ``pmap`` and ``shard_map``.
+
+    Raises:
+        TypeError: if ``deterministic`` is given and is not a Python bool.
+        MaterializationError: with ``strict``, where a weight meets an operation with
+            no low-rank rule.
 
     Example:
         >>> import jax.numpy as jnp

@@ -137,11 +137,8 @@ def cast_base(tree: Any, dtype: Any) -> Any:
     """The frozen base weights cast to ``dtype`` (e.g. ``jnp.bfloat16``); adapters untouched.
 
     Casts ``LoraWeight.w`` and plain float leaves; ``a``, ``b``, `Trainable` values and
-    integer leaves keep their dtype. A `QuantizedWeight` keeps its codes, scales and
-    offsets bit for bit: only the dtype it dequantizes to becomes ``dtype``. Given a
-    `TrainState`, casts its ``frozen`` part only, so the optimizer state stays as it
-    is. The model computes in whatever dtype its operations promote to (a bf16 base
-    against float32 activations gives float32).
+    integer leaves keep their dtype; a `QuantizedWeight` keeps its codes and dequantizes
+    to ``dtype``. Given a `TrainState`, casts its ``frozen`` part only.
 
     Args:
         tree: a LoRA tree, its frozen partition, or a `TrainState`.

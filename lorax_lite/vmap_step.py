@@ -31,11 +31,9 @@ def vmap_train_step(
 ) -> TrainStep:
     """All adapters of a set trained at once, side by side, over one frozen base.
 
-    `ll.train_step`'s update under ``jax.vmap`` over the adapter axis: each adapter
-    has its own factors, optimizer state and PRNG key, and takes exactly the steps it
-    would take trained alone; the base is shared, unbatched and never differentiated.
-    For sweeps, vary the data (``batch_axis=0``), the keys, or hyperparameters held in
-    the optimizer state (``optax.inject_hyperparams``).
+    `ll.train_step`'s update under ``jax.vmap`` over the adapter axis: each adapter takes
+    the steps it would take alone, with its own factors, optimizer state and key; the
+    base is shared and never differentiated.
 
     Args:
         loss_fn: as for `ll.train_step`: ``loss_fn(tree, batch, key)`` on one adapter.
