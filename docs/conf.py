@@ -91,3 +91,15 @@ html_title = f"lorax_lite {release}"
 html_theme_options = {"show_toc_level": 2, "use_download_button": False}
 html_static_path: list[str] = []
 default_role = "py:obj"
+
+
+def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
+    """A dataclass field's ``default_factory`` shows as ``<factory>``, which is no Python: the
+    domain then cannot parse the signature and prints it raw. Show ``...`` instead."""
+    if signature and "<factory>" in signature:
+        return signature.replace("<factory>", "..."), return_annotation
+    return None
+
+
+def setup(app):
+    app.connect("autodoc-process-signature", _factory_defaults)
