@@ -5,6 +5,7 @@ ignored by the nitpicky check (``nitpick_ignore_regex``), ours must all resolve.
 """
 
 import pathlib
+import re
 import sys
 
 DOCS = pathlib.Path(__file__).resolve().parent
@@ -93,13 +94,15 @@ html_static_path: list[str] = []
 default_role = "py:obj"
 
 
-def _factory_defaults(app, what, name, obj, options, signature, return_annotation):
-    """A dataclass field's ``default_factory`` shows as ``<factory>``, which is no Python: the
-    domain then cannot parse the signature and prints it raw. Show ``...`` instead."""
-    if signature and "<factory>" in signature:
-        return signature.replace("<factory>", "..."), return_annotation
-    return None
+def _readable_defaults(app, what, name, obj, options, signature, return_annotation):
+    """Defaults whose repr is no Python (a dataclass field's ``<factory>``, a function's
+    ``<function f at 0x...>``) make the domain print the signature raw, untyped and unlinked:
+    show ``...`` and ``f`` instead."""
+    if not signature or "<" not in signature:
+        return None
+    signature = re.sub(r"<function ([\w.]+) at 0x[0-9a-f]+>", r"\1", signature)
+    return re.sub(r"<[^<>]*>", "...", signature), return_annotation
 
 
 def setup(app):
-    app.connect("autodoc-process-signature", _factory_defaults)
+    app.connect("autodoc-process-signature", _readable_defaults)
