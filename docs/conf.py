@@ -100,7 +100,7 @@ def _readable_defaults(app, what, name, obj, options, signature, return_annotati
     show ``...`` and ``f`` instead."""
     if not signature or "<" not in signature:
         return None
-    signature = re.sub(r"<function ([\w.]+) at 0x[0-9a-f]+>", r"\1", signature)
+    signature = re.sub(r"<function ([\w.]+)(?: at 0x[0-9a-f]+)?>", r"\1", signature)
     return re.sub(r"<[^<>]*>", "...", signature), return_annotation
 
 
