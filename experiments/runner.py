@@ -10,6 +10,7 @@ the rest from here:
   (`experiments.provenance`).
 - `publish`: ``STEM.json``, ``STEM.md`` and ``STEM.png`` (`experiments.outputs`), in a
   folder, or where `stem_path` says for the benchmarks' ``--out`` path stems.
+- `table` and `size_text`: the reports' Markdown tables and byte sizes.
 - `figure`: a matplotlib figure drawn off-screen and saved.
 - `run_worker` and `reply`: one part of an experiment in a fresh process (its own peak
   memory, its own device count), answering with one tagged JSON line on stdout;

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import inspect
 import os
 import time
 from typing import Any
@@ -83,13 +82,12 @@ def abstract_state(step: ll.TrainStep, tree: Any, mesh: jax.sharding.Mesh) -> ll
 def lower_abstract(step: ll.TrainStep, state: ll.TrainState, batch: Any) -> Any:
     """``step.step.lower`` for abstract arguments.
 
-    The public ``step.lower`` places its arguments with ``jax.device_put``, which takes no
-    ``ShapeDtypeStruct``; this lowers the jitted update it wraps (``compiled`` in its
-    closure) with the arguments as ``step.lower`` passes them: the state without its
-    frozen base, the base, the batch.
+    The public ``step.step.lower`` places its arguments with ``jax.device_put``, which
+    takes no ``ShapeDtypeStruct``; this lowers the jitted update it wraps
+    (``CompiledStep.compiled``) with the arguments as it passes them: the state without
+    its frozen base, the base, the batch.
     """
-    jitted = inspect.getclosurevars(step.step.lower).nonlocals["compiled"]
-    return jitted.lower(dataclasses.replace(state, frozen=None), state.frozen, batch)
+    return step.step.compiled.lower(dataclasses.replace(state, frozen=None), state.frozen, batch)
 
 
 def layer_flops_per_token(config: LlamaConfig, seq: int, variant: str, remat: bool) -> float:

@@ -24,12 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from experiments.models import LLAMA_LINEAR
 from experiments.models.llama import LlamaConfig, apply_rope, grouped_attention, rope_angles
-
-PROJECTIONS = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
 
 
 def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype: Any) -> jax.Array:
@@ -66,7 +62,7 @@ class Attention(nnx.Module):
 
     def __init__(self, config: LlamaConfig, linear: Callable, rngs: nnx.Rngs):
         for name, module in _modules(config, linear, rngs).items():
-            if name in PROJECTIONS["self_attn"]:
+            if name in LLAMA_LINEAR["self_attn"]:
                 setattr(self, name, module)
         self.config = config
 
@@ -87,7 +83,7 @@ class MLP(nnx.Module):
 
     def __init__(self, config: LlamaConfig, linear: Callable, rngs: nnx.Rngs):
         for name, module in _modules(config, linear, rngs).items():
-            if name in PROJECTIONS["mlp"]:
+            if name in LLAMA_LINEAR["mlp"]:
                 setattr(self, name, module)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -158,7 +154,7 @@ def from_linen(model: LlamaNNX, params: dict[str, Any]) -> LlamaNNX:
     for i, block in enumerate(model.layers):
         for norm in ("input_layernorm", "post_attention_layernorm"):
             put(getattr(block, norm).scale, layers[norm]["scale"][i], f"layers/{i}/{norm}")
-        for group, names in PROJECTIONS.items():
+        for group, names in LLAMA_LINEAR.items():
             for name in names:
                 kernel = layers[group][name]["kernel"][i]
                 put(getattr(getattr(block, group), name).kernel, kernel, f"{i}/{group}/{name}")

@@ -14,6 +14,7 @@ import pytest
 from helpers import randomize_b
 
 import lorax_lite as ll
+from experiments.models import LLAMA_PROJECTIONS as PROJECTIONS
 from experiments.models import llama_gguf
 from experiments.models.llama import (
     Llama,
@@ -42,7 +43,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 LAYER_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def vocabulary() -> list[str]:
