@@ -78,6 +78,9 @@ KNOWN_DOCSTRING_ISSUES = [
     ("py:obj", "from_serial"),
     ("py:obj", "pattern_matches"),
     ("py:obj", "lorax_lite.kquants"),
+    ("py:obj", "lorax_lite.decompose.loftq"),
+    ("py:obj", "SCALE_GROUP"),
+    ("py:obj", "lorax_lite.scales.SCALE_GROUP"),
     # TrainStep.step is typed with step.py's internal CompiledStep.
     ("py:class", "CompiledStep"),
     ("py:class", "lorax_lite.step.CompiledStep"),
