@@ -239,14 +239,10 @@ class AdapterSlots:
             if isinstance(node, Trainable):
                 problems.append(f"{path}: trained in full; slots hold adapter factors only")
                 continue
-            if isinstance(node, LoraWeight) and node.w is not None:
-                why = base_mismatch(node.w, base_leaf(base))
-                if why:
-                    problems.append(f"{path}: another base weight than the set's ({why})")
-            elif not isinstance(node, LoraWeight) and node is not None:
-                why = base_mismatch(node, base_leaf(base))
-                if why:
-                    problems.append(f"{path}: another base weight than the set's ({why})")
+            weight = base_leaf(node)  # None in a partition: checked by shapes only
+            why = None if weight is None else base_mismatch(weight, base_leaf(base))
+            if why:
+                problems.append(f"{path}: another base weight than the set's ({why})")
             if not isinstance(table, LoraWeight):
                 if isinstance(node, LoraWeight):
                     problems.append(f"{path}: adapted, but not a slot leaf of the set")
@@ -300,13 +296,9 @@ def _slot_row(
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _unit_magnitude_jit(w: Any, a: jax.Array, b: jax.Array, scale: float, layout: Any) -> Any:
-    return jnp.sqrt(factored_squares(_dense(w), a, b, scale, layout))
-
-
 def _unit_magnitude(w: Any, a: jax.Array, b: jax.Array, scale: float, layout: Any) -> jax.Array:
     """The DoRA magnitude ``||w + scale A B||`` that makes a plain adapter's ratio one."""
-    return _unit_magnitude_jit(w, a, b, scale, layout)
+    return jnp.sqrt(factored_squares(_dense(w), a, b, scale, layout))
 
 
 def _dense(w: Any) -> jax.Array:
