@@ -158,7 +158,7 @@ def windows(stream: np.ndarray, *, batch: int, length: int, seed: int) -> Iterat
 def fit(tree: Any, loss: Any, batches: Iterator[Any], args: argparse.Namespace, step_fn=None):
     """``--train-steps`` AdamW steps; returns the tree, the losses, the seconds, the step."""
     if step_fn is None:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 1, args.train_steps)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 1, args.train_steps + 1)
         step_fn = ll.train_step(loss, optax.adamw(schedule))
     init, step = step_fn
     state = init(tree, jax.random.key(args.seed))
