@@ -209,3 +209,43 @@ def test_readme_links_point_at_files_that_exist():
     assert "docs/tutorials/qlora_smollm2.md" in local  # QLoRA + PEFT, one click away
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+NUMBER = re.compile(
+    r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w,])|(?<![\w.,])\d+\.\d+|(?<![\w.,])\d{2,}(?![\w.,])"
+)
+ELSEWHERE = re.compile(r"^% figures from elsewhere: (.*)$", re.M)
+
+
+def test_results_notes_quote_their_results_files():
+    """A note (the hand-written reading above a generated results page) quotes figures of its
+    results file (Markdown or JSON, to the note's decimals); a figure from elsewhere is listed
+    on its '% figures from elsewhere:' line. A rerun that changes a figure fails here until the
+    note is read again."""
+    sys.path.insert(0, str(DOCS / "_ext"))
+    try:
+        import results_pages
+    finally:
+        sys.path.remove(str(DOCS / "_ext"))
+    checked = 0
+    for name, source in results_pages.result_files(ROOT / "experiments" / "results").items():
+        note = DOCS / "results" / "notes" / f"{name}.md"
+        if not note.exists():
+            continue
+        data = source.read_text()
+        if source.with_suffix(".json").exists():
+            data += source.with_suffix(".json").read_text()
+        have = [float(n.replace(",", "")) for n in NUMBER.findall(data)]
+        text = note.read_text()
+        elsewhere = {n for line in ELSEWHERE.findall(text) for n in line.split()}
+        text = ELSEWHERE.sub("", text)
+        for figure in NUMBER.findall(text):
+            if figure in elsewhere:
+                continue
+            decimals = len(figure.split(".")[1]) if "." in figure else 0
+            value = float(figure.replace(",", ""))
+            assert any(round(h + 1e-9, decimals) == value for h in have), (
+                f"docs/results/notes/{name}.md quotes {figure}, not in {source.name} or its JSON"
+            )
+            checked += 1
+    assert checked > 100
