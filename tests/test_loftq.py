@@ -43,7 +43,7 @@ def test_first_iteration_is_the_best_rank_r_fit_of_the_quantization_error(kind):
     u, s, vh = np.linalg.svd(residual, full_matrices=False)
     best = (u[:, :rank] * s[:rank]) @ vh[:rank]
     fitted = scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-    np.testing.assert_allclose(fitted, best, atol=2e-5 * np.abs(best).max())
+    np.testing.assert_allclose(fitted, best, atol=5e-5 * np.abs(best).max())  # float32 SVD
     assert _error(_dense(a, b, scale, q), w) < _error(plain, w)
 
 
