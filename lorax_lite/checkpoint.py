@@ -301,9 +301,11 @@ def load_adapter(path: str | pathlib.Path, params: Any = None, *, check_base: bo
     if check_base:
         problems += _fingerprint_problems(info, named, misfits)
     hint = "(check_base=False loads onto a different base with the same shapes)"
-    if (info["config"] or {}).get("init") in RESIDUAL_INITS:
+    residual = [e["residual_init"] for e in info["adapters"] if "residual_init" in e]
+    residual += [(info["config"] or {}).get("init")]  # files written before residual_init
+    if residual[0] in RESIDUAL_INITS:
         hint += (
-            f"\nThis adapter was initialized with init={info['config']['init']!r}: its "
+            f"\nThis adapter was initialized with init={residual[0]!r}: its "
             "base is the residual W - s*A0@B0 that ll.init put in the tree, not the "
             "original weights. Load it onto that residual base (save "
             "ll.partition(tree)[1] beside the adapter; ll.init with the same config "
@@ -342,7 +344,17 @@ def _rebuilt_adapter(w: Any, entry: dict[str, Any], arrays: dict[str, Any]) -> L
     """The `LoraWeight` of a saved entry and its restored arrays, on the base ``w``."""
     layout = Layout.from_roles(tuple(entry["layout"]))
     dora = {"m": arrays["m"], "detach_norm": entry["detach_norm"]} if "m" in entry else {}
-    return LoraWeight(w, arrays["a"], arrays["b"], entry["scale"], layout, entry["dropout"], **dora)
+    residual = entry.get("residual_init")  # absent: the original base, or an older file
+    return LoraWeight(
+        w,
+        arrays["a"],
+        arrays["b"],
+        entry["scale"],
+        layout,
+        entry["dropout"],
+        **dora,
+        residual_init=residual,
+    )
 
 
 def _shape_problems(info: dict[str, Any], named: dict[str, Any]) -> dict[str, str]:

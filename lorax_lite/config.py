@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from .checks import is_float_dtype, is_int, is_number, is_positive, raise_problems
+from .decompose import RESIDUAL_INITS
 from .targets import Spec, from_serial, most_specific, named_leaves, to_predicate, to_serial
 from .weight import LoraWeight, is_lora_node, scale_from_alpha
 
@@ -304,13 +305,20 @@ def tree_conflicts(config: LoraConfig, tree: Any) -> list[str]:
 
     Returns:
         ``"path: the tree's dropout 0.0, the config's 0.1"`` for each adapter whose
-        dropout differs from the config's; empty if they agree.
+        dropout differs from the config's, or whose recorded ``residual_init`` is not
+        the config's ``init``; empty if they agree.
     """
+    residual = config.init if config.init in RESIDUAL_INITS else None
     problems = []
     for path, node in named_leaves(tree, is_leaf=is_lora_node):
         if isinstance(node, LoraWeight) and node.a is not None:
             if node.dropout != config.dropout:
                 problems.append(
                     f"{path}: the tree's dropout {node.dropout}, the config's {config.dropout}"
+                )
+            if node.residual_init not in (None, residual):  # None: not recorded (older)
+                problems.append(
+                    f"{path}: the tree's residual_init {node.residual_init!r}, the config's "
+                    f"init {config.init!r}"
                 )
     return problems

@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from .checks import is_int, is_number
 from .config import AXIS_ROLES, LoraConfig
+from .decompose import RESIDUAL_INITS
 from .fingerprints import dtype_name, host_array
 from .json_values import clipped, json_digest
 from .version import __version__
@@ -45,6 +46,7 @@ def adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
     if node.w is None:
         raise ValueError(f"{path}: the adapter has no base weight to describe")
     dora = {} if node.m is None else {"m": array_entry(node.m), "detach_norm": node.detach_norm}
+    residual = {} if node.residual_init is None else {"residual_init": node.residual_init}
     return {
         "path": path,
         # The base weight's shape and dtype only: it is never copied to the host whole
@@ -58,6 +60,7 @@ def adapter_entry(path: str, node: LoraWeight) -> dict[str, Any]:
         "a": array_entry(node.a),
         "b": array_entry(node.b),
         **dora,
+        **residual,
     }
 
 
@@ -147,6 +150,11 @@ def _adapter_entry_problems(entry: Any, field: str) -> list[str]:
     for factor in factors:
         problems += _array_entry_problems(
             entry.get(factor, _MISSING), f"{field}.{factor}", floating=True, named=False
+        )
+    if "residual_init" in entry and entry["residual_init"] not in RESIDUAL_INITS:
+        problems.append(
+            f"{field}.residual_init: expected one of {RESIDUAL_INITS}, found "
+            f"{clipped(entry['residual_init'])}"
         )
     if "m" in entry and not isinstance(entry.get("detach_norm"), bool):
         problems.append(

@@ -1,5 +1,6 @@
 """Adapter checkpoints and training checkpoints: round trips, validation, crash safety."""
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -683,3 +684,26 @@ def test_save_adapter_refuses_a_config_that_disagrees_with_the_tree(tmp_path):
     with pytest.raises(ValueError, match=r"disagrees with the tree:\n  .*: the tree's dropout"):
         ll.save_adapter(tmp_path / "adapter", lora_tree(), config)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_the_residual_init_is_saved_with_each_adapter_and_checked(tmp_path):
+    """A PiSSA tree saved without a config loads with its residual_init, and the hint for
+    the original base names it; a config that says otherwise is refused."""
+    pissa = ll.LoraConfig(**{**CONFIG.to_dict(), "init": "pissa"})
+    mark = lambda n: dataclasses.replace(n, residual_init="pissa")
+    tree = jax.tree_util.tree_map(
+        lambda n: mark(n) if isinstance(n, ll.LoraWeight) else n,
+        ll.init(base_params(), pissa, key=KEY),
+        is_leaf=lambda n: isinstance(n, ll.LoraWeight | ll.Trainable),
+    )  # what ll.init records
+    ll.save_adapter(tmp_path / "adapter", tree)
+    entries = adapter_metadata(tmp_path / "adapter")["adapters"]
+    assert {e["residual_init"] for e in entries} == {"pissa"}
+    loaded = ll.load_adapter(tmp_path / "adapter", ll.partition(tree)[1])
+    chex.assert_trees_all_equal(loaded, tree, strict=True)  # residual_init is static data
+    with pytest.raises(ValueError, match="init='pissa': its base is the residual"):
+        ll.load_adapter(tmp_path / "adapter", base_params())
+    with pytest.raises(
+        ValueError, match="the tree's residual_init 'pissa', the config's init 'kaiming'"
+    ):
+        ll.save_adapter(tmp_path / "other", tree, CONFIG)

@@ -94,8 +94,8 @@ def to_peft(
             whose layout PEFT cannot express, every stacked leaf without a ``{layer}``
             template and every unstacked one with one, DoRA and plain adapters mixed,
             adapters of different dropouts, and where ``config`` disagrees with the
-            tree; for adapters initialized by PiSSA or OLoRA (their base is a residual,
-            not the original); if ``path`` holds an export and ``overwrite`` is False.
+            tree; naming the adapters whose base is a residual (``residual_init``:
+            PiSSA, OLoRA, LoftQ); if ``path`` holds an export and ``overwrite`` is False.
 
     Example:
         >>> names = {"params/layer_0/query": "encoder.layer.0.attention.self.query",
@@ -248,14 +248,24 @@ def _shared_modules(pieces: list[Piece], what: str) -> list[str]:
 
 
 def _refuse_residual_bases(tree: Any, config: LoraConfig | None) -> None:
-    """Raises if the adapters were initialized by PiSSA or OLoRA: their base is the
-    residual ``W - s*A0@B0``, and a PEFT adapter is read onto the original weights."""
-    if config is not None and config.init in RESIDUAL_INITS:
-        raise ValueError(
-            f"to_peft: these adapters were initialized with init={config.init!r}, which "
-            "replaced each adapted base weight by its residual W - s*A0@B0, and a PEFT "
-            "adapter is read onto the original weights; export ll.merge(tree) instead"
-        )
+    """Raises naming the adapters whose base is a residual ``W - s*A0@B0`` (PiSSA, OLoRA,
+    LoftQ): a PEFT adapter is read onto the original weights. Each adapter's
+    ``residual_init`` says so; for one that records none (made before it existed), a
+    ``config`` whose ``init`` is one of them."""
+    by_init: dict[str, list[str]] = {}
+    for path, node in named_leaves(tree, is_leaf=is_lora_node):
+        if isinstance(node, LoraWeight) and node.a is not None:
+            init = node.residual_init or (config.init if config is not None else None)
+            if init in RESIDUAL_INITS:
+                by_init.setdefault(init, []).append(path)
+    raise_problems(
+        "to_peft cannot export these adapters as plain LoRA (export ll.merge(tree) instead)",
+        [
+            f"{', '.join(paths)}: initialized with init={init!r}, which replaced each base "
+            "weight by its residual W - s*A0@B0; a PEFT adapter is read onto the original"
+            for init, paths in by_init.items()
+        ],
+    )
 
 
 def _defaults(adapters: list[Piece], config: LoraConfig | None) -> tuple[Defaults, list[str]]:
