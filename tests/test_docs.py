@@ -217,6 +217,27 @@ NUMBER = re.compile(
 ELSEWHERE = re.compile(r"^% figures from elsewhere: (.*)$", re.M)
 
 
+def results_figures(paths: list[pathlib.Path]) -> list[float]:
+    """Every number of these results files and their JSON twins."""
+    text = ""
+    for path in paths:
+        text += path.read_text()
+        if path.with_suffix(".json").exists():
+            text += path.with_suffix(".json").read_text()
+    return [float(n.replace(",", "")) for n in NUMBER.findall(text)]
+
+
+def unquoted(text: str, have: list[float]) -> list[str]:
+    """The figures of ``text`` that no number of ``have`` rounds to (at the figure's decimals)."""
+    missing = []
+    for figure in NUMBER.findall(text):
+        decimals = len(figure.split(".")[1]) if "." in figure else 0
+        value = float(figure.replace(",", ""))
+        if not any(round(h + 1e-9, decimals) == value for h in have):
+            missing.append(figure)
+    return missing
+
+
 def test_results_notes_quote_their_results_files():
     """A note (the hand-written reading above a generated results page) quotes figures of its
     results file (Markdown or JSON, to the note's decimals); a figure from elsewhere is listed
@@ -232,20 +253,35 @@ def test_results_notes_quote_their_results_files():
         note = DOCS / "results" / "notes" / f"{name}.md"
         if not note.exists():
             continue
-        data = source.read_text()
-        if source.with_suffix(".json").exists():
-            data += source.with_suffix(".json").read_text()
-        have = [float(n.replace(",", "")) for n in NUMBER.findall(data)]
         text = note.read_text()
         elsewhere = {n for line in ELSEWHERE.findall(text) for n in line.split()}
         text = ELSEWHERE.sub("", text)
-        for figure in NUMBER.findall(text):
-            if figure in elsewhere:
-                continue
-            decimals = len(figure.split(".")[1]) if "." in figure else 0
-            value = float(figure.replace(",", ""))
-            assert any(round(h + 1e-9, decimals) == value for h in have), (
-                f"docs/results/notes/{name}.md quotes {figure}, not in {source.name} or its JSON"
-            )
-            checked += 1
+        missing = [f for f in unquoted(text, results_figures([source])) if f not in elsewhere]
+        assert not missing, f"docs/results/notes/{name}.md quotes {missing}, not in {source.name}"
+        checked += len(NUMBER.findall(text))
     assert checked > 100
+
+
+def headline_rows(text: str, section: str, link: str) -> list[tuple[str, list[str]]]:
+    """``(result cell, linked results names)`` of each row of the table under ``section``."""
+    body = text[text.index(section) :]
+    table = re.search(r"^\|.*?(?=^[^|])", body, re.S | re.M).group(0)
+    rows = [line.split("|") for line in table.splitlines()[2:]]
+    return [(cells[2], re.findall(link, cells[3])) for cells in rows]
+
+
+@pytest.mark.parametrize(
+    "page, section, link",
+    [
+        ("README.md", "## Headline results", r"\(experiments/results/([\w/.-]+)\.md\)"),
+        ("docs/results/index.md", "# Results", r"project:#results-([\w.-]+)\)"),
+    ],
+)
+def test_headline_results_quote_the_files_they_link(page, section, link):
+    rows = headline_rows((ROOT / page).read_text(), section, link)
+    assert len(rows) >= 6
+    for result, names in rows:
+        assert names, f"{page}: a headline row links to no results file: {result}"
+        paths = [ROOT / "experiments" / "results" / f"{name}.md" for name in names]
+        missing = unquoted(result, results_figures(paths))
+        assert not missing, f"{page}: {missing} are not in {names}"
