@@ -16,14 +16,15 @@ from .weight import Layout, LoraWeight, factored_squares, magnitude_ratio, store
 class LoraValue(NamedTuple):
     """A weight held lazily inside the evaluator, with the leaf path it came from."""
 
-    w: jax.Array
-    a: jax.Array
-    b: jax.Array
+    # Arrays, a quantized or `Cast` ``w``, `Gathered` factors; None in a static part.
+    w: Any
+    a: Any
+    b: Any
     scale: float
     layout: Layout
     dropout: float
     path: str
-    m: jax.Array | None = None
+    m: Any = None
     detach_norm: bool = True
 
     def materialize(self) -> jax.Array:

@@ -115,7 +115,7 @@ def fit(
         if done in (1, steps) or done % log_every == 0 or evaluate:
             read(pending)
             pending = []
-            if evaluate:
+            if evaluate and eval_fn is not None:
                 results = eval_fn(state)
                 history[-1].update({f"eval_{k}": _host_value(v) for k, v in results.items()})
             started = time.perf_counter()
@@ -156,7 +156,7 @@ def _nonfinite_run(
     return run, False
 
 
-def _nonfinite_message(run: list[int], history: list[dict[str, Any]], limit: int) -> str:
+def _nonfinite_message(run: list[int], history: list[dict[str, Any]], limit: int | None) -> str:
     first, last = run[0], run[-1]
     if all(h.get("skipped") for h in history if first <= h["step"] <= last):
         effect = "their updates were skipped (they changed no adapter)"

@@ -81,7 +81,7 @@ def merge(
 
     merged = jax.tree_util.tree_map_with_path(unwrap, tree, is_leaf=is_node)
     if added:
-        worst = max(added, key=added.get)
+        worst = max(added, key=lambda path: added[path])
         logging.getLogger("lorax_lite").info(
             "merge: re-quantized %d weights; largest added error %.3g of the weight's "
             "largest magnitude (%s)",
@@ -98,8 +98,10 @@ def merge(
 
 
 def _relative_error(approx: jax.Array, exact: jax.Array) -> float:
-    exact = np.asarray(exact, np.float64)
-    return float(np.abs(np.asarray(approx, np.float64) - exact).max() / np.abs(exact).max())
+    """``max |approx - exact| / max |exact|`` in float64."""
+    reference = np.asarray(exact, np.float64)
+    error = np.abs(np.asarray(approx, np.float64) - reference).max()
+    return float(error / np.abs(reference).max())
 
 
 def _is_float(x: Any) -> bool:

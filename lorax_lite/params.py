@@ -89,7 +89,9 @@ def init(
     def wrap(leaf):
         path, _ = next(paths)
         if path in adapted:
-            layout, rank, alpha = adapted[path]
+            adapter = adapted[path]
+            assert adapter is not None  # None only beside a problem, raised above
+            layout, rank, alpha = adapter
             scale = config.scale_for(rank, alpha)
             if config.init in decompose.RESIDUAL_INITS:
                 a, b, leaf = decompose.residual_init(

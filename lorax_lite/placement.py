@@ -173,7 +173,8 @@ def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding | QuantizedWeight:
         spec = _fsdp_spec(x.data.shape, mesh, exclude=in_block)
         sharding = NamedSharding(mesh, spec)
         offsets = None if x.offsets is None else sharding
-        return dataclasses.replace(x, data=sharding, scales=sharding, offsets=offsets)
+        # A QuantizedWeight of shardings: the sharding tree of the weight's arrays.
+        return dataclasses.replace(x, data=sharding, scales=sharding, offsets=offsets)  # type: ignore[arg-type]
     return NamedSharding(mesh, _fsdp_spec(np.shape(x), mesh))
 
 
@@ -184,9 +185,9 @@ def _fsdp_spec(shape: tuple[int, ...], mesh: Mesh, *, exclude: int | None = None
     if not divisible:
         return PartitionSpec()
     axis = max(divisible, key=lambda i: shape[i])
-    spec = [None] * len(shape)
-    spec[axis] = tuple(mesh.axis_names)
-    return PartitionSpec(*spec)
+    return PartitionSpec(
+        *(tuple(mesh.axis_names) if i == axis else None for i in range(len(shape)))
+    )
 
 
 def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:

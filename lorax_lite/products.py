@@ -26,7 +26,7 @@ from .weight import Layout, spread
 
 def dot_general(
     eqn: Any, lhs: Any, rhs: Any, key: jax.Array | None, ctx: Context | None = None
-) -> jax.Array:
+) -> jax.Array | None:
     """``dot_general`` with a `LoraValue` on one side, any contracting/batch dims.
 
     The low-rank term is two small contractions: the input meets ``A`` first when
@@ -43,10 +43,10 @@ def dot_general(
 
     letters = iter(string.ascii_letters)
     x_spec = [next(letters) for _ in range(x.ndim)]
-    w_spec = [None] * lora.w.ndim
-    for xi, wi in zip((*x_contract, *x_batch), (*w_contract, *w_batch)):
-        w_spec[wi] = x_spec[xi]
-    w_spec = [s or next(letters) for s in w_spec]
+    shared_axes = dict(zip((*w_contract, *w_batch), (*x_contract, *x_batch)))
+    w_spec = [
+        x_spec[shared_axes[i]] if i in shared_axes else next(letters) for i in range(lora.w.ndim)
+    ]
     rank = next(letters)
     batch = [x_spec[i] for i in x_batch]
     x_free = [s for s in x_spec if s not in w_spec]
@@ -258,10 +258,11 @@ def gather(
         kept = dropout(jnp.ones(rows.shape[: len(batch)], rows.dtype), lora.dropout, key)
         rows = rows * kept.reshape(kept.shape + (1,) * (rows.ndim - kept.ndim))
     rows_spec = "".join(batch) + spec(a for a in rows_axes if a not in dims.collapsed_slice_dims)
-    kept = iter(i for i in range(len(shape)) if i not in dims.collapsed_slice_dims)
+    kept_axes = iter(i for i in range(len(shape)) if i not in dims.collapsed_slice_dims)
     batch_iter = iter(batch)
     out = "".join(
-        w_spec[next(kept)] if k in dims.offset_dims else next(batch_iter) for k in range(base.ndim)
+        w_spec[next(kept_axes)] if k in dims.offset_dims else next(batch_iter)
+        for k in range(base.ndim)
     )
     delta = jnp.einsum(f"{rows_spec},{spec(other_axes)}->{out}", rows, other.astype(rows.dtype))
     return base + (lora.scale * delta).astype(base.dtype)

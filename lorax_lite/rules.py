@@ -119,6 +119,7 @@ def _cast(rule: Rule) -> Rule:
         w = x.w if isinstance(x, LoraValue) and x.m is None else x
         if not jnp.issubdtype(dtype, jnp.floating):
             return rule(eqn, operands, ctx)
+        retyped: QuantizedWeight | Cast
         if isinstance(w, QuantizedWeight) and jnp.dtype(w.dtype) == jnp.float32:
             retyped = dataclasses.replace(w, dtype=dtype)
         elif w is not x and jnp.dtype(w.dtype) != dtype:

@@ -9,7 +9,7 @@ reason the choice cannot be applied instead of stopping at the first.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -71,7 +71,8 @@ def select(
     excluded = bound(config.exclude)
     adaptable = [(p, x) for p, x in named if is_adaptable(p, x)]
     kept = [(p, x) for p, x in adaptable if not any(e(p, x) for e in excluded)]
-    targeted, problems = _targeted(named, adaptable, kept, config.targets, bound)
+    targets = cast(tuple[Spec, ...], config.targets)  # LoraConfig makes every pattern a tuple
+    targeted, problems = _targeted(named, adaptable, kept, targets, bound)
     trained = {p for p, x in named if any(t(p, x) for t in bound(config.train))}
     trained |= _trained_biases(named, config.bias, targeted)
     chosen = [(p, x) for p, x in named if p in targeted]
@@ -143,7 +144,7 @@ def _unmatched(
 ) -> list[str]:
     """A problem for each ``exclude``, ``train``, ``rank_pattern``, ``alpha_pattern`` and
     ``axes`` pattern that changes nothing (a typo would otherwise pass silently)."""
-    groups = (
+    groups: tuple[tuple[str, Any, str, list[tuple[str, Any]]], ...] = (
         ("exclude", config.exclude, "adaptable leaf", adaptable),
         ("train", config.train, "leaf", named),
         ("rank_pattern key", config.rank_pattern, "adapted leaf", chosen),

@@ -256,7 +256,7 @@ class CompiledStep:
         finish_metrics: applied to the metrics before they are returned, or None.
     """
 
-    compiled: Callable
+    compiled: jax.stages.Wrapped
     prepare: Callable | None = None
     finish_metrics: Callable | None = None
 

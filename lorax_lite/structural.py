@@ -50,6 +50,7 @@ def _slice_factor(view: views.Slice, factor, axes, starts) -> jax.Array:
         idx = [0 if i is None else starts[i] for i in axes]
         sizes = [n if i is None else view.sizes[i] for i, n in zip(axes, factor.shape)]
         return lax.dynamic_slice(factor, idx, sizes)
+    assert view.start is not None and view.limit is not None  # a static slice
     strides = view.strides or (1,) * len(view.start)
     pick = lambda values, rank_value: [rank_value if i is None else values[i] for i in axes]
     start = pick(view.start, 0)

@@ -237,13 +237,13 @@ def _dense_outputs(
 
 def _call(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """``jit``/``closed_call``: the body runs inline, on the lazy values."""
-    (region,) = views.regions(eqn)
+    (region,) = views.body_regions(eqn)
     return evaluate(region.jaxpr, region.consts, region.inputs(operands), ctx)
 
 
 def _remat(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """Keeps ``jax.checkpoint`` around the block, with the factors as its inputs."""
-    view, (region,) = views.remat(eqn), views.regions(eqn)
+    view, (region,) = views.remat(eqn), views.body_regions(eqn)
     flat, rebuild = flatten_values(region.inputs(operands))
     block = lambda flat, key: _dense_outputs(region, rebuild(flat), ctx, key, "remat output")
     remat = jax.checkpoint(block, prevent_cse=view.prevent_cse, policy=view.policy)
@@ -262,7 +262,7 @@ def _custom_derivative(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]
     A ``custom_vjp`` function's closed-over values (its leading ``num_consts``
     operands) stay closed over, as JAX keeps them: not differentiated.
     """
-    view, (region,) = views.custom(eqn), views.regions(eqn)
+    view, (region,) = views.custom(eqn), views.body_regions(eqn)
     inputs = region.inputs(operands)
     n_closed = view.n_closed if view.vjp else 0
     closed, (flat, rebuild) = inputs[:n_closed], flatten_values(inputs[n_closed:])
@@ -276,12 +276,12 @@ def _custom_derivative(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]
         return views.bind(eqn, dense)
 
     if view.vjp:
-        call = jax.custom_vjp(forward)
-        call.defvjp(lambda flat: jax.vjp(dense_call, flat), lambda pullback, ct: pullback(ct))
-    else:
-        call = jax.custom_jvp(forward)
-        call.defjvp(lambda primals, tangents: jax.jvp(dense_call, primals, tangents))
-    return call(flat)
+        by_vjp = jax.custom_vjp(forward)
+        by_vjp.defvjp(lambda flat: jax.vjp(dense_call, flat), lambda pullback, ct: pullback(ct))
+        return by_vjp(flat)
+    by_jvp = jax.custom_jvp(forward)
+    by_jvp.defjvp(lambda primals, tangents: jax.jvp(dense_call, primals, tangents))
+    return by_jvp(flat)
 
 
 def _unstacked(v: Any, ctx: Context) -> tuple[Any, Any]:
@@ -319,7 +319,7 @@ def _sliced_value(meta: LoraValue, parts: Sequence[Any]) -> LoraValue:
 
 def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """``lax.scan`` again, its scanned LoRA stacks sliced per step as factors."""
-    view, (region,) = views.scan(eqn), views.regions(eqn)
+    view, (region,) = views.scan(eqn), views.body_regions(eqn)
     consts, init, xs = view.split(operands)
     init = [materialize(x, "scan carry", ctx) for x in init]
     unstacked = [_unstacked(v, ctx) for v in xs]
@@ -342,7 +342,7 @@ def _scan(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
 
 def _cond(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """``lax.switch`` again (operand 0 picks the branch), the factors as operands."""
-    branches = views.regions(eqn)
+    branches = views.body_regions(eqn)
     flat, rebuild = flatten_values(branches[0].inputs(operands))
 
     def branch_fn(region):
@@ -355,7 +355,7 @@ def _while(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]:
     """``lax.while_loop`` again; a LoRA weight in the carry materializes."""
     cond_consts, body_consts, init = views.while_loop(eqn).split(operands)
     fixed = [*cond_consts, *body_consts]
-    cond_region, body_region = views.regions(eqn)
+    cond_region, body_region = views.body_regions(eqn)
     init = [materialize(x, "while carry", ctx) for x in init]
 
     def cond_fun(state):

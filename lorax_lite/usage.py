@@ -45,8 +45,8 @@ def split_static(tree: Any) -> tuple[list[Any], Callable[[Sequence[Any]], Any], 
     dynamic = [x for x, arr in zip(leaves, arrays) if arr]
 
     def rebuild(values: Sequence[Any]) -> Any:
-        values = iter(values)
-        merged = [next(values) if arr else x for x, arr in zip(leaves, arrays)]
+        it = iter(values)
+        merged = [next(it) if arr else x for x, arr in zip(leaves, arrays)]
         return jax.tree_util.tree_unflatten(treedef, merged)
 
     return dynamic, rebuild, (treedef, static)

@@ -224,16 +224,16 @@ def regions(eqn: Any) -> list[Region] | None:
     if p in _CUSTOM:
         return [whole(custom(eqn).body, range(n))]
     if p is prim.scan_p:
-        view = scan(eqn)
-        fixed = view.n_consts + view.n_carry
+        loop = scan(eqn)
+        fixed = loop.n_consts + loop.n_carry
         sliced = tuple(i >= fixed for i in range(n))
-        return [Region(view.body.jaxpr, tuple(range(n)), sliced, view.body.consts)]
+        return [Region(loop.body.jaxpr, tuple(range(n)), sliced, loop.body.consts)]
     if p is prim.while_p:
-        view = while_loop(eqn)
-        carry = range(view.cond_nconsts + view.body_nconsts, n)
+        wl = while_loop(eqn)
+        carry = range(wl.cond_nconsts + wl.body_nconsts, n)
         return [
-            whole(view.cond, [*range(view.cond_nconsts), *carry]),
-            whole(view.body, range(view.cond_nconsts, n)),
+            whole(wl.cond, [*range(wl.cond_nconsts), *carry]),
+            whole(wl.body, range(wl.cond_nconsts, n)),
         ]
     if p is prim.cond_p:
         return [whole(b, range(1, n)) for b in cond(eqn).branches]
@@ -242,6 +242,18 @@ def regions(eqn: Any) -> list[Region] | None:
     if any(_holds_jaxpr(v) for v in eqn.params.values()):
         raise _error(eqn, "a higher-order primitive lorax_lite does not enter")
     return None
+
+
+def body_regions(eqn: Any) -> list[Region]:
+    """`regions` of an equation known to be higher-order.
+
+    Raises:
+        UnsupportedEquationError: if this JAX spells it without sub-jaxprs.
+    """
+    found = regions(eqn)
+    if found is None:
+        raise _error(eqn, "expected sub-jaxprs (a higher-order primitive)")
+    return found
 
 
 def _holds_jaxpr(value: Any) -> bool:

@@ -83,7 +83,7 @@ def vmap_train_step(
         adapters = _as_adapter_set(adapters)
         _check_trainable_set(adapters, keys)
         tree = combine(adapters.stacked, adapters.frozen)
-        state_axes = TrainState(0, 0, None, 0, 0)
+        state_axes = TrainState(0, 0, None, 0, 0)  # type: ignore[arg-type]  # vmap axes
         in_axes = (_adapter_axes(tree), 0)
         return jax.vmap(init_one, in_axes=in_axes, out_axes=state_axes)(tree, keys)
 

@@ -108,13 +108,15 @@ class LoraWeight:
         True
     """
 
-    w: jax.Array | QuantizedWeight | None
-    a: jax.Array | Gathered | None
-    b: jax.Array | Gathered | None
+    # The children hold arrays (their types in the docstring), or any other leaves in trees
+    # of the same structure (masks, labels, shardings, vmap axes).
+    w: Any
+    a: Any
+    b: Any
     scale: float = 1.0
     layout: Layout = Layout.dense()
     dropout: float = 0.0
-    m: jax.Array | None = None
+    m: Any = None
     detach_norm: bool = True
     dora: bool = False
     residual_init: str | None = None
@@ -326,7 +328,7 @@ class Trainable:
         (3,)
     """
 
-    value: jax.Array | None
+    value: Any  # an array, or any leaf in a tree of the same structure (a mask, a label)
 
 
 def is_lora_node(x: Any) -> bool:
