@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -83,9 +84,20 @@ def summary(tree: Any, *, per_leaf: bool = False) -> str:
         for path, node in named_leaves(tree, is_leaf=is_lora_node):
             if isinstance(node, LoraWeight | Trainable):
                 rows.append((path, *_leaf_row(node)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append(text_table(rows))
     return "\n".join(lines)
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` as text: columns left-aligned, two spaces apart, no trailing spaces.
+
+    Example:
+        >>> print(text_table([("path", "rank"), ("a/kernel", "8")]))
+        path      rank
+        a/kernel  8
+    """
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def _leaf_row(node: LoraWeight | Trainable) -> tuple[str, str, str, str]:
