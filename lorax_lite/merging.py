@@ -71,7 +71,7 @@ def merge(
             dense, q = node.materialize(), node.w
             path = path_str(key_path)
             again = quantize_array(dense, kind=q.kind, block=q.block, axis=q.axis, path=path)
-            added[path] = _relative_error(again.dequantize(), dense)
+            added[path] = _max_relative_error(again.dequantize(), dense)
             return again
         if isinstance(node, LoraWeight):
             return node.materialize()
@@ -97,7 +97,7 @@ def merge(
     return merged
 
 
-def _relative_error(approx: jax.Array, exact: jax.Array) -> float:
+def _max_relative_error(approx: jax.Array, exact: jax.Array) -> float:
     """``max |approx - exact| / max |exact|`` in float64."""
     reference = np.asarray(exact, np.float64)
     error = np.abs(np.asarray(approx, np.float64) - reference).max()

@@ -1,18 +1,10 @@
-"""`lora(fn)`: evaluate ``fn``'s jaxpr with `LoraWeight` leaves kept lazy, one rule per primitive.
+"""`lora(fn)`: ``fn``'s jaxpr evaluated with `LoraWeight` leaves kept lazy, one rule per primitive.
 
-``fn`` is traced once per input structure, shapes and dtypes (plain arrays stand in
-for each `LoraWeight`), and its jaxpr is evaluated with the LoRA leaves carried as
-lazy `lazy.LoraValue`\\ s. An equation with a lazy (or quantized) operand runs
-the rule `RULES` holds for its primitive, each called as ``rule(eqn, operands,
-ctx)``: products, convolutions, lookups and structural ops from `rules`; and, here,
-the higher-order ones: calls, ``remat``, ``cond``, ``while`` and ``scan`` are
-entered (``remat`` stays around its block) through the sub-jaxprs `views.regions`
-names; ``custom_jvp``/``custom_vjp`` functions run lazily forward, and by their own
-rule on the dense weight when differentiated. Any other use of a LoRA weight
-materializes that one weight and warns once, naming the primitive and the leaf path
-(``strict=True`` raises instead). `Gathered` factors (`ll.route`'s) are gathered before
-every rule but those of calls, ``remat`` and ``scan``, which pass them on: a scan step
-gathers its own layer.
+``fn`` is traced once per input structure, shapes and dtypes, with plain arrays standing in
+for the adapted weights; its equations then run on lazy `lazy.LoraValue`\\ s through
+`RULES`: the first-order rules of `lorax_lite.rules`, and here the higher-order ones (calls,
+``remat``, custom derivatives, ``scan``, ``cond``, ``while``), which enter their bodies. A use
+with no rule materializes that one weight, warning once (``strict=True`` raises).
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """Named views of JAX equations: the one place that reads primitives' parameters.
 
-A primitive's parameters are not a stable API (jax 0.11.2 and 0.12 replaced scan's
-``num_consts``/``num_carry`` with the flat trees ``ft_in``/``ft_out``). The jaxpr
-walkers (`lorax_lite.usage`, `lorax_lite.transform`) and the rules read equations
-only through the views here, each a small NamedTuple that knows every supported
-JAX's spelling. An equation whose parameters a view does not understand raises
-`UnsupportedEquationError` naming the primitive, the parameters seen and the JAX
-version: a JAX that changes a parameter breaks here, loudly, never silently.
-
-`regions` lists the sub-jaxprs of a higher-order equation with the operands bound
-to each, so that a walker recurses into calls, ``remat``, custom derivatives,
-``scan``, ``cond`` and ``while`` through one helper.
+Primitive parameters are not a stable API (jax 0.12 replaced scan's ``num_consts`` /
+``num_carry`` with ``ft_in``/``ft_out``), so the jaxpr walkers read equations only through
+the NamedTuple views here, which know every supported JAX's spelling; one they cannot read
+raises `UnsupportedEquationError`. `regions` lists a higher-order equation's sub-jaxprs with
+their operands, and `PASS_THROUGH` names the primitives that pass a weight on unchanged.
 """
 
 from __future__ import annotations

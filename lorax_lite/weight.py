@@ -286,11 +286,8 @@ class Gathered:
     """A factor gathered where it is used: ``table[index]`` (then ``[layer]``), times
     ``gain``, or ``fill`` where not ``keep``.
 
-    `AdapterSet.per_example` puts these in a `LoraWeight` for `ll.route`: under
-    ``jax.vmap`` the ``index`` is each example's adapter and the ``table`` (every
-    adapter's factor, stacked) is shared, so the gather runs inside the model, where
-    `ll.lora` uses the factor: inside a scan over layers, one layer's gather per step
-    (``layer``, set by the scan), never a copy of every layer's per-example factors.
+    `ll.route`'s per-example factors: ``index`` is each example's adapter, so the gather
+    runs where `ll.lora` uses the factor (in a scan over layers, one layer per step).
 
     Attributes:
         table: the stacked factor, ``(adapters, *factor shape)``.
