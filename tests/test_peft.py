@@ -127,6 +127,14 @@ def test_to_peft_derives_the_config_from_the_tree(tmp_path):
         chex.assert_trees_all_equal((read[path].a, read[path].b), (node.a, node.b))
 
 
+def test_the_default_name_map_round_trips(tmp_path):
+    tree = lora_tree()
+    ll.to_peft(tmp_path, tree)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "layer_0.query" in written["target_modules"]  # params/layer_0/query, dot-joined
+    chex.assert_trees_all_equal(ll.from_peft(tmp_path, base_params()), tree, strict=True)
+
+
 def test_a_config_that_disagrees_with_the_tree_is_refused(tmp_path):
     config = dataclasses.replace(CONFIG, dropout=0.0)
     with pytest.raises(ValueError, match="params/layer_0/query/kernel: the tree's dropout 0.1, "):

@@ -36,6 +36,7 @@ from .format import (
     WEIGHTS_NAME,
     NameMap,
     Piece,
+    default_name_map,
     fields_digest,
     json_text,
     pattern_key,
@@ -44,7 +45,7 @@ from .format import (
 
 
 @renamed_keywords(directory="path")
-def from_peft(path: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
+def from_peft(path: str | pathlib.Path, params: Any, name_map: NameMap = default_name_map) -> Any:
     """Reads a PEFT LoRA adapter onto the JAX base ``params``.
 
     Every field of ``adapter_config.json`` that describes the weights is checked, and
@@ -60,7 +61,7 @@ def from_peft(path: str | pathlib.Path, params: Any, name_map: NameMap) -> Any:
             checked against the tensors' shapes (PEFT records no base fingerprint to check).
         params: the base parameter tree whose leaf paths ``name_map`` maps.
         name_map: leaf path -> PyTorch module name, or a ``{layer}`` template for a leaf
-            of stacked layers, as a dict or a callable.
+            of stacked layers, as a dict or a callable; by default `to_peft`'s.
 
     Returns:
         The LoRA tree: adapted leaves as `LoraWeight`, trained biases and ``modules_to_save``
