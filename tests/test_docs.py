@@ -5,7 +5,7 @@ Code blocks: each page's ```python blocks run in order in one namespace, in a fr
 directory. A page may start from the namespace another page leaves (``% test: continues
 PAGE``), need packages (``% test: needs MODULE ...``: skipped without them) or be slow
 (``% test: slow``). A block whose first line is ``# not run by the tests: <why>`` is only
-compiled.
+compiled, and so is one whose first line is ``# needs: MODULE ...`` where a module is missing.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ SKIPPED_DIRS = {"_build", "_ext", "generated", "notes"}
 PAGES = sorted(p for p in DOCS.rglob("*.md") if not SKIPPED_DIRS & set(p.relative_to(DOCS).parts))
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 NOT_RUN = "# not run by the tests:"
+BLOCK_NEEDS = "# needs:"
 CONTINUES = re.compile(r"^% test: continues (\S+)$", re.M)
 NEEDS = re.compile(r"^% test: needs (.+)$", re.M)
 AUTODOC = re.compile(r"^\.\. auto(?:function|class|exception|data|module):: (\S+)", re.M)
@@ -40,6 +41,15 @@ def code_blocks(page: pathlib.Path) -> list[tuple[int, str]]:
     """``(line number of the block's first line, code)`` of each ```python block."""
     text = page.read_text()
     return [(text.count("\n", 0, m.start(1)), m.group(1)) for m in FENCE.finditer(text)]
+
+
+def missing_modules(code: str) -> list[str]:
+    """The modules a ``# needs: MODULE ... (why)`` first line names that are not installed."""
+    first = code.splitlines()[0]
+    if not first.startswith(BLOCK_NEEDS):
+        return []
+    names = first[len(BLOCK_NEEDS) :].split("(")[0].split()
+    return [m for m in names if importlib.util.find_spec(m) is None]
 
 
 def run_page(page: pathlib.Path, namespace: dict | None = None) -> dict:
@@ -52,7 +62,7 @@ def run_page(page: pathlib.Path, namespace: dict | None = None) -> dict:
     for line, code in code_blocks(page):
         source = "\n" * line + code  # tracebacks point at the page's own lines
         compiled = compile(source, str(page), "exec")
-        if not code.startswith(NOT_RUN):
+        if not code.startswith(NOT_RUN) and not missing_modules(code):
             exec(compiled, namespace)
     return namespace
 
