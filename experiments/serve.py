@@ -82,13 +82,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per sequence")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up)")
     p.add_argument("--swaps", type=int, default=5, help="timed hot swaps")
+    p.add_argument("--peft-rounds", type=int, default=2, help="timed PEFT generates a row")
     p.add_argument("--peft", action=argparse.BooleanOptionalAction, default=None,
                    help="PEFT's mixed batch (default: on unless --smoke)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = runner.parse(
         p, argv, preset="tiny", batch=8, capacity=8, rank=4, random_ranks="2,4", train_steps=2,
         train_batch=2, train_length=16, prompt_tokens=8, new_tokens=4, rounds=1, swaps=2,
-        random_std=0.3,
+        peft_rounds=1, random_std=0.3,
     )  # fmt: skip
     if args.peft is None:
         args.peft = not args.smoke
@@ -507,7 +508,7 @@ def peft_rows(args: argparse.Namespace, served: Served, slots: AdapterSlots, nam
         )  # fmt: skip
         seconds = []
         with torch.no_grad():  # eager: nothing to compile, so no warm-up round
-            for _ in range(args.rounds):
+            for _ in range(args.peft_rounds):
                 start = time.perf_counter()
                 out = run()
                 seconds.append(time.perf_counter() - start)
@@ -540,7 +541,7 @@ def forward_pair(args: argparse.Namespace, served: Served, slots: AdapterSlots, 
         theirs = lambda: model(input_ids=torch_prompt, adapter_names=adapter_names).logits
         gap = float(np.abs(np.asarray(ours()) - theirs().float().cpu().numpy()).max())
         times = {"route": [], "peft": []}
-        for _ in range(args.rounds):
+        for _ in range(args.peft_rounds):
             for name, run in (("route", ours), ("peft", theirs)):
                 start = time.perf_counter()
                 run()
