@@ -109,7 +109,8 @@ def init(
                 a, b = init_factors(
                     next(keys), leaf.shape, layout, rank, init=config.init, dtype=config.dtype
                 )
-            return LoraWeight(leaf, a, b, scale, layout, config.dropout)
+            residual = config.init if config.init in decompose.RESIDUAL_INITS else None
+            return LoraWeight(leaf, a, b, scale, layout, config.dropout, residual_init=residual)
         return Trainable(leaf) if path in trained else leaf
 
     tree = _quantized(jax.tree_util.tree_map(wrap, params, is_leaf=is_quantized), quantization)

@@ -571,3 +571,13 @@ def test_partition_combine_under_jit(mixed, jit):
     chex.assert_trees_all_equal(maybe_jit(ll.combine, jit)(trainable, frozen), lp, strict=True)
     n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
     assert n_trainable == ll.count(lp)["trainable"]
+
+
+@pytest.mark.parametrize("init", ["kaiming", "gaussian", "pissa", "olora"])
+def test_init_records_a_residual_base_on_each_adapter(mlp, init):
+    _, params = mlp
+    lp = ll.init(params, ll.LoraConfig(rank=2, targets=("fc1",), init=init), key=KEY)
+    node = lp["params"]["fc1"]["kernel"]
+    assert node.residual_init == (init if init in ("pissa", "olora") else None)
+    if node.residual_init is not None:  # the base is not the original weight
+        assert not np.array_equal(np.asarray(node.w), np.asarray(params["params"]["fc1"]["kernel"]))
