@@ -295,3 +295,15 @@ def test_headline_results_quote_the_files_they_link(page, section, link):
         paths = [ROOT / "experiments" / "results" / f"{name}.md" for name in names]
         missing = unquoted(result, results_figures(paths))
         assert not missing, f"{page}: {missing} are not in {names}"
+
+
+def test_the_rules_table_lists_every_registered_primitive():
+    """explanation/lora_transform.md's table names each primitive lora(fn) has a rule for, as
+    the running JAX spells it (the registry is read, so a new rule needs a row)."""
+    from lorax_lite import transform
+
+    page = (DOCS / "explanation" / "lora_transform.md").read_text()
+    table = page[page.index("| primitive | rule |") :].split("\n\n")[0]
+    named = set(re.findall(r"`([\w]+)`", "\n".join(r.split("|")[1] for r in table.splitlines())))
+    missing = sorted(set(transform.RULES) - named)
+    assert not missing, f"primitives with a rule but no row in lora_transform.md: {missing}"
