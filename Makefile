@@ -152,6 +152,12 @@ clean:
 llm: $(VENV)/.demo-data $(VENV)/.llm-data
 	$(PY) -m experiments.llm
 
+# SmolLM2 back to GGUF (merged adapter written F16/Q8_0/Q4_1, read by transformers), LoftQ on
+# NF4 (reconstruction error, zero-shot loss) and merge(requantize=True) into an NF4 base.
+.PHONY: qlora-parity
+qlora-parity: $(VENV)/.demo-data $(VENV)/.interop
+	$(PY) -m experiments.qlora_parity
+
 # Benchmarks and shape-only arithmetic (results under experiments/results/).
 .PHONY: bench-cpu bench-quant bench-dora routing-bench routing-llm param-arithmetic memory
 # The train-step benchmarks' model and timing: a 4-layer GPT, batch 2 x 256, 5 steps a repeat.
