@@ -43,6 +43,9 @@ class AdapterSlots:
 
     A DoRA set (``dora=True``) holds each slot's magnitude too; a plain LoRA adapter
     loaded there gets the magnitude that makes its DoRA ratio one, so it runs as LoRA.
+    Every sequence of a DoRA set computes its norm ``||w + scale A B||`` from the factors
+    at each call (``A^T w`` per sequence: about ``R`` times one token's base product), so
+    make a set DoRA only to serve DoRA adapters.
 
     Attributes:
         frozen: the shared base: ``LoraWeight(w, None, None)`` at the slot leaves (float
