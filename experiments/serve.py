@@ -35,9 +35,9 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
-import os
 import pathlib
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def versions() -> dict[str, str]:
     from importlib import metadata
 
-    out = {"python": os.sys.version.split()[0]}
+    out = {"python": sys.version.split()[0]}
     for package in ("jax", "jaxlib", "flax", "torch", "transformers", "peft"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[package] = metadata.version(package)
