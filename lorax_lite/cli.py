@@ -37,6 +37,7 @@ from .config import LoraConfig
 from .merging import merge
 from .metadata import path_conflicts
 from .peft import CONFIG_NAME, WEIGHTS_NAME, default_name_map, to_peft
+from .report import text_table
 from .targets import named_leaves, unflatten
 
 # The errors of bad inputs (files that are missing, unreadable, corrupted or invalid):
@@ -128,7 +129,7 @@ def inspect_command(args: argparse.Namespace) -> None:
         size = int(np.prod(e["shape"]))
         n_adapter += size
         rows.append((e["path"], str(tuple(e["shape"])), e["dtype"], "full", "", "", f"{size:,}"))
-    print(_table(rows))
+    print(text_table(rows))
     base = info["base"]["leaves"]
     n_base = sum(int(np.prod(shape)) for shape, _ in base.values())
     on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -149,13 +150,8 @@ def _inspect_peft(path: pathlib.Path) -> None:
     tensors = _read_safetensors(path / WEIGHTS_NAME)
     rows = [("tensor", "shape", "dtype")]
     rows += [(k, str(v.shape), str(v.dtype)) for k, v in sorted(tensors.items())]
-    print(_table(rows))
+    print(text_table(rows))
     print(f"{sum(v.size for v in tensors.values()):,} parameters")
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def merge_command(args: argparse.Namespace) -> None:
