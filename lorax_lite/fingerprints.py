@@ -30,8 +30,15 @@ def fingerprint(base: Any, hashed: list[str]) -> dict[str, Any]:
 
 
 def storage(x: Any) -> str:
-    """How a base leaf is stored: ``"nf4 (block 64, axis -2)"``, or ``"float"``."""
-    return f"{x.kind} (block {x.block}, axis {x.axis})" if is_quantized(x) else "float"
+    """How a base leaf is stored: ``"nf4 (block 64, axis -2)"``, with the blocked axes
+    when blocks span several (``"axes (-3, -2)"``) and ``", double quant"`` when the
+    scales are quantized too; or ``"float"``."""
+    if not is_quantized(x):
+        return "float"
+    axes = tuple(a - x.ndim for a in x.blocked_axes)
+    where = f"axis {x.axis}" if len(axes) == 1 else f"axes {axes}"
+    double = ", double quant" if x.double_quant else ""
+    return f"{x.kind} (block {x.block}, {where}{double})"
 
 
 def dtype_name(x: Any) -> str:
@@ -39,14 +46,15 @@ def dtype_name(x: Any) -> str:
 
 
 def content_hash(x: Any) -> str:
-    """A cheap hash of an array: shape, dtype and an evenly strided sample of its elements.
+    """A cheap hash of an array: shape, dtype and an evenly strided sample of its elements
+    (of each stored array, codes and scales, for a `QuantizedWeight`).
 
     The sample is taken with one stride per axis, so a sharded array is never
     gathered whole. Two different weights (a fine-tuned base, another seed) differ
     in the sample unless they agree on every sampled element.
     """
     if is_quantized(x):
-        parts = [content_hash(a) for a in (x.data, x.scales, x.offsets) if a is not None]
+        parts = [content_hash(a) for a in jax.tree_util.tree_leaves(x)]
         text = "|".join([storage(x), *parts]).encode()
         return hashlib.sha256(text).hexdigest()[:32]
     shape = tuple(np.shape(x))

@@ -4,6 +4,8 @@ and a train step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,7 @@ import pytest
 from helpers import normal
 
 import lorax_lite as ll
+from lorax_lite.fingerprints import content_hash, storage
 from lorax_lite.quant import NF4_CODE, from_gguf, quantize_array
 from lorax_lite.scales import SCALE_GROUP
 
@@ -150,11 +153,25 @@ def test_double_quant_through_a_scan_and_a_transpose():
     np.testing.assert_array_equal(q.T.dequantize(), q.dequantize().T)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trees.content_hash hashes a QuantizedWeight's data, scales and offsets as "
-    "arrays; double-quantized scales are a QuantizedScales (hash its tree_leaves)",
-)
+def test_storage_and_hash_tell_double_quant_and_spanned_blocks_apart():
+    """A base quantized with or without double quantization, or blocked across the
+    fan-in or not, is stored differently: the fingerprint says how, and hashes the
+    scale codes and factors."""
+    w = normal((4, 32, 16))
+    single = quantize_array(w, kind="nf4", block=64, axis=(0, 1))
+    double = quantize_array(w, kind="nf4", block=64, axis=(0, 1), double_quant=True)
+    along = quantize_array(w, kind="nf4", block=32, axis=1)
+    assert storage(single) == "nf4 (block 64, axes (-3, -2))"
+    assert storage(double) == "nf4 (block 64, axes (-3, -2), double quant)"
+    assert storage(along) == "nf4 (block 32, axis -2)"
+    assert len({content_hash(single), content_hash(double), content_hash(along)}) == 3
+    factors = double.scales.factors
+    changed = dataclasses.replace(
+        double, scales=dataclasses.replace(double.scales, factors=factors.at[0].mul(2))
+    )
+    assert content_hash(changed) != content_hash(double)
+
+
 def test_adapter_saved_over_a_double_quantized_base_loads_back(tmp_path):
     config = ll.LoraConfig(rank=4, targets="kernel")
     node = ll.LoraWeight(normal((128, 16)), normal((128, 4), 2), normal((4, 16), 3))
