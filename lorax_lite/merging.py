@@ -45,7 +45,8 @@ def merge(
             ``lora(fn)(tree, *args)``; the largest absolute deviation is logged at INFO
             level on the ``"lorax_lite"`` logger.
         requantize: quantize each merged weight whose base was quantized again, with
-            its kind, block and axis (plain quantized leaves stay as they are); the
+            its kind, block, blocked axes and double quantization (plain quantized
+            leaves stay as they are); the
             largest error this adds, relative to the weight's largest magnitude, is
             logged at INFO level on the ``"lorax_lite"`` logger.
 
@@ -70,7 +71,7 @@ def merge(
         if isinstance(node, LoraWeight) and requantize and is_quantized(node.w):
             dense, q = node.materialize(), node.w
             path = path_str(key_path)
-            again = quantize_array(dense, kind=q.kind, block=q.block, axis=q.axis, path=path)
+            again = quantize_array(dense, **q.options(), path=path)
             added[path] = _max_relative_error(again.dequantize(), dense)
             return again
         if isinstance(node, LoraWeight):

@@ -172,6 +172,23 @@ def test_storage_and_hash_tell_double_quant_and_spanned_blocks_apart():
     assert content_hash(changed) != content_hash(double)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_merge_requantizes_as_the_base_was_quantized(double_quant):
+    """merge(requantize=True) keeps the base's blocks across the fan-in (block 64 does
+    not divide head_dim 32 alone) and its double quantization."""
+    _, _, tree = _heads_tree()
+    tree = ll.quantize(tree, kind="nf4", block=64, double_quant=double_quant)
+    before = tree["params"]["out"]["kernel"]
+    after = ll.merge(tree, requantize=True)["params"]["out"]["kernel"]
+    assert before.w.blocked_axes == (0, 1)
+    assert after.options() == before.w.options()
+    assert after.double_quant == double_quant
+    exact = np.asarray(before.materialize(), np.float64)
+    error = np.abs(np.asarray(after.dequantize(), np.float64) - exact).max()
+    # Half NF4's widest step, plus half a step of an int8 scale code, of the largest entry.
+    assert error <= (np.diff(NF4_CODE).max() / 2 + 1 / 254) * np.abs(exact).max()
+
+
 def test_adapter_saved_over_a_double_quantized_base_loads_back(tmp_path):
     config = ll.LoraConfig(rank=4, targets="kernel")
     node = ll.LoraWeight(normal((128, 16)), normal((128, 4), 2), normal((4, 16), 3))
