@@ -354,7 +354,9 @@ def report(results: dict[str, Any]) -> str:
         f"NF4 blocks of {results['args']['nf4_block']}, rank {results['args']['rank']}. "
         "Reconstruction error ||W - (Q + s A B)||_F / ||W||_F over the "
         f"{sum(len(v) for v in next(iter(lq['errors'].values())).values())} (layer, projection) "
-        "weights; zero-shot held-out loss, no training.",
+        "weights; zero-shot held-out loss, no training. qlora: `ll.init(..., "
+        'quantization=)`, B zero; loftq-1: `ll.init` with `init="loftq"`; loftq-N: '
+        "`lorax_lite.decompose.loftq(..., iterations=N)`.",
         "",
         runner.table(
             ["init", "mean error", "max error", "zero-shot loss"],
@@ -370,7 +372,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         "The NF4 QLoRA model with part 1's adapter, unmerged (loss "
         f"{m['unmerged_loss']:.4f}; parameters {runner.size_text(m['unmerged_bytes'])} with the "
-        "adapter), against "
+        "adapter, the float32 embedding included), against "
         "`ll.merge(tree, requantize=True)` (NF4 again; parameters "
         f"{runner.size_text(m['requantized_bytes'])}) and the float merge.",
         "",
