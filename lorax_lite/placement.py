@@ -21,6 +21,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, SingleDev
 from .checks import raise_problems
 from .deprecation import renamed_keywords
 from .quant import QuantizedWeight, is_quantized
+from .scales import QuantizedScales
 from .targets import named_leaves
 from .trees import TrainState
 from .weight import Layout
@@ -166,15 +167,25 @@ def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding | QuantizedWeight:
     A `QuantizedWeight` gets a `QuantizedWeight` of shardings: its codes, scales and
     offsets split along the same axis of ``data``, never the in-block axis (a block and
     its scale stay on one device; the scales have size 1 there, so it could not split
-    them alike).
+    them alike). Double-quantized scales (`QuantizedScales`) split their codes so and
+    replicate their factors and offsets (one per group of scales: small, and shaped
+    unlike the codes).
     """
     if isinstance(x, QuantizedWeight):
         in_block = x.data.ndim + x.axis
         spec = _fsdp_spec(x.data.shape, mesh, exclude=in_block)
         sharding = NamedSharding(mesh, spec)
-        offsets = None if x.offsets is None else sharding
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        def like_blocks(s: Any) -> Any:
+            if isinstance(s, QuantizedScales):
+                offsets = None if s.offsets is None else replicated
+                return dataclasses.replace(s, codes=sharding, factors=replicated, offsets=offsets)
+            return None if s is None else sharding
+
         # A QuantizedWeight of shardings: the sharding tree of the weight's arrays.
-        return dataclasses.replace(x, data=sharding, scales=sharding, offsets=offsets)  # type: ignore[arg-type]
+        parts = dict(data=sharding, scales=like_blocks(x.scales), offsets=like_blocks(x.offsets))
+        return dataclasses.replace(x, **parts)  # type: ignore[arg-type]
     return NamedSharding(mesh, _fsdp_spec(np.shape(x), mesh))
 
 

@@ -59,7 +59,7 @@ def base_params(seed=0):
 
 
 @functools.cache
-def lora_tree(kind, seed=1, *, rank=2):
+def lora_tree(kind, seed=1, *, rank=2, double_quant=False):
     """The quantized LoRA tree, with non-zero B so that the adapters change the output."""
     config = dataclasses.replace(CONFIG, rank=rank, alpha=2 * rank)
     tree = ll.init(base_params(), config, key=jax.random.key(seed))
@@ -72,7 +72,7 @@ def lora_tree(kind, seed=1, *, rank=2):
         return node
 
     tree = jax.tree_util.tree_map(nonzero_b, tree, is_leaf=lambda x: isinstance(x, ll.LoraWeight))
-    return ll.quantize(tree, kind=kind, block=BLOCK, also=ALSO)
+    return ll.quantize(tree, kind=kind, block=BLOCK, also=ALSO, double_quant=double_quant)
 
 
 def dequantized(tree):
@@ -203,6 +203,35 @@ def test_fsdp_splits_a_quantized_weight_as_one_unit(kind):
                     ), path
         if split:
             assert q.data.addressable_shards[0].data.size * 8 == q.data.size
+
+
+def test_fsdp_splits_double_quantized_scales_with_their_blocks():
+    """Double-quantized scale codes split like the blocks they scale; their factors and
+    offsets (a few per weight) are replicated. Training matches one device on the
+    dequantized float base."""
+    tree = lora_tree("nf4", double_quant=True)
+    init, step = build("mesh 2x4 fsdp")
+    state = init(tree, jax.random.key(7))
+    placed = quantized_leaves(state.frozen)
+    assert placed and all(q.double_quant for _, q in placed)
+    for path, q in placed:
+        data_spec = full_spec(q.data.sharding.spec, q.data.ndim)
+        codes = q.scales.codes
+        assert full_spec(codes.sharding.spec, codes.ndim) == data_spec, path
+        assert q.scales.factors.sharding.is_fully_replicated, path
+        assert q.scales.offsets.sharding.is_fully_replicated, path
+    split = [p for p, q in placed if any(full_spec(q.data.sharding.spec, q.data.ndim))]
+    assert split  # some weight is split across the devices
+    losses = []
+    for i in range(STEPS):
+        state, metrics = step(state, host_batch("mesh 2x4 fsdp", i))
+        losses.append(float(metrics["loss"]))
+    init1, step1 = build("one device")
+    ref, ref_losses = init1(dequantized(tree), jax.random.key(7)), []
+    for i in range(STEPS):
+        ref, metrics = step1(ref, batch(i))
+        ref_losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
 
 
 @pytest.mark.parametrize("step_kind", ["one device", "pmap", "mesh 2x4 fsdp"])
