@@ -278,17 +278,18 @@ def _custom_derivative(eqn: Any, operands: list[Any], ctx: Context) -> list[Any]
 
 def _unstacked(v: Any, ctx: Context) -> tuple[Any, Any]:
     """A scanned-over input: LoRA weights stacked on axis 0 stay lazy, and quantized
-    weights stay quantized, sliced per step (unless blocked along the scanned axis).
+    weights stay quantized, sliced per step (unless their blocks run along the scanned
+    axis).
     `Gathered` factors stay where they are: the step gathers its own layer (see
     `_sliced_value`), the scan slices the layer indices."""
     if isinstance(v, QuantizedWeight):
-        return (v.dequantize() if v.ndim + v.axis == 0 else v), None
+        return (v.dequantize() if 0 in v.blocked_axes else v), None
     if not isinstance(v, LoraValue):
         return v, None
     stack, fan_in, fan_out = v.layout
     if not stack or stack[0] != 0:
         return materialize(v, "scan over a non-stacked axis", ctx), None
-    if isinstance(v.w, QuantizedWeight) and v.w.ndim + v.w.axis == 0:
+    if isinstance(v.w, QuantizedWeight) and 0 in v.w.blocked_axes:
         v = dequantized(v)
     if isinstance(v.a, Gathered) and v.a.layer is not None:  # a scan inside a scan
         v = _resolved(v)

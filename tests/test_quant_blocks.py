@@ -189,6 +189,28 @@ def test_merge_requantizes_as_the_base_was_quantized(double_quant):
     assert error <= (np.diff(NF4_CODE).max() / 2 + 1 / 254) * np.abs(exact).max()
 
 
+def test_scan_over_a_stack_blocked_across_its_layers():
+    """Blocks that span the stacked axis (block 64 over layers of 32 rows) cannot be
+    sliced per layer: the scan dequantizes the stack first, for a LoRA weight and a
+    plain quantized one, and matches float64."""
+    w = normal((2, 32, 32), seed=4)
+    q = quantize_array(w, kind="int8", block=64, axis=(0, 1))
+    assert q.blocked_axes == (0, 1)
+    x = normal((3, 32), seed=6)
+    scan = lambda w, x: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+    layout = ll.Layout((0,), (1,), (2,))
+    a, b = normal((2, 32, 4), seed=7, scale=0.3), normal((2, 4, 32), seed=8, scale=0.3)
+    node = ll.LoraWeight(q, a, b, 0.5, layout)
+    deq = np.asarray(q.dequantize(), np.float64)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(np.asarray(x), jnp.float64)
+        delta = np.asarray(node.delta(jnp.float32), np.float64)
+        expected = {"lora": scan(deq + delta, x64), "plain": scan(jnp.asarray(deq), x64)}
+    actual = {"lora": ll.lora(scan, strict=True)(node, x), "plain": ll.lora(scan)(q, x)}
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], atol=1e-5, err_msg=name)
+
+
 def test_adapter_saved_over_a_double_quantized_base_loads_back(tmp_path):
     config = ll.LoraConfig(rank=4, targets="kernel")
     node = ll.LoraWeight(normal((128, 16)), normal((128, 4), 2), normal((4, 16), 3))
