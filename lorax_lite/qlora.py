@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from .checks import raise_problems
-from .quant import is_quantized, quantize_array
+from .quant import fan_in_axis, is_quantized, quantize_array
 from .targets import Spec, named_leaves, no_match, to_predicate
 from .weight import (
     LoraWeight,
@@ -97,10 +97,7 @@ def quantize(
 
 
 def _default_axis(node: Any) -> int | tuple[int, ...]:
-    """A LoRA weight's fan-in axes when consecutive (blocks may run across them), else
-    its last fan-in axis; the last axis of other leaves."""
-    if isinstance(node, LoraWeight) and node.layout.fan_in:
-        fan_in = [i - node.w.ndim for i in node.layout.fan_in]
-        consecutive = fan_in == list(range(fan_in[0], fan_in[-1] + 1))
-        return tuple(fan_in) if consecutive else fan_in[-1]
+    """A LoRA weight's blocked axes by `fan_in_axis`; the last axis of other leaves."""
+    if isinstance(node, LoraWeight):
+        return fan_in_axis(node.layout.fan_in, node.w.ndim)
     return -1
