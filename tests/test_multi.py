@@ -290,6 +290,27 @@ def test_cat_is_the_exact_weighted_sum_of_deltas(model):
     )
 
 
+def test_combining_keeps_the_residual_init_and_refuses_mixed_ones():
+    """Over a PiSSA residual base the combined adapter is still marked ``"pissa"`` (so
+    `to_peft` refuses it as it refuses the adapters); adapters marked differently over
+    one base cannot be combined, and the error names them."""
+    pissa = {n: make_adapter("mlp", seed, rank=2, init="pissa") for n, seed in (("a", 1), ("b", 2))}
+    assert {n.residual_init for n in lora_nodes(pissa["a"])} == {"pissa"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("cat", "svd"):
+            combined = ll.combine_adapters(pissa, {"a": 0.5, "b": 0.5}, method=method, rank=2)
+            assert {n.residual_init for n in lora_nodes(combined.tree)} == {"pissa"}, method
+    unmarked = jax.tree_util.tree_map(
+        lambda n: dataclasses.replace(n, residual_init=None) if is_lora_node(n) else n,
+        pissa["b"],
+        is_leaf=is_lora_node,
+    )
+    with pytest.raises(ValueError, match=r"fc1\S*: adapters differ in residual_init") as e:
+        ll.combine_adapters({"a": pissa["a"], "b": unmarked}, {"a": 0.5, "b": 0.5})
+    assert "{'a': 'pissa', 'b': None}" in str(e.value)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_svd_at_full_rank_is_the_weighted_sum(model):
     adapters, trees = mixed_set(model)
