@@ -18,22 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import raise_problems
 from .deprecation import renamed_keywords
 from .fingerprints import content_hash, dtype_name, storage
 from .quant import QuantizedWeight, is_quantized, quantize_array
 from .targets import path_str
 from .trees import base_leaf, base_of
-from .weight import Gathered, LoraWeight, Trainable, is_array, is_lora_node, is_node
-
-
-def _is_node(x: Any) -> bool:
-    """`LoraWeight`, `Trainable`, ``None`` holes and `QuantizedWeight` (one frozen leaf)."""
-    return x is None or is_node(x)
+from .weight import Gathered, LoraWeight, Trainable, is_array, is_hole_or_node, is_lora_node
 
 
 def flat_nodes(tree: Any) -> tuple[list[str], list[Any], Any]:
     """Paths, nodes (`LoraWeight`, `Trainable`, arrays, ``None`` holes) and the treedef."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_node)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_hole_or_node)
     return [path_str(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
@@ -242,7 +238,9 @@ class AdapterSet:
                 return _Pair(Trainable(value), Trainable(axis))
             return _Pair(base, None)
 
-        pairs = jax.tree_util.tree_map_with_path(pick, self.stacked, self.frozen, is_leaf=_is_node)
+        pairs = jax.tree_util.tree_map_with_path(
+            pick, self.stacked, self.frozen, is_leaf=is_hole_or_node
+        )
         if missing:
             raise ValueError(
                 "the base model (index -1) needs the base values of leaves trained in full, "
@@ -254,8 +252,8 @@ class AdapterSet:
 
     def _gains(self) -> list[np.ndarray | None]:
         """Per adapted leaf, each adapter's scale over the set's (None where all are 1)."""
-        set_scales = [x.scale for x in jax.tree_util.tree_leaves(self.frozen, is_leaf=_is_node)
-                      if isinstance(x, LoraWeight)]  # fmt: skip
+        leaves = jax.tree_util.tree_leaves(self.frozen, is_leaf=is_hole_or_node)
+        set_scales = [x.scale for x in leaves if isinstance(x, LoraWeight)]
         gains = []
         for k, set_scale in enumerate(set_scales):
             gain = np.array([s[k] / set_scale for s in self.scales], np.float32)
@@ -269,7 +267,7 @@ class AdapterSet:
         the set's (the first adapter's at each leaf).
         """
         return jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(self.frozen, is_leaf=_is_node),
+            jax.tree_util.tree_structure(self.frozen, is_leaf=is_hole_or_node),
             self._adapter_nodes(self.index(name)),
         )
 
@@ -285,7 +283,17 @@ class AdapterSet:
                     out.append(base.w)
                     continue
                 a, b = adapter_factors(node, i, rank)
-                out.append(LoraWeight(base.w, a, b, scale, node.layout, node.dropout))
+                out.append(
+                    LoraWeight(
+                        base.w,
+                        a,
+                        b,
+                        scale,
+                        node.layout,
+                        node.dropout,
+                        residual_init=node.residual_init,
+                    )
+                )
             elif isinstance(node, Trainable):
                 out.append(Trainable(node.value[i]))
             else:
@@ -344,8 +352,7 @@ class AdapterSet:
         if not bad:
             pairs = zip(flat_nodes(self.stacked)[0], _leaves(self.stacked), _leaves(stacked))
             bad = [f"{p}: {y.shape} != {x.shape}" for p, x, y in pairs if x.shape != y.shape]
-        if bad:
-            raise ValueError("with_trainable: stacked factors do not match:\n  " + "\n  ".join(bad))
+        raise_problems("with_trainable: stacked factors do not match", bad)
         return dataclasses.replace(self, stacked=stacked)
 
     def _base_tree(self) -> Any:
@@ -379,7 +386,7 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 def _stacked_ranks(stacked: Any) -> list[int]:
-    nodes = jax.tree_util.tree_leaves(stacked, is_leaf=_is_node)
+    nodes = jax.tree_util.tree_leaves(stacked, is_leaf=is_hole_or_node)
     return [x.a.shape[-1] for x in nodes if isinstance(x, LoraWeight)]
 
 
@@ -410,19 +417,15 @@ def _build(entries: list[tuple[str, Any]], base: Any) -> AdapterSet:
         )
     paths, treedef, by_name, base_nodes = _align(entries, base)
     base_nodes = _quantized_like_adapters(paths, by_name, base_nodes)
-    problems = _base_problems(paths, by_name, base_nodes)
-    if problems:
-        raise ValueError(
-            "AdapterSet: the adapters were not made from the same base:\n  " + "\n  ".join(problems)
-        )
+    problems = _base_problems(paths, by_name, base_nodes) + _residual_problems(paths, by_name)
+    raise_problems("AdapterSet: the adapters were not made from the same base", problems)
     columns = []
     for k, path in enumerate(paths):
         try:
             columns.append(_stack_node(path, [nodes[k] for _, nodes in by_name], base_nodes[k]))
         except _Unstackable as err:
             problems += err.args
-    if problems:
-        raise ValueError("AdapterSet:\n  " + "\n  ".join(problems))
+    raise_problems("AdapterSet", problems)
     unflatten = functools.partial(jax.tree_util.tree_unflatten, treedef)
     adapted = [c for c in columns if c.ranks is not None]
     by_adapter = lambda field: tuple(
@@ -457,8 +460,7 @@ def _align(entries: list[tuple[str, Any]], base: Any) -> tuple[list[str], Any, l
         base_paths, base_nodes, base_def = flat_nodes(base)
         if base_def != treedef:
             problems.append(f"base: structure differs at {sorted(set(base_paths) ^ set(paths))}")
-    if problems:
-        raise ValueError("AdapterSet:\n  " + "\n  ".join(problems))
+    raise_problems("AdapterSet", problems)
     return paths, treedef, [(name, nodes) for name, _, nodes, _ in flat], base_nodes
 
 
@@ -473,13 +475,24 @@ def _quantized_like_adapters(
         held = (base_leaf(nodes[k]) for _, nodes in adapters)
         ours = next((x for x in held if isinstance(x, QuantizedWeight)), None)
         x = base[k]
-        if ours is None or _is_node(x):
+        if ours is None or is_hole_or_node(x):
             continue
         try:
-            again = quantize_array(x, kind=ours.kind, block=ours.block, axis=ours.axis, path=path)
+            again = quantize_array(x, **ours.options(), path=path)
         except (TypeError, ValueError):
             continue  # another shape or dtype: `_base_problems` names it
         out[k] = ours if base_mismatch(again, ours) is None else again
+    return out
+
+
+def _residual_problems(paths: list[str], adapters: list[tuple[str, list]]) -> list[str]:
+    """Every leaf where the adapters' `LoraWeight.residual_init` differ: each residual
+    base is the residual of its own init, so they are different bases."""
+    out = []
+    for k, path in enumerate(paths):
+        inits = {n: x[k].residual_init for n, x in adapters if isinstance(x[k], LoraWeight)}
+        if len(set(inits.values())) > 1:
+            out.append(f"{path}: adapters differ in residual_init {inits}")
     return out
 
 
@@ -622,6 +635,11 @@ def _stack_lora(path: str, column: list[Any], loras: list[LoraWeight], base: Any
         scales.append(x.scale)
     if problems:
         raise _Unstackable(*problems)
-    meta = dict(scale=first.scale, layout=first.layout, dropout=first.dropout)
+    meta = dict(
+        scale=first.scale,
+        layout=first.layout,
+        dropout=first.dropout,
+        residual_init=first.residual_init,
+    )
     stacked = LoraWeight(None, jnp.stack(a_list), jnp.stack(b_list), **meta)
     return _Column(LoraWeight(w, None, None, **meta), stacked, ranks, scales)

@@ -98,11 +98,9 @@ def combine_adapters(
         >>> tree, errors = combine_adapters(adapters, {"a": 0.7, "b": 0.3}, method="svd",
         ...                                 rank=8)  # doctest: +SKIP
     """
-    trees = None if isinstance(adapters, AdapterSet) else adapters
-    if trees is not None:
-        adapters = AdapterSet.from_trees(trees)
+    if not isinstance(adapters, AdapterSet):
+        adapters = AdapterSet.from_trees(adapters)
     _check_combination(adapters, weights, method, rank)
-    residual = _residual_inits(trees, list(weights)) if trees is not None else {}
     options = _options(method, rank, density, majority_sign_method, key, dare_mask)
     chosen = [(adapters.index(n), float(w)) for n, w in weights.items()]
     paths, stacked, treedef = flat_nodes(adapters.stacked)
@@ -120,7 +118,7 @@ def combine_adapters(
                 out.append(None)
                 continue
             a, b, errors[path] = _COMBINERS[method](parts, node.layout, options)
-            init = residual.get(path, node.residual_init)
+            init = node.residual_init
             out.append(LoraWeight(base.w, a, b, 1.0, node.layout, node.dropout, residual_init=init))
         elif isinstance(node, Trainable):
             if base.value is None:
@@ -130,28 +128,6 @@ def combine_adapters(
             out.append(base)
     raise_problems(f"combine_adapters(method={method!r})", problems)
     return Combined(jax.tree_util.tree_unflatten(treedef, out), errors)
-
-
-def _residual_inits(trees: Mapping[str, Any], names: list[str]) -> dict[str, str | None]:
-    """Each adapted leaf's `LoraWeight.residual_init` in the ``names`` adapters' trees (a
-    residual base is the residual of one init: the combination keeps its mark).
-
-    Raises:
-        ValueError: naming every leaf where the adapters' marks differ, and the adapters.
-    """
-    found: dict[str, dict[str, str | None]] = {}
-    for name in names:
-        paths, nodes, _ = flat_nodes(trees[name])
-        for path, node in zip(paths, nodes):
-            if isinstance(node, LoraWeight):
-                found.setdefault(path, {})[name] = node.residual_init
-    problems = [
-        f"{path}: adapters differ in residual_init {inits}"
-        for path, inits in found.items()
-        if len(set(inits.values())) > 1
-    ]
-    raise_problems("combine_adapters: adapters over residual bases of different inits", problems)
-    return {path: next(iter(inits.values())) for path, inits in found.items()}
 
 
 def _check_combination(
