@@ -63,28 +63,11 @@ KNOWN_DOCSTRING_ISSUES = [
     # Google "Returns:" written "Phrase: description", which napoleon reads as a type.
     ("py:class", "The LoRA tree"),
     ("py:class", "The metadata dict"),
-    ("py:class", "Bytes as stored"),
-    ("py:class", "The transpose"),
-    ("py:class", "a 2-D weight"),
     # Internal names cross-referenced with single backticks (not part of the API).
-    ("py:class", "lorax_lite.weight.Gathered"),
-    ("py:obj", "Gathered"),
     ("py:class", "lorax_lite.train_checkpoint.Restored"),
     ("py:obj", "lorax_lite.decompose"),
-    ("py:obj", "lorax_lite.selection"),
     ("py:obj", "lorax_lite.targets.to_serial"),
-    ("py:obj", "to_predicate"),
-    ("py:obj", "to_serial"),
-    ("py:obj", "from_serial"),
-    ("py:obj", "pattern_matches"),
-    ("py:obj", "lorax_lite.kquants"),
     ("py:obj", "lorax_lite.decompose.loftq"),
-    ("py:obj", "SCALE_GROUP"),
-    ("py:obj", "lorax_lite.scales.SCALE_GROUP"),
-    # TrainStep.step is typed with step.py's internal CompiledStep.
-    ("py:class", "CompiledStep"),
-    ("py:class", "lorax_lite.step.CompiledStep"),
-    ("py:obj", "CompiledStep"),
     # A name of the serving work in progress (issue 30), not yet public.
     ("py:obj", "AdapterSlots"),
 ]

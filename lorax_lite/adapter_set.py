@@ -170,7 +170,7 @@ class AdapterSet:
     def per_example(self, adapter_ids: jax.Array) -> tuple[Any, Any]:
         """Each example's adapter as one LoRA tree to map over, and its ``jax.vmap`` axes.
 
-        What `ll.route` maps the model over: the factors are `Gathered` (each example's
+        What `ll.route` maps the model over: the factors are ``Gathered`` (each example's
         adapter index into the shared stacks), gathered where `ll.lora` uses them, so a
         scan over layers gathers one layer per step; the values of leaves trained in
         full are gathered here, examples on axis 0; the base is shared.
@@ -196,7 +196,7 @@ class AdapterSet:
         leaf's ``jax.vmap`` axes (``None`` unless ``examples``; the base's always).
 
         With ``examples``, ``index`` is a vector of per-example ids, the factors stay
-        `Gathered` and the other leaves get the examples on axis 0 (see `per_example`).
+        ``Gathered`` and the other leaves get the examples on axis 0 (see `per_example`).
         """
         always = isinstance(index, int) and index >= 0
         if isinstance(index, int):

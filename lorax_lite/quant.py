@@ -140,7 +140,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored: codes, scales and offsets."""
+        """The bytes stored (codes, scales and offsets)."""
         return stored_bytes(self.data, self.scales, self.offsets)
 
     def dequantize(self) -> jax.Array:
@@ -158,7 +158,7 @@ class QuantizedWeight:
 
     @property
     def T(self) -> QuantizedWeight:
-        """The transpose of a 2-D weight: its codes moved, nothing re-quantized."""
+        """Transposes a 2-D weight; its codes move, nothing is re-quantized."""
         if self.ndim != 2:
             raise ValueError(f"QuantizedWeight.T needs a 2-D weight, got shape {self.shape}")
         # (n, block, out) <-> (out, n, block): the other axis moves across the block pair.
@@ -245,7 +245,7 @@ def quantize_array(
             many of the ones before it as ``block`` needs to divide their flattened size.
         double_quant: quantize the block scales too (QLoRA's double quantization): int8
             codes of ``scale - mean``, one float32 factor per group of up to
-            `lorax_lite.scales.SCALE_GROUP` scales (consecutive blocks, then neighbouring columns).
+            ``lorax_lite.scales.SCALE_GROUP`` scales (consecutive blocks, then neighbouring columns).
         path: the leaf's name, for error messages.
 
     Returns:
@@ -371,7 +371,7 @@ def from_gguf(
     """A GGUF tensor's ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q4_K``, ``Q5_K`` or ``Q6_K`` blocks as a
     `QuantizedWeight`, as they are: each block's float16 scale (and minimum), its codes
     unchanged; a k-quant's sub-block scales (and minimums) as `QuantizedScales`, their
-    6- or 8-bit codes times the super-block's float16 factor (see `lorax_lite.kquants`).
+    6- or 8-bit codes times the super-block's float16 factor (see ``lorax_lite.kquants``).
 
     Args:
         blocks: the raw bytes, ``uint8`` of shape ``(*rows, bytes_per_row)`` (as

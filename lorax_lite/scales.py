@@ -46,7 +46,7 @@ class QuantizedScales:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored: codes, factors and offsets."""
+        """The bytes stored (codes, factors and offsets)."""
         return stored_bytes(self.codes, self.factors, self.offsets)
 
     def value(self) -> jax.Array:
@@ -77,9 +77,9 @@ SCALE_GROUP = 256
 
 def quantize_scales(scales: jax.Array, blocks_axis: int) -> QuantizedScales:
     """Double quantization: float32 block scales as int8 codes of ``scale - mean``, with
-    a float32 factor (``max |scale - mean| / 127``) per group of up to `SCALE_GROUP`.
+    a float32 factor (``max |scale - mean| / 127``) per group of up to ``SCALE_GROUP``.
 
-    A group is the largest divisor of the number of blocks up to `SCALE_GROUP`, times
+    A group is the largest divisor of the number of blocks up to ``SCALE_GROUP``, times
     (if that is fewer) a divisor of the last axis, when it follows the blocks. The mean
     is taken per slice of the axes before ``blocks_axis`` (a stacked layer keeps its own).
 

@@ -188,7 +188,7 @@ class AdapterSlots:
     def per_example(self, adapter_ids: jax.Array) -> tuple[Any, Any]:
         """Each example's slot as one LoRA tree to map over, and its ``jax.vmap`` axes.
 
-        The factors stay `Gathered` (gathered where `ll.lora` uses them); ``-1`` reads the
+        The factors stay ``Gathered`` (gathered where `ll.lora` uses them); ``-1`` reads the
         base model's row; an id outside ``[-1, capacity)`` gives its example NaN factors.
         """
         ids = jnp.asarray(adapter_ids, jnp.int32)

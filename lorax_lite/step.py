@@ -39,7 +39,7 @@ class TrainStep(NamedTuple):
     function's aux, if any, as device arrays, so reading them is the only host
     synchronisation.
     ``step.lower(state, batch)`` lowers the compiled update without running it
-    (`CompiledStep`).
+    (`~lorax_lite.step.CompiledStep`).
     """
 
     init: Callable[[Any, jax.Array], TrainState]

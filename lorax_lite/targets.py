@@ -4,10 +4,10 @@ Every leaf is named by one string, its ``/``-joined key path
 (``params/encoder/layer_0/attention/query/kernel``); every pattern, message and
 report in the library uses that name. Every pattern option (`LoraConfig`'s
 ``targets``, ``exclude`` and ``train``, the keys of ``rank_pattern``, ``alpha_pattern``
-and ``axes``, and `quantize`'s ``also``) goes through `to_predicate`, which turns a
+and ``axes``, and `quantize`'s ``also``) goes through ``to_predicate``, which turns a
 regex, ``"all-linear"`` or a callable into a small frozen, hashable predicate object
 ``(path, leaf) -> bool`` that prints as it was built and, unless it wraps a user's
-callable, serializes (`to_serial`, `from_serial`). `lorax_lite.selection` applies them.
+callable, serializes (``to_serial``, ``from_serial``). ``lorax_lite.selection`` applies them.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Predicate(abc.ABC):
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class Regex(Predicate):
-    """Leaves whose path `pattern_matches` (whole components, searched anywhere).
+    """Leaves whose path ``pattern_matches`` (whole components, searched anywhere).
 
     Example:
         >>> Regex("query")("attn/query/kernel", None), Regex("query")("query_proj/kernel", None)

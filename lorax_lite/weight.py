@@ -89,7 +89,7 @@ class LoraWeight:
         w: the frozen base (an array or a `QuantizedWeight`; ``None`` in a trainable
             partition).
         a: ``A``, ``(stack..., fan_in..., r)`` (``None`` in a frozen partition; a
-            `Gathered` in `ll.route`'s tree).
+            ``Gathered`` in `ll.route`'s tree).
         b: ``B``, ``(stack..., r, fan_out...)``.
         scale: ``s``, ``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA).
         layout: which axes of ``w`` are stacked, fan-in and fan-out.
