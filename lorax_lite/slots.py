@@ -53,7 +53,7 @@ class AdapterSlots:
         stacked: at the slot leaves, ``LoraWeight(None, a, b, m=m)`` with ``a`` of shape
             ``(capacity + 1, *A.shape)`` at the set's rank (``m`` with DoRA only); row
             ``capacity`` is the base model's (zeros; DoRA: the base's norms).
-        scales: one ``(capacity + 1,)`` float32 array per slot leaf (in `flat_nodes`
+        scales: one ``(capacity + 1,)`` float32 array per slot leaf (in ``flat_nodes``
             order): each slot's adapter scale, 0 for an empty slot.
 
     Example:
@@ -154,7 +154,7 @@ class AdapterSlots:
         Args:
             slot: the slot, in ``[0, capacity)``.
             tree: a LoRA tree of the same base (a full tree, whose base weights are
-                compared with the set's by `content_hash`, or its trainable partition,
+                compared with the set's by ``content_hash``, or its trainable partition,
                 checked by shapes only); it may adapt some of the slot leaves only.
 
         Returns:

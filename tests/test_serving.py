@@ -12,7 +12,7 @@ import pytest
 
 import lorax_lite as ll
 from experiments.models import llama
-from lorax_lite.slots import AdapterSlots
+from lorax_lite import AdapterSlots
 from tests.helpers import randomize_b
 
 CONFIG = llama.make_config("tiny")
