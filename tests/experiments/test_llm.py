@@ -22,14 +22,6 @@ from experiments.models.llama import forward
 
 pytest.importorskip("gguf", reason="the gguf package writes the tiny GGUF file")
 pytest.importorskip("tokenizers", reason="the GGUF tokenizer is built with tokenizers")
-from test_llama import write_tiny_gguf  # noqa: E402  (needs gguf)
-
-
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llm") / "tiny.gguf"
-    write_tiny_gguf(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,7 @@ from experiments.models import llama_gguf
 
 pytest.importorskip("gguf", reason="the gguf package writes the tiny GGUF file")
 pytest.importorskip("tokenizers", reason="the GGUF tokenizer is built with tokenizers")
-from test_llama import llama_cpp_permute, write_tiny_gguf  # noqa: E402  (needs gguf)
-
-
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parity") / "tiny.gguf"
-    write_tiny_gguf(path)
-    return path
+from test_llama import llama_cpp_permute  # noqa: E402  (needs gguf)
 
 
 def test_permute_rows_is_llama_cpps_order_and_undoes_the_loader():
