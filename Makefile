@@ -28,6 +28,7 @@ $(VENV)/.experiments: $(VENV)/.dev
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check lorax_lite tests experiments
 	$(VENV)/bin/ruff format --check lorax_lite tests experiments
+	$(VENV)/bin/python -m mypy lorax_lite
 
 # The suite runs every experiment's --smoke mode (tests/experiments/, marked slow: pytest -m
 # "not slow" skips them), so it needs the experiments extra too, and
