@@ -125,7 +125,9 @@ def loftq(
         raise ValueError("loftq: init='loftq' needs the base's quantization (quantization=)")
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"loftq: iterations must be an int >= 1, got {iterations!r}")
-    spec = {"kind": quantization} if isinstance(quantization, str) else dict(quantization)
+    spec: dict[str, Any] = (
+        {"kind": quantization} if isinstance(quantization, str) else dict(quantization)
+    )
     spec.pop("also", None)  # plain leaves: not this weight's business
     spec.setdefault("axis", fan_in_axis(layout.fan_in, w.ndim))
     target, base = w.astype(jnp.float32), w
