@@ -94,8 +94,6 @@ def _q6_codes(ql: np.ndarray, qh: np.ndarray) -> np.ndarray:
     """256 six-bit codes: each half of 128 has 64 bytes of nibbles (low nibbles: codes
     0-63, high: 64-127) and 32 bytes of high bit pairs (pair ``k``: codes ``32k..32k+31``)."""
     lead = ql.shape[:-1]
-    low = ql.reshape(*lead, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]
-    high = qh.reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]
-    low = (low & 15).reshape(*lead, 2, 128)
-    high = (high & 3).reshape(*lead, 2, 128)
-    return (low | (high << 4)).reshape(*lead, QK)
+    low = (ql.reshape(*lead, 2, 1, 64) >> np.array([0, 4], np.uint8)[:, None]) & 15
+    high = (qh.reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+    return (low.reshape(*lead, 2, 128) | (high.reshape(*lead, 2, 128) << 4)).reshape(*lead, QK)
