@@ -65,9 +65,12 @@ class QuantizedScales:
         """The same scales with axis ``src`` moved to ``dst`` (as ``jnp.moveaxis``)."""
         groups = list(self.groups)
         groups.insert(dst % len(groups), groups.pop(src))
-        move = lambda x: None if x is None else jnp.moveaxis(x, src, dst)
+        offsets = None if self.offsets is None else jnp.moveaxis(self.offsets, src, dst)
         return QuantizedScales(
-            move(self.codes), move(self.factors), move(self.offsets), tuple(groups)
+            jnp.moveaxis(self.codes, src, dst),
+            jnp.moveaxis(self.factors, src, dst),
+            offsets,
+            tuple(groups),
         )
 
 
