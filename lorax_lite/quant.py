@@ -220,7 +220,8 @@ def _pack(codes: jax.Array, pos: int, bits: int) -> jax.Array:
     if bits > 4:
         extra = bits - 4
         planes = jnp.split(codes >> 4, 8 // extra, axis=pos)
-        packed.append(sum(p << (extra * k) for k, p in enumerate(planes)).astype(jnp.uint8))
+        shifted = (p << (extra * k) for k, p in enumerate(planes))
+        packed.append(sum(shifted, jnp.uint8(0)).astype(jnp.uint8))
     return jnp.concatenate(packed, axis=pos)
 
 
@@ -444,7 +445,8 @@ def _from_kquants(k: kquants.Decoded, dtype: np.dtype) -> QuantizedWeight:
             jnp.asarray(codes[..., None]), jnp.asarray(factors[..., None]), None, groups
         )
 
-    offsets = None if k.mins is None else scales(k.mins, -k.dmin)  # w = d sc q - dmin m
+    # w = d sc q - dmin m; decode gives mins and dmin together (Q6_K: neither)
+    offsets = None if k.mins is None or k.dmin is None else scales(k.mins, -k.dmin)
     data = _pack(codes, codes.ndim - 1, k.bits)
     kind = _KQUANT_KINDS[k.bits]
     return QuantizedWeight(data, scales(k.scales, k.d), offsets, kind, k.block, -1, dtype)
