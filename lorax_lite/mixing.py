@@ -166,18 +166,22 @@ def _options(
     dare_mask: Callable | None,
 ) -> _Options:
     """The pruning options, checked where ``method`` uses them."""
-    problems, mask = [], None
+    problems: list[str] = []
+    mask: Callable[[jax.Array, float], jax.Array] | None = None
     if method in _PRUNING:
-        if not _is_finite(density) or not 0 <= float(density) <= 1:
+        if density is None or not _is_finite(density) or not 0 <= float(density) <= 1:
             problems.append(f"density must be a number in [0, 1], got {density!r}")
         if sign_method not in ("total", "frequency"):
             problems.append(
                 f"majority_sign_method must be 'total' or 'frequency', got {sign_method!r}"
             )
     if method.startswith("dare"):
-        if dare_mask is None and key is None:
+        if dare_mask is not None:
+            mask = dare_mask
+        elif key is not None:
+            mask = _random_masks(key)
+        else:
             problems.append("DARE's random masks need key= (or dare_mask=)")
-        mask = dare_mask or _random_masks(key)
     raise_problems(f"combine_adapters(method={method!r})", problems)
     return _Options(rank, 1.0 if density is None else float(density), sign_method, mask)
 
@@ -236,7 +240,7 @@ def _from_matrices(
 
 def _target(parts: list[tuple], layout: Layout) -> jax.Array:
     """``sum_i w_i s_i A_i @ B_i`` as ``(stack..., d_in, d_out)`` in float32."""
-    total = 0.0
+    total = jnp.zeros((), jnp.float32)
     for coef, (a, b), _ in parts:
         a, b = _factor_matrices(a, b, layout)
         total = total + coef * jnp.matmul(a, b, precision=HIGHEST)
@@ -259,7 +263,7 @@ def _combine_cat(parts: list[tuple], layout: Layout, options: _Options) -> tuple
 
 
 def _combine_linear(parts: list[tuple], layout: Layout, options: _Options) -> tuple:
-    a_sum, b_sum = 0.0, 0.0
+    a_sum = b_sum = jnp.zeros((), jnp.float32)
     for coef, (a, b), _ in parts:
         c = math.sqrt(abs(coef))
         a_sum = a_sum + math.copysign(c, coef) * a.astype(jnp.float32)
@@ -273,7 +277,8 @@ def _combine_svd(parts: list[tuple], layout: Layout, options: _Options) -> tuple
     target = _target(parts, layout)
     keep = min(options.rank or max(r for _, _, r in parts), *target.shape[-2:])
     a, b = split_svd(*truncated_svd(target, keep))
-    a, b = _from_matrices(a, b, *parts[0][1], layout)
+    like_a, like_b = parts[0][1]
+    a, b = _from_matrices(a, b, like_a, like_b, layout)
     return a, b, _relative_error(target, a, b, layout)
 
 
@@ -283,14 +288,14 @@ def _pruned_merge(method: str) -> Callable:
     random, ties = method.startswith("dare"), method.endswith("ties")
 
     def combine(parts: list[tuple], layout: Layout, options: _Options) -> tuple:
-        n_stack, density = len(layout.stack), options.density
+        n_stack, density, mask = len(layout.stack), options.density, options.mask
         coefs = [coef for coef, _, _ in parts]
         roots = [math.sqrt(abs(c)) for c in coefs]
         factors = []
         for k, signed in ((0, True), (1, False)):
             xs = [f[k].astype(jnp.float32) for _, f, _ in parts]
-            if random and density < 1:
-                xs = [x * options.mask(x, density) / density for x in xs]
+            if mask is not None and density < 1:  # DARE's (only they have a mask)
+                xs = [x * mask(x, density) / density for x in xs]
             # One row per stacked slice: PEFT prunes each layer's factor on its own.
             stacked = jnp.stack([as_matrices(x, n_stack, 0) for x in xs])
             if not random:
