@@ -180,12 +180,14 @@ def _fsdp_sharding(x: Any, mesh: Mesh) -> NamedSharding | QuantizedWeight:
         def like_blocks(s: Any) -> Any:
             if isinstance(s, QuantizedScales):
                 offsets = None if s.offsets is None else replicated
-                return dataclasses.replace(s, codes=sharding, factors=replicated, offsets=offsets)
+                # The sharding tree of the scales: shardings where its fields hold arrays.
+                shardings = dict(codes=sharding, factors=replicated, offsets=offsets)
+                return dataclasses.replace(s, **shardings)  # type: ignore[arg-type]
             return None if s is None else sharding
 
         # A QuantizedWeight of shardings: the sharding tree of the weight's arrays.
         parts = dict(data=sharding, scales=like_blocks(x.scales), offsets=like_blocks(x.offsets))
-        return dataclasses.replace(x, **parts)  # type: ignore[arg-type]
+        return dataclasses.replace(x, **parts)
     return NamedSharding(mesh, _fsdp_spec(np.shape(x), mesh))
 
 
