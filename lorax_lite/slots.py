@@ -104,13 +104,15 @@ class AdapterSlots:
             if isinstance(x, Trainable)
         ]
         raise_problems("AdapterSlots.create", problems)
-        frozen, stacked, scales = [], [], []
+        frozen: list[Any] = []
+        stacked: list[LoraWeight | None] = []
+        scales: list[jax.Array] = []
         for node in nodes:
             if not isinstance(node, LoraWeight):
                 frozen.append(node)
                 stacked.append(None)
                 continue
-            meta = dict(layout=node.layout, dora=dora)
+            meta: dict[str, Any] = dict(layout=node.layout, dora=dora)
             frozen.append(LoraWeight(node.w, None, None, **meta))
             a_shape, b_shape = node.layout.factor_shapes(tuple(node.w.shape), rank)
             dtype = node.a.dtype
@@ -205,9 +207,10 @@ class AdapterSlots:
             a, b = Gathered(node.a, row), Gathered(node.b, row, gain, keep, fill)
             m = node.m[row] if node.dora else None
             tree = dataclasses.replace(base, a=a, b=b, m=m)
-            axes = dataclasses.replace(
-                node, a=Gathered(None, 0), b=Gathered(None, 0, 0, 0, 0), m=0 if node.dora else None
-            )
+            # vmap's in_axes: Gathered trees of axes, where its fields are annotated arrays.
+            a_axes = Gathered(None, 0)  # type: ignore[arg-type]
+            b_axes = Gathered(None, 0, 0, 0, 0)  # type: ignore[arg-type]
+            axes = dataclasses.replace(node, a=a_axes, b=b_axes, m=0 if node.dora else None)
             return tree, axes
 
         _, nodes, treedef = flat_nodes(self.stacked)
@@ -222,7 +225,9 @@ class AdapterSlots:
         if not is_int(slot, 0) or slot >= self.capacity:
             raise IndexError(f"slot {slot!r} outside [0, {self.capacity})")
 
-    def _rows(self, tree: Any) -> tuple[list[tuple[jax.Array, ...]], tuple[jax.Array, ...]]:
+    def _rows(
+        self, tree: Any
+    ) -> tuple[list[tuple[jax.Array | np.ndarray, ...]], tuple[jax.Array, ...]]:
         """``tree``'s rows for one slot (factors padded to the set's rank, magnitudes,
         scales), checked against the set."""
         paths, nodes, _ = flat_nodes(tree)
@@ -250,8 +255,8 @@ class AdapterSlots:
                 if isinstance(node, LoraWeight):
                     problems.append(f"{path}: adapted, but not a slot leaf of the set")
                 continue
-            row, scale, why = _slot_row(path, node, base, table)
-            problems += why
+            row, scale, row_problems = _slot_row(path, node, base, table)
+            problems += row_problems
             factors.append(row)
             scales.append(jnp.float32(scale))
         raise_problems("AdapterSlots.load: the adapter does not fit the set", problems)
@@ -260,7 +265,7 @@ class AdapterSlots:
 
 def _slot_row(
     path: str, node: Any, base: LoraWeight, table: LoraWeight
-) -> tuple[tuple[jax.Array, ...], float, list[str]]:
+) -> tuple[tuple[jax.Array | np.ndarray, ...], float, list[str]]:
     """One slot leaf's row (``a``, ``b``, DoRA's ``m``), its scale, and what is wrong."""
     rank, layout = table.a.shape[-1], table.layout
     a_full, b_full = table.a.shape[1:], table.b.shape[1:]
@@ -284,14 +289,14 @@ def _slot_row(
     if problems:
         return (), 0.0, problems
     pad = rank - node.rank
-    a = jnp.asarray(node.a, table.a.dtype)
-    b = jnp.asarray(node.b, table.b.dtype)
+    a: jax.Array | np.ndarray = jnp.asarray(node.a, table.a.dtype)
+    b: jax.Array | np.ndarray = jnp.asarray(node.b, table.b.dtype)
     if pad:  # on the host: no program per rank
         a = np.pad(np.asarray(a), [(0, 0)] * (a.ndim - 1) + [(0, pad)])
         widths = [(0, 0)] * b.ndim
         widths[len(layout.stack)] = (0, pad)
         b = np.pad(np.asarray(b), widths)
-    row = (a, b)
+    row: tuple[jax.Array | np.ndarray, ...] = (a, b)
     if table.dora:
         m = node.m if node.dora else _unit_magnitude(base.w, node.a, node.b, node.scale, layout)
         row += (jnp.asarray(m, jnp.float32),)
