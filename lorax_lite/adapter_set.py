@@ -199,13 +199,15 @@ class AdapterSet:
         ``Gathered`` and the other leaves get the examples on axis 0 (see `per_example`).
         """
         always = isinstance(index, int) and index >= 0
+        ok: bool | jax.Array
+        fill: float | jax.Array
         if isinstance(index, int):
             ok, fill = index >= 0, 0.0
         else:  # traced: -1 gives the base, anything else outside the set NaN
             ok = (index >= 0) & (index < len(self))
             fill = jnp.where(index == -1, 0.0, jnp.nan)
         j = index if always else jnp.clip(index, 0, len(self) - 1)
-        keep, fill = (None, None) if always else (ok, fill)
+        keep, fill_or_none = (None, None) if always else (ok, fill)
         axis = 0 if examples else None
         gains = iter(self._gains())
         missing = []
@@ -218,12 +220,16 @@ class AdapterSet:
             if isinstance(node, LoraWeight):
                 gain = next(gains)
                 gain = None if gain is None else jnp.asarray(gain)[j]
-                a, b = Gathered(node.a, j), Gathered(node.b, j, gain, keep, fill)
+                # Gathered's fields are annotated arrays; here a Python int index, bool
+                # keep and float fill too (a fixed id), and vmap's axes below.
+                a = Gathered(node.a, j)  # type: ignore[arg-type]
+                b = Gathered(node.b, j, gain, keep, fill_or_none)  # type: ignore[arg-type]
                 if not examples:
                     return _Pair(dataclasses.replace(base, a=a.resolve(), b=b.resolve()), None)
                 mapped = lambda x: None if x is None else axis
-                a_axes = Gathered(None, axis)
-                b_axes = Gathered(None, axis, mapped(gain), mapped(keep), mapped(fill))
+                a_axes = Gathered(None, axis)  # type: ignore[arg-type]
+                rest = [mapped(x) for x in (gain, keep, fill_or_none)]
+                b_axes = Gathered(None, axis, *rest)  # type: ignore[arg-type]
                 axes = dataclasses.replace(node, a=a_axes, b=b_axes)
                 return _Pair(dataclasses.replace(base, a=a, b=b), axes)
             if isinstance(node, Trainable):
@@ -348,7 +354,8 @@ class AdapterSet:
             ValueError: if the structure or any shape differs from `stacked`'s.
         """
         old, new = jax.tree_util.tree_structure(self.stacked), jax.tree_util.tree_structure(stacked)
-        bad = [] if old == new else [f"structure {new} != {old}"]
+        # jaxlib 0.12 ships no stub for PyTreeDef, so mypy cannot see its __eq__.
+        bad = [] if old == new else [f"structure {new} != {old}"]  # type: ignore[operator]
         if not bad:
             pairs = zip(flat_nodes(self.stacked)[0], _leaves(self.stacked), _leaves(stacked))
             bad = [f"{p}: {y.shape} != {x.shape}" for p, x, y in pairs if x.shape != y.shape]
@@ -635,7 +642,7 @@ def _stack_lora(path: str, column: list[Any], loras: list[LoraWeight], base: Any
         scales.append(x.scale)
     if problems:
         raise _Unstackable(*problems)
-    meta = dict(
+    meta: dict[str, Any] = dict(
         scale=first.scale,
         layout=first.layout,
         dropout=first.dropout,
