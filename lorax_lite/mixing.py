@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .adapter_set import AdapterSet, adapter_factors, flat_nodes
+from .adapter_set import AdapterSet, adapter_factors
 from .checks import is_int, raise_problems
 from .decompose import HIGHEST, as_matrices, split_svd, truncated_svd
+from .stacking import flat_nodes
 from .weight import Layout, LoraWeight, Trainable
 
 

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .adapter_set import base_mismatch, flat_nodes
 from .checks import is_int, raise_problems
 from .quant import QuantizedWeight
+from .stacking import base_mismatch, flat_nodes
 from .trees import base_leaf
 from .weight import Gathered, LoraWeight, Trainable, column_norm, factored_squares
 
