@@ -11,17 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checks import raise_problems
+from .checks import is_float_dtype, raise_problems
 from .quant import is_quantized, quantize_array
 from .targets import named_leaves, path_str
 from .transform import lora
 from .trees import lora_tree
-from .weight import (
-    LoraWeight,
-    Trainable,
-    is_hole_or_node,
-    is_node,
-)
+from .weight import LoraWeight, Trainable, is_hole_or_node, is_node
 
 
 def merge(
@@ -46,9 +41,9 @@ def merge(
             level on the ``"lorax_lite"`` logger.
         requantize: quantize each merged weight whose base was quantized again, with
             its kind, block, blocked axes and double quantization (plain quantized
-            leaves stay as they are); the
-            largest error this adds, relative to the weight's largest magnitude, is
-            logged at INFO level on the ``"lorax_lite"`` logger.
+            leaves stay as they are); the largest error this adds, relative to the
+            weight's largest magnitude, is logged at INFO level on the ``"lorax_lite"``
+            logger.
 
     Returns:
         The merged parameter tree.
@@ -91,7 +86,11 @@ def merge(
             worst,
         )
     if check:
-        bad = [p for p, x in named_leaves(merged) if _is_float(x) and not _host_all_finite(x)]
+        bad = [
+            p
+            for p, x in named_leaves(merged)
+            if is_float_dtype(getattr(x, "dtype", None)) and not _host_all_finite(x)
+        ]
         raise_problems("merge: non-finite values (NaN or inf) in merged leaves", bad)
     if probe is not None:
         _probe_deviation(tree, merged, *probe)
@@ -103,10 +102,6 @@ def _max_relative_error(approx: jax.Array, exact: jax.Array) -> float:
     reference = np.asarray(exact, np.float64)
     error = np.abs(np.asarray(approx, np.float64) - reference).max()
     return float(error / np.abs(reference).max())
-
-
-def _is_float(x: Any) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _host_all_finite(x: Any) -> bool:

@@ -11,10 +11,7 @@ import jax
 from .checks import raise_problems
 from .quant import fan_in_axis, is_quantized, quantize_array
 from .targets import Spec, named_leaves, no_match, to_predicate
-from .weight import (
-    LoraWeight,
-    is_node,
-)
+from .weight import LoraWeight, is_node
 
 
 def quantize(
