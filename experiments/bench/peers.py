@@ -59,10 +59,10 @@ import numpy as np
 
 from experiments import provenance
 from experiments.bench import workers
+from experiments.models import LLAMA_PROJECTIONS
 from experiments.outputs import directory_bytes, write_outputs
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-QWIX_PATTERN = ".*/(" + "|".join(PROJECTIONS) + ")"
+QWIX_PATTERN = ".*/(" + "|".join(LLAMA_PROJECTIONS) + ")"
 REFERENCE = "lorax"
 GROUPS = (
     ("qwix", "lorax-bf16", "qwix-bf16", "full"),
@@ -177,7 +177,7 @@ def next_token_loss(logits: Any, tokens: Any) -> Any:
 def lora_config(args: argparse.Namespace) -> Any:
     import lorax_lite as ll
 
-    return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets=PROJECTIONS)
+    return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets=LLAMA_PROJECTIONS)
 
 
 def _tx(args: argparse.Namespace) -> Any:
@@ -467,7 +467,7 @@ def _peft_config(args: argparse.Namespace) -> Any:
     import peft
 
     return peft.LoraConfig(
-        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(PROJECTIONS)
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(LLAMA_PROJECTIONS)
     )
 
 
