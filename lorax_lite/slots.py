@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checks import is_int, raise_problems
-from .quant import QuantizedWeight
 from .stacking import base_mismatch, flat_nodes
 from .trees import base_leaf
-from .weight import Gathered, LoraWeight, Trainable, column_norm, factored_squares
+from .weight import Gathered, LoraWeight, Trainable, column_norm, factored_squares, stored_value
 
 
 @jax.tree_util.register_dataclass
@@ -118,7 +117,7 @@ class AdapterSlots:
             dtype = node.a.dtype
             m = None
             if dora:
-                norm = column_norm(_dense(node.w), node.layout)
+                norm = column_norm(stored_value(node.w), node.layout)
                 m = jnp.broadcast_to(norm, (capacity + 1, *norm.shape))
             a, b = (jnp.zeros((capacity + 1, *s), dtype) for s in (a_shape, b_shape))
             stacked.append(LoraWeight(None, a, b, m=m, **meta))
@@ -303,14 +302,10 @@ def _slot_row(
     return row, float(node.scale), []
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnums=(4,))  # scale traced: no compile per value
 def _unit_magnitude(w: Any, a: jax.Array, b: jax.Array, scale: float, layout: Any) -> jax.Array:
     """The DoRA magnitude ``||w + scale A B||`` that makes a plain adapter's ratio one."""
-    return jnp.sqrt(factored_squares(_dense(w), a, b, scale, layout))
-
-
-def _dense(w: Any) -> jax.Array:
-    return w.dequantize() if isinstance(w, QuantizedWeight) else w
+    return jnp.sqrt(factored_squares(stored_value(w), a, b, scale, layout))
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
