@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import replace_file
 from .checks import raise_problems
 
 TENSOR_TYPES = ("F32", "F16", "Q8_0", "Q4_1")
@@ -70,30 +71,34 @@ def write_gguf(
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     arrays = {name: np.asarray(x, np.float32) for name, x in tensors.items()}
     raise_problems(f"write_gguf({source})", _problems(arrays, shapes, tensor_type))
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue  # the writer's own
-        value = _FILE_TYPES[tensor_type] if field.name == "general.file_type" else None
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        value = field.contents() if value is None else value
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
-    for t in reader.tensors:
-        if t.name not in arrays:
-            writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
-            continue
-        x = arrays[t.name]
-        if x.ndim < 2 or tensor_type == "F32":
-            writer.add_tensor(t.name, x)
-        elif tensor_type == "F16":
-            writer.add_tensor(t.name, x.astype(np.float16))
-        else:
-            kind = gguf.GGMLQuantizationType[tensor_type]
-            writer.add_tensor(t.name, gguf.quants.quantize(x, kind), raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def write(tmp: pathlib.Path) -> None:
+        writer = gguf.GGUFWriter(tmp, reader.fields["general.architecture"].contents())
+        for field in reader.fields.values():
+            if field.name == "general.architecture" or field.name.startswith("GGUF."):
+                continue  # the writer's own
+            value = _FILE_TYPES[tensor_type] if field.name == "general.file_type" else None
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            value = field.contents() if value is None else value
+            writer.add_key_value(field.name, value, field.types[0], sub_type=sub_type)
+        for t in reader.tensors:
+            if t.name not in arrays:
+                writer.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
+                continue
+            x = arrays[t.name]
+            if x.ndim < 2 or tensor_type == "F32":
+                writer.add_tensor(t.name, x)
+            elif tensor_type == "F16":
+                writer.add_tensor(t.name, x.astype(np.float16))
+            else:
+                kind = gguf.GGMLQuantizationType[tensor_type]
+                writer.add_tensor(t.name, gguf.quants.quantize(x, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    replace_file(path, write)  # a failed or killed write leaves the old file whole
     return path
 
 

@@ -4,11 +4,11 @@ pattern-key lookup."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from ..json_values import json_digest
 from ..linear_regex import compile_pattern
 from ..targets import module_of
 from ..weight import Layout
@@ -87,8 +87,7 @@ def fields_digest(peft_config: dict[str, Any]) -> str:
     """The sha256 of the fields of ``adapter_config.json`` that say what the tensors mean,
     recorded in the tensors file's header: a config from another export (a directory
     mixing two) no longer matches it, while other fields may be edited by hand."""
-    fields = {k: peft_config.get(k) for k in WEIGHT_FIELDS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return json_digest({k: peft_config.get(k) for k in WEIGHT_FIELDS})
 
 
 ADAPTER_PAIRS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
