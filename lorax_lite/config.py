@@ -80,6 +80,7 @@ class LoraConfig:
     use_rslora: bool = False
     init: Init = "kaiming"
     pissa_niter: int | None = None
+    loftq_iter: int = 1
     dtype: str = "float32"
     train: Spec | tuple[Spec, ...] = ()
     bias: Bias = "none"
@@ -98,6 +99,7 @@ class LoraConfig:
         object.__setattr__(self, "rank", int(self.rank))
         if self.pissa_niter is not None:
             object.__setattr__(self, "pissa_niter", int(self.pissa_niter))
+        object.__setattr__(self, "loftq_iter", int(self.loftq_iter))
         object.__setattr__(self, "alpha", _as_float(self.alpha))
         object.__setattr__(self, "dropout", _as_float(self.dropout))
         object.__setattr__(self, "rank_pattern", {k: int(v) for k, v in self.rank_pattern.items()})
@@ -258,6 +260,10 @@ def _validate(config: LoraConfig) -> list[str]:
             problems.append(f"pissa_niter must be None or an int >= 0, got {config.pissa_niter!r}")
         elif config.init != "pissa":
             problems.append(f"pissa_niter is for init='pissa', not init={config.init!r}")
+    if not is_int(config.loftq_iter, 1):
+        problems.append(f"loftq_iter must be an int >= 1, got {config.loftq_iter!r}")
+    elif config.loftq_iter != 1 and config.init != "loftq":
+        problems.append(f"loftq_iter is for init='loftq', not init={config.init!r}")
     if config.bias not in BIAS_MODES:
         problems.append(f"bias must be {either(BIAS_MODES)}, got {config.bias!r}")
     if not config.targets:

@@ -104,6 +104,7 @@ def init(
                     niter=config.pissa_niter,
                     key=next(keys),
                     quantization=quantization,
+                    loftq_iter=config.loftq_iter,
                 )
             else:
                 a, b = init_factors(

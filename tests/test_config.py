@@ -35,6 +35,11 @@ from lorax_lite.targets import AllLinear, AllOf, AnyOf, Not, Regex
             "init must be one of ('kaiming', 'gaussian', 'pissa', 'olora', 'loftq'), got 'xavier'",
         ),
         (dict(bias="some"), "bias must be 'none', 'all' or 'lora_only', got 'some'"),
+        (dict(init="loftq", loftq_iter=0), "loftq_iter must be an int >= 1, got 0"),
+        (dict(init="loftq", loftq_iter=2.0), "loftq_iter must be an int >= 1, got 2.0"),
+        (dict(init="loftq", loftq_iter=True), "loftq_iter must be an int >= 1, got True"),
+        (dict(loftq_iter=2), "loftq_iter is for init='loftq', not init='kaiming'"),
+        (dict(init="pissa", loftq_iter=3), "loftq_iter is for init='loftq', not init='pissa'"),
         (dict(targets=()), "targets is empty"),
         (dict(targets=("q", "v"), exclude=("v",)), "patterns both targeted and excluded: ['v']"),
         (dict(targets="q(", exclude=()), "pattern 'q(' is not a valid regex"),
@@ -105,6 +110,16 @@ def test_numpy_scalars_are_accepted_as_plain_python_numbers():
     assert type(config.rank) is int and type(config.dropout) is float
     assert ll.LoraConfig(dropout=np.float32(0.1)).dropout == 0.1  # as written, not 0.10000000149
     assert ll.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_loftq_iter_round_trips_and_defaults_to_one_for_configs_saved_before_it():
+    config = ll.LoraConfig(init="loftq", loftq_iter=np.int64(3))
+    assert config.loftq_iter == 3 and type(config.loftq_iter) is int
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["loftq_iter"] == 3 and ll.LoraConfig.from_dict(data) == config
+    del data["loftq_iter"]  # a config written before the field existed
+    assert ll.LoraConfig.from_dict(data) == dataclasses.replace(config, loftq_iter=1)
+    assert ll.LoraConfig(init="kaiming", loftq_iter=1).loftq_iter == 1  # the default: any init
 
 
 def test_dropout_zero_and_just_below_one_are_valid():
