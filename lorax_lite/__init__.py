@@ -6,6 +6,7 @@ from .checkpoint import adapter_metadata as adapter_metadata
 from .checkpoint import load_adapter as load_adapter
 from .checkpoint import save_adapter as save_adapter
 from .config import LoraConfig as LoraConfig
+from .gguf_export import gguf_tensors as gguf_tensors
 from .gguf_export import write_gguf as write_gguf
 from .loop import NonFiniteError as NonFiniteError
 from .loop import fit as fit
@@ -68,6 +69,7 @@ __all__ = [
     "distributed",
     "fit",
     "from_peft",
+    "gguf_tensors",
     "init",
     "load_adapter",
     "lora",

@@ -1,29 +1,257 @@
 """Writing a fine-tuned model back as a GGUF file, for llama.cpp.
 
-`write_gguf` copies a source GGUF file (the one the model was read from): its metadata
-(architecture, hyper-parameters, tokenizer, chat template) and every tensor it is not
-given, as they are; the given tensors (the adapters merged into the base, `ll.merge`)
-are stored ``F16``, ``Q8_0`` or re-quantized ``Q4_1`` (``gguf.quants.quantize``, as
-llama.cpp's reference quantizer), 1-D tensors (norms) ``F32``. It needs the ``gguf``
-package (``pip install lorax_lite[experiments]``).
+`gguf_tensors` merges a tree's adapters into the weights of the GGUF file the model was
+read from and maps them to the file's tensor names, layout and (``llama``) query/key row
+order. `write_gguf` copies that source file: its metadata (architecture,
+hyper-parameters, tokenizer, chat template) and every tensor it is not given, as they
+are; the given tensors are stored ``F16``, ``Q8_0`` or re-quantized ``Q4_1``
+(``gguf.quants.quantize``, as llama.cpp's reference quantizer), 1-D tensors (norms)
+``F32``. Both need the ``gguf`` package (``pip install lorax_lite[experiments]``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import pathlib
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from .atomic import replace_file
 from .checks import raise_problems
+from .peft.format import LAYER, NameMap, resolve_name_map
+from .targets import named_leaves
+from .trees import lora_tree
+from .weight import LoraWeight, Trainable, is_lora_node
 
 TENSOR_TYPES = ("F32", "F16", "Q8_0", "Q4_1")
 """How `write_gguf` may store the given tensors."""
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_1": 3, "Q8_0": 7}  # llama.cpp's LlamaFileType
 _BLOCK = 32  # weights a Q8_0 / Q4_1 block
+
+
+LLAMA_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+"""Hugging Face's Llama projection modules and llama.cpp's tensor kinds (``blk.N.KIND.weight``),
+the default names of `gguf_tensors`."""
+# The tensor kinds whose rows llama.cpp's converter permuted for RoPE on interleaved pairs,
+# and the metadata key of their head count (`llama_row_order`).
+_PERMUTED = {"attn_q": "llama.attention.head_count", "attn_k": "llama.attention.head_count_kv"}
+_LAYER_INDEX = re.compile(r"(?:^|.*[._])(\d+)$")  # "3", "layers_3", "layers.3"
+
+
+def llama_row_order(rows: int, n_head: int) -> np.ndarray:
+    """Where each Hugging Face row of a llama query/key weight is in the GGUF file.
+
+    llama.cpp's converter interleaves each head's rows for RoPE on pairs: within a head of
+    ``hd`` rows, Hugging Face's row ``j * hd / 2 + i`` is the file's row ``2 i + j``. So
+    ``hf = gguf[order]`` and ``gguf = hf[np.argsort(order)]``.
+
+    Args:
+        rows: the weight's rows (``n_head * head_dim``).
+        n_head: the heads of the projection (query heads, or key/value heads).
+
+    Returns:
+        ``order``, an integer array of ``rows`` indices.
+
+    Raises:
+        ValueError: if ``rows`` is not whole row pairs per head.
+    """
+    if n_head < 1 or rows % (2 * n_head):
+        raise ValueError(f"expected rows a multiple of 2 * n_head = {2 * n_head}, got {rows} rows")
+    return np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+def gguf_tensors(
+    tree: Any, source: str | os.PathLike[str], *, name_map: NameMap | None = None
+) -> dict[str, np.ndarray]:
+    """The adapters of ``tree`` merged into ``source``'s weights, under their GGUF names.
+
+    The base of each adapted leaf is read from ``source`` (dequantized by
+    ``gguf.quants.dequantize``), so ``tree`` may be an adapter alone
+    (``ll.load_adapter(path)``). Each tensor is put in the leaf's layout (query/key rows
+    back in Hugging Face's order, transposed to the leaf's fan-in and fan-out axes, one
+    layer along a stack axis), merged as `merge` merges the node (DoRA, rsLoRA), and put
+    back in the file's ``(out, in)`` layout and row order, one tensor per layer. The
+    result is what `write_gguf` takes.
+
+    Only ``llama`` files are read: for them llama.cpp's converter permuted the query and
+    key rows (``attn_q``, ``attn_k``; `llama_row_order`), and ``tree``'s are taken to be
+    in Hugging Face's order (as transformers and a model with rotate-half RoPE load them).
+
+    Args:
+        tree: a LoRA tree, a `TrainState`, or an adapter alone.
+        source: the GGUF file the model came from.
+        name_map: leaf path (or module path) -> GGUF tensor name, e.g.
+            ``{"params/blocks/attn/wq/kernel": "blk.{layer}.attn_q.weight"}``, or a callable
+            returning the name or None; ``{layer}`` is the template of a leaf stacked
+            along a layer axis. Leaves it does not name get the default: a path with one
+            of `LLAMA_NAMES`' modules becomes ``blk.N.KIND.weight``, ``N`` the index of
+            the stack axis, or the one integer in the path (``layers_3``, ``layers.3``).
+
+    Returns:
+        ``{GGUF tensor name: merged float32 array (out, in)}``, one entry per layer of
+        each adapted leaf.
+
+    Raises:
+        ValueError: another architecture than ``llama``; listing every problem at once:
+            adapted leaves without a GGUF name, names not in ``source``, shapes that
+            differ, leaves trained in full or whose base is a residual (PiSSA, OLoRA,
+            LoftQ: not the file's weights), non-finite merged values.
+        ImportError: without the ``gguf`` package.
+
+    Example:
+        >>> tensors = gguf_tensors(ll.load_adapter("run/adapter"), "SmolLM2.Q4_1.gguf")
+        ... # doctest: +SKIP
+        >>> write_gguf("tuned.gguf", "SmolLM2.Q4_1.gguf", tensors)  # doctest: +SKIP
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    architecture = _field(reader, "general.architecture")
+    if architecture != "llama":
+        raise ValueError(
+            f"gguf_tensors: {source} holds a {architecture!r} model; only 'llama' files are "
+            "supported (their query/key row order is llama.cpp's, see llama_row_order)"
+        )
+    heads = {kind: _field(reader, key) for kind, key in _PERMUTED.items()}
+    heads["attn_k"] = heads["attn_k"] or heads["attn_q"]
+    file = {t.name: t for t in reader.tensors}
+    named = resolve_name_map(name_map) if name_map is not None else lambda path: None
+    tensors: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    for path, node in named_leaves(lora_tree(tree), is_leaf=is_lora_node):
+        if isinstance(node, Trainable) and node.value is not None:
+            problems.append(
+                f"{path}: trained in full; gguf_tensors merges adapters only (write it "
+                "with write_gguf under its GGUF name)"
+            )
+        if not isinstance(node, LoraWeight) or node.a is None:
+            continue
+        names, problem = _tensor_names(path, node, named(path))
+        if problem is None:
+            problem = _leaf_problem(node)
+        if problem is not None:
+            problems.append(f"{path}: {problem}")
+            continue
+        merged, leaf_problems = _merged(node, names, file, heads, gguf.quants.dequantize)
+        problems += [f"{path}: {p}" for p in leaf_problems]
+        tensors |= merged
+    raise_problems(f"gguf_tensors({source})", problems)
+    return tensors
+
+
+def _field(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _tensor_names(path: str, node: LoraWeight, given: str | None) -> tuple[list[str], str | None]:
+    """The GGUF tensor names of a leaf, one per layer of its stack axis (or one), or why
+    there are none."""
+    stacked = bool(node.layout.stack)
+    name = given or _default_name(path, stacked)
+    if name is None:
+        return [], (
+            f"no GGUF tensor name: the path has none of the modules {sorted(LLAMA_NAMES)} "
+            "with one layer index (a stack axis or one integer in the path); name it in "
+            f"name_map (e.g. 'blk.{LAYER}.attn_q.weight')"
+        )
+    if stacked != (LAYER in name):
+        why = "stacked along a layer axis" if stacked else "not stacked"
+        need = "needs" if stacked else "must not have"
+        return [], f"{why}: the GGUF name {name!r} {need} a {LAYER} template"
+    if not stacked:
+        return [name], None
+    layers = jax.eval_shape(node.delta).shape[node.layout.stack[0]]
+    return [name.replace(LAYER, str(i)) for i in range(layers)], None
+
+
+def _default_name(path: str, stacked: bool) -> str | None:
+    """``blk.N.KIND.weight`` for a path through one of `LLAMA_NAMES`' modules, ``N`` its
+    layer: the template's ``{layer}`` for a stacked leaf, else the path's one integer."""
+    parts = path.split("/")
+    kinds = [LLAMA_NAMES[p] for p in parts if p in LLAMA_NAMES]
+    layers = [m.group(1) for m in map(_LAYER_INDEX.match, parts) if m]
+    if len(kinds) != 1 or len(layers) != (0 if stacked else 1):
+        return None
+    return f"blk.{LAYER if stacked else int(layers[0])}.{kinds[0]}.weight"
+
+
+def _leaf_problem(node: LoraWeight) -> str | None:
+    """Why a leaf's merge is not the file's weight plus its adapter, if it is not."""
+    if len(node.layout.stack) > 1:
+        return f"axis roles {node.layout.roles()}: one stack (layer) axis at most"
+    if node.residual_init is not None:
+        return (
+            f"initialized with init={node.residual_init!r}: its base is a residual, not "
+            "the file's weights; merge the full tree (ll.merge) and give write_gguf its tensors"
+        )
+    return None
+
+
+def _merged(
+    node: LoraWeight,
+    names: list[str],
+    file: Mapping[str, Any],
+    heads: Mapping[str, int | None],
+    dequantize: Callable[..., np.ndarray],
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``node`` merged into the file's tensors ``names`` (one per layer), in the file's
+    layout, or the problems that prevent it."""
+    layout = node.layout
+    shape = jax.eval_shape(node.delta).shape
+    inner = tuple(shape[i] for i in layout.fan_in + layout.fan_out)
+    d_in, d_out = math.prod(inner[: len(layout.fan_in)]), math.prod(inner[len(layout.fan_in) :])
+    problems, layers, orders = [], [], []
+    for name in names:
+        kind = name.split(".")[-2] if "." in name else name
+        order = None
+        if name not in file:
+            problems.append(f"{name} is not a tensor of the file")
+            continue
+        found = tuple(int(n) for n in reversed(file[name].shape.tolist()))
+        if found != (d_out, d_in):
+            problems.append(
+                f"{name} is {found} (out, in); the adapter's weight {shape} needs ({d_out}, {d_in})"
+            )
+            continue
+        if kind in _PERMUTED:
+            n_head = heads[kind]
+            if n_head is None:
+                problems.append(f"{name}: the file has no {_PERMUTED[kind]} to order its rows")
+                continue
+            order = llama_row_order(d_out, n_head)
+        w = np.asarray(dequantize(file[name].data, file[name].tensor_type), np.float32)
+        w = w.reshape(d_out, d_in)
+        layers.append((w if order is None else w[order]).T.reshape(inner))
+        orders.append(order)
+    if problems:
+        return {}, problems
+    axes = layout.stack + layout.fan_in + layout.fan_out
+    base = (np.stack(layers) if layout.stack else layers[0]).transpose(np.argsort(axes))
+    merged = np.asarray(dataclasses.replace(node, w=base).materialize(), np.float32)
+    merged = merged.transpose(axes).reshape(len(names), d_in, d_out)
+    tensors = {
+        name: np.ascontiguousarray(w.T if order is None else w.T[np.argsort(order)])
+        for name, w, order in zip(names, merged, orders)
+    }
+    bad = [name for name, w in tensors.items() if not np.isfinite(w).all()]
+    if bad:
+        return {}, [f"non-finite merged values (NaN or inf) in {', '.join(bad)}"]
+    return tensors, []
 
 
 def write_gguf(

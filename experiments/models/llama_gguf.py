@@ -44,6 +44,7 @@ import numpy as np
 
 from experiments.data import package_dir
 from experiments.models.llama import LlamaConfig
+from lorax_lite.gguf_export import llama_row_order
 from lorax_lite.quant import QuantizedWeight, from_gguf, is_quantized
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -160,7 +161,8 @@ def _tensors(reader: Any) -> dict[str, Any]:
 def unpermute_rows(weight: Any, n_head: int) -> Any:
     """Puts the rows of a GGUF query or key weight ``(n_head * head_dim, in)`` back in
     Hugging Face's order (llama.cpp interleaved them for RoPE on pairs): within each
-    head, row ``2i + j`` moves to ``j * head_dim / 2 + i``.
+    head, row ``2i + j`` moves to ``j * head_dim / 2 + i``
+    (`lorax_lite.gguf_export.llama_row_order`).
 
     Args:
         weight: an array, or a `QuantizedWeight` blocked along its columns (then its
@@ -174,13 +176,9 @@ def unpermute_rows(weight: Any, n_head: int) -> Any:
         ValueError: a weight that is not 2-D, rows that are not whole pairs per head,
             or a `QuantizedWeight` whose blocks run along the rows.
     """
-    rows = weight.shape[0]
-    if len(weight.shape) != 2 or rows % (2 * n_head):
-        raise ValueError(
-            f"expected a 2-D weight with rows a multiple of 2 * n_head = {2 * n_head}, "
-            f"got shape {tuple(weight.shape)}"
-        )
-    order = np.arange(rows).reshape(n_head, rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+    if len(weight.shape) != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    order = llama_row_order(weight.shape[0], n_head)
     if isinstance(weight, QuantizedWeight):
         if weight.axis != -1:
             raise ValueError(

@@ -14,6 +14,7 @@ from published import check_published
 import lorax_lite as ll
 from experiments import qlora_parity
 from experiments.models import llama_gguf
+from lorax_lite.gguf_export import llama_row_order
 
 pytest.importorskip("gguf", reason="the gguf package writes the tiny GGUF file")
 pytest.importorskip("tokenizers", reason="the GGUF tokenizer is built with tokenizers")
@@ -23,7 +24,7 @@ from test_llama import llama_cpp_permute  # noqa: E402  (needs gguf)
 def test_permute_rows_is_llama_cpps_order_and_undoes_the_loader():
     w = np.random.default_rng(0).normal(size=(24, 5))
     for n_head in (1, 2, 3):
-        permuted = qlora_parity.permute_rows(w, n_head)
+        permuted = w[np.argsort(llama_row_order(len(w), n_head))]
         np.testing.assert_array_equal(permuted, llama_cpp_permute(w, n_head))
         np.testing.assert_array_equal(llama_gguf.unpermute_rows(permuted, n_head), w)
 
@@ -33,7 +34,7 @@ def test_merged_tensors_written_as_f32_load_back_as_the_merged_model(gguf_file, 
     args = qlora_parity.parse_args(["--smoke", "--gguf", str(gguf_file)])
     tree = randomize_b(qlora_parity.init_tree(pretrained, args), jax.random.key(1), std=0.1)
     merged = ll.merge(tree)
-    tensors = qlora_parity.gguf_tensors(merged, pretrained.config)
+    tensors = ll.gguf_tensors(tree, gguf_file)
     assert len(tensors) == 7 * pretrained.config.n_layer
     path = ll.write_gguf(tmp_path / "m.gguf", gguf_file, tensors, tensor_type="F32")
     again = llama_gguf.load(path, quantized=False).params
