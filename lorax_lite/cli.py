@@ -1,13 +1,18 @@
-"""The ``lorax-lite`` command: inspect adapters, merge them into a base, export to PEFT.
+"""The ``lorax-lite`` command: inspect adapters, merge them into a base, export to PEFT
+or to a GGUF file.
 
 ::
 
     lorax-lite inspect ADAPTER_OR_PEFT_DIR
     lorax-lite merge --base base.safetensors --adapter ADAPTER --out merged.safetensors
     lorax-lite export-peft --adapter ADAPTER --out PEFT_DIR [--name-map names.json]
+    lorax-lite export-gguf --source model.gguf --adapter ADAPTER --out tuned.gguf
+        [--tensor-type F16|Q8_0|Q4_1|F32] [--name-map names.json]
 
 Base and merged parameters are safetensors files whose keys are the ``/``-joined
-leaf paths (``params/encoder/layer_0/attention/query/kernel``).
+leaf paths (``params/encoder/layer_0/attention/query/kernel``). ``export-gguf`` merges
+the adapter into the weights of the GGUF file the model came from (`gguf_tensors`) and
+writes the model with `write_gguf`; it needs the ``gguf`` package.
 
 No command writes over one of its inputs, and every output file is written to a
 temporary file beside it and renamed into place, so an interrupted command leaves
@@ -34,15 +39,18 @@ from .atomic import current, replace_file
 from .checkpoint import adapter_metadata, load_adapter
 from .checks import raise_problems
 from .config import LoraConfig
+from .gguf_export import TENSOR_TYPES, gguf_tensors, write_gguf
 from .merging import merge
 from .metadata import path_conflicts
-from .peft import CONFIG_NAME, WEIGHTS_NAME, default_name_map, to_peft
+from .peft import CONFIG_NAME, WEIGHTS_NAME, NameMap, default_name_map, to_peft
 from .report import text_table
 from .targets import named_leaves, unflatten
 
 # The errors of bad inputs (files that are missing, unreadable, corrupted or invalid):
 # reported in one line. Anything else is a bug and keeps its traceback.
 INPUT_ERRORS = (ValueError, TypeError, OSError, SafetensorError)
+# The optional packages a command needs, and the extra that installs each.
+EXTRAS = {"gguf": "experiments"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +68,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except INPUT_ERRORS as err:
         print(f"lorax-lite: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        if err.name not in EXTRAS:
+            raise
+        print(
+            f"lorax-lite: error: {args.command} needs the {err.name} package: "
+            f"pip install 'lorax_lite[{EXTRAS[err.name]}]'",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
@@ -75,7 +92,8 @@ def _one_line(err: BaseException) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorax-lite",
-        description="Inspect lorax_lite adapters, merge them into a base, export them to PEFT.",
+        description="Inspect lorax_lite adapters, merge them into a base, export them to PEFT "
+        "or to a GGUF file.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print an adapter's config, paths and sizes")
@@ -102,6 +120,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--base-model", help="base_model_name_or_path for adapter_config.json")
     export.set_defaults(run=export_command)
+    to_gguf = commands.add_parser(
+        "export-gguf", help="merge an adapter into a GGUF model and write it for llama.cpp"
+    )
+    to_gguf.add_argument("--source", type=pathlib.Path, required=True, help="the base .gguf")
+    to_gguf.add_argument("--adapter", type=pathlib.Path, required=True, help="adapter checkpoint")
+    to_gguf.add_argument("--out", type=pathlib.Path, required=True, help="the merged .gguf")
+    to_gguf.add_argument(
+        "--tensor-type",
+        choices=TENSOR_TYPES,
+        default="F16",
+        help="how the merged tensors are stored (default F16; the others are copied)",
+    )
+    to_gguf.add_argument(
+        "--name-map",
+        type=pathlib.Path,
+        help="JSON {leaf or module path: GGUF tensor name, 'blk.{layer}.attn_q.weight' for a "
+        "stacked leaf}; default: llama.cpp's names of the q/k/v/o/gate/up/down_proj modules",
+    )
+    to_gguf.set_defaults(run=export_gguf_command)
     return parser
 
 
@@ -180,12 +217,9 @@ def export_command(args: argparse.Namespace) -> None:
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         _refuse_overwriting_inputs(args.out / name, inputs)
     info = adapter_metadata(args.adapter)
-    name_map = default_name_map
+    name_map: NameMap = default_name_map
     if args.name_map is not None:
-        name_map = _read_json(args.name_map, "a name map {path: module name}", dict)
-        bad = {k: v for k, v in name_map.items() if not isinstance(v, str)}
-        if bad:
-            raise ValueError(f"{args.name_map}: module names must be strings, found {bad}")
+        name_map = _read_name_map(args.name_map, "module name")
     tree = load_adapter(args.adapter)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"the output {args.out} is a file; name a directory")
@@ -199,6 +233,26 @@ def export_command(args: argparse.Namespace) -> None:
         overwrite=True,  # the command replaces an export, as merge replaces its file
     )
     print(f"wrote {args.out / CONFIG_NAME} and {args.out / WEIGHTS_NAME}")
+
+
+def export_gguf_command(args: argparse.Namespace) -> None:
+    """Reads the adapter alone, merges it into ``--source``'s weights (`gguf_tensors`) and
+    writes the model with `write_gguf`, replacing ``--out``."""
+    inputs = {"--source": args.source, "--adapter": args.adapter}
+    if args.name_map is not None:
+        inputs["--name-map"] = args.name_map
+    _refuse_overwriting_inputs(args.out, inputs)
+    name_map = None
+    if args.name_map is not None:
+        name_map = _read_name_map(args.name_map, "GGUF tensor name")
+    if args.out.is_dir():
+        raise ValueError(f"the output {args.out} is a directory; name a file")
+    if not args.source.is_file():
+        raise ValueError(f"the source {args.source} is not a file")
+    tensors = gguf_tensors(load_adapter(args.adapter), args.source, name_map=name_map)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_gguf(args.out, args.source, tensors, tensor_type=args.tensor_type, overwrite=True)
+    print(f"wrote {args.out}: {len(tensors)} merged tensors stored {args.tensor_type}")
 
 
 def _refuse_overwriting_inputs(out: pathlib.Path, inputs: dict[str, pathlib.Path]) -> None:
@@ -219,6 +273,15 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
         return load_file(path)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read {path} as a safetensors file: {err}") from err
+
+
+def _read_name_map(path: pathlib.Path, what: str) -> dict[str, str]:
+    """A JSON name map ``{leaf or module path: what}``, its values strings."""
+    name_map = _read_json(path, f"a name map {{path: {what}}}", dict)
+    bad = {k: v for k, v in name_map.items() if not isinstance(v, str)}
+    if bad:
+        raise ValueError(f"{path}: {what}s must be strings, found {bad}")
+    return name_map
 
 
 def _read_json(path: pathlib.Path, what: str, kind: type) -> Any:

@@ -1,10 +1,12 @@
-"""The lorax-lite command line on a tiny adapter: inspect, merge, export-peft."""
+"""The lorax-lite command line on a tiny adapter: inspect, merge, export-peft; export-gguf
+on a tiny llama GGUF file."""
 
 import dataclasses
 import json
 import os
 import pathlib
 import shutil
+import sys
 
 import chex
 import jax
@@ -363,3 +365,99 @@ def test_bad_inputs_give_one_line_and_exit_2(files, capsys, command, broken, mes
     assert captured.err.startswith("lorax-lite: error: ")
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert message in captured.err
+
+
+# ----- export-gguf ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gguf_files(tmp_path):
+    """test_gguf_export's tiny llama file and a saved adapter on its model (scan-stacked)."""
+    pytest.importorskip("gguf", reason="export-gguf reads and writes GGUF files")
+    from test_gguf_export import expected_tensors, lora_tree, tiny_llama
+
+    (tmp_path / "gguf").mkdir()
+    tiny = tiny_llama(tmp_path / "gguf")
+    tree = lora_tree(tiny)
+    ll.save_adapter(tiny.path.parent / "adapter", tree)
+    return tiny, expected_tensors(tiny, tree)
+
+
+def _export_gguf_args(tiny, out):
+    source, adapter = tiny.path, tiny.path.parent / "adapter"
+    return ["export-gguf", "--source", str(source), "--adapter", str(adapter), "--out", str(out)]
+
+
+def test_export_gguf_writes_the_merged_model_and_copies_the_rest(gguf_files, capsys):
+    import gguf
+
+    tiny, expected = gguf_files
+    out = tiny.path.parent / "tuned" / "tuned.gguf"
+    assert main(_export_gguf_args(tiny, out)) == 0
+    assert f"wrote {out}: {len(expected)} merged tensors stored F16" in capsys.readouterr().out
+    before, after = gguf.GGUFReader(tiny.path), gguf.GGUFReader(out)
+    fields = lambda r: {f.name: f.contents() for f in r.fields.values()
+                        if not f.name.startswith("GGUF.")}  # fmt: skip
+    assert fields(after) == fields(before)  # tokenizer, chat template, hyper-parameters
+    old = {t.name: t for t in before.tensors}
+    new = {t.name: t for t in after.tensors}
+    assert list(new) == list(old) and len(expected) == 7 * 2
+    for name, t in new.items():
+        if name in expected:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F16
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
+            np.testing.assert_allclose(x, expected[name], rtol=1e-3, atol=1e-3, err_msg=name)
+        else:
+            assert t.tensor_type == old[name].tensor_type
+            np.testing.assert_array_equal(t.data, old[name].data, err_msg=name)
+
+
+def test_export_gguf_refuses_to_write_over_its_source(gguf_files, capsys):
+    tiny, _ = gguf_files
+    content = tiny.path.read_bytes()
+    assert main(_export_gguf_args(tiny, tiny.path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would overwrite the input --source" in err
+    assert tiny.path.read_bytes() == content
+
+
+def test_export_gguf_errors_are_one_line(gguf_files, files, capsys, monkeypatch):
+    tiny, _ = gguf_files
+    tmp_path, _ = files  # an adapter on another model: no leaf has a GGUF name
+    args = _export_gguf_args(tiny, tmp_path / "x.gguf")
+    args[args.index("--adapter") + 1] = str(tmp_path / "adapter")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (tmp_path / "x.gguf").exists()
+    assert "params/attn/query/kernel: no GGUF tensor name" in err
+    assert "params/head/kernel: trained in full" in err
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if the package were not installed
+    assert main(_export_gguf_args(tiny, tmp_path / "x.gguf")) == 2
+    assert capsys.readouterr().err == (
+        "lorax-lite: error: export-gguf needs the gguf package: "
+        "pip install 'lorax_lite[experiments]'\n"
+    )
+
+
+def test_export_gguf_file_loads_in_transformers_as_the_merged_model(gguf_files):
+    """The independent end-to-end check: transformers reads the written file (its own GGUF
+    loader un-permutes the query/key rows) and gives lorax_lite's merged model's logits."""
+    torch = pytest.importorskip("torch", reason="transformers reads the written file")
+    transformers = pytest.importorskip("transformers", reason="reads the written GGUF file")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate for GGUF files")
+    from experiments.models.llama import forward
+
+    tiny, _ = gguf_files
+    out = tiny.path.parent / "tuned.gguf"
+    assert main([*_export_gguf_args(tiny, out), "--tensor-type", "F32"]) == 0
+    tokens = np.random.default_rng(3).integers(0, tiny.pretrained.config.vocab_size, (2, 12))
+    tree = ll.load_adapter(tiny.path.parent / "adapter", tiny.pretrained.params)
+    expected = np.asarray(forward(tiny.pretrained.config, ll.merge(tree), tokens), np.float64)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(out.parent), gguf_file=out.name, dtype=torch.float32
+    )
+    with torch.no_grad():
+        got = model(input_ids=torch.as_tensor(tokens)).logits.numpy().astype(np.float64)
+    base = np.asarray(forward(tiny.pretrained.config, tiny.pretrained.params, tokens))
+    assert np.abs(expected - base).max() > 0.1  # the adapter changes the logits
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
