@@ -79,43 +79,42 @@ def gguf_tensors(
 ) -> dict[str, np.ndarray]:
     """The adapters of ``tree`` merged into ``source``'s weights, under their GGUF names.
 
-    The base of each adapted leaf is read from ``source`` (dequantized by
-    ``gguf.quants.dequantize``), so ``tree`` may be an adapter alone
-    (``ll.load_adapter(path)``). Each tensor is put in the leaf's layout (query/key rows
-    back in Hugging Face's order, transposed to the leaf's fan-in and fan-out axes, one
-    layer along a stack axis), merged as `merge` merges the node (DoRA, rsLoRA), and put
-    back in the file's ``(out, in)`` layout and row order, one tensor per layer. The
-    result is what `write_gguf` takes.
+    Each adapted leaf's base is read from ``source`` (``gguf.quants.dequantize``), so
+    ``tree`` may be an adapter alone (``ll.load_adapter(path)``). The file's tensors are
+    put in the leaf's layout (query/key rows in Hugging Face's order, transposed to the
+    leaf's fan-in and fan-out axes, layers along its stack axis), merged as `merge`
+    merges the node (DoRA, rsLoRA), and put back in the file's ``(out, in)`` layout and
+    row order, one tensor per layer: what `write_gguf` takes.
 
-    Only ``llama`` files are read: for them llama.cpp's converter permuted the query and
-    key rows (``attn_q``, ``attn_k``; `llama_row_order`), and ``tree``'s are taken to be
-    in Hugging Face's order (as transformers and a model with rotate-half RoPE load them).
+    Only ``llama`` files are read: llama.cpp's converter permuted their query and key
+    rows (``attn_q``, ``attn_k``: `~lorax_lite.gguf_export.llama_row_order`), and
+    ``tree``'s are taken in Hugging Face's order (rotate-half RoPE, as transformers).
 
     Args:
         tree: a LoRA tree, a `TrainState`, or an adapter alone.
         source: the GGUF file the model came from.
-        name_map: leaf path (or module path) -> GGUF tensor name, e.g.
-            ``{"params/blocks/attn/wq/kernel": "blk.{layer}.attn_q.weight"}``, or a callable
-            returning the name or None; ``{layer}`` is the template of a leaf stacked
-            along a layer axis. Leaves it does not name get the default: a path with one
-            of `LLAMA_NAMES`' modules becomes ``blk.N.KIND.weight``, ``N`` the index of
-            the stack axis, or the one integer in the path (``layers_3``, ``layers.3``).
+        name_map: leaf path (or module path) -> GGUF tensor name, a ``{layer}`` template
+            for a leaf with a stack axis (``{"blocks/attn/wq/kernel":
+            "blk.{layer}.attn_q.weight"}``), or a callable returning the name or None.
+            Leaves it does not name get the default: a path through one of
+            `~lorax_lite.gguf_export.LLAMA_NAMES`' modules becomes
+            ``blk.N.KIND.weight``, ``N`` the index along the stack axis or the one
+            integer in the path (``layers_3``, ``layers.3``).
 
     Returns:
-        ``{GGUF tensor name: merged float32 array (out, in)}``, one entry per layer of
-        each adapted leaf.
+        ``{GGUF tensor name: merged float32 array (out, in)}``, one per layer of each
+        adapted leaf.
 
     Raises:
-        ValueError: another architecture than ``llama``; listing every problem at once:
-            adapted leaves without a GGUF name, names not in ``source``, shapes that
-            differ, leaves trained in full or whose base is a residual (PiSSA, OLoRA,
-            LoftQ: not the file's weights), non-finite merged values.
+        ValueError: for a file of another architecture than ``llama``; listing every
+            problem at once: adapted leaves without a GGUF name, names not in
+            ``source``, shapes that differ, leaves trained in full, leaves whose base
+            is a residual (PiSSA, OLoRA, LoftQ), non-finite merged values.
         ImportError: without the ``gguf`` package.
 
     Example:
-        >>> tensors = gguf_tensors(ll.load_adapter("run/adapter"), "SmolLM2.Q4_1.gguf")
-        ... # doctest: +SKIP
-        >>> write_gguf("tuned.gguf", "SmolLM2.Q4_1.gguf", tensors)  # doctest: +SKIP
+        >>> tensors = gguf_tensors(ll.load_adapter("run/adapter"), "model.gguf")  # doctest: +SKIP
+        >>> write_gguf("tuned.gguf", "model.gguf", tensors)  # doctest: +SKIP
     """
     import gguf
 
