@@ -70,10 +70,8 @@ def route(fn: Callable, *, strict: bool = False, in_axes: Axes = 0, out_axes: Ax
     """
     apply = lora(fn, strict=strict)
 
-    def one_example(kwargs, tree, example, key):
-        batch_of_one = _at_axes(jnp.expand_dims, _batch_axes(in_axes, example), example)
-        out = apply(tree, *batch_of_one, dropout_key=key, **kwargs)
-        return _at_axes(jnp.squeeze, out_axes, out)
+    def one_example(kwargs, tree, batch_of_one, key):
+        return apply(tree, *batch_of_one, dropout_key=key, **kwargs)
 
     @functools.wraps(fn)
     def routed(
@@ -94,13 +92,18 @@ def route(fn: Callable, *, strict: bool = False, in_axes: Axes = 0, out_axes: Ax
         # where used, per layer inside a scan, never every layer's up front. The keyword
         # arguments are closed over: kwargs may hold Python values (flags) that the
         # model branches on.
+        # Each example keeps a size-1 axis where its examples were: the axis is split
+        # (examples, 1) before the map and merged after it, reshapes that move no data
+        # (an expand_dims/squeeze inside the map would move the examples' axis first:
+        # a transpose of a whole key/value cache every call).
         tree, tree_axes = adapters.per_example(ids)
         mapped = jax.vmap(
             functools.partial(one_example, kwargs),
             in_axes=(tree_axes, axes, 0),
             out_axes=out_axes,
         )
-        return mapped(tree, batch, keys)
+        out = mapped(tree, _at_axes(_split, axes, batch), keys)
+        return _at_axes(_merge, out_axes, out)
 
     return routed
 
@@ -126,6 +129,21 @@ def _at_axes(fn: Callable, axes: Axes, tree: Any) -> Any:
         sub if axis is None else jax.tree_util.tree_map(lambda x: fn(x, axis), sub)
     )
     return jax.tree_util.tree_map(on_leaves, axes, tree, is_leaf=_is_axis)
+
+
+def _split(x: Any, axis: int) -> jax.Array:
+    """``x`` with its ``axis`` of size ``n`` reshaped to ``(n, 1)`` (``(1, n)`` for a
+    negative ``axis``: ``n`` stays at index ``axis``)."""
+    x = jnp.asarray(x)
+    at, n = axis % x.ndim, x.shape[axis]
+    return x.reshape(x.shape[:at] + ((1, n) if axis < 0 else (n, 1)) + x.shape[at + 1 :])
+
+
+def _merge(x: jax.Array, axis: int) -> jax.Array:
+    """``x`` with the examples' axis ``n`` (``vmap``'s ``out_axes=axis``) and the size-1
+    axis beside it reshaped to ``n``."""
+    axis %= x.ndim - 1
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
 
 
 def _check_ids(adapter_ids: Any, batch: tuple, axes: tuple, n: int) -> jax.Array:

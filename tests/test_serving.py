@@ -13,7 +13,7 @@ import pytest
 import lorax_lite as ll
 from experiments.models import llama
 from lorax_lite import AdapterSlots
-from tests.helpers import randomize_b
+from tests.helpers import all_eqns, randomize_b
 
 CONFIG = llama.make_config("tiny")
 MODEL = llama.Llama(CONFIG)
@@ -190,7 +190,33 @@ def test_route_in_axes_maps_a_cache_on_its_batch_axis():
         )
         np.testing.assert_allclose(logits[r], want[0], rtol=2e-4, atol=2e-4)
         np.testing.assert_allclose(cache.k[:, r], want_cache.k[:, 0], rtol=2e-4, atol=2e-4)
+    # The same axes counted from the end: the same outputs.
+    negative = ll.route(MODEL.apply, in_axes=(-2, -4, None), out_axes=(-3, -4))
+    fresh = llama.init_cache(CONFIG, 3, 16)
+    logits_neg, cache_neg = negative(slots, ids, prompt, fresh, 0, method="decode")
+    np.testing.assert_allclose(logits_neg, logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(cache_neg.k, cache.k, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="one id per example"):
         routed(slots, jnp.array([0, 0]), prompt, cache, 0, method="decode")
     with pytest.raises(ValueError, match="in_axes has 2 entries for 3 batch arguments"):
         ll.route(MODEL.apply, in_axes=(0, 1))(slots, ids, prompt, cache, 0, method="decode")
+
+
+def test_routed_decode_moves_no_cache_sized_array():
+    """Each example's batch-of-one axis is made by reshapes outside the map: the routed
+    decode step's program transposes nothing as large as the key/value cache (an
+    expand_dims inside ``jax.vmap`` would move the examples' axis of the whole cache)."""
+    a = adapter(1, 4)
+    slots = AdapterSlots.create(a, capacity=2, rank=4).load(0, a)
+    step = llama.decode_step(CONFIG, routed=True)
+    cache = llama.init_cache(CONFIG, 4, 16)
+    ids, tokens = jnp.array([0, 1, -1, 0]), jnp.zeros((4, 1), jnp.int32)
+    jaxpr = jax.make_jaxpr(step)(slots, ids, tokens, cache, jnp.int32(3), None)
+    moved = [
+        eqn.outvars[0].aval.shape
+        for eqn in all_eqns(jaxpr.jaxpr)
+        if eqn.primitive.name == "transpose"
+        and eqn.outvars[0].aval.size == cache.k.size
+        and eqn.outvars[0].aval.ndim >= cache.k.ndim
+    ]
+    assert moved == [], f"whole-cache transposes: {moved}"
