@@ -109,7 +109,8 @@ def gguf_tensors(
         ValueError: for a file of another architecture than ``llama``; listing every
             problem at once: adapted leaves without a GGUF name, names not in
             ``source``, shapes that differ, leaves trained in full, leaves whose base
-            is a residual (PiSSA, OLoRA, LoftQ), non-finite merged values.
+            is a residual (PiSSA, OLoRA, LoftQ), non-finite merged values; a tree
+            without adapters.
         ImportError: without the ``gguf`` package.
 
     Example:
@@ -148,6 +149,8 @@ def gguf_tensors(
         merged, leaf_problems = _merged(node, names, file, heads, gguf.quants.dequantize)
         problems += [f"{path}: {p}" for p in leaf_problems]
         tensors |= merged
+    if not problems and not tensors:
+        problems.append("the tree holds no adapter (LoraWeight with factors)")
     raise_problems(f"gguf_tensors({source})", problems)
     return tensors
 

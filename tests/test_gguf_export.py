@@ -232,6 +232,20 @@ def test_layer_paths_and_torch_layouts_give_the_stacked_tensors(tiny):
     assert set(got) == {"blk.1.ffn_up.weight", "blk.0.attn_q.weight", "blk.1.attn_q.weight"}
     for name, x in got.items():
         np.testing.assert_array_equal(x, everything[name], err_msg=name)
+    # The same factors on a (in, out, layer) leaf and on a DenseGeneral (in, heads, head_dim)
+    # kernel: rows flattened head-major, as Hugging Face's q_proj.
+    late = ll.LoraWeight(None, q.a, q.b, q.scale, ll.Layout((2,), (0,), (1,)))
+    b = q.b[0].reshape(q.b.shape[1], tiny.n_head, -1)
+    heads = ll.LoraWeight(None, q.a[0], b, q.scale, ll.Layout((), (0,), (1, 2)))
+    names = {"late": "blk.{layer}.attn_q.weight", "heads": "blk.0.attn_q.weight"}
+    got = ll.gguf_tensors({"late": late}, tiny.path, name_map=names)
+    assert set(got) == {"blk.0.attn_q.weight", "blk.1.attn_q.weight"}
+    for name, x in got.items():
+        np.testing.assert_array_equal(x, everything[name], err_msg=name)
+    got = ll.gguf_tensors({"heads": heads}, tiny.path, name_map=names)
+    np.testing.assert_array_equal(got["blk.0.attn_q.weight"], everything["blk.0.attn_q.weight"])
+    with pytest.raises(ValueError, match="the tree holds no adapter"):
+        ll.gguf_tensors({"w": np.ones(3)}, tiny.path)
 
 
 def test_llama_row_order_is_llama_cpps_permutation():
