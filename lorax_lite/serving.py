@@ -131,6 +131,21 @@ def _at_axes(fn: Callable, axes: Axes, tree: Any) -> Any:
     return jax.tree_util.tree_map(on_leaves, axes, tree, is_leaf=_is_axis)
 
 
+def _mapped_leaves(axes: Axes, tree: Any) -> list[tuple[Any, int]]:
+    """``(leaf, axis)`` for every leaf of ``tree`` under a mapped axis of the prefix ``axes``."""
+    treedef = jax.tree_util.tree_structure(axes, is_leaf=_is_axis)
+    flat = treedef.flatten_up_to  # type: ignore[attr-defined]  # not in jaxlib's stubs
+    pairs = zip(flat(axes), flat(tree))
+    leaves = jax.tree_util.tree_leaves
+    return [(x, axis) for axis, sub in pairs if axis is not None for x in leaves(sub)]
+
+
+def _axis_size(x: Any, axis: int) -> int | str:
+    """The size of ``x``'s ``axis``, or what is wrong with it."""
+    shape = np.shape(x)
+    return shape[axis] if -len(shape) <= axis < len(shape) else f"no axis {axis} in {shape}"
+
+
 def _split(x: Any, axis: int) -> jax.Array:
     """``x`` with its ``axis`` of size ``n`` reshaped to ``(n, 1)`` (``(1, n)`` for a
     negative ``axis``: ``n`` stays at index ``axis``)."""
@@ -151,10 +166,7 @@ def _check_ids(adapter_ids: Any, batch: tuple, axes: tuple, n: int) -> jax.Array
     ids = jnp.asarray(adapter_ids)
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"adapter_ids must be integers, got dtype {ids.dtype}")
-    sizes = set()
-    _at_axes(
-        lambda x, axis: sizes.add(np.shape(x)[axis] if np.ndim(x) > axis else None), axes, batch
-    )
+    sizes = {_axis_size(x, axis) for x, axis in _mapped_leaves(axes, batch)}
     if ids.ndim != 1 or sizes - {ids.shape[0]}:
         raise ValueError(
             f"adapter_ids must be a vector with one id per example; got shape {ids.shape} "
