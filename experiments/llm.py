@@ -11,7 +11,11 @@ Rows, each in its own process (so that its peak resident memory is its own):
 - ``qlora-gguf``: the same adapters over the file's own blocks, kept quantized (Q4_1
   layers, Q8_0 embedding);
 - ``qlora-nf4``: over the float weights re-quantized to NF4 with ``ll.init(quantization=)``
-  (the embedding stays the file's Q8_0 blocks);
+  (the embedding stays the file's Q8_0 blocks); after training, also merged into the NF4
+  base with ``ll.merge(tree, requantize=True)`` and scored again (no further training);
+- ``qlora-nf4-loftq``: the same with ``init="loftq"`` (``--loftq-iter`` alternations), the
+  adapter fitted to the NF4 quantization error; with ``qlora-nf4``, the held-out loss of
+  the initialised model before training;
 - ``full``: every weight trained; timed over ``--full-steps`` steps (the step time that
   decides whether it fits the budget), trained and evaluated only when ``--full-steps``
   equals ``--steps``.
@@ -54,8 +58,9 @@ from experiments.outputs import directory_bytes
 from experiments.provenance import run_line
 from experiments.requirements import check_installed
 
-ROWS = ("zero-shot", "lora", "qlora-gguf", "qlora-nf4", "full")
-TRAINED = ("lora", "qlora-gguf", "qlora-nf4", "full")
+ROWS = ("zero-shot", "lora", "qlora-gguf", "qlora-nf4", "qlora-nf4-loftq", "full")
+TRAINED = ("lora", "qlora-gguf", "qlora-nf4", "qlora-nf4-loftq", "full")
+NF4_ROWS = ("qlora-nf4", "qlora-nf4-loftq")  # the layers re-quantized to NF4 by ll.init
 SYSTEM = "Is this movie review snippet fresh (positive) or rotten (negative)? Answer in one word."
 ANSWERS = rotten_tomatoes.LABELS  # ("rotten", "fresh"): label 0, label 1
 GENERATION_PROMPTS = ("What is the capital of France?",)
@@ -71,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate, LoRA")
     p.add_argument("--nf4-block", type=int, default=64, help="entries per NF4 block")
+    p.add_argument("--loftq-iter", type=int, default=1, help="LoftQ alternations (LoftQ row)")
     p.add_argument("--full-lr", type=float, default=2e-5, help="peak learning rate, full")
     p.add_argument(
         "--full-steps",
@@ -367,8 +373,12 @@ def generations(task: Task, tree: Any, *, new_tokens: int) -> list[dict[str, str
 # ----- one row, in its own process ----------------------------------------------------------
 
 
-def lora_config(args: argparse.Namespace) -> ll.LoraConfig:
-    """Rank ``--rank`` adapters on every linear layer (q, k, v, o, gate, up, down)."""
+def lora_config(args: argparse.Namespace, row: str) -> ll.LoraConfig:
+    """Rank ``--rank`` adapters on every linear layer (q, k, v, o, gate, up, down); LoftQ
+    init for the ``qlora-nf4-loftq`` row."""
+    if row == "qlora-nf4-loftq":
+        loftq = dict(init="loftq", loftq_iter=args.loftq_iter)
+        return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets="all-linear", **loftq)
     return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets="all-linear")
 
 
@@ -381,16 +391,15 @@ def row_tree(row: str, args: argparse.Namespace) -> tuple[Task, Any]:
     if row == "full":
         return task, jax.tree_util.tree_map(ll.Trainable, params)
     quantize = None
-    if row == "qlora-nf4":  # the layers in NF4, the embedding the file's Q8_0 blocks
+    if row in NF4_ROWS:  # the layers in NF4, the embedding the file's Q8_0 blocks
         embed = load_model(args, quantized=True).params["params"]["embed_tokens"]
         params = {"params": {**params["params"], "embed_tokens": embed}}
         quantize = dict(kind="nf4", block=args.nf4_block)
     model = Llama(task.pretrained.config)
     key = jax.random.fold_in(jax.random.key(args.seed), 2)
     example = (np.zeros((1, 8), np.int32),)
-    tree = ll.init(
-        params, lora_config(args), key=key, fn=model.apply, args=example, quantization=quantize
-    )
+    config = lora_config(args, row)
+    tree = ll.init(params, config, key=key, fn=model.apply, args=example, quantization=quantize)
     return task, tree
 
 
@@ -457,6 +466,8 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"row": row, "trainable": counts["trainable"]}
     result["base_bytes"] = counts["total_bytes"] - counts["trainable_bytes"]
     result["total"] = counts["total"]
+    if row in NF4_ROWS:  # LoftQ's point: the model as initialised, before training
+        result["init_heldout_loss"] = heldout_loss(task, tree)
     if row in TRAINED:
         steps = args.full_steps if row == "full" else args.steps
         lr = args.full_lr if row == "full" else args.lr
@@ -488,11 +499,33 @@ def run_row(args: argparse.Namespace) -> dict[str, Any]:
         result["adapter_bytes"] = counts["trainable_bytes"]
     elif row != "zero-shot":
         path = args.work_dir / f"{row}_adapter"
-        ll.save_adapter(path, tree, lora_config(args))
+        ll.save_adapter(path, tree, lora_config(args, row))
         result["adapter_bytes"] = directory_bytes(path)
         np.save(args.work_dir / f"{row}_test_scores.npy", scores)
     result["process_seconds"] = time.perf_counter() - start
+    if row == "qlora-nf4":  # timed apart: the row's wall time stays comparable
+        result["requantized_merge"] = requantized_merge(task, tree, scores, batch=args.eval_batch)
     return result
+
+
+def requantized_merge(task: Task, tree: Any, scores: np.ndarray, *, batch: int) -> dict[str, Any]:
+    """The trained QLoRA ``tree`` merged into its quantized base with
+    ``ll.merge(tree, requantize=True)``, scored on the test split against the unmerged
+    model's ``scores`` ``(n, n_answers)``."""
+    start = time.perf_counter()
+    merged = ll.merge(tree, requantize=True)
+    merged_scores = answer_scores(task, merged, task.test, batch=batch, desc="test merged")
+    diff = np.abs(merged_scores - scores)
+    return {
+        "test_accuracy": accuracy(merged_scores, task.test.labels),
+        "heldout_loss": heldout_loss(task, merged),
+        "max_abs_diff_scores": float(diff.max()),
+        "mean_abs_diff_scores": float(diff.mean()),
+        "flipped": int((merged_scores.argmax(1) != scores.argmax(1)).sum()),
+        "params_bytes": ll.count(merged)["total_bytes"],
+        "unmerged_params_bytes": ll.count(tree)["total_bytes"],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def reload_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -517,6 +550,7 @@ NAMES = {
     "lora": "LoRA r={rank}, all linear, float32 base",
     "qlora-gguf": "QLoRA r={rank}, GGUF Q4_1 base",
     "qlora-nf4": "QLoRA r={rank}, NF4 base (re-quantized)",
+    "qlora-nf4-loftq": "QLoRA r={rank}, NF4 base, LoftQ init",
     "full": "full fine-tuning",
 }
 
@@ -556,6 +590,9 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
         for r in results["rows"]:
             if r["row"] == "zero-shot":
                 axes[1].axhline(r["test_accuracy"], color="gray", ls=":", label="zero-shot (test)")
+            if "requantized_merge" in r:
+                merged = r["requantized_merge"]["test_accuracy"]
+                axes[1].axhline(merged, color="black", ls="--", label="NF4 merged (test)")
             if not r.get("curve", {}).get("step"):
                 continue
             axes[0].plot(r["losses"]["step"], r["losses"]["loss"], label=row_name(r["row"], rank))
@@ -582,6 +619,43 @@ def full_note(results: dict[str, Any]) -> str:
         f"{args['steps']} steps and its own test evaluation would add about "
         f"{full['step_seconds'] * args['steps'] / 60:.0f} minutes of training to a job "
         "that must finish in 20 minutes on 2 cores; it is left out of the accuracy columns."
+    )
+
+
+def loftq_note(results: dict[str, Any]) -> str:
+    """LoftQ against plain QLoRA init on the NF4 base: before and after training."""
+    rows = {r["row"]: r for r in results["rows"]}
+    plain, loftq = rows["qlora-nf4"], rows["qlora-nf4-loftq"]
+    pair = lambda key, fmt: f"{plain[key]:{fmt}} -> {loftq[key]:{fmt}}"
+    step0 = lambda r: r["curve"]["accuracy"][0]
+    return (
+        f'LoftQ init (`init="loftq"`, {results["args"]["loftq_iter"]} alternation(s) of '
+        "quantizing `W - s A B` to NF4 and refitting `A B` to the quantization error) against "
+        "plain QLoRA init (`B = 0`: the model starts as the NF4 base), same rank, steps and "
+        "learning rate, plain -> LoftQ: held-out loss of the initialised model before "
+        f"training {pair('init_heldout_loss', '.3f')} (float32 base "
+        f"{rows['zero-shot']['heldout_loss']:.3f}); validation accuracy at step 0 "
+        f"{step0(plain):.3f} -> {step0(loftq):.3f}; after training, test accuracy "
+        f"{pair('test_accuracy', '.3f')}, held-out loss {pair('heldout_loss', '.3f')}."
+    )
+
+
+def merge_note(results: dict[str, Any]) -> str:
+    """The NF4 QLoRA model merged into its quantized base, against the unmerged one."""
+    row = next(r for r in results["rows"] if r["row"] == "qlora-nf4")
+    m, n = row["requantized_merge"], results["reload_check"]["examples"]
+    size = runner.size_text
+    return (
+        "Merged into the quantized base: the trained NF4 QLoRA model merged with "
+        "`ll.merge(tree, requantize=True)` (each adapted weight `W + s A B` quantized again "
+        f"to NF4 blocks of {results['args']['nf4_block']}; no further training; parameters "
+        f"{size(m['params_bytes'])}, against {size(m['unmerged_params_bytes'])} unmerged "
+        f"with the adapter): test accuracy {m['test_accuracy']:.3f} (unmerged "
+        f"{row['test_accuracy']:.3f}), held-out loss {m['heldout_loss']:.3f} (unmerged "
+        f"{row['heldout_loss']:.3f}); against the unmerged model's log-probability of each "
+        f"answer, max |score difference| {m['max_abs_diff_scores']:.3f} nats, mean "
+        f"{m['mean_abs_diff_scores']:.4f}; {m['flipped']} of {n:,} test answers flip. "
+        f"Merging and scoring took {m['seconds']:.0f} s, outside the row's wall time."
     )
 
 
@@ -624,6 +698,8 @@ def report(results: dict[str, Any]) -> str:
             "step (the batch's rows and the prefix once). Wall time: the row's whole process "
             "(loading, training, validation curve, test scoring, held-out loss, saving).",
             full_note(results),
+            loftq_note(results),
+            merge_note(results),
             f"The LoRA adapter reloaded with `ll.load_adapter` in a fresh process onto the "
             f"float32 base: test accuracy {check['test_accuracy']:.3f} (trained process: "
             f"{check['trained_test_accuracy']:.3f}), max |score difference| "
@@ -637,7 +713,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 KEPT_ARGS = (
-    "steps", "batch", "train_length", "rank", "alpha", "lr", "nf4_block", "full_lr",
+    "steps", "batch", "train_length", "rank", "alpha", "lr", "nf4_block", "loftq_iter", "full_lr",
     "full_steps", "n_validation", "n_test", "n_curve", "eval_every", "n_heldout",
     "heldout_length", "seed",
 )  # fmt: skip

@@ -145,13 +145,13 @@ def test_read_plots_keeps_unique_plot_summaries_in_order(tmp_path):
 def test_smoke_llm_trains_saves_reloads_and_reports(gguf_file, tmp_path):
     argv = ["--smoke", "--gguf", str(gguf_file), "--out", str(tmp_path), "--full-steps", "2"]
     results = llm.main(argv)
-    rows = {r["row"]: r for r in results["rows"]}
+    rows, check = {r["row"]: r for r in results["rows"]}, results["reload_check"]
     assert list(rows) == list(llm.ROWS)
     config = llama_gguf.load(gguf_file).config
     d, f, kv, r = config.d_model, config.d_ff, config.n_kv_head * config.head_dim, 8
     q = config.n_head * config.head_dim
     per_layer = r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d))
-    for name in ("lora", "qlora-gguf", "qlora-nf4"):
+    for name in ("lora", "qlora-gguf", "qlora-nf4", "qlora-nf4-loftq"):
         row = rows[name]
         assert row["trainable"] == config.n_layer * per_layer
         assert row["losses"]["loss"][-1] < row["losses"]["loss"][0]  # the answers are learned
@@ -159,14 +159,27 @@ def test_smoke_llm_trains_saves_reloads_and_reports(gguf_file, tmp_path):
         assert 4 * row["trainable"] < row["adapter_bytes"] and row["step_seconds"] > 0
     assert rows["qlora-gguf"]["base_bytes"] < rows["lora"]["base_bytes"] / 3
     assert rows["qlora-nf4"]["base_bytes"] < rows["lora"]["base_bytes"] / 3
+    # LoftQ: the same NF4 base bytes; its adapter changes the model before training.
+    plain, loftq = rows["qlora-nf4"], rows["qlora-nf4-loftq"]
+    assert loftq["base_bytes"] == plain["base_bytes"] and results["args"]["loftq_iter"] == 1
+    assert np.isfinite([plain["init_heldout_loss"], loftq["init_heldout_loss"]]).all()
+    assert loftq["init_heldout_loss"] != pytest.approx(plain["init_heldout_loss"], rel=1e-6)
+    merge = plain["requantized_merge"]
+    n = check["examples"]
+    assert np.isfinite([merge[k] for k in ("test_accuracy", "heldout_loss")]).all()
+    # Re-quantizing moves the scores (the smoke's adapters, lr 1e-2 on a tiny random model,
+    # are large against its weights: several nats), and only as far as the flips allow.
+    assert 0 < merge["mean_abs_diff_scores"] <= merge["max_abs_diff_scores"] < np.inf
+    assert 0 <= merge["flipped"] <= n
+    assert abs(merge["test_accuracy"] - plain["test_accuracy"]) <= merge["flipped"] / n + 1e-9
     assert rows["zero-shot"]["trainable"] == 0 and "test_accuracy" not in rows["full"]
     assert rows["full"]["trainable"] == rows["zero-shot"]["total"] and rows["full"]["steps"] == 2
-    check = results["reload_check"]
     assert check["same_predictions"] and check["max_abs_diff_scores"] < 1e-5
     assert check["test_accuracy"] == rows["lora"]["test_accuracy"]
     check_published(
-        tmp_path, "llm_smoke", results, "rows", "timed over 2 steps only", "same predictions: True"
-    )
+        tmp_path, "llm_smoke", results, "rows", "timed over 2 steps only", "same predictions: True",
+        "LoftQ init", "Merged into the quantized base",
+    )  # fmt: skip
 
 
 def test_smoke_needs_a_gguf_file():
