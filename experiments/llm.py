@@ -628,8 +628,9 @@ def loftq_note(results: dict[str, Any]) -> str:
     plain, loftq = rows["qlora-nf4"], rows["qlora-nf4-loftq"]
     pair = lambda key, fmt: f"{plain[key]:{fmt}} -> {loftq[key]:{fmt}}"
     step0 = lambda r: r["curve"]["accuracy"][0]
+    n = results["args"]["loftq_iter"]
     return (
-        f'LoftQ init (`init="loftq"`, {results["args"]["loftq_iter"]} alternation(s) of '
+        f'LoftQ init (`init="loftq"`, {n} alternation{"s" * (n != 1)} of '
         "quantizing `W - s A B` to NF4 and refitting `A B` to the quantization error) against "
         "plain QLoRA init (`B = 0`: the model starts as the NF4 base), same rank, steps and "
         "learning rate, plain -> LoftQ: held-out loss of the initialised model before "
