@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
         "--tensor-type",
         choices=TENSOR_TYPES,
         default="F16",
-        help="how the merged tensors are stored (default F16; the others are copied)",
+        help="how the merged tensors are stored (default F16); the file's other tensors "
+        "are copied as they are",
     )
     to_gguf.add_argument(
         "--name-map",

@@ -131,6 +131,7 @@ def gguf_tensors(
     file = {t.name: t for t in reader.tensors}
     named = resolve_name_map(name_map) if name_map is not None else lambda path: None
     tensors: dict[str, np.ndarray] = {}
+    owners: dict[str, str] = {}  # GGUF name -> the leaf path that gave it
     problems: list[str] = []
     for path, node in named_leaves(lora_tree(tree), is_leaf=is_lora_node):
         if isinstance(node, Trainable) and node.value is not None:
@@ -146,8 +147,10 @@ def gguf_tensors(
         if problem is not None:
             problems.append(f"{path}: {problem}")
             continue
+        taken = [f"{name}: also the name of {owners[name]}" for name in names if name in owners]
         merged, leaf_problems = _merged(node, names, file, heads, gguf.quants.dequantize)
-        problems += [f"{path}: {p}" for p in leaf_problems]
+        problems += [f"{path}: {p}" for p in taken + leaf_problems]
+        owners |= dict.fromkeys(names, path)
         tensors |= merged
     if not problems and not tensors:
         problems.append("the tree holds no adapter (LoraWeight with factors)")

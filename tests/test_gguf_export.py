@@ -274,7 +274,8 @@ def test_every_problem_is_listed_naming_the_leaf(tiny):
         "stack": {"w": q},
         "layers_1": {"o_proj": {"kernel": one(1, b=np.full_like(q.b[1], np.inf))}},
     }
-    name_map = {"stack/w": "blk.0.attn_q.weight"}
+    tree["again"] = one(1)  # named blk.1.attn_output.weight, as layers_1/o_proj
+    name_map = {"stack/w": "blk.0.attn_q.weight", "again": "blk.1.attn_output.weight"}
     listed = (
         r"(?s)gguf_tensors\(.*tiny.gguf\):\n"
         r"  encoder/dense/kernel: no GGUF tensor name.*"
@@ -282,6 +283,7 @@ def test_every_problem_is_listed_naming_the_leaf(tiny):
         r"  layers_0/k_proj/kernel: initialized with init='pissa'.*"
         r"  layers_0/up_proj/kernel: blk.0.ffn_up.weight is \(96, 64\) \(out, in\); the "
         r"adapter's weight \(64, 64\) needs \(64, 64\).*"
+        r"  layers_1/o_proj/kernel: blk.1.attn_output.weight: also the name of again.*"
         r"  layers_1/o_proj/kernel: non-finite merged values \(NaN or inf\) in "
         r"blk.1.attn_output.weight.*"
         r"  layers_7/q_proj/kernel: blk.7.attn_q.weight is not a tensor of the file.*"
