@@ -16,7 +16,9 @@ def test_small_rehearsal_runs_and_summarizes(tmp_path):
     assert run["name"] == "routing" and run["status"] == "ok" and run["rc"] == 0
     assert "--smoke" in run["command"] and summary["jax"] and summary["commit"]
     routing = json.loads((tmp_path / "routing.json").read_text())
-    assert routing["routing_max_abs_diff"] == 0.0  # the bench's own result, written there
+    # The bench's own result, written there (routed vs solo runs: float32 rounding; exactly
+    # 0 on jax 0.12.0, 7e-8 on 0.12.1).
+    assert routing["routing_max_abs_diff"] < 1e-5 < routing["adapter_effect_max_abs"]
     table = (tmp_path / "summary.md").read_text()
     assert "| routing | ok |" in table and "--small rehearsal" in table
 
