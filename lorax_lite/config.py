@@ -52,6 +52,8 @@ class LoraConfig:
             with ``ll.init(..., quantization=)`` fits ``A B`` to the quantization error.
         pissa_niter: with ``init="pissa"``: None for the exact SVD, or the number of power
             iterations of a randomized SVD.
+        loftq_iter: with ``init="loftq"``: alternations of quantizing and refitting
+            (PEFT's ``loftq_iter``).
         dtype: dtype of the ``A`` and ``B`` factors, whatever the base dtype.
         train: patterns of leaves trained in full (a new head, layer norms).
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (the biases of
