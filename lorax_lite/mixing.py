@@ -320,10 +320,9 @@ def _pruned_merge(method: str) -> Callable:
 def _keep_largest(x: jax.Array, density: float) -> jax.Array:
     """``x`` (matrices ``(..., 1, n)``) with all but its ``int(density * n)`` largest
     magnitudes of each matrix zeroed (``density >= 1`` keeps all, as PEFT)."""
-    n = x.shape[-1]
-    k = int(density * n)
     if density >= 1:
         return x
+    k = int(density * x.shape[-1])
     if k == 0:
         return jnp.zeros_like(x)
     threshold = jax.lax.top_k(jnp.abs(x), k)[0][..., -1:]

@@ -270,8 +270,11 @@ def _refuse_residual_bases(tree: Any, config: LoraConfig | None) -> None:
 
 def _defaults(adapters: list[Piece], config: LoraConfig | None) -> tuple[Defaults, list[str]]:
     """PEFT's default rank, alpha, dropout and rsLoRA flag: ``config``'s, or else the most
-    common of the adapters' (alpha as ``scale * rank``); a problem if their dropouts differ
-    (PEFT has one ``lora_dropout``)."""
+    common of the adapters' (alpha as ``scale * rank``); without ``config``, a problem if
+    their dropouts differ (PEFT has one ``lora_dropout``; with ``config``,
+    `~lorax_lite.config.tree_conflicts` names each leaf whose dropout is not its)."""
+    if config is not None:
+        return Defaults(config.rank, config.alpha, config.dropout, config.use_rslora), []
     dropouts = Counter(float(p.value.dropout) for p in adapters)
     problems = []
     if len(dropouts) > 1:
@@ -280,8 +283,6 @@ def _defaults(adapters: list[Piece], config: LoraConfig | None) -> tuple[Default
         }
         listed = "; ".join(f"{rate:g}: {', '.join(paths)}" for rate, paths in by_rate.items())
         problems.append(f"the adapters' dropout rates differ ({listed}); PEFT has one lora_dropout")
-    if config is not None:
-        return Defaults(config.rank, config.alpha, config.dropout, config.use_rslora), problems
     common = lambda values, default: Counter(values).most_common(1)[0][0] if values else default
     return (
         Defaults(
