@@ -376,10 +376,8 @@ def generations(task: Task, tree: Any, *, new_tokens: int) -> list[dict[str, str
 def lora_config(args: argparse.Namespace, row: str) -> ll.LoraConfig:
     """Rank ``--rank`` adapters on every linear layer (q, k, v, o, gate, up, down); LoftQ
     init for the ``qlora-nf4-loftq`` row."""
-    if row == "qlora-nf4-loftq":
-        loftq = dict(init="loftq", loftq_iter=args.loftq_iter)
-        return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets="all-linear", **loftq)
-    return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets="all-linear")
+    loftq = dict(init="loftq", loftq_iter=args.loftq_iter) if row == "qlora-nf4-loftq" else {}
+    return ll.LoraConfig(rank=args.rank, alpha=args.alpha, targets="all-linear", **loftq)
 
 
 def row_tree(row: str, args: argparse.Namespace) -> tuple[Task, Any]:

@@ -312,7 +312,7 @@ def _unit_magnitude(w: Any, a: jax.Array, b: jax.Array, scale: float, layout: An
 def _write(stacked: Any, scales: tuple, slot: jax.Array, rows: tuple) -> tuple[Any, tuple]:
     """``stacked`` and ``scales`` with ``rows`` written at ``slot`` (in place: donated)."""
     factor_rows, scale_rows = rows
-    nodes, treedef = jax.tree_util.tree_flatten(stacked, is_leaf=_is_lora)
+    _, nodes, treedef = flat_nodes(stacked)
     rows_iter = iter(factor_rows)
     out = []
     for node in nodes:
@@ -325,7 +325,3 @@ def _write(stacked: Any, scales: tuple, slot: jax.Array, rows: tuple) -> tuple[A
         out.append(dataclasses.replace(node, a=a, b=b, m=m))
     new_scales = tuple(s.at[slot].set(r) for s, r in zip(scales, scale_rows))
     return jax.tree_util.tree_unflatten(treedef, out), new_scales
-
-
-def _is_lora(x: Any) -> bool:
-    return isinstance(x, LoraWeight)
