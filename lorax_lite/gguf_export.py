@@ -141,14 +141,15 @@ def gguf_tensors(
             )
         if not isinstance(node, LoraWeight) or node.a is None:
             continue
-        names, problem = _tensor_names(path, node, named(path))
+        shape = jax.eval_shape(node.delta).shape  # the weight's (w is None in an adapter alone)
+        names, problem = _tensor_names(path, node, shape, named(path))
         if problem is None:
             problem = _leaf_problem(node)
         if problem is not None:
             problems.append(f"{path}: {problem}")
             continue
         taken = [f"{name}: also the name of {owners[name]}" for name in names if name in owners]
-        merged, leaf_problems = _merged(node, names, file, heads, gguf.quants.dequantize)
+        merged, leaf_problems = _merged(node, shape, names, file, heads, gguf.quants.dequantize)
         problems += [f"{path}: {p}" for p in taken + leaf_problems]
         owners |= dict.fromkeys(names, path)
         tensors |= merged
@@ -163,7 +164,9 @@ def _field(reader: Any, key: str) -> Any:
     return None if field is None else field.contents()
 
 
-def _tensor_names(path: str, node: LoraWeight, given: str | None) -> tuple[list[str], str | None]:
+def _tensor_names(
+    path: str, node: LoraWeight, shape: tuple[int, ...], given: str | None
+) -> tuple[list[str], str | None]:
     """The GGUF tensor names of a leaf, one per layer of its stack axis (or one), or why
     there are none."""
     stacked = bool(node.layout.stack)
@@ -180,7 +183,7 @@ def _tensor_names(path: str, node: LoraWeight, given: str | None) -> tuple[list[
         return [], f"{why}: the GGUF name {name!r} {need} a {LAYER} template"
     if not stacked:
         return [name], None
-    layers = jax.eval_shape(node.delta).shape[node.layout.stack[0]]
+    layers = shape[node.layout.stack[0]]
     return [name.replace(LAYER, str(i)) for i in range(layers)], None
 
 
@@ -209,15 +212,15 @@ def _leaf_problem(node: LoraWeight) -> str | None:
 
 def _merged(
     node: LoraWeight,
+    shape: tuple[int, ...],
     names: list[str],
     file: Mapping[str, Any],
     heads: Mapping[str, int | None],
     dequantize: Callable[..., np.ndarray],
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """``node`` merged into the file's tensors ``names`` (one per layer), in the file's
-    layout, or the problems that prevent it."""
+    """``node`` (a weight of ``shape``) merged into the file's tensors ``names`` (one per
+    layer), in the file's layout, or the problems that prevent it."""
     layout = node.layout
-    shape = jax.eval_shape(node.delta).shape
     inner = tuple(shape[i] for i in layout.fan_in + layout.fan_out)
     d_in, d_out = math.prod(inner[: len(layout.fan_in)]), math.prod(inner[len(layout.fan_in) :])
     problems, layers, orders = [], [], []
